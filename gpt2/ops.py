@@ -1,0 +1,133 @@
+"""The ops seam: every op the model and trainer need that a Triton kernel may replace.
+
+`get_ops("torch")` gives the best plain PyTorch (SDPA, F.layer_norm, tanh-GELU, F.cross_entropy,
+fused AdamW on CUDA). `get_ops("triton")` takes each op from `kernels/<file>.py` when that kernel has
+landed and falls back to the torch op otherwise; `Ops.placement` records which one runs, and the
+trainer prints it at startup.
+
+Signatures (the contract a kernel must match):
+  attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal
+  layer_norm(x, weight, bias, eps) -> y           normalizes over the last dim
+  add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
+  gelu(x) -> y                                    tanh approximation
+  linear_cross_entropy(h, weight, targets, ignore_index, vocab_size) -> mean loss
+        h (N, C), weight (V_padded, C), targets (N,) int64; only the first vocab_size rows of
+        weight are classes (padded rows never receive loss)
+  optimizer(param_groups, lr, betas, eps) -> torch.optim.Optimizer (AdamW; per-group weight_decay)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------- torch implementations
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def torch_layer_norm(x, weight, bias, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_add_layer_norm(x, residual, weight, bias, eps: float = 1e-5):
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def torch_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257):
+    # Materializes (N, V) logits: the memory the fused Triton kernel avoids.
+    # The matmul runs over all padded rows (aligned shapes tile better); the padded columns are
+    # sliced off before the softmax, so they never enter the normalizer nor receive gradient.
+    logits = F.linear(h, weight)[:, :vocab_size]
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+def torch_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
+    params = [p for g in param_groups for p in g["params"]]
+    on_cuda = all(p.is_cuda for p in params)
+    # fused=True: one multi-tensor CUDA kernel. On CPU keep the default (foreach) path: deterministic
+    # and fast enough for the tiny model.
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+
+
+TORCH_OPS: dict[str, Callable] = {
+    "attention": torch_attention,
+    "layer_norm": torch_layer_norm,
+    "add_layer_norm": torch_add_layer_norm,
+    "gelu": torch_gelu,
+    "linear_cross_entropy": torch_linear_cross_entropy,
+    "optimizer": torch_adamw,
+}
+
+# Where each op's Triton kernel lives: (module, attribute). A missing module means "not landed yet".
+TRITON_OPS: dict[str, tuple[str, str]] = {
+    "attention": ("kernels.attention", "causal_attention"),
+    "layer_norm": ("kernels.layernorm", "layer_norm"),
+    "add_layer_norm": ("kernels.layernorm", "add_layer_norm"),
+    "gelu": ("kernels.gelu", "gelu"),
+    "linear_cross_entropy": ("kernels.cross_entropy", "linear_cross_entropy"),
+    "optimizer": ("kernels.adamw", "FusedAdamW"),
+}
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class Ops:
+    backend: str
+    attention: Callable
+    layer_norm: Callable
+    add_layer_norm: Callable
+    gelu: Callable
+    linear_cross_entropy: Callable
+    optimizer: Callable
+    placement: dict[str, str] = field(default_factory=dict)  # op -> "triton" | "torch" | "torch (why)"
+
+    def describe(self) -> str:
+        width = max(len(k) for k in self.placement)
+        return "\n".join(f"  {name:<{width}}  {where}" for name, where in self.placement.items())
+
+
+def _load_triton_op(name: str) -> tuple[Callable | None, str]:
+    module_name, attr = TRITON_OPS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name in (module_name, "kernels"):
+            return None, f"torch (fallback: {module_name.replace('.', '/')}.py has not landed)"
+        if e.name == "triton" or (e.name or "").startswith("triton."):
+            return None, "torch (fallback: triton is not installed)"
+        raise
+    if not hasattr(module, attr):
+        return None, f"torch (fallback: {module_name} has no {attr} yet)"
+    return getattr(module, attr), "triton"
+
+
+def get_ops(backend: str = "torch", device: str | torch.device = "cpu") -> Ops:
+    """Resolve every op for `backend`; on CPU the Triton kernels run through the interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    impls, placement = dict(TORCH_OPS), {name: "torch" for name in TORCH_OPS}
+    if backend == "triton":
+        if torch.device(device).type != "cuda":
+            # Must be set before any @triton.jit module is imported (they are imported lazily below).
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        for name in TRITON_OPS:
+            fn, where = _load_triton_op(name)
+            if fn is not None:
+                impls[name] = fn
+                if os.environ.get("TRITON_INTERPRET") == "1":
+                    where = "triton (interpreter)"
+            placement[name] = where
+    return Ops(backend=backend, placement=placement, **impls)

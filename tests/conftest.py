@@ -1,0 +1,23 @@
+"""Test setup: run the real Triton kernels through the interpreter when no CUDA GPU is present.
+
+TRITON_INTERPRET must be set before any module containing @triton.jit is imported, so it is set
+here, at conftest import time, before test modules import kernels/.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep tests from writing into ~/.cache: the sample corpus goes to a per-session temp cache."""
+    cache = tmp_path_factory.getbasetemp() / "tritonrun-cache"
+    monkeypatch.setenv("TRITONRUN_CACHE", str(cache))
