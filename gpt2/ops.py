@@ -50,7 +50,8 @@ def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab
     # The matmul runs over all padded rows (aligned shapes tile better); the padded columns are
     # sliced off before the softmax, so they never enter the normalizer nor receive gradient.
     logits = F.linear(h, weight)[:, :vocab_size]
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32 softmax
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 def torch_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:

@@ -1,0 +1,120 @@
+"""llm.c / modded-nanogpt token shards.
+
+Layout of one `.bin` file, all little-endian:
+    header: 256 int32 = [MAGIC 20240520, VERSION 1, n_tokens, 0, ..., 0]   (1024 bytes)
+    body:   n_tokens uint16 token ids                                       (2 * n_tokens bytes)
+The file size must be exactly 1024 + 2 * n_tokens. Names follow `<dataset>_<split>_<index:06d>.bin`,
+e.g. `fineweb_val_000000.bin`, `fineweb_train_000001.bin`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4  # 1024
+TOKEN_DTYPE = np.dtype("<u2")
+SPLITS = ("train", "val")
+
+
+class ShardError(ValueError):
+    """A file that is not a valid token shard. str(err) is one line: "<path>: <what is wrong>"."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> None:
+    """Write `tokens` as a shard at `path`, atomically: a temp file in the same directory is written, fsynced
+    and renamed over `path`, so `path` is either absent, the old file, or the complete new one."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**16):
+        raise ValueError(f"token ids must be in [0, 65536), got min {int(arr.min())} max {int(arr.max())}")
+    if arr.size >= 2**31:
+        raise ValueError(f"{arr.size} tokens do not fit the int32 count in the shard header")
+    body = arr.astype(TOKEN_DTYPE, copy=False)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, body.size)
+
+    path = Path(path)
+    # a unique hidden name beside the target; O_EXCL never clobbers, mode 0o666 lets the umask apply
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(body.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # make the rename itself durable (best effort: not every platform can fsync a directory)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate the header of the shard at `path` against its file size and return n_tokens."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ShardError(path, f"cannot read ({e.strerror})") from None
+    if size < HEADER_BYTES:
+        raise ShardError(path, f"file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype="<i4")
+    magic, version, n_tokens = (int(v) for v in header[:3])
+    if magic != MAGIC:
+        raise ShardError(path, f"bad magic {magic} (expected {MAGIC}): not a token shard")
+    if version != VERSION:
+        raise ShardError(path, f"version {version} not supported (expected {VERSION})")
+    if n_tokens < 0:
+        raise ShardError(path, f"header says {n_tokens} tokens")
+    expected = HEADER_BYTES + 2 * n_tokens
+    if size < expected:
+        raise ShardError(
+            path, f"truncated: header says {n_tokens} tokens ({expected} bytes) but file has {size} bytes"
+        )
+    if size > expected:
+        raise ShardError(
+            path, f"size mismatch: header says {n_tokens} tokens ({expected} bytes) but file has {size} bytes"
+        )
+    return n_tokens
+
+
+def load_tokens(path: str | os.PathLike) -> np.ndarray:
+    """The tokens of a validated shard as a read-only uint16 memmap (nothing is read until sliced)."""
+    n_tokens = read_header(path)
+    if n_tokens == 0:  # np.memmap refuses zero-length maps
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Shards of one split (`*_{split}_*.bin`) in `data_dir`, sorted by file name."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return sorted(Path(data_dir).glob(f"*_{split}_*.bin"), key=lambda p: p.name)
