@@ -1,0 +1,183 @@
+"""train_speedrun.py end to end on CPU: tiny model, built-in sample corpus, real subprocesses."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_speedrun
+from data.shards import write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and fast: 2 micro-batches of 4 x 64 tokens per step.
+SMALL = ["--gpu", "cpu", "--model", "tiny", "--data", "sample", "--micro-batch", "4", "--seq-len", "64",
+         "--total-batch-tokens", "512", "--val-tokens", "2048", "--warmup-steps", "5"]
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "train_speedrun.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def run30(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run30")
+    proc = run_cli(*SMALL, "--max-steps", 30, "--val-every", 10, "--target-val-loss", 0, "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc
+
+
+def test_30_steps_loss_falls_and_records_are_complete(run30):
+    out, proc = run30
+    result = json.loads((out / "result.json").read_text())
+    losses = result["train_losses"]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(50257)) < 1.0  # starts near uniform
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    assert [v["step"] for v in result["val"]] == [10, 20, 30]
+    assert result["val"][-1]["loss"] < result["val"][0]["loss"]
+    assert result["final_val_loss"] == result["val"][-1]["loss"]
+    assert result["status"] == "max_steps" and result["target_reached"] is False
+    assert result["steps_done"] == 30 and result["tokens_seen"] == 30 * 512
+    assert result["train_time_s"] > 0 and result["tokens_per_s"] > 0 and result["peak_mem_gib"] > 0
+    assert result["config"]["model"] == "tiny" and result["grad_accum"] == 2
+    for key in ("commit", "dirty", "python", "torch", "triton", "device"):
+        assert key in result["env"]
+    step = result["steps"][0]
+    assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib"}
+    assert result["leaderboard_row"].startswith("| ") and result["leaderboard_row"].count("|") == 14
+    assert result["leaderboard_row"] in proc.stdout.splitlines()[-1]
+    assert (out / "leaderboard.md").read_text().splitlines()[-1] == result["leaderboard_row"]
+
+
+def test_log_begins_with_version_device_and_config(run30):
+    out, _ = run30
+    lines = (out / "train.log").read_text().splitlines()
+    assert lines[1].startswith("commit ")
+    assert lines[2].startswith("python ") and "torch" in lines[2] and "triton" in lines[2]
+    assert lines[3].startswith("device ")
+    text = "\n".join(lines)
+    assert "config:" in text and "micro_batch" in text and "ops:" in text
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert len(steps) == 30
+    for field in ("loss", "norm", "lr", "ms", "tok/s", "MFU", "mem"):
+        assert field in steps[0]
+
+
+def test_high_target_stops_at_first_validation(tmp_path):
+    proc = run_cli(*SMALL, "--max-steps", 50, "--val-every", 4, "--target-val-loss", 100, "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["target_reached"] is True and result["target_reached_step"] == 4
+    assert result["steps_done"] == 4 and result["status"] == "target_reached"
+    assert "| yes |" in result["leaderboard_row"]
+
+
+def test_warmup_then_reset_equals_a_run_without_warmup(tmp_path):
+    records = []
+    for warm in (0, 2):
+        out = tmp_path / f"warm{warm}"
+        proc = run_cli(*SMALL, "--max-steps", 2, "--val-every", 100, "--timing-warmup-steps", warm,
+                       "--out-dir", out)
+        assert proc.returncode == 0, proc.stderr
+        records.append(json.loads((out / "result.json").read_text()))
+    cold, warm = records
+    # bitwise: same weights, optimizer state and data position after the reset
+    assert warm["train_losses"] == cold["train_losses"]
+    assert [s["grad_norm"] for s in warm["steps"]] == [s["grad_norm"] for s in cold["steps"]]
+    assert warm["final_val_loss"] == cold["final_val_loss"]
+
+
+def test_lr_schedule_is_llmc():
+    cfg = train_speedrun.resolve_config(["--gpu", "cpu", "--lr", "6e-4", "--warmup-steps", "10",
+                                        "--max-steps", "110", "--out-dir", "unused"])
+    lr = lambda s: train_speedrun.lr_at(cfg, s)  # noqa: E731
+    assert lr(0) == pytest.approx(6e-5) and lr(9) == pytest.approx(6e-4)
+    assert lr(10) == pytest.approx(6e-4) and lr(60) == pytest.approx(3e-4)
+    assert lr(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_presets_are_data_and_flags_override():
+    assert set(train_speedrun.PRESETS) == {"rtx4070", "rtx4070ti", "rtx4090", "rtx3090", "a100", "h100",
+                                           "h200", "cpu"}
+    for name, p in train_speedrun.PRESETS.items():
+        assert p.total_batch_tokens % (p.micro_batch * p.seq_len) == 0, name
+        if name != "cpu":
+            assert (p.total_batch_tokens, p.dtype, p.model) == (524_288, "bf16", "d12")
+    cfg = train_speedrun.resolve_config(["--gpu", "cpu", "--micro-batch", "2", "--lr", "1e-3", "--no-compile",
+                                        "--out-dir", "x"])
+    assert (cfg.micro_batch, cfg.lr, cfg.compile, cfg.model) == (2, 1e-3, False, "tiny")
+    assert cfg.grad_accum == 1024 // (2 * 128)
+
+
+# ------------------------------------------------------------------------------------- user errors
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message; this machine has CUDA")
+def test_gpu_preset_without_cuda(tmp_path):
+    assert_user_error(run_cli("--gpu", "rtx4070", "--out-dir", tmp_path), "needs a CUDA GPU",
+                      "--gpu cpu --model tiny --data sample")
+
+
+def test_missing_data_dir(tmp_path):
+    assert_user_error(run_cli(*SMALL, "--data", tmp_path / "nope", "--out-dir", tmp_path / "o"),
+                      "no such directory", "--data sample")
+
+
+def test_data_dir_without_shards(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert_user_error(run_cli(*SMALL, "--data", tmp_path / "d", "--out-dir", tmp_path / "o"),
+                      "_train_", "_val_", "--data sample")
+
+
+def test_bad_shard_names_file(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_shard(d / "x_val_000000.bin", list(range(5000)))
+    bad = d / "x_train_000001.bin"
+    write_shard(bad, list(range(5000)))
+    with open(bad, "r+b") as f:
+        f.write((12345).to_bytes(4, "little"))
+    assert_user_error(run_cli(*SMALL, "--data", d, "--out-dir", tmp_path / "o"), str(bad), "magic")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--micro-batch", "abc"], "invalid int value"),
+    (["--micro-batch", "0"], "--micro-batch must be positive"),
+    (["--total-batch-tokens", "1000"], "not a multiple of micro-batch x seq-len"),
+    (["--seq-len", "300"], "exceeds model tiny's context"),
+    (["--lr", "-1"], "--lr must be a positive"),
+    (["--gpu", "tpu"], "invalid choice"),
+    (["--val-tokens", "100"], "less than one micro-batch"),
+    (["--val-tokens", "1000000"], "lower --val-tokens"),
+])
+def test_bad_flag_values(tmp_path, args, needle):
+    assert_user_error(run_cli(*SMALL, *args, "--out-dir", tmp_path / "o"), needle)
+
+
+def test_out_dir_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a dir")
+    assert_user_error(run_cli(*SMALL, "--out-dir", blocker / "run"), "not writable", "--out-dir")
+
+
+def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
+    def oom(cfg, out_dir):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+
+    monkeypatch.setattr(train_speedrun, "run", oom)
+    rc = train_speedrun.main([*SMALL, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "out of memory" in err[0] and "--micro-batch" in err[0] and "--seq-len" in err[0]
