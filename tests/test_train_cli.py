@@ -77,6 +77,29 @@ def test_log_begins_with_version_device_and_config(run30):
         assert field in steps[0]
 
 
+def test_loss_plot_is_written(run30):
+    pytest.importorskip("matplotlib", reason="loss.png needs matplotlib (pip install -e '.[test]' has it)")
+    out, _ = run30
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert json.loads((out / "result.json").read_text())["plot"] == str(out / "loss.png")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_matches_eager(tmp_path, backend):
+    """--compile traces the model (and the ops behind the seam) and trains the same numbers."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        proc = run_cli(*SMALL, "--backend", backend, flag, "--max-steps", 3, "--val-every", 3,
+                       "--timing-warmup-steps", 0, "--out-dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((out / "result.json").read_text())
+        assert result["config"]["compile"] == (flag == "--compile")
+        losses[flag] = result["train_losses"] + [result["final_val_loss"]]
+    assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
+
+
 def test_high_target_stops_at_first_validation(tmp_path):
     proc = run_cli(*SMALL, "--max-steps", 50, "--val-every", 4, "--target-val-loss", 100, "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
