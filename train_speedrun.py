@@ -18,7 +18,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -247,6 +247,9 @@ def open_data(cfg: Config):
 
 
 def check_out_dir(path: Path) -> None:
+    if (path / "result.json").exists():
+        raise UserError(f"--out-dir {path} already holds a run (result.json): pick a new --out-dir "
+                        f"or move that run away")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -261,7 +264,7 @@ class RunLog:
     """Writes to train.log and to the terminal: a progress bar on a tty, plain lines otherwise."""
 
     def __init__(self, path: Path, total_steps: int):
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "w", buffering=1)
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
@@ -350,7 +353,7 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, train_files, val_file, log: RunLog | None = None):
+    def __init__(self, cfg: Config, train_files, val_file):
         from data.loader import ShardLoader
 
         self.cfg = cfg

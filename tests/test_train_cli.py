@@ -195,6 +195,13 @@ def test_out_dir_not_writable(tmp_path):
     assert_user_error(run_cli(*SMALL, "--out-dir", blocker / "run"), "not writable", "--out-dir")
 
 
+def test_out_dir_with_a_previous_run_is_not_overwritten(run30):
+    out, _ = run30
+    before = (out / "result.json").read_bytes(), (out / "train.log").read_bytes()
+    assert_user_error(run_cli(*SMALL, "--max-steps", 1, "--out-dir", out), "already holds a run")
+    assert ((out / "result.json").read_bytes(), (out / "train.log").read_bytes()) == before
+
+
 def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
     def oom(cfg, out_dir):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
