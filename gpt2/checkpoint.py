@@ -1,0 +1,94 @@
+"""Training checkpoints: one torch.save file per step, written atomically, newest K kept.
+
+File `ckpt_<step:08d>.pt` in the run's out dir holds a dict:
+  format "tritonrun.checkpoint", version 1,
+  model_config   GPTConfig as a dict (enough to rebuild the model without the run config),
+  model          model state_dict (fp32 master weights),
+  optimizer, rng, data, step, train_time_s, run_config, result  (training state; see train_speedrun.py)
+A checkpoint is complete once its final name exists: it is written to a temp file in the same
+directory, fsynced, then renamed, so a kill at any moment leaves the previous one loadable.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpt2.config import GPTConfig
+from gpt2.model import GPT
+
+FORMAT = "tritonrun.checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not ours; str is one line naming the file."""
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (temp files are never matched)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if _NAME.match(p.name))
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int = 0) -> Path:
+    """Atomically write `state` (plus format fields) as step's checkpoint; keep the newest `keep` (0 = all)."""
+    out_dir = Path(out_dir)
+    path = checkpoint_path(out_dir, step)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tritonrun checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} not supported (expected {VERSION})")
+    return ckpt
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def load_model(path: Path, device="cpu", ops=None) -> GPT:
+    """Rebuild the GPT stored in a checkpoint (weights only), on `device`, in eval mode."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = GPT(GPTConfig(**ckpt["model_config"]), ops)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
