@@ -5,6 +5,10 @@ current offset; x = chunk[:-1], y = chunk[1:] as (B, T), then the offset moves b
 share one boundary token). When the next chunk does not fit in the rest of the shard, the tail is skipped and
 the loader moves to offset 0 of the next shard; after the last shard it wraps to the first and `epoch` grows.
 
+Data-parallel ranks (llm.c): all ranks share one position; per batch, rank r takes the r-th of world_size
+consecutive chunks and the shared offset moves by world_size*B*T. So micro-batch k of a single process is
+micro-batch k // world_size of rank k % world_size, and the saved (shard, offset) fixes every rank's position.
+
 Only the current shard is memory-mapped. On CUDA a batch is staged through one of two pinned int32 host
 buffers and copied with non_blocking=True; each buffer has a CUDA event, and it is not rewritten until the copy
 that last read it has finished. The int32 -> int64 widening then happens on the GPU.
@@ -31,22 +35,28 @@ class ShardLoader:
         batch_size: int,
         seq_len: int,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
         self.files = [Path(f) for f in files]
         if not self.files:
             raise ValueError("ShardLoader got no shard files: check the data directory and split name")
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.device = torch.device(device)
-        need = self.chunk_tokens
+        need = self.span_tokens
         self.n_tokens: list[int] = []  # per shard, from the validated headers
         for f in self.files:
             n = read_header(f)  # ShardError for a bad file
             if n < need:
                 raise ValueError(
-                    f"{f}: shard has {n} tokens, fewer than batch_size*seq_len+1 = {need} needed for one batch; "
+                    f"{f}: shard has {n} tokens, fewer than world_size*batch_size*seq_len+1 = {need} needed "
+                    f"for one batch; "
                     f"use a smaller batch_size or seq_len"
                 )
             self.n_tokens.append(n)
@@ -69,6 +79,11 @@ class ShardLoader:
         """Tokens read per batch: B*T inputs plus one more for the last target."""
         return self.batch_size * self.seq_len + 1
 
+    @property
+    def span_tokens(self) -> int:
+        """Tokens all ranks read together per batch: world_size chunks that overlap by one token."""
+        return self.world_size * self.batch_size * self.seq_len + 1
+
     def _open_shard(self, index: int) -> None:
         self.shard = index
         self.offset = 0
@@ -77,7 +92,7 @@ class ShardLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) pair, both int64 of shape (batch_size, seq_len) on the loader's device."""
         need = self.chunk_tokens
-        if self.offset + need > self.n_tokens[self.shard]:
+        if self.offset + self.span_tokens > self.n_tokens[self.shard]:
             nxt = self.shard + 1
             if nxt == len(self.files):
                 nxt = 0
@@ -85,8 +100,9 @@ class ShardLoader:
             self._open_shard(nxt)
         if self._tokens is None:
             self._tokens = load_tokens(self.files[self.shard])
-        chunk = self._tokens[self.offset : self.offset + need]
-        self.offset += self.batch_size * self.seq_len
+        start = self.offset + self.rank * self.batch_size * self.seq_len
+        chunk = self._tokens[start : start + need]
+        self.offset += self.world_size * self.batch_size * self.seq_len
 
         if self.device.type == "cuda":
             buf = self._stage_pinned(chunk)

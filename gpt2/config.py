@@ -34,5 +34,5 @@ MODEL_SIZES: dict[str, GPTConfig] = {
     "d24": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "d36": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "d48": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    "tiny": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64),
+    "tiny": GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64),  # head dim 32, as the kernels support
 }

@@ -184,3 +184,24 @@ def test_cuda_matches_cpu(tmp_path):
         (x, y), (gx, gy) = cpu.next_batch(), gpu.next_batch()
         assert gx.is_cuda and gx.dtype == torch.int64
         assert torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_interleave_single_process_order(tmp_path, world):
+    """Rank r's k-th batch is the single-process loader's (k*world + r)-th batch, across a shard change."""
+    B, T = 2, 3
+    files, _ = _make_shards(tmp_path, [6 * 3 * world + 1, 6 * 2 * world + 1])  # whole spans, no tails
+    single = _take(ShardLoader(files, B, T), 5 * world)
+    ranks = [ShardLoader(files, B, T, rank=r, world_size=world) for r in range(world)]
+    for k in range(5):
+        for r, loader in enumerate(ranks):
+            x, y = loader.next_batch()
+            assert torch.equal(x, single[k * world + r][0]) and torch.equal(y, single[k * world + r][1])
+    states = {tuple(sorted(loader.state_dict().items())) for loader in ranks}
+    assert len(states) == 1, "all ranks share one position"
+
+
+def test_rank_out_of_range(tmp_path):
+    files, _ = _make_shards(tmp_path, [100])
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardLoader(files, 2, 3, rank=2, world_size=2)

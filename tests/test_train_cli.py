@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_speedrun
+import training
 from data.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_30_steps_loss_falls_and_records_are_complete(run30):
     for key in ("commit", "dirty", "python", "torch", "triton", "device"):
         assert key in result["env"]
     step = result["steps"][0]
-    assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib"}
+    assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib", "skipped"}
     assert result["leaderboard_row"].startswith("| ") and result["leaderboard_row"].count("|") == 14
     assert result["leaderboard_row"] in proc.stdout.splitlines()[-1]
     assert (out / "leaderboard.md").read_text().splitlines()[-1] == result["leaderboard_row"]
@@ -125,9 +126,9 @@ def test_warmup_then_reset_equals_a_run_without_warmup(tmp_path):
 
 
 def test_lr_schedule_is_llmc():
-    cfg = train_speedrun.resolve_config(["--gpu", "cpu", "--lr", "6e-4", "--warmup-steps", "10",
-                                        "--max-steps", "110", "--out-dir", "unused"])
-    lr = lambda s: train_speedrun.lr_at(cfg, s)  # noqa: E731
+    cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--lr", "6e-4", "--warmup-steps", "10",
+                                           "--max-steps", "110", "--out-dir", "unused"])
+    lr = lambda s: training.lr_at(cfg, s)  # noqa: E731
     assert lr(0) == pytest.approx(6e-5) and lr(9) == pytest.approx(6e-4)
     assert lr(10) == pytest.approx(6e-4) and lr(60) == pytest.approx(3e-4)
     assert lr(110) == pytest.approx(0.0, abs=1e-12)
@@ -140,8 +141,8 @@ def test_presets_are_data_and_flags_override():
         assert p.total_batch_tokens % (p.micro_batch * p.seq_len) == 0, name
         if name != "cpu":
             assert (p.total_batch_tokens, p.dtype, p.model) == (524_288, "bf16", "d12")
-    cfg = train_speedrun.resolve_config(["--gpu", "cpu", "--micro-batch", "2", "--lr", "1e-3", "--no-compile",
-                                        "--out-dir", "x"])
+    cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--micro-batch", "2", "--lr", "1e-3",
+                                           "--no-compile", "--out-dir", "x"])
     assert (cfg.micro_batch, cfg.lr, cfg.compile, cfg.model) == (2, 1e-3, False, "tiny")
     assert cfg.grad_accum == 1024 // (2 * 128)
 
@@ -198,15 +199,15 @@ def test_out_dir_not_writable(tmp_path):
 def test_out_dir_with_a_previous_run_is_not_overwritten(run30):
     out, _ = run30
     before = (out / "result.json").read_bytes(), (out / "train.log").read_bytes()
-    assert_user_error(run_cli(*SMALL, "--max-steps", 1, "--out-dir", out), "already holds a run")
+    assert_user_error(run_cli(*SMALL, "--max-steps", 1, "--out-dir", out), "already holds a run", "--resume")
     assert ((out / "result.json").read_bytes(), (out / "train.log").read_bytes()) == before
 
 
 def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
-    def oom(cfg, out_dir):
+    def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
 
-    monkeypatch.setattr(train_speedrun, "run", oom)
+    monkeypatch.setattr(training, "run", oom)
     rc = train_speedrun.main([*SMALL, "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1

@@ -1,0 +1,512 @@
+"""The training loop behind train_speedrun.py: steps, validation, checkpoints, DDP, records.
+
+`run(cfg, out_dir)` trains one run described by a resolved config (train_speedrun.Config). It is the
+only entry point; train_speedrun.py owns presets, flags and user-error reporting.
+
+- Clock: only training steps are timed. Validation, checkpoint writes and the untimed warm-up (real
+  steps, then weights, optimizer, RNG and data position restored) are outside it.
+- Checkpoints (gpt2/checkpoint.py): every --checkpoint-every steps and on SIGINT/SIGTERM, at a step
+  boundary; they hold everything needed to continue bit for bit on the same device.
+- Bad steps: a non-finite loss or grad norm skips the update; more than --max-bad-steps in a row stop
+  the run (the last good checkpoint stays).
+- DDP under torchrun: each rank runs grad_accum / world_size micro-batches per step; rank r takes the
+  r-th of every world_size consecutive micro-batches (data/loader.py), so the step sees the same tokens
+  as a single process. Rank 0 writes logs, records and checkpoints. A single process never touches
+  torch.distributed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2 import GPT, MODEL_SIZES
+from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpt2.ops import get_ops
+from runinfo import atomic_write_json, atomic_write_text, env_info
+
+
+class InitError(Exception):
+    """--init-from could not load its weights; str says why (one line)."""
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. repeated non-finite steps); str is the one-line reason with the fix."""
+
+
+# --------------------------------------------------------------------------------- distributed
+class Dist:
+    """Process-group facts; a plain single-process run has world_size 1 and never calls torch.distributed."""
+
+    def __init__(self, device_kind: str):
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            import torch.distributed as dist
+
+            self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if device_kind == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            if self.world_size > 1 and not dist.is_initialized():
+                dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        self.device = torch.device(f"cuda:{self.local_rank}" if device_kind == "cuda" else "cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world_size
+        return t
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------- output
+class RunLog:
+    """train.log plus the terminal: a progress bar on a tty, plain lines otherwise. Silent off rank 0."""
+
+    def __init__(self, path: Path | None, total_steps: int, initial: int = 0, append: bool = False):
+        self.file = open(path, "a" if append else "w", buffering=1) if path is not None else None
+        self.bar = None
+        if self.file is not None and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if self.file is None:
+            return
+        self.file.write(text + "\n")
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, text: str, postfix: str) -> None:
+        if self.bar is None:
+            self.line(text)
+            return
+        self.file.write(text + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def config_table(cfg, extra: dict) -> str:
+    rows = [(f.name, getattr(cfg, f.name)) for f in fields(cfg)] + list(extra.items())
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (process RSS)
+
+
+LEADERBOARD_HEADER = ("| date | preset | device | model | backend | val loss | target | steps | tokens "
+                      "| train time | tok/s | MFU | commit |\n|" + "---|" * 13)
+
+
+def leaderboard_row(cfg, env: dict, result: dict) -> str:
+    val, mfu = result["final_val_loss"], result["mfu_mean"]
+    gpus = f"{result['world_size']}× " if result["world_size"] > 1 else ""
+    return (f"| {result['date']} | {cfg.gpu} | {gpus}{env['device']} | {cfg.model} | {cfg.backend}"
+            f"{' +compile' if cfg.compile else ''} | {'n/a' if val is None else f'{val:.4f}'} "
+            f"| {'yes' if result['target_reached'] else 'no'} | {result['steps_done']} "
+            f"| {result['tokens_seen'] / 1e9:.3f}B | {result['train_time_s'] / 60:.2f} min "
+            f"| {result['tokens_per_s']:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
+            f"| {env['commit'][:10]}{'-dirty' if env['dirty'] else ''} |")
+
+
+def save_plot(out_dir: Path, result: dict) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s["step"] for s in result["steps"]], result["train_losses"], label="train", lw=0.8)
+    if result["val"]:
+        ax.plot([v["step"] for v in result["val"]], [v["loss"] for v in result["val"]], "o-", label="val")
+    ax.axhline(result["target_val_loss"], color="gray", ls="--", lw=0.8, label="target")
+    ax.set(xlabel="step", ylabel="loss", title=f"{result['config']['model']} · {result['config']['gpu']}")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------ training
+def lr_at(cfg, step: int) -> float:
+    """llm.c: linear warmup to lr, then cosine to lr * final_lr_frac at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.final_lr_frac
+    ratio = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+
+
+def build_model(cfg, ops) -> GPT:
+    if cfg.init_from:
+        from gpt2.hf import init_from
+
+        try:
+            return init_from(cfg.init_from, ops)
+        except (ValueError, OSError) as e:  # the loaders' format errors are ValueErrors naming the file
+            raise InitError(str(e)) from None
+    return GPT(MODEL_SIZES[cfg.model], ops)
+
+
+class Trainer:
+    def __init__(self, cfg, train_files, val_file, dist: Dist):
+        from data.loader import ShardLoader
+
+        self.cfg, self.dist, self.device = cfg, dist, dist.device
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+            if cfg.memory_gib:
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_gib * 2**30 / total), self.device)
+        torch.manual_seed(cfg.seed)
+        self.ops = get_ops(cfg.backend, self.device)
+        # Built on the CPU (same initial weights on every device and rank), then moved.
+        self.model = build_model(cfg, self.ops).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = None
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.forward, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+            self.forward = self.ddp
+        self.params = list(self.model.parameters())
+        self.optimizer = self.ops.optimizer(self.model.param_groups(cfg.weight_decay), lr=cfg.lr,
+                                            betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
+        self.grad_accum = cfg.total_batch_tokens // (B * T * W)  # micro-batches per rank per step
+        self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
+        self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
+        self.val_steps = cfg.val_tokens // (B * T * W)  # per rank
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
+                         else contextlib.nullcontext())
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+
+    def train_step(self, step: int) -> tuple[float, float, float, bool]:
+        """One optimizer step: (loss, grad norm, lr, applied). A non-finite loss or norm skips the update."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            if self.ddp is not None:  # all-reduce grads only on the last micro-batch
+                self.ddp.require_backward_grad_sync = micro == self.grad_accum - 1
+            with self.autocast:
+                loss = self.forward(x, y) / self.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        self.dist.all_mean(loss_sum)
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+        lr = lr_at(cfg, step)
+        loss_v, norm_v = loss_sum.item(), norm.item()
+        applied = math.isfinite(loss_v) and math.isfinite(norm_v)
+        if applied:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_v, norm_v, lr, applied
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        self.val_loader.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.val_steps):
+            x, y = self.val_loader.next_batch()
+            with self.autocast:
+                total += self.forward(x, y).float()
+        self.model.train()
+        return self.dist.all_mean(total / self.val_steps).item()
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+
+    def set_rng_state(self, s: dict) -> None:
+        torch.set_rng_state(s["torch"])
+        random.setstate(s["python"])
+        np.random.set_state(s["numpy"])
+        if s.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(s["cuda"])
+
+    def state(self) -> dict:
+        """Everything that determines the next steps (tensors are references: copy before mutating)."""
+        return {"model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "data": self.train_loader.state_dict(),
+                "rng": self.rng_state()}
+
+    def load_state(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_loader.load_state_dict(s["data"])
+        self.set_rng_state(s["rng"])
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask for a checkpoint at the next step boundary; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
+    model = trainer.model
+    return {
+        "record": "tritonrun.train", "version": 1, "status": "running",
+        "date": datetime.now().strftime("%Y-%m-%d"), "env": env, "config": asdict(cfg),
+        "world_size": dist.world_size, "grad_accum": trainer.grad_accum * dist.world_size,
+        "ops": trainer.ops.placement, "parameters": model.num_parameters(include_padding=False),
+        "flops_per_token": trainer.flops_per_token, "steps": [], "train_losses": [], "val": [],
+        "tokens_seen": 0, "steps_done": 0, "train_time_s": 0.0, "skipped_steps": 0,
+        "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,
+        "final_val_loss": None, "tokens_per_s": 0.0, "mfu_mean": None, "peak_mem_gib": None,
+        "peak_mem_kind": "cuda_max_allocated" if cfg.device == "cuda" else "process_max_rss",
+        "resumed_from": [],
+    }
+
+
+def run(cfg, out_dir: Path, train_files: list[Path], val_file: Path, resume_from: Path | None = None) -> dict:
+    """Train; returns the result record (also written to out_dir/result.json on rank 0)."""
+    dist = Dist(cfg.device)
+    try:
+        env = env_info(dist.device)
+        log = RunLog(out_dir / "train.log" if dist.master else None, cfg.max_steps, append=resume_from is not None)
+        try:
+            return _run(cfg, out_dir, env, train_files, val_file, log, dist, resume_from)
+        finally:
+            log.close()
+    finally:
+        dist.close()
+
+
+def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resume_from) -> dict:
+    trainer = Trainer(cfg, train_files, val_file, dist)
+    model = trainer.model
+    tokens_per_step = cfg.total_batch_tokens
+    log.line(f"tritonrun train_speedrun.py  {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    log.line(f"commit {env['commit']}{' (dirty: uncommitted changes)' if env['dirty'] else ''}")
+    log.line(f"python {env['python']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}")
+    log.line(f"device {env['device']}" + (f"  x {dist.world_size} ranks" if dist.enabled else ""))
+    extra = {
+        "world_size": dist.world_size,
+        "grad_accum": f"{trainer.grad_accum} per rank" if dist.enabled else trainer.grad_accum,
+        "parameters": f"{model.num_parameters(include_padding=False):,} "
+                      f"(+{model.num_parameters() - model.num_parameters(False):,} vocab padding)",
+        "flops_per_token": f"{trainer.flops_per_token:,}",
+        "train_shards": f"{len(train_files)} in {train_files[0].parent}",
+        "val_shard": str(val_file),
+    }
+    log.line("config:\n" + config_table(cfg, extra))
+    log.line("ops:\n" + trainer.ops.describe())
+
+    start_step, train_time = 0, 0.0
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        trainer.load_state(ckpt)
+        start_step, train_time = ckpt["step"], ckpt["train_time_s"]
+        result = ckpt["result"]
+        result.update(status="running", env=env, config=asdict(cfg))
+        result["resumed_from"].append({"step": start_step, "checkpoint": str(resume_from), "env": env})
+        del ckpt
+        log.line(f"resumed from {resume_from} at step {start_step} (train time so far {train_time:.1f} s)")
+    else:
+        result = _new_result(cfg, env, trainer, dist)
+    result_path = out_dir / "result.json"
+    if dist.master:
+        atomic_write_json(result_path, result)
+
+    def checkpoint(step: int) -> Path | None:
+        path = None
+        if dist.master:
+            state = {**trainer.state(), "step": step, "train_time_s": train_time, "run_config": asdict(cfg),
+                     "result": result}
+            path = save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
+            log.line(f"checkpoint {path.name} written (step {step})")
+        dist.barrier()
+        return path
+
+    # Untimed warm-up: real steps (compile, autotune, allocator), then back to the state before them.
+    if cfg.timing_warmup_steps:
+        snap = copy.deepcopy(trainer.state())
+        t0 = time.perf_counter()
+        for i in range(cfg.timing_warmup_steps):
+            trainer.train_step(start_step + i)
+        trainer.sync()
+        trainer.load_state(snap)
+        del snap
+        log.line(f"warm-up: {cfg.timing_warmup_steps} untimed steps in {time.perf_counter() - t0:.1f} s, "
+                 f"then weights, optimizer, RNG and data position restored")
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+
+    bad_in_a_row = 0
+    stopped_by = None
+    with StopSignals() as signals:
+        for step in range(start_step, cfg.max_steps):
+            trainer.sync()
+            t0 = time.perf_counter()
+            loss, norm, lr, applied = trainer.train_step(step)
+            trainer.sync()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tok_s = tokens_per_step / dt
+            mfu = tok_s * trainer.flops_per_token / (cfg.peak_tflops * 1e12 * dist.world_size) if cfg.peak_tflops else None
+            mem = peak_memory_gib(trainer.device)
+            result["steps"].append({"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr, "ms": dt * 1e3,
+                                    "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_gib": mem, "skipped": not applied})
+            result["train_losses"].append(loss)
+            mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+            log.step(f"step {step + 1:5d}/{cfg.max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.3e} | "
+                     f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB",
+                     postfix=f"loss {loss:.4f} {tok_s:,.0f} tok/s MFU {mfu_s}")
+            result.update(steps_done=step + 1, tokens_seen=(step + 1) * tokens_per_step, train_time_s=train_time,
+                          peak_mem_gib=mem)
+            if applied:
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                result["skipped_steps"] += 1
+                log.line(f"warning: step {step + 1} skipped: non-finite loss {loss} or grad norm {norm} "
+                         f"({bad_in_a_row} in a row, the limit is --max-bad-steps {cfg.max_bad_steps})")
+                if bad_in_a_row > cfg.max_bad_steps:
+                    result["status"] = "diverged"
+                    if dist.master:
+                        atomic_write_json(result_path, result)
+                    last = latest_checkpoint(out_dir)
+                    raise TrainingStopped(
+                        f"{bad_in_a_row} non-finite steps in a row (last at step {step + 1}): the run diverged; "
+                        f"lower --lr or raise --warmup-steps. Last good checkpoint: "
+                        f"{last if last else 'none (set --checkpoint-every)'}")
+
+            last_step = step + 1 == cfg.max_steps
+            if (step + 1) % cfg.val_every == 0 or last_step:
+                val = trainer.evaluate()  # outside the clock
+                result["val"].append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": val})
+                result["final_val_loss"] = val
+                log.line(f"val step {step + 1:5d} | val loss {val:.6f} | train time {train_time:.1f} s")
+                if val <= cfg.target_val_loss:
+                    result["target_reached"], result["target_reached_step"] = True, step + 1
+                    log.line(f"target val loss {cfg.target_val_loss} reached at step {step + 1}: stopping")
+                if dist.master:
+                    atomic_write_json(result_path, result)  # a valid record after every validation
+            if result["target_reached"]:
+                break
+            if dist.any(signals.received is not None):
+                stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+                checkpoint(step + 1)
+                break
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last_step:
+                checkpoint(step + 1)
+
+    done = result["steps_done"]
+    result["tokens_per_s"] = result["tokens_seen"] / result["train_time_s"] if result["train_time_s"] else 0.0
+    result["mfu_mean"] = (result["tokens_per_s"] * trainer.flops_per_token / (cfg.peak_tflops * 1e12 * dist.world_size)
+                          if cfg.peak_tflops else None)
+    ms = sorted(s["ms"] for s in result["steps"][start_step:]) or [0.0]
+    result["step_ms_median"] = ms[len(ms) // 2]
+    if stopped_by:
+        result["status"] = "interrupted"
+        log.line(f"stopped by {stopped_by} after step {done}: checkpoint written; continue with --resume "
+                 f"--out-dir {out_dir}")
+    else:
+        result["status"] = "target_reached" if result["target_reached"] else "max_steps"
+    row = leaderboard_row(cfg, env, result)
+    result["leaderboard_row"] = row
+    if dist.master:
+        result["plot"] = save_plot(out_dir, result)
+        atomic_write_json(result_path, result)
+        atomic_write_text(out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
+    if not stopped_by and cfg.checkpoint_every:
+        checkpoint(done)
+    val_s = "n/a" if result["final_val_loss"] is None else f"{result['final_val_loss']:.4f}"
+    log.line(f"done: {done} steps, {result['tokens_seen']:,} tokens, train time {result['train_time_s']:.2f} s, "
+             f"final val {val_s}, target {'reached' if result['target_reached'] else 'not reached'}; "
+             f"records in {out_dir}")
+    if dist.master and result.get("plot") is None:
+        log.line("no loss.png: matplotlib is not installed (pip install -e '.[plot]')")
+    log.line(row)
+    if stopped_by:
+        result["exit_code"] = 128 + int(signals.received or signal.SIGTERM)
+    return result
