@@ -300,7 +300,8 @@ def open_data(cfg: Config):
 
 
 def check_out_dir(path: Path, resuming: bool) -> None:
-    if not resuming and (path / "result.json").exists():
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 soon writes result.json itself
+    if rank0 and not resuming and (path / "result.json").exists():
         raise UserError(f"--out-dir {path} already holds a run (result.json): continue it with --resume, "
                         f"or pick a new --out-dir")
     try:

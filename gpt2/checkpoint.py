@@ -45,6 +45,8 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int = 0) -> Pat
     """Atomically write `state` (plus format fields) as step's checkpoint; keep the newest `keep` (0 = all)."""
     out_dir = Path(out_dir)
     path = checkpoint_path(out_dir, step)
+    for stale in out_dir.glob(".ckpt_*.pt.*.tmp"):  # left by a writer killed mid-save (one writer per dir)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
