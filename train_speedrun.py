@@ -61,6 +61,8 @@ class Preset:
     keep_checkpoints: int = 2  # newest K checkpoints kept (0 = all)
     max_bad_steps: int = 3  # non-finite steps in a row tolerated before the run stops
     init_from: str | None = None  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
+    hellaswag_every: int = 1000  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)
+    hellaswag_path: str = "data/hellaswag/hellaswag_val.bin"  # written by `python data/hellaswag.py`
 
 
 PRESETS: dict[str, Preset] = {
@@ -76,6 +78,7 @@ PRESETS: dict[str, Preset] = {
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
         model="tiny", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
         max_steps=50, val_every=25, val_tokens=8192, timing_warmup_steps=1, device="cpu", checkpoint_every=0,
+        hellaswag_every=0,
     ),
 }
 
@@ -117,6 +120,8 @@ class Config:
     keep_checkpoints: int
     max_bad_steps: int
     init_from: str | None
+    hellaswag_every: int
+    hellaswag_path: str
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -170,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints, 0 = all (default 2)")
     p.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row before the run stops (default 3)")
     p.add_argument("--init-from", help="start from weights: hf:PATH (Hugging Face GPT-2), llmc:PATH, ckpt:PATH")
+    p.add_argument("--hellaswag-every", type=int, help="HellaSwag eval every N steps, 0 = off (default 1000 on GPUs)")
+    p.add_argument("--hellaswag-path", help="tokenized HellaSwag val file (python data/hellaswag.py writes it)")
     p.add_argument("--resume", action="store_true", help="continue the newest complete checkpoint in --out-dir")
+    p.add_argument("--download", action="store_true",
+                   help="if --data has no shards, download FineWeb into it first (python data/fineweb.py)")
     return p
 
 
@@ -197,7 +206,11 @@ def resolve_preset(name: str) -> str:
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
     """(config, checkpoint to resume from or None). Preset < checkpoint (with --resume) < explicit flags."""
     args = build_parser().parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    return _resolve(args)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "download")}
     resume_path = None
     if args.resume:
         if "out_dir" not in explicit:
@@ -236,7 +249,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ["warmup_steps", "timing_warmup_steps", "weight_decay", "grad_clip", "memory_gib",
-                 "checkpoint_every", "keep_checkpoints", "max_bad_steps"]:
+                 "checkpoint_every", "keep_checkpoints", "max_bad_steps", "hellaswag_every"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -269,8 +282,9 @@ def validate(cfg: Config) -> None:
 
 
 # -------------------------------------------------------------------------------------------- data
-def open_data(cfg: Config):
+def open_data(cfg: Config, download: bool = False):
     """Return (train_files, val_file), or raise UserError naming the problem and the fix."""
+    from data.fineweb import download_command
     from data.shards import ShardError, find_shards, read_header
 
     if cfg.data == "sample":
@@ -279,14 +293,24 @@ def open_data(cfg: Config):
         data_dir = prepare_sample()
     else:
         data_dir = Path(cfg.data)
+        if download and not (find_shards(data_dir, "train") and find_shards(data_dir, "val")):
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError(f"--download under torchrun: fetch the shards first with "
+                                f"`{download_command(data_dir)}`, then launch the ranks")
+            from data import fineweb
+
+            print(f"--download: {download_command(data_dir)}", flush=True)
+            if fineweb.main(["--out-dir", str(data_dir)]) != 0:
+                raise UserError(f"--download into {data_dir} failed (see the line above); "
+                                f"rerun `{download_command(data_dir)}` once it is fixed")
         if not data_dir.is_dir():
-            raise UserError(f"--data {cfg.data}: no such directory; give a dir of llm.c token shards "
-                            f"(fineweb_val_000000.bin, fineweb_train_000001.bin, ...) or use --data sample")
+            raise UserError(f"--data {cfg.data}: no such directory; fetch FineWeb shards into it with "
+                            f"`{download_command(data_dir)}` (or add --download), or use --data sample")
     train, val = find_shards(data_dir, "train"), find_shards(data_dir, "val")
     if not train or not val:
         missing = " and ".join(s for s, f in (("*_train_*.bin", train), ("*_val_*.bin", val)) if not f)
-        raise UserError(f"--data {data_dir}: no {missing} shards there; put llm.c-format shards in it "
-                        f"or use --data sample")
+        raise UserError(f"--data {data_dir}: no {missing} shards there; fetch them with "
+                        f"`{download_command(data_dir)}` (or add --download), or use --data sample")
     try:
         val_tokens = read_header(val[0])
         for f in train:
@@ -324,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = None
     try:
-        cfg, resume_path = resolve_config(argv)
+        args = build_parser().parse_args(argv)
+        cfg, resume_path = _resolve(args)
         out_dir = Path(cfg.out_dir)
         check_out_dir(out_dir, resuming=resume_path is not None)
-        train_files, val_file = open_data(cfg)
+        train_files, val_file = open_data(cfg, download=args.download)
         result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path)
         return result.get("exit_code", 0)
     except UserError as e:

@@ -280,6 +280,21 @@ class Trainer:
         self.model.train()
         return self.dist.all_mean(total / self.val_steps).item()
 
+    def hellaswag(self, examples) -> dict:
+        """acc / acc_norm over `examples`, split across ranks (uncompiled model: rows vary in length)."""
+        from data.hellaswag import evaluate
+
+        mine = examples[self.dist.rank :: self.dist.world_size]
+        r = evaluate(self.model, mine, self.device, autocast=self.autocast)
+        counts = torch.tensor([r["acc"] * r["n"], r["acc_norm"] * r["n"], r["n"]], dtype=torch.float64,
+                              device=self.device)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        acc, acc_norm, n = counts.tolist()
+        return {"acc": acc / n, "acc_norm": acc_norm / n, "n": int(round(n))}
+
     def rng_state(self) -> dict:
         return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
@@ -343,7 +358,7 @@ def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
         "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,
         "final_val_loss": None, "tokens_per_s": 0.0, "mfu_mean": None, "peak_mem_gib": None,
         "peak_mem_kind": "cuda_max_allocated" if cfg.device == "cuda" else "process_max_rss",
-        "resumed_from": [],
+        "resumed_from": [], "hellaswag": [],
     }
 
 
@@ -388,6 +403,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         start_step, train_time = ckpt["step"], ckpt["train_time_s"]
         result = ckpt["result"]
         result.update(status="running", env=env, config=asdict(cfg))
+        result.setdefault("hellaswag", [])
         result["resumed_from"].append({"step": start_step, "checkpoint": str(resume_from), "env": env})
         del ckpt
         log.line(f"resumed from {resume_from} at step {start_step} (train time so far {train_time:.1f} s)")
@@ -420,6 +436,17 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                  f"then weights, optimizer, RNG and data position restored")
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
+
+    hellaswag_examples = None
+    if cfg.hellaswag_every:
+        if Path(cfg.hellaswag_path).is_file():
+            from data.hellaswag import load_examples
+
+            hellaswag_examples = load_examples(Path(cfg.hellaswag_path))
+            log.line(f"HellaSwag: {len(hellaswag_examples)} examples from {cfg.hellaswag_path}, "
+                     f"every {cfg.hellaswag_every} steps and at the end")
+        else:
+            log.line(f"HellaSwag: off ({cfg.hellaswag_path} not found; `python data/hellaswag.py` writes it)")
 
     bad_in_a_row = 0
     stopped_by = None
@@ -471,6 +498,14 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                     log.line(f"target val loss {cfg.target_val_loss} reached at step {step + 1}: stopping")
                 if dist.master:
                     atomic_write_json(result_path, result)  # a valid record after every validation
+            if hellaswag_examples and ((step + 1) % cfg.hellaswag_every == 0 or last_step or result["target_reached"]):
+                t_hs = time.perf_counter()
+                hs = trainer.hellaswag(hellaswag_examples)  # outside the clock
+                result["hellaswag"].append({"step": step + 1, **hs})
+                log.line(f"hellaswag step {step + 1:5d} | acc {hs['acc']:.4f} | acc_norm {hs['acc_norm']:.4f} "
+                         f"| n {hs['n']} | {time.perf_counter() - t_hs:.1f} s")
+                if dist.master:
+                    atomic_write_json(result_path, result)
             if result["target_reached"]:
                 break
             if dist.any(signals.received is not None):

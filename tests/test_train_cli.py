@@ -1,10 +1,12 @@
 """train_speedrun.py end to end on CPU: tiny model, built-in sample corpus, real subprocesses."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,10 +161,78 @@ def test_missing_data_dir(tmp_path):
                       "no such directory", "--data sample")
 
 
-def test_data_dir_without_shards(tmp_path):
+def test_data_dir_without_shards_prints_the_fetch_command(tmp_path):
     (tmp_path / "d").mkdir()
     assert_user_error(run_cli(*SMALL, "--data", tmp_path / "d", "--out-dir", tmp_path / "o"),
-                      "_train_", "_val_", "--data sample")
+                      "_train_", "_val_", "--data sample", f"`python data/fineweb.py --out-dir {tmp_path / 'd'}`",
+                      "--download")
+
+
+def _hub_env(tmp_path, url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_IMPLICIT_TOKEN="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1")
+    return env
+
+
+def test_download_flag_fetches_the_shards_then_trains(tmp_path):
+    """--download runs the printed fetch command for real (huggingface_hub against a local stand-in hub)."""
+    from data import fineweb
+    from tests.hubserver import HubServer
+
+    with HubServer() as hub:
+        rng = np.random.default_rng(0)
+        made = tmp_path / "made"
+        made.mkdir()
+        for i in range(fineweb.DEFAULT_TRAIN_SHARDS + 1):  # what the default command fetches: val + 99 train
+            name = fineweb.shard_name(i)
+            write_shard(made / name, rng.integers(0, 50257, 3000 if i == 0 else 700))
+            hub.add(fineweb.DOWNLOAD_REPO, name, (made / name).read_bytes())
+        data = tmp_path / "fineweb10B"
+        proc = subprocess.run([sys.executable, "train_speedrun.py", *SMALL[:-4], "--data", str(data), "--download",
+                               "--max-steps", "1", "--val-tokens", "1024", "--out-dir", str(tmp_path / "o")],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, env=_hub_env(tmp_path, hub.url))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--download: python data/fineweb.py --out-dir {data}" in proc.stdout
+    assert len(list(data.glob("fineweb_train_*.bin"))) == fineweb.DEFAULT_TRAIN_SHARDS
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["steps_done"] == 1
+
+
+def test_download_flag_with_dead_hub_is_one_error_line(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = tmp_path / "fineweb10B"
+    proc = subprocess.run([sys.executable, "train_speedrun.py", *SMALL, "--data", str(data), "--download",
+                           "--out-dir", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=_hub_env(tmp_path, f"http://127.0.0.1:{port}"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2  # the fetcher's own line (what broke) and the trainer's (how to retry)
+    assert "--download into" in errors[1] and "python data/fineweb.py" in errors[1]
+    assert not list(data.glob("*.bin"))
+
+
+def test_hellaswag_runs_every_n_steps_and_lands_in_records(tmp_path):
+    from data.hellaswag import Example, write_examples
+
+    rng = np.random.default_rng(0)
+    examples = [Example.of(rng.integers(0, 50257, 5).tolist(),
+                           [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
+                for _ in range(6)]
+    path = tmp_path / "hs.bin"
+    write_examples(path, examples)
+    out = tmp_path / "o"
+    proc = run_cli(*SMALL, "--max-steps", 4, "--val-every", 100, "--hellaswag-every", 2, "--hellaswag-path", path,
+                   "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    hs = json.loads((out / "result.json").read_text())["hellaswag"]
+    assert [h["step"] for h in hs] == [2, 4] and all(h["n"] == 6 for h in hs)
+    assert all(0 <= h["acc"] <= 1 and 0 <= h["acc_norm"] <= 1 for h in hs)
+    assert "hellaswag step     2 | acc" in (out / "train.log").read_text()
 
 
 def test_bad_shard_names_file(tmp_path):
