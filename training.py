@@ -254,7 +254,9 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         self.dist.all_mean(loss_sum)
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and hasattr(self.optimizer, "clip_grad_norm_"):
+            norm = self.optimizer.clip_grad_norm_(cfg.grad_clip)  # fused: the scale is applied inside step()
+        elif cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
