@@ -1,0 +1,626 @@
+"""Fused LM head + cross-entropy: mean CE of (h @ weight[:vocab_size].T) without ever writing the logits.
+
+    loss = mean over rows i with targets[i] != ignore_index of  lse_i - z_i[targets[i]],
+    z_i = h_i @ weight[:vocab_size].T,   lse_i = log sum_v exp(z_iv)
+
+Layouts: h (N, C), weight (V_padded, C) (the tied wte; rows >= vocab_size are padding: never loaded,
+never in the normalizer, exactly zero gradient), targets (N,) int64. The loss is a 0-d fp32 tensor.
+h and weight share one dtype (fp32, fp16 or bf16; under autocast both are cast to the autocast dtype,
+as F.linear would). Tiles are loaded in the storage dtype, multiplied with tl.dot in that dtype with an
+fp32 accumulator (fp32 inputs: input_precision "ieee", exact fp32, no tf32), softmax math in fp32 base-2.
+
+Algorithm (the Cut-Cross-Entropy trade: recompute the logits instead of storing them)
+  forward   grid (row blocks, vocab splits). A program loops over its vocab blocks; each (BLOCK_N,
+            BLOCK_V) logits tile is a K-loop of tl.dot(h tile, weight tile^T) kept in registers and folded
+            into an online logsumexp (running max m, running sum s, exp2) and the target logit. Writes a
+            partial lse and target logit per (split, row); the host combines the splits (logsumexp /
+            sum over at most a few splits) and saves lse (N,) fp32 -- the only thing kept for backward.
+  backward  dlogits = (softmax - onehot) * g/n_valid on valid rows (0 on ignored rows), recomputed tile
+            by tile from h, weight and the saved lse. Two kernels, no atomics, fixed summation order:
+    dh      persistent programs over (row block, vocab split) tiles; loop over the split's vocab
+            blocks: recompute the tile, dh[rows, c] += dlogits @ weight[cols, c] chunk by chunk of C.
+    dweight persistent programs over vocab blocks (all V_padded rows); loop over all row blocks:
+            recompute the tile, dW[cols, c] += dlogits^T @ h[rows, c].
+            The fp32 running sums of a tile live in a per-program scratch slot (BLOCK, C) fp32 that only
+            that program touches (read-modify-write, ordered by a CTA barrier); the last step stores the
+            output dtype. Scratch is programs x BLOCK x C x 4 B (a few tens of MB; L2-sized), independent
+            of V and N. Vocab splits of dh (more programs when N is small) write fp32 partials (S, N, C)
+            that the host sums in a fixed order.
+
+FLOPs (N rows, V = vocab_size, C width; `lce_flops`)
+  forward 2NVC;  backward 8NVC = dh kernel (2NVC recompute + 2NVC dlogits@W)
+                              + dW kernel (2NVC recompute + 2NVC dlogits^T@h);  total 10NVC executed
+  (the model-FLOPs of a materialized version are 6NVC: the fused op spends 4NVC of recompute to avoid
+  writing and re-reading N*V logits twice). Plus N*V exp2 in forward and 2*N*V in backward.
+Bytes (e = element bytes, BN/BV the tiles; `lce_bytes`)
+  compulsory (DRAM, each tensor once per kernel):
+    forward   N*C*e + V*C*e + 12N                       (h, weight rows < V, targets, lse)
+    backward  2*(N*C*e + V*C*e + 12N) + N*C*e + V_padded*C*e    (both kernels read all; write dh, dW)
+  on chip (L2, tiles re-read; `lce_bytes(blocks=get_config(...))`):
+    forward   ceil(N/BN)*V*C*e + ceil(V/BV)*N*C*e
+    dh        2*ceil(N/BN)*V*C*e + ceil(V/BV)*N*C*e + 8*ceil(V/BV)*N*C   (last: fp32 scratch RMW)
+    dW        2*ceil(V_padded/BV)*N*C*e + ceil(N/BN)*V_padded*C*e + 8*ceil(N/BN)*V_padded*C
+  i.e. ~BN/2 FLOPs per weight byte and ~BV/4 per scratch byte: compute-bound at 128 x 128 tiles.
+  A materialized fp32 path instead moves >= 4 passes over N*V*4 bytes (write logits, softmax read and
+  write, grad read) and holds N*V*4 (3.3 GB at N = 16K): here the extra memory is lse (4N), the scratch
+  slots (programs x BLOCK x C x 4, ~18 MB per kernel on a 46-SM GPU) and dh split partials (S x N x C x 4).
+
+Ignored rows count neither in the numerator nor in n_valid. All rows ignored: the loss is nan (0/0,
+exactly like F.cross_entropy(reduction="mean")) and both gradients are zero (also like torch).
+Targets must be ignore_index or in [0, vocab_size); a target outside makes the loss nan (no host sync).
+
+torch.compile: the op is `torch.ops.tritonrun.linear_cross_entropy` (custom_op + register_fake +
+register_autograd; the backward is its own custom op), so dynamo/inductor trace through it.
+Not built: a plain logits cross-entropy kernel for eval -- only worth it if a GPU measurement shows
+F.cross_entropy on materialized eval logits is a bottleneck.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
+
+# ------------------------------------------------------------------------------------------ configs
+# Per-architecture tile shapes, as data. BLOCK_N rows x BLOCK_V vocab entries per logits tile, BLOCK_K the
+# K step of the logits dot, BLOCK_C the width chunk of the gradient dots. programs_per_sm sizes the
+# persistent backward grids (and their scratch); waves is how many programs per SM the forward / dh
+# vocab splits aim for when there are too few row blocks. "fp32" overrides apply to fp32 inputs (twice
+# the shared memory per tile, and exact fp32 FMA dots without tensor cores: the gradient dot's K extent,
+# BLOCK_V for dh and BLOCK_N for dW, must stay small or ptxas spills; training runs bf16 under autocast).
+# Every sm_89 entry is compiled for sm_89 in tests/test_cross_entropy.py (shared <= 101,376 B, no
+# spills); `python -m kernels.cross_entropy sm_80|sm_89|sm_90 bfloat16|float32` prints the table. All are
+# compile-checked starting points, not yet timed on a GPU.
+_FP32_IEEE = {
+    "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    "dh": dict(BLOCK_N=64, BLOCK_V=32, BLOCK_K=32, BLOCK_C=32, num_warps=8, num_stages=2),
+    "dw": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, BLOCK_C=32, num_warps=8, num_stages=2),
+}
+CONFIGS: dict[str, dict[str, dict]] = {
+    "sm_80": {  # A100: 163 KB shared per block
+        "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=2),
+        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
+                   waves=2, programs_per_sm=1),
+        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
+                   programs_per_sm=1),
+        "fp32": _FP32_IEEE,
+    },
+    "sm_89": {  # Ada (RTX 40xx; also sm_86 and consumer Blackwell): 101,376 B shared per block
+        "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4, waves=2),
+        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
+                   waves=2, programs_per_sm=1),
+        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
+                   programs_per_sm=1),
+        "fp32": _FP32_IEEE,
+    },
+    "sm_90": {  # H100: 227 KB shared per block; tl.dot lowers to wgmma
+        "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4, waves=2),
+        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
+                   waves=2, programs_per_sm=1),
+        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
+                   programs_per_sm=1),
+        "fp32": _FP32_IEEE,
+    },
+    # TRITON_INTERPRET=1 on CPU: numpy executes each tile op, so cost is per loop iteration -- the largest
+    # tiles the interpreter allows (2^20 elements) keep a GPT-2 vocab (50304) to ~13 vocab steps. The
+    # tests swap in 16/32-wide tiles so their small odd shapes cross many tile edges.
+    "interpreter": {
+        "fwd": dict(BLOCK_N=256, BLOCK_V=4096, BLOCK_K=64, num_warps=4, num_stages=1, waves=2),
+        "dh": dict(BLOCK_N=256, BLOCK_V=4096, BLOCK_K=64, BLOCK_C=64, num_warps=4, num_stages=1,
+                   waves=2, programs_per_sm=1),
+        "dw": dict(BLOCK_N=256, BLOCK_V=4096, BLOCK_K=64, BLOCK_C=64, num_warps=4, num_stages=1,
+                   programs_per_sm=1),
+        "fp32": {},
+    },
+}
+ARCH_SHARED_LIMIT = {"sm_80": 166_912, "sm_89": 101_376, "sm_90": 232_448}  # bytes per block (opt-in max)
+_DH_PARTIAL_BYTES = 64 * 2**20  # memory cap for the dh vocab-split partials (S, N, C) fp32
+_INTERPRET_SM_COUNT = 2  # the "SM count" the interpreter plans for: small, so splits and persistence loop
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def arch_key(device: torch.device) -> str:
+    """CONFIGS key for `device`: the nearest tuned architecture (by shared memory per block)."""
+    if device.type != "cuda" or _interpreting():
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9 and major != 12:
+        return "sm_90"  # Hopper and datacenter Blackwell: large shared memory
+    if (major, minor) == (8, 0):
+        return "sm_80"
+    return "sm_89"  # sm_86/87/89, consumer Blackwell (12.x), and older parts: ~100 KB shared or less
+
+
+def get_config(device: torch.device, dtype: torch.dtype, arch: str | None = None) -> dict[str, dict]:
+    table = CONFIGS[arch or arch_key(device)]
+    cfg = {k: dict(table[k]) for k in ("fwd", "dh", "dw")}
+    if dtype == torch.float32:
+        for k, over in table["fp32"].items():
+            cfg[k].update(over)
+    return cfg
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda" or _interpreting():
+        return _INTERPRET_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the op writes is allocated here (the tests patch it to NaN-fill them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 logits h[rows] @ weight[cols].T; masked rows/cols read as 0 (padded
+    weight rows are never loaded, so no value stored there can reach the result)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < C
+        h = tl.load(H + rows[:, None] * stride_h + ks[None, :],
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        w = tl.load(W + cols[None, :] * stride_w + ks[:, None],
+                    mask=col_mask[None, :] & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_V)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale):
+    """(softmax - onehot) * row_scale in fp32; 0 on padded columns. lse2 = lse * log2(e)."""
+    p = tl.exp2(logits * _LOG2E - lse2[:, None])
+    d = tl.where(cols[None, :] == t[:, None], p - 1.0, p)
+    return tl.where(col_mask[None, :], d, 0.0) * row_scale[:, None]
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    H,  # (N, C) storage dtype, row stride stride_h
+    W,  # (V_padded, C) storage dtype, row stride stride_w; rows >= vocab_size never read
+    T,  # (N,) int64 targets
+    LSE_PART,  # (S, N) fp32: logsumexp of the split's vocab range, natural log
+    TGT_PART,  # (S, N) fp32: target logit if the target is in the split's range, else 0
+    N, C, vocab_size, stride_h, stride_w, blocks_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # FLOPs 2*BLOCK_N*C per logit column; bytes: h tile + the split's weight rows (L2), 8 B out per row.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    t = tl.load(T + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max of base-2 logits
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(z2 - m)
+    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin = split * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, vocab_size)
+    for v0 in range(v_begin, v_end, BLOCK_V):  # every block holds >= 1 real column: m stays finite
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab_size
+        logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
+                              BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        tgt += tl.sum(tl.where(cols[None, :] == t[:, None], logits, 0.0), axis=1)
+        z2 = tl.where(col_mask[None, :], logits * _LOG2E, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
+        m = m_new
+    lse = (m + tl.log2(s)) * _LN2
+    tl.store(LSE_PART + split * N + rows, lse, mask=row_mask)
+    tl.store(TGT_PART + split * N + rows, tgt, mask=row_mask)
+
+
+@triton.jit
+def _lce_bwd_dh_kernel(
+    H,  # (N, C) storage dtype
+    W,  # (V_padded, C) storage dtype
+    T,  # (N,) int64
+    LSE,  # (N,) fp32 natural-log logsumexp from the forward
+    SCALE,  # () fp32: grad_loss / n_valid
+    DH_OUT,  # (S, N, C) contiguous: dh itself (S == 1, h's dtype) or fp32 split partials
+    SCRATCH,  # (programs, BLOCK_N, C) fp32 running sums, one slot per program
+    N, C, vocab_size, ignore_index, stride_h, stride_w, num_row_blocks, num_tiles, blocks_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # FLOPs per tile: 4*BLOCK_N*C per vocab column (recompute + dlogits @ W); bytes (L2): weight rows
+    # twice, scratch RMW 8*BLOCK_N*C per vocab block; DRAM: h, weight, dh once.
+    pid = tl.program_id(0)
+    slot = SCRATCH + pid * BLOCK_N * C
+    scale = tl.load(SCALE)
+    local = tl.arange(0, BLOCK_N)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        rb = tile % num_row_blocks
+        split = tile // num_row_blocks
+        rows = rb * BLOCK_N + local
+        row_mask = rows < N
+        t = tl.load(T + rows, mask=row_mask, other=ignore_index)
+        lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * _LOG2E
+        row_scale = tl.where(row_mask & (t != ignore_index), scale, 0.0)
+        v_begin = split * blocks_per_split * BLOCK_V
+        v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, vocab_size)
+        out = DH_OUT + split * N * C
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < vocab_size
+            logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
+                                  BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale).to(W.dtype.element_ty)
+            # Column limits instead of scalar booleans (the interpreter mis-types tensor & scalar-bool):
+            # read the running sum from step 2 on, keep it in scratch until the last step, then store out.
+            prev_lim = tl.minimum(v0 - v_begin, 1) * C
+            keep_lim = tl.minimum(tl.maximum(v_end - v0 - BLOCK_V, 0), 1) * C
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                cmask = cs < C
+                w = tl.load(W + cols[:, None] * stride_w + cs[None, :],
+                            mask=col_mask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_V, BLOCK_C)
+                acc = tl.load(slot + local[:, None] * C + cs[None, :],
+                              mask=cs[None, :] < prev_lim, other=0.0)
+                acc = tl.dot(d, w, acc, input_precision=DOT_PRECISION)
+                tl.store(slot + local[:, None] * C + cs[None, :], acc, mask=cs[None, :] < keep_lim)
+                tl.store(out + rows[:, None] * C + cs[None, :], acc.to(DH_OUT.dtype.element_ty),
+                         mask=row_mask[:, None] & cmask[None, :] & (cs[None, :] >= keep_lim))
+            tl.debug_barrier()  # this step's scratch stores are visible to the next step's loads
+
+
+@triton.jit
+def _lce_bwd_dw_kernel(
+    H,  # (N, C) storage dtype
+    W,  # (V_padded, C) storage dtype
+    T,  # (N,) int64
+    LSE,  # (N,) fp32
+    SCALE,  # () fp32: grad_loss / n_valid
+    DW_OUT,  # (V_padded, C) contiguous, weight's dtype; rows >= vocab_size get exactly 0
+    SCRATCH,  # (programs, BLOCK_V, C) fp32 running sums, one slot per program
+    N, C, vocab_size, V_padded, ignore_index, stride_h, stride_w, num_vocab_blocks,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # FLOPs per tile: 4*BLOCK_V*C per row (recompute + dlogits^T @ h); bytes (L2): h twice, scratch RMW
+    # 8*BLOCK_V*C per row block; DRAM: weight and dW once.
+    pid = tl.program_id(0)
+    slot = SCRATCH + pid * BLOCK_V * C
+    scale = tl.load(SCALE)
+    local = tl.arange(0, BLOCK_V)
+    for vb in range(pid, num_vocab_blocks, tl.num_programs(0)):
+        cols = vb * BLOCK_V + local
+        col_mask = cols < vocab_size
+        out_mask = cols < V_padded
+        for r0 in range(0, N, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+            t = tl.load(T + rows, mask=row_mask, other=ignore_index)
+            lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * _LOG2E
+            row_scale = tl.where(row_mask & (t != ignore_index), scale, 0.0)
+            logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
+                                  BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale).to(H.dtype.element_ty)
+            dt = tl.trans(d)  # (BLOCK_V, BLOCK_N)
+            prev_lim = tl.minimum(r0, 1) * C  # as in the dh kernel: 0 on the first step, else C
+            keep_lim = tl.minimum(tl.maximum(N - r0 - BLOCK_N, 0), 1) * C  # C except on the last step
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                cmask = cs < C
+                h = tl.load(H + rows[:, None] * stride_h + cs[None, :],
+                            mask=row_mask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
+                acc = tl.load(slot + local[:, None] * C + cs[None, :],
+                              mask=cs[None, :] < prev_lim, other=0.0)
+                acc = tl.dot(dt, h, acc, input_precision=DOT_PRECISION)
+                tl.store(slot + local[:, None] * C + cs[None, :], acc, mask=cs[None, :] < keep_lim)
+                tl.store(DW_OUT + cols[:, None] * C + cs[None, :], acc.to(DW_OUT.dtype.element_ty),
+                         mask=out_mask[:, None] & cmask[None, :] & (cs[None, :] >= keep_lim))
+            tl.debug_barrier()  # this step's scratch stores are visible to the next step's loads
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+
+
+def _check(h, weight, targets, vocab_size):
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: h (N, C) and weight (V_padded, C) expected, got "
+                         f"{tuple(h.shape)} and {tuple(weight.shape)}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"linear_cross_entropy: targets must be ({h.shape[0]},), got {tuple(targets.shape)}")
+    if h.dtype != weight.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"linear_cross_entropy: h and weight must share one of fp32/fp16/bf16, got "
+                         f"{h.dtype} and {weight.dtype} (HINT: cast both, or run under torch.autocast)")
+    if not 0 < vocab_size <= weight.shape[0]:
+        raise ValueError(f"linear_cross_entropy: vocab_size {vocab_size} not in [1, {weight.shape[0]}]")
+    if h.device.type != "cuda" and not _interpreting():
+        raise ValueError("linear_cross_entropy: CPU tensors run through the Triton interpreter (HINT: set "
+                         "TRITON_INTERPRET=1 before kernels/ is imported, as gpt2.ops.get_ops does)")
+    if max(h.numel(), weight.numel()) >= 2**31:
+        raise ValueError("linear_cross_entropy: int32 offsets; h and weight must have < 2^31 elements")
+
+
+def _splits(n_row_blocks: int, n_vocab_blocks: int, waves: int, sm_count: int, max_splits: int = 16
+            ) -> tuple[int, int]:
+    """(splits, blocks_per_split): split the vocab only when the row blocks alone underfill the GPU."""
+    want = max(1, min(n_vocab_blocks, -(-waves * sm_count // n_row_blocks), max_splits))
+    per = -(-n_vocab_blocks // want)
+    return -(-n_vocab_blocks // per), per  # no empty split
+
+
+def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=None, sm_count=None):
+    """Returns (loss fp32 0-d, lse (N,) fp32). `config`/`sm_count` override the device defaults (tests)."""
+    _check(h, weight, targets, vocab_size)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    targets = targets.contiguous()
+    N, C = h.shape
+    dev = h.device
+    cfg = (config or get_config(dev, h.dtype))["fwd"]
+    sm = sm_count or _sm_count(dev)
+    valid = targets != ignore_index
+    if N == 0:
+        return torch.full((), float("nan"), device=dev), _empty((0,), torch.float32, dev)
+    BN, BV = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    n_rb = triton.cdiv(N, BN)
+    S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), cfg["waves"], sm)
+    lse_part = _empty((S, N), torch.float32, dev)
+    tgt_part = _empty((S, N), torch.float32, dev)
+    _lce_fwd_kernel[(n_rb, S)](
+        h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    lse = lse_part[0] if S == 1 else torch.logsumexp(lse_part, dim=0)
+    tgt = tgt_part[0] if S == 1 else tgt_part.sum(0)
+    row_loss = torch.where(valid, lse - tgt, 0.0)
+    bad = valid & ((targets < 0) | (targets >= vocab_size))  # torch raises here; we return nan, no sync
+    loss = row_loss.sum() / valid.sum()  # all ignored: 0/0 = nan, like F.cross_entropy
+    loss = torch.where(bad.any(), float("nan"), loss)
+    return loss, lse
+
+
+def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_size: int,
+                 config=None, sm_count=None):
+    """Returns (dh like h, dweight like weight); padded weight rows get exactly 0."""
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    targets, lse = targets.contiguous(), lse.contiguous()
+    N, C = h.shape
+    V_padded = weight.shape[0]
+    dev = h.device
+    cfg = config or get_config(dev, h.dtype)
+    sm = sm_count or _sm_count(dev)
+    n_valid = (targets != ignore_index).sum()
+    # 0 when every row is ignored (torch's grads are 0 there too); read by the kernels, no host sync
+    scale = torch.where(n_valid > 0, grad_loss.float() / n_valid.clamp(min=1), 0.0).reshape(())
+    prec = _dot_precision(h.dtype)
+    if N == 0:
+        return h.new_zeros((0, C)), torch.zeros_like(weight)
+
+    # dh: persistent programs over (row block, vocab split) tiles
+    dcfg = cfg["dh"]
+    BN, BV = dcfg["BLOCK_N"], dcfg["BLOCK_V"]
+    n_rb = triton.cdiv(N, BN)
+    # each extra split costs an (N, C) fp32 partial: at most _DH_PARTIAL_BYTES of them
+    S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), dcfg["waves"], sm,
+                     max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
+    dh = _empty((N, C), h.dtype, dev) if S == 1 else None
+    out = dh if S == 1 else _empty((S, N, C), torch.float32, dev)
+    tiles = n_rb * S
+    progs = min(tiles, dcfg["programs_per_sm"] * sm)
+    scratch = _empty((progs, BN, C), torch.float32, dev)
+    _lce_bwd_dh_kernel[(progs,)](
+        h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
+        h.stride(0), weight.stride(0), n_rb, tiles, per,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"], DOT_PRECISION=prec,
+        num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
+    if S > 1:
+        dh = out.sum(0).to(h.dtype)  # fixed order: deterministic
+
+    # dweight: persistent programs over vocab blocks of all V_padded rows
+    wcfg = cfg["dw"]
+    BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
+    dw = _empty((V_padded, C), weight.dtype, dev)
+    n_vb = triton.cdiv(V_padded, BV)
+    progs = min(n_vb, wcfg["programs_per_sm"] * sm)
+    scratch = _empty((progs, BV, C), torch.float32, dev)
+    _lce_bwd_dw_kernel[(progs,)](
+        h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
+        h.stride(0), weight.stride(0), n_vb,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"], DOT_PRECISION=prec,
+        num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+    return dh, dw
+
+
+# ------------------------------------------------------------------------------------------ torch op
+
+
+@torch.library.custom_op("tritonrun::linear_cross_entropy", mutates_args=())
+def _lce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+            vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return lce_forward(h, weight, targets, ignore_index, vocab_size)
+
+
+@_lce_op.register_fake
+def _(h, weight, targets, ignore_index, vocab_size):
+    return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonrun::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     lse: torch.Tensor, ignore_index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return lce_backward(grad_loss, h, weight, targets, lse, ignore_index, vocab_size)
+
+
+@_lce_backward_op.register_fake
+def _(grad_loss, h, weight, targets, lse, ignore_index, vocab_size):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, targets, ignore_index, vocab_size = inputs
+    ctx.save_for_backward(h, weight, targets, output[1])
+    ctx.ignore_index, ctx.vocab_size = ignore_index, vocab_size
+    ctx.mark_non_differentiable(output[1])  # lse is an auxiliary output
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    h, weight, targets, lse = ctx.saved_tensors
+    dh, dw = torch.ops.tritonrun.linear_cross_entropy_backward(
+        grad_loss, h, weight, targets, lse, ctx.ignore_index, ctx.vocab_size)
+    return dh, dw, None, None, None
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -1, vocab_size: int = 50257) -> torch.Tensor:
+    """Mean cross-entropy of h @ weight[:vocab_size].T against targets; grads for h and weight."""
+    if torch.is_autocast_enabled(h.device.type):  # as F.linear under autocast: both to the autocast dtype
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    h = h.reshape(-1, h.shape[-1])
+    return torch.ops.tritonrun.linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index, vocab_size)[0]
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def linear_cross_entropy_reference(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
+                                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain PyTorch, materialized logits (gpt2/ops.py semantics). compute_dtype upcasts h and weight
+    first (fp64 for test references); otherwise the matmul runs in the input dtype, softmax in >= fp32."""
+    if compute_dtype is not None:
+        h, weight = h.to(compute_dtype), weight.to(compute_dtype)
+    logits = F.linear(h, weight[:vocab_size])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+# ------------------------------------------------------------------------------------------ cost model
+
+
+def lce_flops(N: int, V: int, C: int, part: str = "fwd_bwd", executed: bool = True) -> int:
+    """Matmul FLOPs. executed=True counts what this op runs (forward 2NVC, backward 8NVC incl. the two
+    logits recomputes); executed=False the model FLOPs of a materialized version (2NVC + 4NVC)."""
+    fwd, bwd = 2 * N * V * C, (8 if executed else 4) * N * V * C
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[part]
+
+
+def lce_bytes(N: int, V: int, C: int, elem_bytes: int = 2, part: str = "fwd_bwd", V_padded: int | None = None,
+              blocks: dict | None = None) -> int:
+    """Bytes moved. blocks=None: compulsory DRAM traffic (each input read once per kernel, outputs written
+    once). blocks=get_config(...) (a {"fwd","dh","dw"} dict): on-chip (L2) traffic including the tile
+    re-reads of weight/h and the fp32 scratch read-modify-writes."""
+    Vp = V_padded or V
+    e = elem_bytes
+    if blocks is None:
+        fwd = N * C * e + V * C * e + 12 * N
+        bwd = 2 * (N * C * e + V * C * e + 12 * N) + N * C * e + Vp * C * e
+    else:
+        cd = lambda a, b: -(-a // b)  # noqa: E731
+        f, dh, dw = blocks["fwd"], blocks["dh"], blocks["dw"]
+        fwd = cd(N, f["BLOCK_N"]) * V * C * e + cd(V, f["BLOCK_V"]) * N * C * e + 12 * N
+        bwd_dh = (2 * cd(N, dh["BLOCK_N"]) * V * C * e + cd(V, dh["BLOCK_V"]) * N * C * e
+                  + 8 * cd(V, dh["BLOCK_V"]) * N * C + N * C * e)
+        bwd_dw = (2 * cd(Vp, dw["BLOCK_V"]) * N * C * e + cd(N, dw["BLOCK_N"]) * Vp * C * e
+                  + 8 * cd(N, dw["BLOCK_N"]) * Vp * C + Vp * C * e)
+        bwd = bwd_dh + bwd_dw + 24 * N
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[part]
+
+
+# ------------------------------------------------------------------------------------------ AOT check
+# Pointer dtypes of each kernel ("x": the storage dtype being checked); other non-constexpr args are i32.
+_KERNEL_ARGS = {
+    "fwd": ("_lce_fwd_kernel", {"H": "x", "W": "x", "T": "*i64", "LSE_PART": "*fp32", "TGT_PART": "*fp32"}),
+    "dh": ("_lce_bwd_dh_kernel", {"H": "x", "W": "x", "T": "*i64", "LSE": "*fp32", "SCALE": "*fp32",
+                                  "DH_OUT": "x", "SCRATCH": "*fp32"}),
+    "dw": ("_lce_bwd_dw_kernel", {"H": "x", "W": "x", "T": "*i64", "LSE": "*fp32", "SCALE": "*fp32",
+                                  "DW_OUT": "x", "SCRATCH": "*fp32"}),
+}
+# Integer args that are multiples of 16 at the GPT-2 shape (C = 768, N = B*1024, V_padded = 50304);
+# Triton specializes them as such at launch, which enables vectorized/async loads.
+_DIVISIBLE_INTS = {"N", "C", "stride_h", "stride_w", "V_padded"}
+
+
+def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Compile every kernel of CONFIGS[arch] for that GPU without one (needs TRITON_INTERPRET unset in
+    this process) and report shared bytes, registers, spills (ptxas -v, the ptxas bundled with triton)
+    and the mma instructions in the PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cc = int(arch.removeprefix("sm_"))
+    ptx_ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    try:  # the ptxas triton itself uses for this arch (bundled: backends/nvidia/bin/ptxas[-blackwell])
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(cc).path
+    except Exception:  # noqa: BLE001 -- report "no ptxas" (registers/spills None) instead of failing
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    cfg = get_config(torch.device("cuda"), dtype, arch)
+    report = []
+    for kname, (fname, ptrs) in _KERNEL_ARGS.items():
+        fn = globals()[fname]
+        if not isinstance(fn, triton.runtime.jit.JITFunction):
+            raise RuntimeError("compile_configs needs TRITON_INTERPRET unset before kernels/ is imported")
+        c = cfg[kname]
+        consts = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
+        consts["DOT_PRECISION"] = _dot_precision(dtype)
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+                continue
+            sig[name] = (ptx_ty if ptrs[name] == "x" else ptrs[name]) if name in ptrs else "i32"
+            if name in ptrs or name in _DIVISIBLE_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                                options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        ptx = kernel.asm["ptx"]
+        row = dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
+                   shared_limit=ARCH_SHARED_LIMIT[arch], mma=sorted(set(re.findall(r"\b(?:w?mma|wgmma)\.[\w.]+", ptx))),
+                   registers=None, spill_stores=None, spill_loads=None, config=c)
+        if ptxas and os.path.exists(ptxas):
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "k.ptx")
+                with open(path, "w") as f:
+                    f.write(ptx)
+                target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_89, sm_90a, ...
+                out = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                                     capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"ptxas failed for {kname} ({arch}): {out.stderr.strip()}")
+            info = out.stderr + out.stdout
+            row["registers"] = int(re.search(r"Used (\d+) registers", info).group(1))
+            row["spill_stores"] = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+            row["spill_loads"] = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+        report.append(row)
+    return report
+
+
+if __name__ == "__main__":  # python -m kernels.cross_entropy [arch] [dtype]: the AOT compile table
+    import sys
+
+    _arch = sys.argv[1] if len(sys.argv) > 1 else "sm_89"
+    _dt = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
+    for r in compile_configs(_arch, _dt):
+        mma = " ".join(r["mma"]) or "no mma"
+        print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3}: shared {r['shared']:>6}/{r['shared_limit']} B, "
+              f"{r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, {mma}")
