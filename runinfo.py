@@ -2,14 +2,13 @@
 the benchmarks so that logs and bench/results/*.json describe a run the same way."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
-import tempfile
+import uuid
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parent
 
@@ -29,13 +28,17 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def env_info(device: torch.device) -> dict:
+def env_info(device) -> dict:
+    import torch
+
     try:
         import triton
 
@@ -54,19 +57,45 @@ def env_info(device: torch.device) -> dict:
     }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + rename: readers never see half a file."""
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden name beside `path` (`.<name>.<pid>.<rand>.tmp`) that no reader takes for the file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort: not every platform can fsync a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Write `path` all or nothing: the body writes a temp file beside it, which is fsynced and renamed over
+    `path` only if the body succeeds (and removed otherwise). A kill at any moment leaves either the old file
+    or the new one under the final name, never half of one. The only way this project writes results."""
+    path = Path(path)
+    tmp = temp_path_for(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with open(tmp, mode.replace("w", "x")) as f:  # x: never clobber another writer's temp
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, obj) -> None:

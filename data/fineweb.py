@@ -65,7 +65,6 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 from collections import deque  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -74,6 +73,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.shards import HEADER_BYTES, ShardError, read_header, write_shard  # noqa: E402
+from runinfo import atomic_file, fsync_dir  # noqa: E402
 from data.tokenizer import encode_document, gpt2_tokenizer  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ constants
@@ -152,15 +152,6 @@ def _disk_guard(where: Path, need_bytes: int, what: str) -> Iterator[None]:
             f"disk full in {where} while {what}: about {_gb(need_bytes)} more is needed{have}; "
             f"free some space or choose another --out-dir, then run the same command again (it resumes)"
         ) from None
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _shard_ok(path: Path, n_tokens: int | None = None) -> str | None:
@@ -345,7 +336,7 @@ def _fetch_shard(name: str, out: Path, staging: Path, endpoint: str, revision: s
             problem = f"file has {staged.stat().st_size} bytes, the server announced {meta.size}"
         if problem is None:
             os.replace(staged, out / name)
-            _fsync_dir(out)
+            fsync_dir(out)
             return
         _say(f"{name}: downloaded file is bad ({problem}); fetching again [{attempt + 1}/{DOWNLOAD_ATTEMPTS}]")
         staged.unlink(missing_ok=True)
@@ -598,18 +589,8 @@ def _manifest_text(manifest: dict) -> str:
 
 def _write_manifest(path: Path, manifest: dict) -> None:
     """Replace the manifest atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(_manifest_text(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path, "w") as f:
+        f.write(_manifest_text(manifest))
 
 
 def _settings(sources: list[Source], shard_tokens: int, txt_split: str) -> dict:

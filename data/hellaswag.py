@@ -36,7 +36,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data.tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+from runinfo import atomic_file, temp_path_for  # noqa: E402
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_PATH = Path("data/hellaswag/hellaswag_val.bin")
@@ -202,23 +202,9 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
 
 def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "xb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _temp_name(path: Path) -> Path:
-    """A hidden name beside `path` that no reader takes for the real file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with atomic_file(path, "wb") as f:
+        for c in chunks:
+            f.write(c)
 
 
 # ------------------------------------------------------------------------------------------ download
@@ -235,7 +221,7 @@ def download(url: str, dest: Path, expected_count: int | None = None, timeout: f
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HellaSwagError(f"cannot create {dest.parent}: {e.strerror}: pass --out PATH elsewhere") from None
-    tmp = _temp_name(dest)
+    tmp = temp_path_for(dest)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")

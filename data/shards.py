@@ -9,13 +9,13 @@ e.g. `fineweb_val_000000.bin`, `fineweb_train_000001.bin`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from runinfo import atomic_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -50,28 +50,9 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> 
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, body.size)
 
-    path = Path(path)
-    # a unique hidden name beside the target; O_EXCL never clobbers, mode 0o666 lets the umask apply
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(body.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # make the rename itself durable (best effort: not every platform can fsync a directory)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_file(path, "wb") as f:  # temp file + fsync + rename: never a partial shard under the name
+        f.write(header.tobytes())
+        f.write(body.tobytes())
 
 
 def read_header(path: str | os.PathLike) -> int:

@@ -10,15 +10,14 @@ directory, fsynced, then renamed, so a kill at any moment leaves the previous on
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
+from runinfo import atomic_file
 
 FORMAT = "tritonrun.checkpoint"
 VERSION = 1
@@ -47,21 +46,8 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int = 0) -> Pat
     path = checkpoint_path(out_dir, step)
     for stale in out_dir.glob(".ckpt_*.pt.*.tmp"):  # left by a writer killed mid-save (one writer per dir)
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)
