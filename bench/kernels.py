@@ -19,7 +19,30 @@ width 4C = 3072, where GPT-2 applies it. Dtypes (--dtype autocast, the default) 
 training feeds each op: add_layernorm gets a bf16 branch output + the fp32 residual stream + fp32
 params, layernorm (the first, on the embeddings) fp32, GELU bf16 (c_fc's output).
 
-Cases are a registry (CASES: op name -> function), so later kernels add one entry each.
+Cases are a registry (CASES: op name -> function), so later kernels add one entry each. Beyond the
+three elementwise ops above:
+
+  adamw          one optimizer step over GPT-2 124M's 148 tensors (124,475,904 fp32 params, random
+                 grads; param groups decay/no-decay from model.param_groups(0.1); lr 6e-4, betas
+                 (0.9, 0.95), eps 1e-8), global-norm clip 1.0 inside every timed step: FusedAdamW's
+                 clip_grad_norm_ + step vs torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW
+                 (fused=True) and (foreach=True). One pass, "step". GB/s from kernels/adamw.py's
+                 bytes_moved (32 B/param fp32 with clip), the same for every implementation.
+  attention      causal attention, B x H = 16 x 12 and 32 x 12, T = 1024, D = 64, bf16, q/k/v in the
+                 model's (B, T, H, D) memory viewed as (B, H, T, D). Peers: each SDPA backend that
+                 runs (flash, cuDNN, efficient; one that raises is recorded under "skipped" with its
+                 reason), torch.compile'd and eager math attention. TFLOPS from kernels/attention.py's
+                 attention_flops (causal half; bwd 2.5x fwd), the same for every implementation;
+                 speedup vs the best SDPA backend; % of a bf16 8192^3 torch.matmul measured once per
+                 run ("matmul_peak_tflops").
+  cross_entropy  fused LM head + cross-entropy, rows = 16*1024, C = 768, V = 50304 padded (vocab
+                 50257), bf16 h and weight. Peers: gpt2/ops.py's torch_linear_cross_entropy eager
+                 (fp32-upcast logits) and torch.compile'd, Liger's LigerFusedLinearCrossEntropyLoss
+                 and cut-cross-entropy when importable (else recorded under "skipped"). ms, TFLOPS
+                 (model FLOPs lce_flops(executed=False): 2NVC fwd, 4NVC bwd, for every
+                 implementation) and peak extra memory (CUDA only: max_memory_allocated during the
+                 pass minus what was allocated before it, i.e. beyond the inputs), with speed and
+                 memory ratios vs each peer (torch.compile the one the goal names).
 """
 from __future__ import annotations
 
@@ -76,6 +99,8 @@ class Ctx:
     rows: list[int]
     C: int
     results: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # peers that could not run, each with the reason
+    matmul_peak: dict | None = None  # the measured matmul peak (measure_matmul_peak), once per run
 
     def low(self) -> torch.dtype:
         """The training low precision: bf16, or fp16 under the interpreter (no bf16 arithmetic)."""
@@ -117,9 +142,9 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def check_close(name: str, got, want, dtypes_low: bool) -> str | None:
+def check_close(name: str, got, want, dtypes_low: bool, tol: float | None = None) -> str | None:
     """Loose sanity check against eager PyTorch (the tests hold the tight ones)."""
-    tol = 3e-2 if dtypes_low else 1e-4
+    tol = tol if tol is not None else (3e-2 if dtypes_low else 1e-4)
     for i, (g, w) in enumerate(zip(got, want)):
         if g is None and w is None:
             continue
@@ -131,55 +156,136 @@ def check_close(name: str, got, want, dtypes_low: bool) -> str | None:
     return None
 
 
+def result_row(op: str, shape: dict, dtypes: dict, pass_: str, impl: str, times: list[float],
+               nbytes: int | None = None, flops: float | None = None, peak_mb: float | None = None,
+               check: str | None = None) -> dict:
+    """One result row; every op writes the same fields (None where a metric does not apply)."""
+    q20, med, q80 = times
+    return {
+        "op": op, "shape": shape, "dtypes": {k: str(v).replace("torch.", "") for k, v in dtypes.items()},
+        "pass": pass_, "impl": impl, "ms": med, "ms_q20": q20, "ms_q80": q80,
+        "bytes": nbytes, "gbps": nbytes / (med * 1e-3) / 1e9 if nbytes else None,
+        "flops": flops, "tflops": flops / (med * 1e-3) / 1e12 if flops else None,
+        "peak_mb": peak_mb, "check": check or "ok",
+    }
+
+
+def skip(ctx: Ctx, op: str, impl: str, reason: str, shape: dict | None = None) -> None:
+    """Record a peer that could not run (not installed, no kernel for this GPU, out of memory)."""
+    ctx.skipped.append({"op": op, "shape": shape, "impl": impl, "skipped": reason})
+    print(f"  skipped {op} {impl}{f' {shape}' if shape else ''}: {reason}")
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit] if text else ''}"
+
+
+def peak_extra_mb(fn: Callable, inputs: list, grads: list) -> dict[str, float]:
+    """CUDA only. Per pass, MiB (2^20 B): max_memory_allocated while the pass runs minus what was allocated
+    just before its forward (the inputs and whatever else is alive), i.e. the memory the pass adds. bwd
+    includes the graph its forward saved (alive during the backward) and the gradients it returns."""
+    sync, mib = torch.cuda.synchronize, 2.0 ** 20
+    out = {}
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = _as_tuple(fn(*inputs))
+    sync()
+    out["fwd"] = (torch.cuda.max_memory_allocated() - base) / mib
+    torch.cuda.reset_peak_memory_stats()  # peak restarts from now (inputs + saved graph)
+    got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+    sync()
+    out["bwd"] = (torch.cuda.max_memory_allocated() - base) / mib
+    del outs, got
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = torch.autograd.grad(_as_tuple(fn(*inputs)), inputs, grads, allow_unused=True)
+    sync()
+    out["fwd+bwd"] = (torch.cuda.max_memory_allocated() - base) / mib
+    del got
+    return out
+
+
 def bench_impls(ctx: Ctx, op: str, shape: dict, dtypes: dict, make_set: Callable[[int], tuple],
-                impls: dict[str, Callable], nbytes: dict[str, int]) -> None:
+                impls: dict[str, Callable], nbytes: dict[str, int] | None,
+                flops: dict[str, float] | None = None, reference: Callable | None = None,
+                memory: bool = False, max_sets: int | None = None) -> None:
     """Time fwd / bwd / fwd+bwd of each implementation on rotating input sets; append result rows.
 
-    make_set(seed) -> (inputs: list of leaf tensors requiring grad, grad_outputs: list)."""
+    make_set(seed) -> (inputs: list of leaf tensors requiring grad, grad_outputs: list).
+    nbytes / flops: per pass, the op's formula (the same for every implementation) -> GB/s / TFLOPS.
+    reference: the untimed function every implementation is checked against (default impls["torch"]).
+    memory: also measure peak extra memory per pass (CUDA only; None elsewhere).
+    max_sets: cap on the rotating input sets (ops whose sets alone exceed the L2 and whose retained
+    graphs are large). An implementation that runs out of GPU memory is recorded under "skipped"."""
     probe_inputs, probe_grads = make_set(0)
     set_bytes = sum(t.numel() * t.element_size() for t in (*probe_inputs, *probe_grads))
-    sets = [(probe_inputs, probe_grads)] + [make_set(i) for i in range(1, n_sets(ctx, set_bytes))]
+    count = min(n_sets(ctx, set_bytes), max_sets or 8)
+    sets = [(probe_inputs, probe_grads)] + [make_set(i) for i in range(1, count)]
     low = any(dt in (torch.bfloat16, torch.float16) for dt in dtypes.values())
-
-    def outputs_and_grads(fn, inputs, grads):
-        outs = _as_tuple(fn(*inputs))
-        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
-
-    reference = outputs_and_grads(impls["torch"], *sets[0])
+    reference_out = _outputs_and_grads(reference or impls["torch"], *sets[0])
     for impl, fn in impls.items():
-        status = check_close(impl, outputs_and_grads(fn, *sets[0]), reference, low) if impl != "torch" else None
-        if status:
-            print(f"  CHECK FAILED {op} {shape} {status}")
-        # Graphs for the backward-only timing: one forward per set, retained across calls.
-        graphs = [(_as_tuple(fn(*inp)), inp, g) for inp, g in sets]
-        step = {"i": 0}
-
-        def next_set(pool):
-            step["i"] += 1
-            return pool[step["i"] % len(pool)]
-
-        def run_fwd():
-            inp, _ = next_set(sets)
-            return fn(*inp)
-
-        def run_bwd():
-            outs, inp, g = next_set(graphs)
-            return torch.autograd.grad(outs, inp, g, retain_graph=True, allow_unused=True)
-
-        def run_both():
-            inp, g = next_set(sets)
-            return torch.autograd.grad(_as_tuple(fn(*inp)), inp, g, allow_unused=True)
-
-        for pass_, run in zip(PASSES, (run_fwd, run_bwd, run_both)):
-            q20, med, q80 = timer(ctx, run)
-            gbps = nbytes[pass_] / (med * 1e-3) / 1e9
-            ctx.results.append({
-                "op": op, "shape": shape, "dtypes": {k: str(v).replace("torch.", "") for k, v in dtypes.items()},
-                "pass": pass_, "impl": impl, "ms": med, "ms_q20": q20, "ms_q80": q80, "bytes": nbytes[pass_],
-                "gbps": gbps, "check": status or "ok",
-            })
-        del graphs
+        oom = None
+        try:
+            checked = reference is not None or impl != "torch"
+            ctx.results.extend(_bench_one(ctx, op, shape, dtypes, impl, fn, sets, reference_out if checked else None,
+                                          low, nbytes, flops, memory))
+        except torch.cuda.OutOfMemoryError as e:
+            oom = f"out of memory: {_first_line(e, 160)}"
+        if oom:  # outside the except block: its traceback (holding the graphs) is gone, the memory free
+            torch.cuda.empty_cache()
+            skip(ctx, op, impl, oom, shape)
     del sets
+
+
+def _outputs_and_grads(fn, inputs, grads):
+    outs = _as_tuple(fn(*inputs))
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
+
+
+def _bench_one(ctx: Ctx, op: str, shape: dict, dtypes: dict, impl: str, fn: Callable, sets: list,
+               reference_out: list | None, low: bool, nbytes: dict | None, flops: dict | None,
+               memory: bool) -> list[dict]:
+    """bench_impls for one implementation: check (unless reference_out is None), time the three passes on
+    the rotating sets, then (optionally) measure memory. Returns its rows."""
+    status = None
+    if reference_out is not None:
+        status = check_close(impl, _outputs_and_grads(fn, *sets[0]), reference_out, low)
+    if status:
+        print(f"  CHECK FAILED {op} {shape} {status}")
+    # Graphs for the backward-only timing: one forward per set, retained across calls.
+    graphs = [(_as_tuple(fn(*inp)), inp, g) for inp, g in sets]
+    step = {"i": 0}
+
+    def next_set(pool):
+        step["i"] += 1
+        return pool[step["i"] % len(pool)]
+
+    def run_fwd():
+        inp, _ = next_set(sets)
+        return fn(*inp)
+
+    def run_bwd():
+        outs, inp, g = next_set(graphs)
+        return torch.autograd.grad(outs, inp, g, retain_graph=True, allow_unused=True)
+
+    def run_both():
+        inp, g = next_set(sets)
+        return torch.autograd.grad(_as_tuple(fn(*inp)), inp, g, allow_unused=True)
+
+    rows = []
+    for pass_, run in zip(PASSES, (run_fwd, run_bwd, run_both)):
+        rows.append(result_row(op, shape, dtypes, pass_, impl, timer(ctx, run),
+                               nbytes=nbytes[pass_] if nbytes else None,
+                               flops=flops[pass_] if flops else None, check=status))
+    del graphs
+    if memory and ctx.device.type == "cuda":
+        mb = peak_extra_mb(fn, *sets[0])
+        for row in rows:
+            row["peak_mb"] = mb[row["pass"]]
+    return rows
 
 
 def peer_impls(ctx: Ctx, triton_fn: Callable, torch_fn: Callable) -> dict[str, Callable]:
@@ -254,16 +360,256 @@ def case_gelu(ctx: Ctx) -> None:
                     peer_impls(ctx, ge.gelu, torch_gelu), nbytes)
 
 
+def measure_matmul_peak(ctx: Ctx) -> dict:
+    """The achievable matmul rate, once per run: bf16 torch.matmul 8192 x 8192 x 8192 (smoke: a small fp32
+    one, only so the field exists). Attention and cross-entropy rows report their TFLOPS against it."""
+    if ctx.matmul_peak is None:
+        n, dt = (256, torch.float32) if ctx.smoke else (8192, torch.bfloat16)
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        a, b = (torch.randn(n, n, device=ctx.device, generator=g).to(dt) for _ in range(2))
+        q20, med, q80 = timer(ctx, lambda: torch.matmul(a, b))
+        ctx.matmul_peak = {"tflops": 2 * n ** 3 / (med * 1e-3) / 1e12, "ms": med, "ms_q20": q20, "ms_q80": q80,
+                           "shape": [n, n, n], "dtype": str(dt).replace("torch.", "")}
+        del a, b
+    return ctx.matmul_peak
+
+
+def _missing(e: ImportError, package: str) -> bool:
+    """True when the ImportError says `package` itself is not installed (not a broken install)."""
+    return isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == package
+
+
+def try_peer(fn: Callable, inputs: list, grads: list) -> str | None:
+    """Run fn forward + backward once; None if it works, else why not (the error and any warnings, such as
+    SDPA's 'Flash attention kernel not used because ...')."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.autograd.grad(_as_tuple(fn(*inputs)), inputs, grads, allow_unused=True)
+            return None
+        except Exception as e:  # noqa: BLE001 -- any failure means "this peer does not run here": record it
+            why = [_first_line(e)] + [" ".join(str(w.message).split()) for w in caught]
+            return "; ".join(dict.fromkeys(why))[:800]
+
+
+# AdamW at the llm.c recipe's settings; the smoke run steps a 2-layer model with a 256-row vocab (28 tensors).
+ADAMW_HYPER = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+ADAMW_WEIGHT_DECAY, ADAMW_CLIP = 0.1, 1.0
+
+
+def case_adamw(ctx: Ctx) -> None:
+    from gpt2.config import MODEL_SIZES, GPTConfig
+    from gpt2.model import GPT
+    from kernels import adamw as aw
+
+    if ctx.smoke:
+        name, cfg = "smoke", GPTConfig(block_size=64, vocab_size=250, padded_vocab_size=256, n_layer=2, n_head=2,
+                                       n_embd=64)
+    else:
+        name, cfg = "d12", MODEL_SIZES["d12"]
+    dev, pd = ctx.device, ctx.dtype("high")  # the trainer keeps fp32 params (bf16 only under autocast)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device=dev, dtype=pd)
+    params = [p for g in model.param_groups(ADAMW_WEIGHT_DECAY) for p in g["params"]]
+    n = sum(p.numel() for p in params)
+    init = [p.detach().clone() for p in params]
+    shape = {"model": name, "tensors": len(params), "params": n}
+    dtypes = {"param": pd, "grad": pd, "state": torch.float32}
+    nbytes = aw.bytes_moved(n, pd, master_weights=True, clip=True)
+
+    def reset() -> None:
+        """The same params and grads before every implementation's first step (grad norm ~1e-3 * sqrt(n):
+        the clip is active)."""
+        g = torch.Generator(device=dev).manual_seed(1)
+        with torch.no_grad():
+            for p, p0 in zip(params, init):
+                p.copy_(p0)
+                p.grad = (1e-3 * torch.randn(p.shape, device=dev, generator=g)).to(pd)
+
+    def fused_adamw():
+        opt = aw.FusedAdamW(model.param_groups(ADAMW_WEIGHT_DECAY), **ADAMW_HYPER)
+
+        def step():  # the clip coefficient stays on the device; step() applies it as it loads the grads
+            opt.clip_grad_norm_(ADAMW_CLIP)
+            opt.step()
+        return step
+
+    def torch_adamw(**kind):
+        def make():
+            # param_groups() again: torch.optim writes its defaults into the group dicts it is given
+            opt = torch.optim.AdamW(model.param_groups(ADAMW_WEIGHT_DECAY), **ADAMW_HYPER, **kind)
+
+            def step():
+                torch.nn.utils.clip_grad_norm_(params, ADAMW_CLIP)  # foreach on CUDA: norm, then grads *= coef
+                opt.step()
+            return step
+        return make
+
+    impls = {"triton": fused_adamw, "torch.fused": torch_adamw(fused=True),
+             "torch.foreach": torch_adamw(foreach=True)}
+
+    def first_step(make):
+        """Build the optimizer and take one step from the reset state: creates the optimizer state (timing
+        then steps on in place; each step moves the same bytes) and gives what the check compares. fp32:
+        the update p1 - p0 (~lr); 16-bit params: the params (an update is below their resolution)."""
+        reset()
+        step = make()
+        step()
+        with torch.no_grad():
+            got = [p.detach().float() - p0.float() for p, p0 in zip(params, init)] if pd == torch.float32 else \
+                  [p.detach().clone() for p in params]
+        return step, got
+
+    _, reference = first_step(impls["torch.foreach"])  # plain torch, the check's reference
+    tol = 1e-3 if pd == torch.float32 else 3e-2  # fp32 update vs p's own rounding: ulp(1) / lr ~ 2e-4
+    for impl, make in impls.items():
+        oom = None
+        try:
+            step, got = first_step(make)
+            status = check_close(impl, got, reference, pd != torch.float32, tol=tol)
+            del got
+            if status:
+                print(f"  CHECK FAILED adamw {shape} {status}")
+            ctx.results.append(result_row("adamw", shape, dtypes, "step", impl, timer(ctx, step), nbytes=nbytes,
+                                          check=status))
+            del step
+        except torch.cuda.OutOfMemoryError as e:
+            oom = f"out of memory: {_first_line(e, 160)}"
+        if oom:
+            torch.cuda.empty_cache()
+            skip(ctx, "adamw", impl, oom, shape)
+    for p in params:
+        p.grad = None
+    del model, params, init, reference
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * s + causal mask) v written out, softmax in fp32: the eager / torch.compile peer."""
+    T, D = q.shape[-2], q.shape[-1]
+    s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def sdpa_peers() -> dict[str, Callable]:
+    """One causal F.scaled_dot_product_attention per SDPA backend, each forced with sdpa_kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forced(backend):
+        def fn(q, k, v):
+            with sdpa_kernel([backend]):  # the backward runs the kernel the forward picked
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return fn
+
+    return {"sdpa.flash": forced(SDPBackend.FLASH_ATTENTION), "sdpa.cudnn": forced(SDPBackend.CUDNN_ATTENTION),
+            "sdpa.efficient": forced(SDPBackend.EFFICIENT_ATTENTION)}
+
+
+def case_attention(ctx: Ctx) -> None:
+    from kernels import attention as at
+
+    dev, dt = ctx.device, ctx.dtype("low")  # bf16: what autocast's c_attn hands attention
+    H, T, D = (1, 64, 64) if ctx.smoke else (12, 1024, 64)
+    batches = [1] if ctx.smoke else ([16] if ctx.quick else [16, 32])
+    measure_matmul_peak(ctx)
+
+    def reference(q, k, v):  # fp32 math from the same low-precision inputs, untimed
+        return at.attention_reference(q.float(), k.float(), v.float()).to(q.dtype)
+
+    for B in batches:
+        shape = {"B": B, "H": H, "T": T, "D": D}
+
+        def make_set(seed, B=B):
+            # q, k, v in (B, T, H, D) memory viewed as (B, H, T, D): the model's head layout (D contiguous,
+            # T strided), which every implementation reads in place.
+            g = torch.Generator(device=dev).manual_seed(seed)
+            qkv = [torch.randn(B, T, H, D, device=dev, generator=g).to(dt).transpose(1, 2).requires_grad_()
+                   for _ in range(3)]
+            return qkv, [torch.randn(B, T, H, D, device=dev, generator=g).to(dt).transpose(1, 2)]
+
+        impls = peer_impls(ctx, at.causal_attention, math_attention)
+        probe = make_set(0)
+        for name, fn in sdpa_peers().items():
+            why = try_peer(fn, *probe)
+            if why is None:
+                impls[name] = fn
+            else:
+                skip(ctx, "attention", name, why, shape)
+        del probe
+        flops = {p: at.attention_flops(B, H, T, D, causal=True, mode=p.replace("+", "_")) for p in PASSES}
+        bench_impls(ctx, "attention", shape, {"q": dt, "k": dt, "v": dt}, make_set, impls, None, flops=flops,
+                    reference=reference)
+
+
+def case_cross_entropy(ctx: Ctx) -> None:
+    from gpt2.ops import torch_linear_cross_entropy
+    from kernels import cross_entropy as lce
+
+    dev, dt = ctx.device, ctx.dtype("low")  # bf16 h (ln_f's output under autocast) and tied wte
+    # rows, C, V (padded wte rows), vocab_size (real classes); the smoke shape keeps 6 padded rows
+    N, C, V, vocab = (64, 64, 256, 250) if ctx.smoke else (16 * 1024, ctx.C, 50304, 50257)
+    shape = {"rows": N, "C": C, "V": V, "vocab_size": vocab}
+    measure_matmul_peak(ctx)
+    targets = torch.randint(0, vocab, (N,), device=dev, generator=torch.Generator(device=dev).manual_seed(7))
+
+    def make_set(seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        h = torch.randn(N, C, device=dev, generator=g).to(dt).requires_grad_()
+        w = (0.02 * torch.randn(V, C, device=dev, generator=g)).to(dt).requires_grad_()  # GPT-2's init std
+        return [h, w], [torch.ones((), device=dev)]
+
+    def ours(h, w):
+        return lce.linear_cross_entropy(h, w, targets, ignore_index=-1, vocab_size=vocab)
+
+    def eager(h, w):
+        return torch_linear_cross_entropy(h, w, targets, ignore_index=-1, vocab_size=vocab)
+
+    impls = peer_impls(ctx, ours, eager)
+    # Third-party fused peers, only if installed (never dependencies). Both get weight[:vocab] so that padded
+    # rows stay out of the softmax; the slice's backward writes the full-size weight grad.
+    probe = make_set(0)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
+        impls["liger"] = lambda h, w: liger_loss(w[:vocab], h, targets)  # (lin_weight, input, target)
+    except ImportError as e:
+        skip(ctx, "cross_entropy", "liger", "not installed: pip install liger-kernel"
+             if _missing(e, "liger_kernel") else f"import failed: {_first_line(e)}")
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+        impls["cut-cross-entropy"] = lambda h, w: cce_linear_cross_entropy(h, w[:vocab], targets, ignore_index=-1)
+    except ImportError as e:
+        skip(ctx, "cross_entropy", "cut-cross-entropy", "not installed: pip install cut-cross-entropy"
+             if _missing(e, "cut_cross_entropy") else f"import failed: {_first_line(e)}")
+    for name in ("liger", "cut-cross-entropy"):
+        why = try_peer(impls[name], *probe) if name in impls else None
+        if why is not None:
+            del impls[name]
+            skip(ctx, "cross_entropy", name, why, shape)
+    del probe
+    # Model FLOPs of the materialized op (2NVC forward, 4NVC backward; the fused kernel executes 4NVC more
+    # in recompute), one formula for every implementation.
+    flops = {p: lce.lce_flops(N, vocab, C, part=p.replace("+", "_"), executed=False) for p in PASSES}
+    # One input set: h + weight (100 MB) already exceed any L2, and the eager peer's retained graph holds
+    # 3+ GB of fp32 logits per set.
+    bench_impls(ctx, "cross_entropy", shape, {"h": dt, "weight": dt}, make_set, impls, None, flops=flops,
+                memory=True, max_sets=1)
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
     "gelu": case_gelu,
+    "adamw": case_adamw,
+    "attention": case_attention,
+    "cross_entropy": case_cross_entropy,
     # ---- later kernels register here, one entry each ----
-    # "adamw": case_adamw,  # kernels/adamw.py's issue: FusedAdamW over the 124M model's 148 tensors;
-    #                       # peers torch.optim.AdamW fused=True and foreach=True (no fwd/bwd passes:
-    #                       # time one optimizer step, bytes = params + grads + 2 moments (+ masters)).
-    # "attention": ...,      # kernels/attention.py
-    # "cross_entropy": ...,  # kernels/cross_entropy.py
 }
 
 
@@ -271,11 +617,17 @@ CASES: dict[str, Callable[[Ctx], None]] = {
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    """triton's speedup over each peer (peer ms / triton ms) and over the best peer, per op/shape/pass."""
-    out, groups = [], {}
+    """triton's speedup over each peer (peer ms / triton ms) and over the best peer, per op/shape/pass; over
+    the best SDPA backend where there are some (attention); and, where memory was measured, triton's peak
+    extra memory as a fraction of each peer's (peak_mb_ratio: < 1 means lighter)."""
+    out, groups, mem = [], {}, {}
     for r in results:
-        groups.setdefault((r["op"], json.dumps(r["shape"]), r["pass"]), {})[r["impl"]] = r["ms"]
-    for (op, shape, pass_), ms in groups.items():
+        key = (r["op"], json.dumps(r["shape"]), r["pass"])
+        groups.setdefault(key, {})[r["impl"]] = r["ms"]
+        if r.get("peak_mb") is not None:
+            mem.setdefault(key, {})[r["impl"]] = r["peak_mb"]
+    for key, ms in groups.items():
+        op, shape, pass_ = key
         if "triton" not in ms:
             continue
         peers = {k: v for k, v in ms.items() if k != "triton"}
@@ -284,25 +636,51 @@ def speedups(results: list[dict]) -> list[dict]:
         if peers:
             best = min(peers, key=peers.get)
             row["best_peer"], row["vs_best_peer"] = best, peers[best] / ms["triton"]
+        sdpa = {k: v for k, v in peers.items() if k.startswith("sdpa.")}
+        if sdpa:
+            best = min(sdpa, key=sdpa.get)
+            row["best_sdpa"], row["vs_best_sdpa"] = best, sdpa[best] / ms["triton"]
+        mb = mem.get(key, {})
+        if "triton" in mb:
+            row["peak_mb_ratio"] = {k: mb["triton"] / v for k, v in mb.items() if k != "triton" and v > 0}
         out.append(row)
     return out
 
 
-def print_table(results: list[dict], ratios: list[dict], peak: float | None) -> None:
-    head = (f"{'op':<14}{'rows x C':>13}{'pass':>9}{'impl':>15}{'ms':>10}{'q20-q80':>17}{'GB/s':>9}{'%peak':>7}"
-            f"{'triton x':>10}")
+def shape_label(shape: dict) -> str:
+    """Short text for a result's shape: rows x C, B x H x T x D, rows x C -> V, or the model."""
+    if "model" in shape:
+        return f"{shape['model']} {shape['tensors']}t"
+    if "B" in shape:
+        return f"{shape['B']}x{shape['H']}x{shape['T']}x{shape['D']}"
+    if "V" in shape:
+        return f"{shape['rows']}x{shape['C']}>{shape['V']}"
+    return f"{shape['rows']}x{shape['C']}"
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+def print_table(results: list[dict], ratios: list[dict], peak: float | None, skipped: list[dict] = ()) -> None:
+    head = (f"{'op':<14}{'shape':>17}{'pass':>8}{'impl':>18}{'ms':>10}{'q20-q80':>17}{'GB/s':>8}{'%peak':>6}"
+            f"{'TFLOPS':>8}{'%mm':>5}{'MiB':>8}{'triton x':>9}")
     print(head)
     print("-" * len(head))
     ratio_of = {(r["op"], json.dumps(r["shape"]), r["pass"]): r["vs"] for r in ratios}
     for r in results:
-        shape = f"{r['shape']['rows']}x{r['shape']['C']}"
-        pct = f"{100 * r['gbps'] / peak:.0f}" if peak else "-"
+        pct = 100 * r["gbps"] / peak if peak and r.get("gbps") else None
         vs = ratio_of.get((r["op"], json.dumps(r["shape"]), r["pass"]), {}).get(r["impl"])
-        vs_s = f"{vs:.2f}" if vs is not None else ""
         flag = "" if r["check"] == "ok" else "  CHECK FAILED"
-        print(f"{r['op']:<14}{shape:>13}{r['pass']:>9}{r['impl']:>15}{r['ms']:>10.4f}"
-              f"{r['ms_q20']:>8.4f}-{r['ms_q80']:<8.4f}{r['gbps']:>9.1f}{pct:>7}{vs_s:>10}{flag}")
-    print("triton x = the peer's median / triton's median (> 1: the Triton kernel is faster)")
+        print(f"{r['op']:<14}{shape_label(r['shape']):>17}{r['pass']:>8}{r['impl']:>18}{r['ms']:>10.4f}"
+              f"{r['ms_q20']:>8.4f}-{r['ms_q80']:<8.4f}{_fmt(r.get('gbps'), '.1f', 8)}{_fmt(pct, '.0f', 6)}"
+              f"{_fmt(r.get('tflops'), '.1f', 8)}{_fmt(r.get('pct_matmul_peak'), '.0f', 5)}"
+              f"{_fmt(r.get('peak_mb'), '.0f', 8)}{'' if vs is None else format(vs, '.2f'):>9}{flag}")
+    print("triton x = the peer's median / triton's median (> 1: the Triton kernel is faster); "
+          "%mm = % of the measured matmul peak; MiB = peak extra memory (CUDA)")
+    for s in skipped:
+        print(f"skipped: {s['op']} {s['impl']}{' ' + shape_label(s['shape']) if s.get('shape') else ''}: "
+              f"{s['skipped']}")
 
 
 def slug(text: str) -> str:
@@ -310,32 +688,46 @@ def slug(text: str) -> str:
 
 
 def plot_record(path: Path) -> Path:
-    """One PNG per record: GB/s per implementation for every op, shape and pass, peak as a line."""
+    """One PNG per record, one panel per unit: GB/s (memory-bound ops, peak bandwidth as a line) and TFLOPS
+    (attention, cross-entropy; the measured matmul peak as a line), per implementation, op, shape, pass."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rec = json.loads(Path(path).read_text())
-    results = rec["results"]
-    groups = list(dict.fromkeys((r["op"], r["shape"]["rows"], r["shape"]["C"], r["pass"]) for r in results))
-    impls = list(dict.fromkeys(r["impl"] for r in results))
-    value = {(r["op"], r["shape"]["rows"], r["shape"]["C"], r["pass"], r["impl"]): r["gbps"] for r in results}
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2), 4.5))
-    width = 0.8 / max(len(impls), 1)
-    for i, impl in enumerate(impls):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [value.get((*grp, impl), 0.0) for grp in groups], width, label=impl)
-    if rec.get("peak_gbps"):
-        ax.axhline(rec["peak_gbps"], color="k", linestyle="--", linewidth=1, label=f"peak {rec['peak_gbps']:.0f} GB/s")
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels([f"{op}\n{rows}x{C}\n{p}" for op, rows, C, p in groups], fontsize=7)
-    ax.set_ylabel("GB/s (minimum bytes moved / median time)")
+    panels = {}  # metric -> rows
+    for r in rec["results"]:
+        metric = "gbps" if r.get("gbps") else "tflops" if r.get("tflops") else None
+        if metric:
+            panels.setdefault(metric, []).append(r)
+    panels = panels or {"gbps": []}
+    sizes = [len({(r["op"], json.dumps(r["shape"]), r["pass"]) for r in rows}) for rows in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * max(sizes) + 2), 4.5 * len(panels)),
+                             squeeze=False)
     title = f"{rec['env']['device']} · {rec['date']} · {rec['env']['commit'][:10]}"
     if rec.get("smoke"):
         title = "SMOKE (CPU interpreter, NOT A TIMING) · " + title
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    for ax, (metric, rows) in zip(axes[:, 0], panels.items()):
+        groups = list(dict.fromkeys((r["op"], json.dumps(r["shape"]), r["pass"]) for r in rows))
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        value = {(r["op"], json.dumps(r["shape"]), r["pass"], r["impl"]): r[metric] for r in rows}
+        width = 0.8 / max(len(impls), 1)
+        for i, impl in enumerate(impls):
+            xs = [g + i * width for g in range(len(groups))]
+            ax.bar(xs, [value.get((*grp, impl), 0.0) for grp in groups], width, label=impl)
+        if metric == "gbps" and rec.get("peak_gbps"):
+            ax.axhline(rec["peak_gbps"], color="k", linestyle="--", linewidth=1,
+                       label=f"peak {rec['peak_gbps']:.0f} GB/s")
+        if metric == "tflops" and rec.get("matmul_peak_tflops"):
+            ax.axhline(rec["matmul_peak_tflops"], color="k", linestyle="--", linewidth=1,
+                       label=f"matmul {rec['matmul_peak_tflops']:.0f} TFLOPS")
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"{op}\n{shape_label(json.loads(shape))}\n{p}" for op, shape, p in groups], fontsize=7)
+        ax.set_ylabel("GB/s (minimum bytes moved / median time)" if metric == "gbps" else
+                      "TFLOPS (op's FLOP formula / median time)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path).with_suffix(".png")
     fig.savefig(out, dpi=120)
@@ -401,10 +793,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         CASES[op](ctx)
         print(f"  {op}: {time.perf_counter() - t0:.1f} s")
+    mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
     for r in ctx.results:
-        r["pct_peak"] = 100 * r["gbps"] / peak if peak else None
+        r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
+        r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
     ratios = speedups(ctx.results)
-    print_table(ctx.results, ratios, peak)
+    print_table(ctx.results, ratios, peak, ctx.skipped)
     bad = [r for r in ctx.results if r["check"] != "ok"]
 
     now = datetime.datetime.now()
@@ -414,10 +808,24 @@ def main(argv=None) -> int:
                                     "peers": ctx.peers},
         "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
                  f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
-        "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation",
+        "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
+                         "(adamw: kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
+        "flops_formula": {"attention": "kernels/attention.py attention_flops(B, H, T, D, causal=True): "
+                                       "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
+                          "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
+                                           "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)"},
+        "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
+                   "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
+                   "its forward saved",
+        "matmul_peak_tflops": mm_peak, "matmul_peak": ctx.matmul_peak,
         "notes": "bwd = autograd.grad on retained graphs (one forward per rotating input set); torch.compile "
-                 "runs with torch._functorch.config.donated_buffer=False, which retained graphs need",
-        "results": ctx.results, "speedups": ratios,
+                 "runs with torch._functorch.config.donated_buffer=False, which retained graphs need. adamw: one "
+                 "pass 'step' = clip_grad_norm_(1.0) + step(), timed after one untimed step that creates the "
+                 "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
+                 "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
+                 "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
+                 "cut-cross-entropy runs with its defaults (gradient filtering on).",
+        "results": ctx.results, "speedups": ratios, "skipped": ctx.skipped,
     }
     out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
     if out_dir is not None:
