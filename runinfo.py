@@ -39,11 +39,13 @@ def device_name(device) -> str:
 def env_info(device) -> dict:
     import torch
 
-    try:
-        import triton
+    # the version from package metadata: importing triton here would freeze its interpreter mode
+    # (TRITON_INTERPRET is read when triton's own @jit helpers are defined, at import)
+    from importlib.metadata import PackageNotFoundError, version
 
-        triton_version = triton.__version__
-    except ImportError:
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
         triton_version = None
     commit, dirty = git_commit()
     return {

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from gpt2 import MODEL_SIZES  # noqa: E402
 from gpt2.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint  # noqa: E402
-from gpt2.ops import BACKENDS  # noqa: E402
+from gpt2.ops import BACKENDS, use_cpu_interpreter  # noqa: E402
 
 DEFAULT_FINEWEB_DIR = "data/fineweb10B"
 
@@ -354,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, resume_path = _resolve(args)
         out_dir = Path(cfg.out_dir)
         check_out_dir(out_dir, resuming=resume_path is not None)
+        if cfg.device == "cpu" and cfg.backend == "triton":
+            try:
+                use_cpu_interpreter()  # before anything imports triton
+            except RuntimeError as e:
+                raise UserError(str(e)) from None
         train_files, val_file = open_data(cfg, download=args.download)
         result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path)
         return result.get("exit_code", 0)

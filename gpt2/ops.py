@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,6 +116,18 @@ def _load_triton_op(name: str) -> tuple[Callable | None, str]:
     return getattr(module, attr), "triton"
 
 
+def use_cpu_interpreter() -> None:
+    """Run the Triton kernels on CPU tensors through Triton's interpreter. TRITON_INTERPRET is read when
+    @triton.jit functions are defined, triton's own helpers (tl.sum, ...) included, so it must be set before
+    triton is first imported; a process that imported triton without it cannot run the kernels on CPU."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") not in (None, ""):
+        raise RuntimeError("the Triton kernels run on CPU only through the interpreter: set TRITON_INTERPRET=1 "
+                           "in the environment (before triton is imported), or use --backend torch")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 def get_ops(backend: str = "torch", device: str | torch.device = "cpu") -> Ops:
     """Resolve every op for `backend`; on CPU the Triton kernels run through the interpreter."""
     if backend not in BACKENDS:
@@ -122,8 +135,7 @@ def get_ops(backend: str = "torch", device: str | torch.device = "cpu") -> Ops:
     impls, placement = dict(TORCH_OPS), {name: "torch" for name in TORCH_OPS}
     if backend == "triton":
         if torch.device(device).type != "cuda":
-            # Must be set before any @triton.jit module is imported (they are imported lazily below).
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+            use_cpu_interpreter()
         for name in TRITON_OPS:
             fn, where = _load_triton_op(name)
             if fn is not None:
