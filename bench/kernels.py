@@ -409,7 +409,15 @@ def case_adamw(ctx: Ctx) -> None:
                                        n_embd=64)
     else:
         name, cfg = "d12", MODEL_SIZES["d12"]
-    dev, pd = ctx.device, ctx.dtype("high")  # the trainer keeps fp32 params (bf16 only under autocast)
+    # Params: fp32, as the trainer keeps them (autocast), or the one --dtype. bf16 stays bf16 in the smoke run
+    # too: FusedAdamW reads and writes bf16 with integer ops, exact under the interpreter.
+    dev = ctx.device
+    pd = {"autocast": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}[ctx.dtype_mode]
+    if pd == torch.float16:
+        skip(ctx, "adamw", "all", "fp16 params not benchmarked: torch.optim.AdamW keeps fp16 state, where v "
+             "underflows and eps=1e-8 rounds to 0 (NaN updates); use --dtype fp32 or bf16")
+        return
     torch.manual_seed(0)
     model = GPT(cfg).to(device=dev, dtype=pd)
     params = [p for g in model.param_groups(ADAMW_WEIGHT_DECAY) for p in g["params"]]
@@ -480,9 +488,6 @@ def case_adamw(ctx: Ctx) -> None:
         if oom:
             torch.cuda.empty_cache()
             skip(ctx, "adamw", impl, oom, shape)
-    for p in params:
-        p.grad = None
-    del model, params, init, reference
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -663,7 +668,7 @@ def _fmt(value, spec: str, width: int) -> str:
 
 
 def print_table(results: list[dict], ratios: list[dict], peak: float | None, skipped: list[dict] = ()) -> None:
-    head = (f"{'op':<14}{'shape':>17}{'pass':>8}{'impl':>18}{'ms':>10}{'q20-q80':>17}{'GB/s':>8}{'%peak':>6}"
+    head = (f"{'op':<14}{'shape':>17}{'pass':>8}{'impl':>18}{'ms':>10}{'q20-q80':>19}{'GB/s':>8}{'%peak':>6}"
             f"{'TFLOPS':>8}{'%mm':>5}{'MiB':>8}{'triton x':>9}")
     print(head)
     print("-" * len(head))
@@ -673,7 +678,7 @@ def print_table(results: list[dict], ratios: list[dict], peak: float | None, ski
         vs = ratio_of.get((r["op"], json.dumps(r["shape"]), r["pass"]), {}).get(r["impl"])
         flag = "" if r["check"] == "ok" else "  CHECK FAILED"
         print(f"{r['op']:<14}{shape_label(r['shape']):>17}{r['pass']:>8}{r['impl']:>18}{r['ms']:>10.4f}"
-              f"{r['ms_q20']:>8.4f}-{r['ms_q80']:<8.4f}{_fmt(r.get('gbps'), '.1f', 8)}{_fmt(pct, '.0f', 6)}"
+              f"{r['ms_q20']:>9.4f}-{r['ms_q80']:<9.4f}{_fmt(r.get('gbps'), '.1f', 8)}{_fmt(pct, '.0f', 6)}"
               f"{_fmt(r.get('tflops'), '.1f', 8)}{_fmt(r.get('pct_matmul_peak'), '.0f', 5)}"
               f"{_fmt(r.get('peak_mb'), '.0f', 8)}{'' if vs is None else format(vs, '.2f'):>9}{flag}")
     print("triton x = the peer's median / triton's median (> 1: the Triton kernel is faster); "
@@ -708,6 +713,7 @@ def plot_record(path: Path) -> Path:
     title = f"{rec['env']['device']} · {rec['date']} · {rec['env']['commit'][:10]}"
     if rec.get("smoke"):
         title = "SMOKE (CPU interpreter, NOT A TIMING) · " + title
+    fig.suptitle(title, fontsize=9)
     for ax, (metric, rows) in zip(axes[:, 0], panels.items()):
         groups = list(dict.fromkeys((r["op"], json.dumps(r["shape"]), r["pass"]) for r in rows))
         impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -721,12 +727,11 @@ def plot_record(path: Path) -> Path:
                        label=f"peak {rec['peak_gbps']:.0f} GB/s")
         if metric == "tflops" and rec.get("matmul_peak_tflops"):
             ax.axhline(rec["matmul_peak_tflops"], color="k", linestyle="--", linewidth=1,
-                       label=f"matmul {rec['matmul_peak_tflops']:.0f} TFLOPS")
+                       label=f"matmul peak {rec['matmul_peak_tflops']:.3g} TFLOPS")
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
         ax.set_xticklabels([f"{op}\n{shape_label(json.loads(shape))}\n{p}" for op, shape, p in groups], fontsize=7)
         ax.set_ylabel("GB/s (minimum bytes moved / median time)" if metric == "gbps" else
                       "TFLOPS (op's FLOP formula / median time)")
-        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path).with_suffix(".png")
@@ -738,7 +743,7 @@ def plot_record(path: Path) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark each Triton kernel against its PyTorch peers at GPT-2 shapes.")
     p.add_argument("--op", action="append", choices=sorted(CASES), help="op to run (repeatable; default: all)")
-    p.add_argument("--quick", action="store_true", help="rows = 16*1024 only and shorter runs")
+    p.add_argument("--quick", action="store_true", help="rows = 16*1024 only (attention: B = 16 only) and shorter runs")
     p.add_argument("--plot", nargs="*", metavar="RECORD", default=None,
                    help="write a PNG next to this run's record; with record paths: plot those and exit "
                         "(no GPU needed)")

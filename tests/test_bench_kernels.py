@@ -1,5 +1,9 @@
 """bench/kernels.py: refuses without a GPU (one line, exit 2); the --allow-cpu smoke run exercises every
-case, peer, record field and the plot, says it is not a timing, and never writes into bench/results."""
+case, peer, record field and the plot, says it is not a timing, and never writes into bench/results.
+
+The smoke run happens once per module (a fixture) and every test reads its record: on CPU it covers all
+cases, the elementwise ops and adamw / attention / cross_entropy, in one subprocess."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,12 +16,44 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "kernels.py"
 HAS_CUDA = torch.cuda.is_available()
+PASSES = ("fwd", "bwd", "fwd+bwd")
+ELEMENTWISE = ("layernorm", "add_layernorm", "gelu")
+NEW_OPS = ("adamw", "attention", "cross_entropy")
+SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
+OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
+                     "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
 
 
 def bench(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides itself
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_and_load(out_dir: Path, *extra):
+    proc = bench("--allow-cpu", "--quick", "--out-dir", str(out_dir), *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = list(out_dir.glob("kernels-*.json"))
+    assert len(records) == 1, records
+    return proc, records[0], json.loads(records[0].read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """(proc, record path, record, results in bench/results before the run) of one smoke run with --plot."""
+    before = sorted(p.name for p in (REPO / "bench" / "results").glob("*"))
+    extra = ["--plot"] + (["--op", "gelu"] if HAS_CUDA else [])  # a real (quick) GPU run: keep it to one op
+    return (*run_and_load(tmp_path_factory.mktemp("smoke"), *extra), before)
+
+
+@pytest.fixture(scope="module")
+def new_ops_record(smoke, tmp_path_factory):
+    """The record holding adamw / attention / cross_entropy rows: the smoke run's on CPU; on a GPU a quick
+    real run of those three ops."""
+    if not HAS_CUDA:
+        return smoke[2]
+    args = [a for op in NEW_OPS for a in ("--op", op)]
+    return run_and_load(tmp_path_factory.mktemp("new_ops"), *args)[2]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU refusal; this machine has a CUDA GPU")
@@ -29,34 +65,104 @@ def test_refuses_without_gpu_in_one_line():
     assert len(lines) == 1 and lines[0].startswith("error:") and "--allow-cpu" in lines[0], proc.stderr
 
 
-def test_smoke_run_writes_a_marked_record_and_plot(tmp_path):
-    before = sorted(p.name for p in (REPO / "bench" / "results").glob("*"))
-    args = ["--allow-cpu", "--quick", "--out-dir", str(tmp_path), "--plot"]
-    if HAS_CUDA:  # a real (quick) GPU run: keep it to one op
-        args += ["--op", "gelu"]
-    proc = bench(*args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = list(tmp_path.glob("kernels-*.json"))
-    assert len(records) == 1 and records[0].with_suffix(".png").exists()
-    rec = json.loads(records[0].read_text())
+def test_smoke_run_writes_a_marked_record_and_plot(smoke):
+    proc, path, rec, before = smoke
+    assert path.with_suffix(".png").exists()
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
-    ops = {"gelu"} if HAS_CUDA else {"layernorm", "add_layernorm", "gelu"}
-    got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"]}
-    assert got == {(op, p, i) for op in ops for p in ("fwd", "bwd", "fwd+bwd")
-                   for i in ("triton", "torch", "torch.compile")}
+    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS})
+    ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
+    got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
+    assert got == {(op, p, i) for op in ops for p in PASSES for i in ("triton", "torch", "torch.compile")}
+    fields = set(rec["results"][0])
     for r in rec["results"]:
+        assert set(r) == fields, r  # one schema for every op
         assert r["check"] == "ok", r
-        assert r["ms_q20"] <= r["ms"] <= r["ms_q80"] and r["bytes"] > 0 and r["gbps"] > 0
-    assert all(set(s["vs"]) == {"torch", "torch.compile"} for s in rec["speedups"])
+        assert r["ms_q20"] <= r["ms"] <= r["ms_q80"]
+        if r["op"] in ELEMENTWISE:
+            assert r["bytes"] > 0 and r["gbps"] > 0 and r["flops"] is None and r["peak_mb"] is None
+    assert all(set(s["vs"]) == {"torch", "torch.compile"} for s in rec["speedups"] if s["op"] in ELEMENTWISE)
     if not HAS_CUDA:
-        assert proc.stdout.count("NOT A TIMING") >= 2 and "kernels-smoke-" in records[0].name
+        assert proc.stdout.count("NOT A TIMING") >= 2 and "kernels-smoke-" in path.name
         assert sorted(p.name for p in (REPO / "bench" / "results").glob("*")) == before
         # plotting existing records needs no GPU and runs nothing
-        png = records[0].with_suffix(".png")
+        png = path.with_suffix(".png")
         png.unlink()
-        proc = bench("--plot", str(records[0]))
+        proc = bench("--plot", str(path))
         assert proc.returncode == 0 and png.exists(), proc.stderr
+
+
+def rows_of(rec, op):
+    rows = [r for r in rec["results"] if r["op"] == op]
+    assert rows, f"no {op} rows in the record"
+    for r in rows:
+        assert r["check"] == "ok", r
+        assert r["ms_q20"] <= r["ms"] <= r["ms_q80"] and r["ms"] > 0
+    return rows
+
+
+def skipped_of(rec, op):
+    return {s["impl"]: s["skipped"] for s in rec["skipped"] if s["op"] == op}
+
+
+def test_adamw_rows(new_ops_record):
+    rows = rows_of(new_ops_record, "adamw")
+    assert {(r["pass"], r["impl"]) for r in rows} == {("step", i) for i in ("triton", "torch.fused", "torch.foreach")}
+    for r in rows:
+        # the 124M model's 148 tensors on a GPU; the smoke run's 2-layer model has 28
+        assert r["shape"]["tensors"] == (148 if HAS_CUDA else 28) and r["shape"]["params"] > 0
+        assert r["bytes"] == 32 * r["shape"]["params"]  # fp32 params, clip included: one formula for all
+        assert r["gbps"] > 0 and r["tflops"] is None and r["peak_mb"] is None
+        assert (r["pct_peak"] is None) is (not HAS_CUDA)
+    (ratio,) = [s for s in new_ops_record["speedups"] if s["op"] == "adamw"]
+    assert set(ratio["vs"]) == {"torch.fused", "torch.foreach"}
+
+
+def test_attention_rows(new_ops_record):
+    rec = new_ops_record
+    rows = rows_of(rec, "attention")
+    impls = {r["impl"] for r in rows}
+    assert {"triton", "torch", "torch.compile"} <= impls
+    skipped = skipped_of(rec, "attention")
+    for backend in SDPA:  # every SDPA backend either ran or says why not
+        assert (backend in impls) != (backend in skipped), backend
+        assert backend not in skipped or skipped[backend]
+    shapes = {(r["shape"]["B"], r["shape"]["H"], r["shape"]["T"], r["shape"]["D"]) for r in rows}
+    assert shapes == ({(16, 12, 1024, 64)} if HAS_CUDA else {(1, 1, 64, 64)})
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in impls for p in PASSES}
+    assert rec["matmul_peak_tflops"] > 0
+    for r in rows:
+        assert r["flops"] > 0 and r["tflops"] > 0 and r["pct_matmul_peak"] > 0
+        assert r["bytes"] is None and r["peak_mb"] is None
+    fwd = {r["impl"]: r["flops"] for r in rows if r["pass"] == "fwd"}
+    both = {r["impl"]: r["flops"] for r in rows if r["pass"] == "fwd+bwd"}
+    assert len(set(fwd.values())) == 1 and all(v == pytest.approx(3.5 * fwd["triton"]) for v in both.values())
+    for s in (s for s in rec["speedups"] if s["op"] == "attention"):
+        assert set(s["vs"]) == impls - {"triton"}
+        assert ("vs_best_sdpa" in s) == bool(impls & set(SDPA))
+
+
+def test_cross_entropy_rows(new_ops_record):
+    rec = new_ops_record
+    rows = rows_of(rec, "cross_entropy")
+    impls = {r["impl"] for r in rows}
+    assert {"triton", "torch", "torch.compile"} <= impls
+    skipped = skipped_of(rec, "cross_entropy")
+    for peer, (module, install) in OPTIONAL_CE_PEERS.items():
+        assert (peer in impls) != (peer in skipped), peer
+        if importlib.util.find_spec(module) is None:  # absent here: recorded as not installed, not a failure
+            assert skipped[peer] == f"not installed: {install}"
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in impls for p in PASSES}
+    for r in rows:
+        assert r["shape"] == ({"rows": 16384, "C": 768, "V": 50304, "vocab_size": 50257} if HAS_CUDA else
+                              {"rows": 64, "C": 64, "V": 256, "vocab_size": 250})
+        assert r["flops"] > 0 and r["tflops"] > 0 and r["bytes"] is None
+        assert (r["peak_mb"] is None) is (not HAS_CUDA)  # memory is measured on CUDA only
+    for s in (s for s in rec["speedups"] if s["op"] == "cross_entropy"):
+        assert "torch.compile" in s["vs"]
+        assert ("peak_mb_ratio" in s) is HAS_CUDA
+        if HAS_CUDA:
+            assert "torch.compile" in s["peak_mb_ratio"]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only behaviour")
