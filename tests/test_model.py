@@ -150,14 +150,17 @@ def test_triton_backend_model_matches_torch_backend():
     """Model level parity; exact while every op falls back, within kernel tolerance once they land."""
     idx = torch.randint(0, 50257, (2, 33))
     targets = torch.randint(0, 50257, (2, 33))
-    losses, grads = [], []
+    losses, grads, logits = [], [], []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         model = GPT(MODEL_SIZES["tiny"], get_ops(backend))
+        with torch.no_grad():
+            logits.append(model(idx))
         loss = model(idx, targets)
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
