@@ -21,3 +21,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tests from writing into ~/.cache: the sample corpus goes to a per-session temp cache."""
     cache = tmp_path_factory.getbasetemp() / "tritonrun-cache"
     monkeypatch.setenv("TRITONRUN_CACHE", str(cache))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests of tiny models (faster, and immune to oversubscribed CPUs)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

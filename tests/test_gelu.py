@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 import kernels.gelu as ge
 from gpt2.ops import get_ops, torch_gelu
+from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-NO_BF16 = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the Triton interpreter has no bf16 arithmetic")
 
 # (rows, C): prime row counts, the widths GELU sees in GPT-2 MLPs (4C) and odd ones; the element
 # count is never a multiple of the block, so the masked tail is always exercised.
@@ -20,20 +20,12 @@ SHAPES = [(37, 64), (41, 100), (31, 768), (29, 1024), (23, 1600), (3, 8192), (13
 # rounding at the store may land on the largest element while torch's worst error lands on a small
 # one); fp32: 8 ulps (2^-20), since exp and the derivative's sum of two terms cost a few ulps in any
 # order of evaluation. Measured on CPU: fp32 ours 4e-8 (y) / 1.4e-7 (dx) relative, torch 3e-8 / 6e-7.
-DTYPES = [
-    pytest.param(torch.float32, 2.0**-20, id="fp32"),
-    pytest.param(torch.float16, 2.0**-10, id="fp16"),
-    pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16),
-]
+DTYPES = ELEMENTWISE_DTYPES
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Every output buffer starts as NaN: an element the kernel forgets stays NaN."""
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ge, "_alloc", nan_alloc)
+    poison_allocations(monkeypatch, ge)
 
 
 def run(fn, x, dy):

@@ -1,6 +1,5 @@
 """Hugging Face and llm.c interop: against transformers itself, and against an llm.c file written here by hand."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,17 @@ from gpt2.hf import HFFormatError, init_from, load_hf, save_hf
 from gpt2.hf import main as hf_cli
 from gpt2.llmc import LlmcFormatError, load_llmc, save_llmc
 from gpt2.model import GPT
+from tests.helpers import ONE_THREAD_ENV
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install transformers)")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# The models here are tiny: one intra-op thread is fastest, and immune to oversubscribed shared CPUs
-# (where OpenMP barriers can make a microsecond op take milliseconds).
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SUBPROCESS_ENV = ONE_THREAD_ENV
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: same math, different kernels/summation order
 TINY = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 

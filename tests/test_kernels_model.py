@@ -2,7 +2,6 @@
 torch backend's loss curve for 20 steps on --data sample (llm.c's check). On CPU the kernels run in
 Triton's interpreter, so the batch is small (1 x 16 tokens per step)."""
 import pytest
-import torch
 
 import train_speedrun
 import training

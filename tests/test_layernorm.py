@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 import kernels.layernorm as ln
 from gpt2.ops import get_ops, torch_add_layer_norm, torch_layer_norm
+from tests.helpers import ELEMENTWISE_DTYPES, NO_BF16, poison_allocations
 HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-NO_BF16 = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the Triton interpreter has no bf16 arithmetic")
 
 # (rows, C): prime row counts; C a power of two, not one, GPT-2's widths, and the 8192 maximum.
 SHAPES = [(37, 64), (41, 100), (31, 768), (29, 1024), (23, 1600), (3, 8192)]
@@ -21,20 +21,12 @@ SHAPES = [(37, 64), (41, 100), (31, 768), (29, 1024), (23, 1600), (3, 8192)]
 # rounding of ours at the largest element. One ulp at the top magnitude covers that: eps(fp16) = 2^-10,
 # eps(bf16) = 2^-7. For fp32 the floor is 8 ulps (2^-20): fp32 accumulation order over C (and over rows
 # for dweight/dbias) differs from torch's, each ordering costing a few ulps; still ~1e-6 relative, tight.
-DTYPES = [
-    pytest.param(torch.float32, 2.0**-20, id="fp32"),
-    pytest.param(torch.float16, 2.0**-10, id="fp16"),
-    pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16),
-]
+DTYPES = ELEMENTWISE_DTYPES
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN: an element the kernel forgets stays NaN."""
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ln, "_alloc", nan_alloc)
+    poison_allocations(monkeypatch, ln)
 
 
 def make_inputs(rows, C, dtype, seed, residual_dtype=None, param_dtype=None):

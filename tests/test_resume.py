@@ -1,6 +1,5 @@
 """Long runs: bitwise resume after SIGKILL, SIGTERM checkpoints, atomic saves, bad-step handling (CPU)."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """sample.py: deterministic for a fixed seed, greedy == top-k 1, every model source, one-line user errors."""
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,13 @@ from gpt2.config import GPTConfig
 from gpt2.hf import save_hf
 from gpt2.llmc import save_llmc
 from gpt2.model import GPT
+from tests.helpers import ONE_THREAD_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-# The models here are tiny: one intra-op thread is fastest, and immune to oversubscribed shared CPUs
-# (where OpenMP barriers can make a microsecond op take milliseconds).
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SUBPROCESS_ENV = ONE_THREAD_ENV
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "The quick brown fox"
 
 

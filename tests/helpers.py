@@ -1,0 +1,32 @@
+"""Small pieces several test files share."""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+NO_BF16 = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the Triton interpreter has no bf16 arithmetic")
+
+# (dtype, floor) for elementwise / row-reduction kernels checked with the low-precision rule
+# max|ours - ref| <= 2 * max|torch_same_dtype - ref| + floor * max|ref|. Floors: one ulp at the top
+# magnitude for fp16 (2^-10) and bf16 (2^-7), because torch's worst error can land on a small element
+# while one rounding of ours lands on the largest; 8 ulps (2^-20) for fp32, where a different
+# accumulation order costs a few ulps either way (still ~1e-6 relative: tight).
+ELEMENTWISE_DTYPES = [
+    pytest.param(torch.float32, 2.0**-20, id="fp32"),
+    pytest.param(torch.float16, 2.0**-10, id="fp16"),
+    pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16),
+]
+
+# The models in the CLI tests are tiny: one intra-op thread is fastest, and immune to oversubscribed
+# shared CPUs (where OpenMP barriers can make a microsecond op take milliseconds).
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def poison_allocations(monkeypatch, module) -> None:
+    """Make `module._alloc` (the launchers' allocator) hand out NaN-filled buffers: an element a kernel
+    forgets to write stays NaN and fails the comparison."""
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(module, "_alloc", nan_alloc)
