@@ -1,0 +1,594 @@
+#!/usr/bin/env python
+"""End-to-end training benchmark: tokens/s, MFU and peak memory of tritonrun against a torch.compile baseline.
+
+    python bench/train.py                          # GPU: the sweep + 12 GiB cap check; writes bench/results/train-*.json
+    python bench/train.py --profile                # ... plus a per-op-kind profile split and a .md summary
+    python bench/train.py --project rtx4070 --from-record bench/results/train-<dev>-<date>.json   # no GPU needed
+    python bench/train.py --smoke --out-dir /tmp/x # CPU smoke run (tiny model): NOT A TIMING
+
+What is measured (GPU). GPT-2 d12, T = 1024, bf16 autocast, for each micro-batch in --micro-batches (default
+8,16,32,64) and each configuration:
+  (a) triton          --backend triton --no-compile      (our kernels)
+      triton+compile  --backend triton --compile
+  (b) torch+compile   --backend torch --compile           (SDPA + fused AdamW: the nanoGPT baseline)
+  (c) torch           --backend torch --no-compile
+Each configuration is a real training_speedrun Trainer (train_speedrun._resolve on explicit flags, then
+training.Trainer), stepped with Trainer.train_step. One "step" = one optimizer step with gradient accumulation
+--grad-accum (default 1: tokens per step = micro_batch x T; the llm.c recipe accumulates to 2^19 tokens, which
+amortizes the optimizer over 512/micro_batch micro-batches, so accumulation 1 slightly understates what a full
+run gets, the same way for every configuration). Data: a synthetic llm.c shard of uniformly random tokens written
+to a temp dir and read through the real ShardLoader (throughput does not depend on token values); no FineWeb.
+
+Timing: all configurations of one micro-batch are built together, each gets --warmup untimed steps (compile,
+autotune, allocator), then the timed steps run round-robin in blocks of --block steps (config 1, 2, 3, 4, 1, 2,
+...) so clock/thermal drift hits every configuration alike, until each has --steps (>= 20) timed steps. Every
+step is timed alone (synchronize, perf_counter, train_step, synchronize); reported: the median and every step.
+tokens_per_s = tokens per step / median step time; mfu = tokens_per_s x flops_per_token / peak (the model's
+6N + 6LCT; peak from the device's preset, or --peak-tflops). A configuration that raises torch.OutOfMemoryError
+is recorded {"fits": false}, freed, and the others go on. Peak memory per configuration: max_memory_allocated
+over its own timed blocks minus what the other configurations of the group hold resident at that time (their
+weights and optimizer state), i.e. its own peak as if it ran alone; peak_reserved_gib is the shared allocator's
+reserved peak during its blocks (an upper bound, the pool is shared).
+
+12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
+--backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
+set_per_process_memory_fraction(12 GiB / total). Each runs alone, micro-batches from the preset's upward; peak
+allocated and reserved are recorded, allocated must stay <= 11 GiB, and the largest micro-batch that fits under
+the cap is reported per backend. The cap emulates the card's budget on a larger GPU; it does not emulate the
+4070's own CUDA context or its speed.
+
+--profile: torch.profiler over one step of triton+compile and torch+compile (micro-batch --profile-micro-batch),
+CUDA kernel time bucketed by kernel name, first match wins, case-insensitive (see BUCKETS below).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# First, before any import: this script's folder (bench/) is sys.path[0]; the repo root must win so that
+# `import kernels`, `import training` resolve to the repo's modules.
+sys.path.insert(0, str(REPO))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+GIB = 2**30
+SEQ_LEN = 1024
+DEFAULT_MICRO_BATCHES = (8, 16, 32, 64)
+# (name, backend, compile): (a) ours, (b) the baseline, (c) eager torch
+CONFIGS = [("triton", "triton", False), ("triton+compile", "triton", True),
+           ("torch+compile", "torch", True), ("torch", "torch", False)]
+CAP_ALLOC_LIMIT_GIB = 11.0
+
+# Profile buckets: CUDA kernel name -> op kind, first match wins (re.search, case-insensitive). Inductor names its
+# kernels after the fused aten ops (triton_per_fused_native_layer_norm_..., triton_poi_fused_gelu_...), ours are
+# the @triton.jit function names (kernels/*.py), cuBLAS/cuDNN/flash kernels carry gemm/xmma/nvjet/flash/fmha.
+# Attention and classifier are tested before matmul so that a fused attention or LM-head+CE kernel is counted
+# under its op, not as a GEMM. Gradient-norm clipping kernels (ours: _grad_sumsq/_finalize_norm; torch: the
+# multi_tensor LpNorm) go to optimizer.
+BUCKETS = [
+    ("attention", r"attn|flash|sdpa|fmha|scaled_dot_product|softmax_fwd|attention"),
+    ("classifier", r"cross_entropy|lce|log_softmax|nll_loss|logsumexp"),
+    ("optimizer", r"adam|grad_sumsq|finalize_norm|lpnorm|multi_tensor"),
+    ("matmul", r"gemm|cutlass|mma|matmul|nvjet|xmma|cublas|sm\d+_|ampere_|hopper_|_mm_|addmm|bmm"),
+    ("norms", r"layer_?norm|(^|_)ln(_|$)|native_layer_norm"),
+    ("gelu", r"gelu|tanh"),
+]
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def bucket_of(kernel_name: str) -> str:
+    for kind, pattern in BUCKETS:
+        if re.search(pattern, kernel_name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+# ------------------------------------------------------------------------------------------- data
+def synthetic_data(tmp: Path, vocab_size: int, tokens: int) -> Path:
+    """An llm.c-format train and val shard of uniformly random tokens (seed 0) in tmp."""
+    import numpy as np
+
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp / "synthetic_train_000001.bin", rng.integers(0, vocab_size, tokens, dtype=np.uint16))
+    write_shard(tmp / "synthetic_val_000000.bin", rng.integers(0, vocab_size, tokens, dtype=np.uint16))
+    return tmp
+
+
+# ---------------------------------------------------------------------------------------- trainers
+class Spec:
+    def __init__(self, name, backend, compile_, micro_batch, args, memory_gib=0.0, gpu=None):
+        self.name, self.backend, self.compile, self.micro_batch = name, backend, compile_, micro_batch
+        self.args, self.memory_gib, self.gpu = args, memory_gib, gpu or args.gpu
+
+
+def make_config(spec: Spec, data_dir: Path, out_dir: Path):
+    import train_speedrun as ts
+
+    a = spec.args
+    tokens = spec.micro_batch * a.seq_len
+    argv = ["--gpu", spec.gpu, "--model", a.model, "--seq-len", str(a.seq_len), "--dtype", a.dtype,
+            "--backend", spec.backend, "--compile" if spec.compile else "--no-compile",
+            "--micro-batch", str(spec.micro_batch), "--total-batch-tokens", str(tokens * a.grad_accum),
+            "--memory-gib", str(spec.memory_gib), "--data", str(data_dir), "--out-dir", str(out_dir),
+            "--val-tokens", str(tokens), "--timing-warmup-steps", "0", "--checkpoint-every", "0",
+            "--hellaswag-every", "0", "--max-steps", "1000000", "--warmup-steps", "10"]
+    if a.peak_tflops is not None:
+        argv += ["--peak-tflops", str(a.peak_tflops)]
+    cfg, _ = ts._resolve(ts.build_parser().parse_args(argv))
+    return cfg
+
+
+def build_trainer(spec: Spec, data_dir: Path, out_dir: Path):
+    import train_speedrun as ts
+    import training
+
+    cfg = make_config(spec, data_dir, out_dir)
+    train_files, val_file = ts.open_data(cfg)
+    return cfg, training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))
+
+
+def cuda(device) -> bool:
+    return device.type == "cuda"
+
+
+def mem_alloc(device) -> int:
+    return torch.cuda.memory_allocated(device) if cuda(device) else 0
+
+
+def free_memory(device, reset_compiled: bool = False) -> None:
+    gc.collect()
+    if cuda(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    if reset_compiled:  # only between groups: live trainers of a group would recompile inside timed steps
+        torch._dynamo.reset()
+
+
+def timed_step(tr, step: int) -> float:
+    tr.sync()
+    t0 = time.perf_counter()
+    tr.train_step(step)
+    tr.sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, tokens_per_step: int) -> dict:
+    med = statistics.median(ms)
+    tok_s = tokens_per_step / (med / 1e3)
+    peak = cfg.peak_tflops
+    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "micro_batch": spec.micro_batch,
+            "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step, "fits": True,
+            "tokens_per_s": tok_s, "mfu": tok_s * tr.flops_per_token / (peak * 1e12) if peak else None,
+            "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
+            "step_ms_median": med, "step_ms_all": ms, "ops": tr.ops.placement}
+
+
+def oom_record(spec: Spec, where: str) -> dict:
+    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "micro_batch": spec.micro_batch,
+            "fits": False, "oom_during": where, "tokens_per_s": None, "mfu": None, "peak_alloc_gib": None,
+            "peak_reserved_gib": None, "step_ms_median": None, "step_ms_all": []}
+
+
+def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) -> list[dict]:
+    """Build every config of one micro-batch, warm each up, then time them round-robin."""
+    live, records = [], {}
+    for spec in specs:
+        before = mem_alloc(device)
+        tr = None
+        try:
+            cfg, tr = build_trainer(spec, data_dir, out_dir)
+            for i in range(args.warmup):
+                tr.train_step(i)
+            tr.sync()
+            resident = mem_alloc(device) - before  # weights + optimizer state this trainer keeps
+            live.append({"spec": spec, "cfg": cfg, "tr": tr, "ms": [], "resident": resident,
+                         "peak_alloc": 0.0, "peak_reserved": 0.0, "step": args.warmup})
+            log(f"  built {spec.name} mb={spec.micro_batch} (ops: {tr.ops.placement})")
+        except torch.OutOfMemoryError:
+            del tr
+            free_memory(device)
+            records[spec.name] = oom_record(spec, "build/warm-up")
+            log(f"  {spec.name} mb={spec.micro_batch}: out of memory, recorded fits=false")
+    while any(len(e["ms"]) < args.steps for e in live):
+        for e in list(live):
+            if len(e["ms"]) >= args.steps:
+                continue
+            tr = e["tr"]
+            try:
+                if cuda(device):
+                    torch.cuda.synchronize(device)
+                    others = mem_alloc(device) - e["resident"]
+                    torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(min(args.block, args.steps - len(e["ms"]))):
+                    e["ms"].append(timed_step(tr, e["step"]))
+                    e["step"] += 1
+                if cuda(device):
+                    e["peak_alloc"] = max(e["peak_alloc"], (torch.cuda.max_memory_allocated(device) - others) / GIB)
+                    e["peak_reserved"] = max(e["peak_reserved"], torch.cuda.max_memory_reserved(device) / GIB)
+            except torch.OutOfMemoryError:
+                live.remove(e)
+                records[e["spec"].name] = oom_record(e["spec"], "timed steps")
+                del tr, e
+                free_memory(device)
+    for e in live:
+        spec, cfg = e["spec"], e["cfg"]
+        pa, pr = (e["peak_alloc"], e["peak_reserved"]) if cuda(device) else (None, None)
+        records[spec.name] = run_record(spec, cfg, e["tr"], e["ms"], pa, pr, spec.micro_batch * cfg.seq_len * cfg.grad_accum)
+        r = records[spec.name]
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        log(f"  {spec.name:15s} mb={spec.micro_batch:3d}  {r['step_ms_median']:9.2f} ms  "
+            f"{r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
+    live.clear()
+    free_memory(device, reset_compiled=True)
+    return [records[s.name] for s in specs if s.name in records]
+
+
+def speedups(runs: list[dict]) -> dict:
+    """Best triton run over the torch+compile run, per micro-batch and overall best."""
+    ok = [r for r in runs if r.get("fits") and r.get("tokens_per_s")]
+    per_mb, reasons = {}, {}
+    for mb in sorted({r["micro_batch"] for r in runs}):
+        ours = [r for r in ok if r["micro_batch"] == mb and r["backend"] == "triton"]
+        base = [r for r in ok if r["micro_batch"] == mb and r["backend"] == "torch" and r["compile"]]
+        if ours and base:
+            best = max(ours, key=lambda r: r["tokens_per_s"])
+            per_mb[str(mb)] = {"speedup": best["tokens_per_s"] / base[0]["tokens_per_s"], "ours": best["name"],
+                               "ours_tokens_per_s": best["tokens_per_s"],
+                               "baseline_tokens_per_s": base[0]["tokens_per_s"]}
+        else:
+            missing = [n for n, got in (("triton run", ours), ("torch+compile run", base)) if not got]
+            reasons[str(mb)] = f"no {' and no '.join(missing)} at micro-batch {mb}"
+    if not per_mb:
+        return {"per_micro_batch": {}, "best": None, "reason": "; ".join(reasons.values()) or "no runs",
+                "missing": reasons}
+    best_mb = max(per_mb, key=lambda k: per_mb[k]["speedup"])
+    ours_best = max((r for r in ok if r["backend"] == "triton"), key=lambda r: r["tokens_per_s"])
+    base_best = max((r for r in ok if r["backend"] == "torch" and r["compile"]), key=lambda r: r["tokens_per_s"])
+    return {"per_micro_batch": per_mb, "best": {"micro_batch": int(best_mb), **per_mb[best_mb]},
+            "best_overall": {"ours": f"{ours_best['name']} mb={ours_best['micro_batch']}",
+                             "baseline": f"torch+compile mb={base_best['micro_batch']}",
+                             "speedup": ours_best["tokens_per_s"] / base_best["tokens_per_s"]},
+            "definition": "tokens_per_s of the best triton run (with or without compile) / tokens_per_s of "
+                          "torch+compile, at equal micro-batch; best_overall compares each side's best micro-batch",
+            "missing": reasons}
+
+
+# --------------------------------------------------------------------------------------------- cap
+def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
+    from train_speedrun import PRESETS
+
+    preset = PRESETS["rtx4070"]
+    total = torch.cuda.get_device_properties(device).total_memory
+    out = {"preset": "rtx4070", "cap_gib": args.cap_gib, "fraction": min(1.0, args.cap_gib * GIB / total),
+           "device_total_gib": total / GIB, "alloc_limit_gib": CAP_ALLOC_LIMIT_GIB, "steps": args.cap_steps,
+           "how": "Trainer(cfg.memory_gib=cap) -> set_per_process_memory_fraction(cap/total); each run alone; "
+                  "peaks over construction, warm-up and timed steps", "runs": [], "largest_fitting": {}}
+    backends = [(preset.backend, preset.compile)] + [(b, preset.compile) for b in ("torch", "triton")
+                                                      if b != preset.backend]
+    for backend, comp in backends:
+        name = f"{backend}{'+compile' if comp else ''}"
+        largest = None
+        mb = preset.micro_batch
+        while mb <= args.cap_max_micro_batch:
+            spec = Spec(name, backend, comp, mb, args, memory_gib=args.cap_gib, gpu="rtx4070")
+            free_memory(device, reset_compiled=True)
+            torch.cuda.reset_peak_memory_stats(device)
+            tr = None
+            try:
+                cfg, tr = build_trainer(spec, data_dir, out_dir)
+                ms = [timed_step(tr, i) for i in range(args.warmup + args.cap_steps)][args.warmup:]
+                rec = run_record(spec, cfg, tr, ms, torch.cuda.max_memory_allocated(device) / GIB,
+                                 torch.cuda.max_memory_reserved(device) / GIB, mb * cfg.seq_len * cfg.grad_accum)
+                rec.pop("step_ms_all")
+                rec["mfu_note"] = "MFU against the rtx4070 preset's 58.3 TFLOPS peak but timed on " \
+                                  "this device: meaningless as a 4070 figure"
+                rec["alloc_ok"] = rec["peak_alloc_gib"] <= CAP_ALLOC_LIMIT_GIB
+                largest = mb
+                log(f"  cap {args.cap_gib} GiB {name} mb={mb}: peak alloc {rec['peak_alloc_gib']:.2f} GiB, "
+                    f"reserved {rec['peak_reserved_gib']:.2f} GiB, "
+                    f"{'PASS' if rec['alloc_ok'] else 'FAIL'} (alloc <= {CAP_ALLOC_LIMIT_GIB} GiB)")
+            except torch.OutOfMemoryError:
+                rec = oom_record(spec, "under the cap")
+                log(f"  cap {args.cap_gib} GiB {name} mb={mb}: out of memory")
+            del tr
+            out["runs"].append(rec)
+            if not rec["fits"]:
+                break
+            mb *= 2
+        out["largest_fitting"][name] = largest
+    preset_runs = [r for r in out["runs"] if r["micro_batch"] == preset.micro_batch and r["fits"]]
+    out["preset_pass"] = bool(preset_runs) and all(r["alloc_ok"] for r in preset_runs)
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    free_memory(device)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- profile
+def profile_split(args, data_dir: Path, out_dir: Path, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {"micro_batch": args.profile_micro_batch, "buckets": [k for k, _ in BUCKETS] + ["other"],
+           "patterns": dict(BUCKETS), "how": "one train_step after the warm-up, CUDA kernel self time summed "
+                                             "per bucket; first matching pattern wins", "configs": {}}
+    for name, backend, comp in (("triton+compile", "triton", True), ("torch+compile", "torch", True)):
+        spec = Spec(name, backend, comp, args.profile_micro_batch, args)
+        tr = None
+        try:
+            _, tr = build_trainer(spec, data_dir, out_dir)
+            for i in range(args.warmup):
+                tr.train_step(i)
+            tr.sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                tr.train_step(args.warmup)
+                tr.sync()
+            split, top = {k: 0.0 for k in out["buckets"]}, {}
+            for ev in prof.events():
+                if ev.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                us = ev.device_time_total  # a kernel event: its own duration, us
+                split[bucket_of(ev.name)] += us / 1e3
+                top[ev.name] = top.get(ev.name, 0.0) + us / 1e3
+            total = sum(split.values())
+            out["configs"][name] = {
+                "total_kernel_ms": total, "ms": split,
+                "percent": {k: (100 * v / total if total else 0.0) for k, v in split.items()},
+                "top_kernels": [{"name": k, "ms": v, "bucket": bucket_of(k)}
+                                for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]]}
+            log(f"  profile {name}: {total:.2f} ms of kernels: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+        except torch.OutOfMemoryError:
+            out["configs"][name] = {"fits": False}
+        del tr
+        free_memory(device, reset_compiled=True)
+    return out
+
+
+def markdown(rec: dict) -> str:
+    env = rec["env"]
+    lines = [f"# Training benchmark: {env['device']}, {rec['date']}", "",
+             f"commit `{env['commit'][:10]}`{' (dirty)' if env['dirty'] else ''}, torch {env['torch']}, triton "
+             f"{env['triton']}, CUDA {env['cuda']}. GPT-2 {rec['model']}, T = {rec['seq_len']}, {rec['dtype']}; "
+             f"{rec['grad_accum']} micro-batch per optimizer step; median of {rec['steps']} timed steps per "
+             f"configuration, round-robin blocks of {rec['block']}.", ""]
+    if rec.get("smoke"):
+        lines += ["**SMOKE RUN (CPU, tiny model): NOT A TIMING.**", ""]
+    lines += ["| config | micro-batch | tok/s | MFU | step ms (median) | peak alloc GiB |", "|---|---|---|---|---|---|"]
+    for r in rec["runs"]:
+        if not r["fits"]:
+            lines.append(f"| {r['name']} | {r['micro_batch']} | OOM | | | |")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        pa = "n/a" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
+        lines.append(f"| {r['name']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
+                     f"| {r['step_ms_median']:.2f} | {pa} |")
+    sp = rec["speedup_vs_compiled_torch"]
+    lines += ["", "Speedup vs torch+compile (best triton / torch+compile, equal micro-batch): "
+              + (", ".join(f"mb {k}: {v['speedup']:.3f}x" for k, v in sp["per_micro_batch"].items())
+                 or f"n/a ({sp.get('reason')})")]
+    if rec.get("cap"):
+        c = rec["cap"]
+        lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): preset passes alloc <= "
+                      f"{c['alloc_limit_gib']} GiB: {'yes' if c['preset_pass'] else 'NO'}; largest fitting "
+                      f"micro-batch: " + ", ".join(f"{k} {v}" for k, v in c["largest_fitting"].items())]
+    if rec.get("profile"):
+        p = rec["profile"]
+        lines += ["", f"## Kernel time by op kind (one step, micro-batch {p['micro_batch']})", "",
+                  "| op kind | " + " | ".join(p["configs"]) + " |", "|---|" + "---|" * len(p["configs"])]
+        for k in p["buckets"]:
+            cells = [f"{c['ms'][k]:.2f} ms ({c['percent'][k]:.0f}%)" if "ms" in c else "OOM"
+                     for c in p["configs"].values()]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines += ["", "Kernel-name patterns (first match wins): "
+                  + "; ".join(f"{k}: `{v}`" for k, v in p["patterns"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- project
+def project(target: str, record_path: Path | None) -> int:
+    from gpt2 import GPT, MODEL_SIZES
+    from train_speedrun import PRESETS
+
+    published_tokens = 9.0e9  # llm.c: first val <= 3.28 at step ~17,250 x 524,288 tokens (/work/shared/REFERENCE.md)
+    peak = PRESETS[target].peak_tflops
+    if record_path is None:
+        print(f"error: --project {target} needs the measured MFU, which comes from a benchmark record: pass "
+              f"--from-record bench/results/train-<device>-<date>.json (or run on a CUDA GPU to make one)",
+              file=sys.stderr)
+        return 2
+    try:
+        rec = json.loads(Path(record_path).read_text())
+        runs = [r for r in rec["runs"] if r.get("fits") and r.get("mfu")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --from-record {record_path}: not a readable train benchmark record ({e})", file=sys.stderr)
+        return 2
+    ours = [r for r in runs if r["backend"] == "triton"]
+    pick = max(ours or runs, key=lambda r: r["mfu"], default=None)
+    if pick is None:
+        print(f"error: --from-record {record_path}: no run with a measured MFU in it", file=sys.stderr)
+        return 2
+    with torch.device("meta"):
+        model = GPT(MODEL_SIZES["d12"])
+    flops = model.flops_per_token(SEQ_LEN)
+    mfu = pick["mfu"]
+    seconds = published_tokens * flops / (peak * 1e12 * mfu)
+    device = rec.get("env", {}).get("device", "unknown device")
+    log("=" * 88)
+    log(f"PROJECTION, NOT A MEASUREMENT: time to FineWeb val <= 3.28 on {target} (GPT-2 d12, T = {SEQ_LEN})")
+    log("=" * 88)
+    log("time = published_tokens x flops_per_token / (peak_flops x MFU)")
+    log(f"  published_tokens = {published_tokens:.3e}   (llm.c 124M recipe: first val <= 3.28 at step ~17,250 "
+        f"x 524,288 tokens; /work/shared/REFERENCE.md)")
+    log(f"  flops_per_token  = {flops}   (6N + 6LCT for d12 at T = {SEQ_LEN}, from gpt2.GPT.flops_per_token)")
+    log(f"  peak_flops       = {peak}e12   ({target} dense bf16 tensor-core peak, fp32 accumulate)")
+    log(f"  MFU              = {mfu:.4f}   (measured on {device}, NOT on a {target}: {pick['name']} "
+        f"micro-batch {pick['micro_batch']}, record {record_path})")
+    log(f"  time             = {seconds:.1f} s = {seconds / 3600:.3f} hours")
+    log(f"hours = {seconds / 3600:.6f}")
+    log("Assumes the 4070 reaches the same MFU as the measured device; memory bandwidth, clocks and the 12 GB "
+        "budget may make it lower. projection, not a measurement.")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="End-to-end training benchmark: tok/s, MFU, memory vs torch.compile.")
+    p.add_argument("--micro-batches", default=None, help="comma list (default 8,16,32,64; smoke 2,4)")
+    p.add_argument("--backend", choices=("torch", "triton"), action="append",
+                   help="only these backends (repeatable; default all; smoke: torch)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="only compiled (--compile) or only eager (--no-compile) configs (default both; smoke eager)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 20, >= 20; smoke 3)")
+    p.add_argument("--block", type=int, default=5, help="steps per round-robin block (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per config (default 5; smoke 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: the device's preset)")
+    p.add_argument("--cap-gib", type=float, default=12.0, help="memory cap check with the rtx4070 preset, 0 = off")
+    p.add_argument("--cap-steps", type=int, default=3, help="timed steps per cap run (default 3)")
+    p.add_argument("--cap-max-micro-batch", type=int, default=64, help="largest micro-batch tried under the cap")
+    p.add_argument("--profile", action="store_true", help="profile one step of triton+compile and torch+compile")
+    p.add_argument("--profile-micro-batch", type=int, default=16)
+    p.add_argument("--project", choices=("rtx4070",), help="print the projected time to val 3.28 on this GPU")
+    p.add_argument("--from-record", type=Path, help="with --project: the record whose MFU to use (no GPU needed)")
+    p.add_argument("--smoke", action="store_true", help="CPU-allowed smoke run (tiny model, seq 64): NOT A TIMING")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the record goes (default bench/results; --smoke: only when given, never bench/results)")
+    args = p.parse_args(argv)
+    args.smoke_defaults = args.smoke
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.project and args.from_record is not None:
+        return project(args.project, args.from_record)
+    has_cuda = torch.cuda.is_available()
+    if args.project and not has_cuda:
+        return project(args.project, None)
+    if not has_cuda and not args.smoke:
+        print("error: no CUDA GPU: bench/train.py measures GPU training; use --smoke --out-dir DIR for a CPU smoke "
+              "run (not a timing), or --project rtx4070 --from-record PATH", file=sys.stderr)
+        return 2
+    if args.smoke and args.out_dir is not None and args.out_dir.resolve() == RESULTS_DIR.resolve():
+        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
+              file=sys.stderr)
+        return 2
+    smoke = args.smoke
+    device = torch.device("cuda" if has_cuda and not smoke else "cpu")
+    if smoke:
+        args.model, args.seq_len, args.dtype, args.gpu = "tiny", 64, "fp32" if device.type == "cpu" else "bf16", \
+            "cpu" if device.type == "cpu" else "auto"
+        mbs = [2, 4]
+        args.steps = args.steps or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
+        backends = args.backend or ["torch"]
+        compiles = [args.compile] if args.compile is not None else [False]
+        args.cap_gib, args.profile = 0, False
+        log("=" * 88)
+        log("SMOKE RUN: tiny model, seq 64, a few steps. NOT A TIMING: never quote these numbers.")
+        log("=" * 88)
+        if "triton" in backends and device.type == "cpu":
+            from gpt2.ops import use_cpu_interpreter
+
+            use_cpu_interpreter()
+    else:
+        import train_speedrun as ts
+
+        args.model, args.seq_len, args.dtype = "d12", SEQ_LEN, "bf16"
+        try:
+            args.gpu = ts.resolve_preset("auto")
+        except ts.UserError:
+            args.gpu = "h100"
+            if args.peak_tflops is None:
+                print(f"error: no preset knows {torch.cuda.get_device_name()}: pass --peak-tflops for MFU",
+                      file=sys.stderr)
+                return 2
+        mbs = [int(x) for x in args.micro_batches.split(",")] if args.micro_batches else list(DEFAULT_MICRO_BATCHES)
+        args.steps = args.steps or 20
+        if args.steps < 20:
+            print("error: --steps must be >= 20 for a GPU measurement", file=sys.stderr)
+            return 2
+        args.warmup = 5 if args.warmup is None else args.warmup
+        backends = args.backend or ["torch", "triton"]
+        compiles = [args.compile] if args.compile is not None else [True, False]
+    if smoke and args.micro_batches:
+        mbs = [int(x) for x in args.micro_batches.split(",")]
+    configs = [c for c in CONFIGS if c[1] in backends and c[2] in compiles]
+
+    from gpt2 import MODEL_SIZES
+    from runinfo import atomic_write_json, atomic_write_text, env_info
+
+    env = env_info(device)
+    log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
+        f"{' (dirty)' if env['dirty'] else ''}  preset {args.gpu}")
+    now = datetime.datetime.now()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
+                      + ([args.profile_micro_batch] if args.profile else []))
+        synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
+        runs = []
+        for mb in mbs:
+            log(f"micro-batch {mb}:")
+            runs += sweep_group([Spec(n, b, c, mb, args) for n, b, c in configs], args, data_dir, tmp / "out", device)
+        cap = cap_check(args, data_dir, tmp / "out", device) if args.cap_gib and not smoke else None
+        prof = profile_split(args, data_dir, tmp / "out", device) if args.profile else None
+    import train_speedrun as ts
+
+    sp = speedups(runs)
+    record = {
+        "kind": "train", "smoke": smoke, "date": now.isoformat(timespec="seconds"), "env": env,
+        "device": env["device"], "commit": env["commit"], "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
+        "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.PRESETS[args.gpu].peak_tflops,
+        "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype, "grad_accum": args.grad_accum,
+        "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
+        "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations of "
+                  "one micro-batch in blocks; each step timed alone (synchronize before/after); median. One step = "
+                  "one optimizer step over grad_accum micro-batches (tokens per step = micro_batch x seq_len x "
+                  "grad_accum). Data: synthetic uniformly random tokens in an llm.c shard, read by the real "
+                  "ShardLoader. peak_alloc_gib: own peak as if alone (group's other trainers' resident memory "
+                  "subtracted); peak_reserved_gib: the shared pool's peak (upper bound).",
+        "runs": runs, "speedup_vs_compiled_torch": sp, "cap": cap, "profile": prof,
+    }
+    if smoke:
+        log("SMOKE RUN: NOT A TIMING.")
+    out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"train-{'smoke-' if smoke else ''}{slug(env['device'])}-{now.strftime('%Y%m%d-%H%M%S')}"
+        path = out_dir / f"{stem}.json"
+        atomic_write_json(path, record)
+        log(f"wrote {path}")
+        if prof is not None or not smoke:
+            atomic_write_text(out_dir / f"{stem}.md", markdown(record))
+            log(f"wrote {out_dir / (stem + '.md')}")
+        if args.project:
+            return project(args.project, path)
+    else:
+        log("no record written (smoke run without --out-dir)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""bench/train.py: the CPU smoke run end to end, the no-GPU refusal, and the --project arithmetic.
+
+The GPU measurement itself (d12 sweep, 12 GiB cap, profile) needs a CUDA GPU; here only its record
+machinery runs, on the tiny model (--smoke), and pure helpers are checked in-process."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HAS_CUDA
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "train.py"
+RUN_KEYS = {"backend", "compile", "micro_batch", "tokens_per_s", "mfu", "peak_alloc_gib", "peak_reserved_gib",
+            "step_ms_median", "step_ms_all", "fits"}
+
+
+def bench(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides itself
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    before = sorted(p.name for p in (REPO / "bench" / "results").glob("*"))
+    proc = bench("--smoke", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = list(out.glob("train-*.json"))
+    assert len(records) == 1, records
+    return proc, records[0], json.loads(records[0].read_text()), before
+
+
+def test_smoke_record_is_complete(smoke):
+    proc, path, rec, before = smoke
+    assert "NOT A TIMING" in proc.stdout
+    assert path.name.startswith("train-smoke-")
+    assert rec["smoke"] is True and rec["kind"] == "train"
+    for key in ("device", "commit", "versions", "env", "runs", "speedup_vs_compiled_torch", "method", "grad_accum",
+                "steps", "model", "seq_len"):
+        assert key in rec, key
+    assert rec["model"] == "tiny" and rec["seq_len"] == 64
+    assert {"torch", "triton", "python"} <= set(rec["versions"])
+    assert sorted(r["micro_batch"] for r in rec["runs"]) == [2, 4]
+    for r in rec["runs"]:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert r["fits"] is True and r["backend"] == "torch" and r["compile"] is False
+        assert len(r["step_ms_all"]) == 3 and r["step_ms_median"] > 0 and r["tokens_per_s"] > 0
+        tokens = r["micro_batch"] * 64
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["step_ms_median"] / 1e3))
+    sp = rec["speedup_vs_compiled_torch"]
+    assert sp["best"] is None and "torch+compile" in sp["reason"] and "triton" in sp["reason"]
+    # smoke runs never write into bench/results
+    assert sorted(p.name for p in (REPO / "bench" / "results").glob("*")) == before
+
+
+def test_smoke_refuses_to_write_into_results():
+    proc = bench("--smoke", "--out-dir", str(REPO / "bench" / "results"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU refusal; this machine has a CUDA GPU")
+def test_refuses_without_gpu_in_one_line():
+    proc = bench()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--smoke" in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="without a GPU and a record the MFU input is missing")
+def test_project_without_record_names_the_missing_input():
+    proc = bench("--project", "rtx4070")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--from-record" in lines[0] and "MFU" in lines[0]
+
+
+def test_project_arithmetic(tmp_path):
+    runs = [
+        {"name": "torch+compile", "backend": "torch", "compile": True, "micro_batch": 16, "fits": True,
+         "tokens_per_s": 4.0e5, "mfu": 0.45},
+        {"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 16, "fits": True,
+         "tokens_per_s": 3.5e5, "mfu": 0.3917},
+        {"name": "triton", "backend": "triton", "compile": False, "micro_batch": 64, "fits": False, "mfu": None},
+    ]
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"env": {"device": "Fake GPU 9000"}, "runs": runs}))
+    proc = bench("--project", "rtx4070", "--from-record", str(path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "PROJECTION, NOT A MEASUREMENT" in out and "projection, not a measurement" in out
+    assert "Fake GPU 9000" in out and "NOT on a rtx4070" in out and "REFERENCE.md" in out
+    flops = int(re.search(r"flops_per_token\s*=\s*(\d+)", out).group(1))
+    # d12: N = 124,439,808 (without the 47 vocab-padding rows), 6N + 6 * 12 * 768 * 1024
+    assert flops == 6 * 124_439_808 + 6 * 12 * 768 * 1024
+    hours = float(re.search(r"^hours = ([\d.]+)$", out, re.M).group(1))
+    mfu = 0.3917  # ours (the best triton run's MFU), not the baseline's
+    assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * mfu) / 3600, rel=1e-5)
+
+
+def test_speedups_and_buckets():
+    m = load_module()
+
+    def run(name, backend, comp, mb, tok):
+        return {"name": name, "backend": backend, "compile": comp, "micro_batch": mb, "fits": True,
+                "tokens_per_s": tok}
+
+    runs = [run("triton", "triton", False, 8, 90.0), run("triton+compile", "triton", True, 8, 120.0),
+            run("torch+compile", "torch", True, 8, 100.0), run("torch", "torch", False, 8, 70.0),
+            run("triton+compile", "triton", True, 16, 130.0), run("torch+compile", "torch", True, 16, 125.0),
+            {"name": "torch+compile", "backend": "torch", "compile": True, "micro_batch": 64, "fits": False,
+             "tokens_per_s": None}]
+    sp = m.speedups(runs)
+    assert sp["per_micro_batch"]["8"]["speedup"] == pytest.approx(1.2)
+    assert sp["per_micro_batch"]["8"]["ours"] == "triton+compile"
+    assert sp["per_micro_batch"]["16"]["speedup"] == pytest.approx(130 / 125)
+    assert sp["best"]["micro_batch"] == 8 and sp["best_overall"]["speedup"] == pytest.approx(130 / 125)
+    assert "64" in sp["missing"]
+    cases = {"_attn_fwd": "attention", "flash_fwd_kernel": "attention", "_lce_bwd_dw_kernel": "classifier",
+             "triton_red_fused__log_softmax_0": "classifier", "_adamw_kernel": "optimizer",
+             "_finalize_norm_kernel": "optimizer", "sm90_xmma_gemm_bf16bf16_bf16f32": "matmul",
+             "nvjet_tst_128x256_64x4": "matmul", "_ln_fwd_kernel": "norms",
+             "triton_per_fused_native_layer_norm_3": "norms", "_gelu_bwd_kernel": "gelu",
+             "triton_poi_fused_gelu_4": "gelu", "vectorized_elementwise_kernel": "other"}
+    for name, kind in cases.items():
+        assert m.bucket_of(name) == kind, name
