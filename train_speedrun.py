@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hellaswag-every", type=int, help="HellaSwag eval every N steps, 0 = off (default 1000 on GPUs)")
     p.add_argument("--hellaswag-path", help="tokenized HellaSwag val file (python data/hellaswag.py writes it)")
     p.add_argument("--resume", action="store_true", help="continue the newest complete checkpoint in --out-dir")
+    p.add_argument("--eval-only", action="store_true",
+                   help="score the starting weights (--init-from / --resume) on val and HellaSwag, no training")
     p.add_argument("--download", action="store_true",
                    help="if --data has no shards, download FineWeb into it first (python data/fineweb.py)")
     return p
@@ -212,7 +214,7 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "download")}
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "download", "eval_only")}
     resume_path = None
     if args.resume:
         if "out_dir" not in explicit:
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         args = build_parser().parse_args(argv)
+        if args.eval_only and args.resume:
+            raise UserError("--eval-only with --resume would rewrite that run's record: score a run's weights "
+                            "with --init-from ckpt:RUN_DIR --eval-only --out-dir NEW_DIR")
         cfg, resume_path = _resolve(args)
         out_dir = Path(cfg.out_dir)
         check_out_dir(out_dir, resuming=resume_path is not None)
@@ -360,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 raise UserError(str(e)) from None
         train_files, val_file = open_data(cfg, download=args.download)
-        result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path)
+        result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path,
+                              eval_only=args.eval_only)
         return result.get("exit_code", 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -364,21 +364,22 @@ def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
     }
 
 
-def run(cfg, out_dir: Path, train_files: list[Path], val_file: Path, resume_from: Path | None = None) -> dict:
+def run(cfg, out_dir: Path, train_files: list[Path], val_file: Path, resume_from: Path | None = None,
+        eval_only: bool = False) -> dict:
     """Train; returns the result record (also written to out_dir/result.json on rank 0)."""
     dist = Dist(cfg.device)
     try:
         env = env_info(dist.device)
         log = RunLog(out_dir / "train.log" if dist.master else None, cfg.max_steps, append=resume_from is not None)
         try:
-            return _run(cfg, out_dir, env, train_files, val_file, log, dist, resume_from)
+            return _run(cfg, out_dir, env, train_files, val_file, log, dist, resume_from, eval_only)
         finally:
             log.close()
     finally:
         dist.close()
 
 
-def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resume_from) -> dict:
+def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resume_from, eval_only=False) -> dict:
     trainer = Trainer(cfg, train_files, val_file, dist)
     model = trainer.model
     tokens_per_step = cfg.total_batch_tokens
@@ -425,6 +426,36 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         dist.barrier()
         return path
 
+    hellaswag_examples = None
+    if cfg.hellaswag_every or eval_only:
+        if Path(cfg.hellaswag_path).is_file():
+            from data.hellaswag import load_examples
+
+            hellaswag_examples = load_examples(Path(cfg.hellaswag_path))
+            when = "once" if eval_only else f"every {cfg.hellaswag_every} steps and at the end"
+            log.line(f"HellaSwag: {len(hellaswag_examples)} examples from {cfg.hellaswag_path}, {when}")
+        else:
+            log.line(f"HellaSwag: off ({cfg.hellaswag_path} not found; `python data/hellaswag.py` writes it)")
+
+    def run_hellaswag(step: int) -> None:
+        t_hs = time.perf_counter()
+        hs = trainer.hellaswag(hellaswag_examples)  # outside the clock
+        result["hellaswag"].append({"step": step, **hs})
+        log.line(f"hellaswag step {step:5d} | acc {hs['acc']:.4f} | acc_norm {hs['acc_norm']:.4f} "
+                 f"| n {hs['n']} | {time.perf_counter() - t_hs:.1f} s")
+
+    if eval_only:  # score the starting weights (--init-from or a checkpoint) without training
+        val = trainer.evaluate()
+        result["val"].append({"step": start_step, "tokens": start_step * tokens_per_step, "loss": val})
+        result["final_val_loss"] = val
+        log.line(f"eval-only: val loss {val:.6f} over the first {cfg.val_tokens:,} val tokens")
+        if hellaswag_examples:
+            run_hellaswag(start_step)
+        result["status"] = "eval_only"
+        if dist.master:
+            atomic_write_json(result_path, result)
+        return result
+
     # Untimed warm-up: real steps (compile, autotune, allocator), then back to the state before them.
     if cfg.timing_warmup_steps:
         snap = copy.deepcopy(trainer.state())
@@ -438,17 +469,6 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                  f"then weights, optimizer, RNG and data position restored")
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-
-    hellaswag_examples = None
-    if cfg.hellaswag_every:
-        if Path(cfg.hellaswag_path).is_file():
-            from data.hellaswag import load_examples
-
-            hellaswag_examples = load_examples(Path(cfg.hellaswag_path))
-            log.line(f"HellaSwag: {len(hellaswag_examples)} examples from {cfg.hellaswag_path}, "
-                     f"every {cfg.hellaswag_every} steps and at the end")
-        else:
-            log.line(f"HellaSwag: off ({cfg.hellaswag_path} not found; `python data/hellaswag.py` writes it)")
 
     bad_in_a_row = 0
     stopped_by = None
@@ -501,11 +521,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                 if dist.master:
                     atomic_write_json(result_path, result)  # a valid record after every validation
             if hellaswag_examples and ((step + 1) % cfg.hellaswag_every == 0 or last_step or result["target_reached"]):
-                t_hs = time.perf_counter()
-                hs = trainer.hellaswag(hellaswag_examples)  # outside the clock
-                result["hellaswag"].append({"step": step + 1, **hs})
-                log.line(f"hellaswag step {step + 1:5d} | acc {hs['acc']:.4f} | acc_norm {hs['acc_norm']:.4f} "
-                         f"| n {hs['n']} | {time.perf_counter() - t_hs:.1f} s")
+                run_hellaswag(step + 1)
                 if dist.master:
                     atomic_write_json(result_path, result)
             if result["target_reached"]:

@@ -112,6 +112,33 @@ def test_compile_matches_eager(tmp_path, backend):
     assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
 
 
+def test_eval_only_scores_imported_weights(tmp_path):
+    """--init-from hf:DIR --eval-only: val loss (and HellaSwag) of those weights, no training."""
+    from data.hellaswag import Example, write_examples
+    from data.loader import ShardLoader
+    from data.sample import prepare_sample
+    from gpt2 import GPT, MODEL_SIZES
+    from gpt2.hf import save_hf
+
+    torch.manual_seed(3)
+    model = GPT(MODEL_SIZES["tiny"])
+    save_hf(model, tmp_path / "hf")
+    write_examples(tmp_path / "hs.bin", [Example.of([1, 2, 3], [[4], [5, 6], [7], [8, 9, 10]], 2)] * 3)
+    out = tmp_path / "o"
+    proc = run_cli(*SMALL, "--init-from", f"hf:{tmp_path / 'hf'}", "--eval-only", "--hellaswag-path",
+                   tmp_path / "hs.bin", "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "eval_only" and result["steps"] == [] and len(result["val"]) == 1
+    assert result["hellaswag"][0]["n"] == 3
+    # the same number computed here: mean loss over the first --val-tokens of the val shard
+    loader = ShardLoader(sorted(prepare_sample().glob("*_val_*.bin")), 4, 64)
+    with torch.no_grad():
+        want = sum(model(*loader.next_batch()).item() for _ in range(2048 // 256)) / (2048 // 256)
+    assert result["final_val_loss"] == pytest.approx(want, rel=1e-5)
+    assert_user_error(run_cli(*SMALL, "--eval-only", "--resume", "--out-dir", out), "--init-from ckpt:")
+
+
 def test_high_target_stops_at_first_validation(tmp_path):
     proc = run_cli(*SMALL, "--max-steps", 50, "--val-every", 4, "--target-val-loss", 100, "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
