@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywh
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-EOT = 50256
+from data.tokenizer import EOT  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +106,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
 
 def load(args, device: torch.device):
     from gpt2.checkpoint import load_model
-    from gpt2.hf import init_from, resolve_checkpoint
+    from gpt2.checkpoint import resolve_checkpoint
+    from gpt2.hf import init_from
 
     if args.checkpoint is not None:
         model = load_model(resolve_checkpoint(args.checkpoint), device=device)

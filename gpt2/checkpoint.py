@@ -74,6 +74,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file as given, or the newest complete checkpoint in a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoints (ckpt_XXXXXXXX.pt) in this run directory")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
 def load_model(path: Path, device="cpu", ops=None) -> GPT:
     """Rebuild the GPT stored in a checkpoint (weights only), on `device`, in eval mode."""
     ckpt = load_checkpoint(path, map_location="cpu")

@@ -15,7 +15,7 @@ API:
   save_hf(model, path)              write config.json + model.safetensors (fp32), loadable by transformers
   load_hf(path, ops=None) -> GPT    read a directory in that format (no transformers needed)
   init_from(spec, ops=None) -> GPT  "hf:DIR", "llmc:FILE.bin" or "ckpt:RUN_DIR_OR_FILE"
-  resolve_checkpoint(path) -> Path  a run dir means its newest checkpoint
+  (a run dir given as ckpt:/--checkpoint means its newest checkpoint: gpt2.checkpoint.resolve_checkpoint)
 CLI:
   python -m gpt2.hf export --checkpoint RUN_DIR_OR_CKPT --out DIR
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import CheckpointError, latest_checkpoint, load_model
+from gpt2.checkpoint import load_model, resolve_checkpoint
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
 
@@ -267,19 +267,6 @@ def load_hf(path, ops=None) -> GPT:
 
 
 # ---------------------------------------------------------------------------------------- init_from
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given, or the newest complete checkpoint in a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{path}: no checkpoints (ckpt_XXXXXXXX.pt) in this run directory")
-        return found
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    return path
 
 
 INIT_SCHEMES = ("hf", "llmc", "ckpt")
