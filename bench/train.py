@@ -138,13 +138,18 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
     return cfg
 
 
-def build_trainer(spec: Spec, data_dir: Path, out_dir: Path):
+def build_trainer(spec: Spec, data_dir: Path, out_dir: Path, warmup: int = 0):
+    """A real training.Trainer for `spec`, after `warmup` untimed steps (compile, autotune, allocator)."""
     import train_speedrun as ts
     import training
 
     cfg = make_config(spec, data_dir, out_dir)
     train_files, val_file = ts.open_data(cfg)
-    return cfg, training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))
+    tr = training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))
+    for i in range(warmup):
+        tr.train_step(i)
+    tr.sync()
+    return cfg, tr
 
 
 def cuda(device) -> bool:
@@ -196,10 +201,7 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
         before = mem_alloc(device)
         tr = None
         try:
-            cfg, tr = build_trainer(spec, data_dir, out_dir)
-            for i in range(args.warmup):
-                tr.train_step(i)
-            tr.sync()
+            cfg, tr = build_trainer(spec, data_dir, out_dir, warmup=args.warmup)
             resident = mem_alloc(device) - before  # weights + optimizer state this trainer keeps
             live.append({"spec": spec, "cfg": cfg, "tr": tr, "ms": [], "resident": resident,
                          "peak_alloc": 0.0, "peak_reserved": 0.0, "step": args.warmup})
@@ -334,10 +336,7 @@ def profile_split(args, data_dir: Path, out_dir: Path, device) -> dict:
         spec = Spec(name, backend, comp, args.profile_micro_batch, args)
         tr = None
         try:
-            _, tr = build_trainer(spec, data_dir, out_dir)
-            for i in range(args.warmup):
-                tr.train_step(i)
-            tr.sync()
+            _, tr = build_trainer(spec, data_dir, out_dir, warmup=args.warmup)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 tr.train_step(args.warmup)
                 tr.sync()
