@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from data.fineweb import DEFAULT_OUT_DIR  # noqa: E402 (the default --data: where data/fineweb.py writes)
+from data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH  # noqa: E402
 from gpt2 import MODEL_SIZES  # noqa: E402
 from gpt2.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint  # noqa: E402
 from gpt2.ops import BACKENDS, use_cpu_interpreter  # noqa: E402
 
-DEFAULT_FINEWEB_DIR = "data/fineweb10B"
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -42,7 +43,7 @@ class Preset:
     compile: bool = True
     dtype: str = "bf16"
     model: str = "d12"
-    data: str = DEFAULT_FINEWEB_DIR
+    data: str = DEFAULT_OUT_DIR
     seq_len: int = 1024
     total_batch_tokens: int = 524_288  # 2**19, llm.c
     lr: float = 6e-4
@@ -64,7 +65,7 @@ class Preset:
     max_bad_steps: int = 3  # non-finite steps in a row tolerated before the run stops
     init_from: str | None = None  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
     hellaswag_every: int = 1000  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)
-    hellaswag_path: str = "data/hellaswag/hellaswag_val.bin"  # written by `python data/hellaswag.py`
+    hellaswag_path: str = str(HELLASWAG_PATH)  # written by `python data/hellaswag.py`
 
 
 PRESETS: dict[str, Preset] = {
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (default 1.0)")
     p.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
     p.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
-    p.add_argument("--data", help=f"'sample' (built-in corpus) or a dir of llm.c shards (default {DEFAULT_FINEWEB_DIR})")
+    p.add_argument("--data", help=f"'sample' (built-in corpus) or a dir of llm.c shards (default {DEFAULT_OUT_DIR})")
     p.add_argument("--out-dir", help="where logs, records and checkpoints go (default runs/<time>-<gpu>-<model>)")
     p.add_argument("--seed", type=int, help="init seed (default 1337)")
     p.add_argument("--val-every", type=int, help="validate every N steps (and at the end)")
@@ -316,15 +317,17 @@ def open_data(cfg: Config, download: bool = False):
         raise UserError(f"--data {data_dir}: no {missing} shards there; fetch them with "
                         f"`{download_command(data_dir)}` (or add --download), or use --data sample")
     try:
-        val_tokens = read_header(val[0])
-        for f in train:
-            read_header(f)
+        val_tokens = read_header(val[0])  # every train header is checked by the loader (ShardLoader)
     except ShardError as e:
-        raise UserError(f"bad shard {e} (re-download or re-tokenize it)") from None
+        raise UserError(bad_shard_message(e)) from None
     if val_tokens < cfg.val_tokens + 1:
         raise UserError(f"val shard {val[0]} has {val_tokens} tokens, fewer than --val-tokens "
                         f"{cfg.val_tokens} + 1: lower --val-tokens")
     return train, val[0]
+
+
+def bad_shard_message(e) -> str:
+    return f"bad shard {e} (re-download or re-tokenize it)"
 
 
 def check_out_dir(path: Path, resuming: bool) -> None:
@@ -349,6 +352,7 @@ def oom_message(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import training
+    from data.shards import ShardError
 
     cfg = None
     try:
@@ -370,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         return result.get("exit_code", 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:  # raised by the loaders, which validate every shard header
+        print(f"error: {bad_shard_message(e)}", file=sys.stderr)
         return 2
     except training.InitError as e:
         print(f"error: --init-from {cfg.init_from}: {e}", file=sys.stderr)

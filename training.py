@@ -218,6 +218,10 @@ class Trainer:
             if cfg.memory_gib:
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_gib * 2**30 / total), self.device)
+        B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
+        # The loaders first: they validate every shard header, so a bad file fails before the model is built.
+        self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
+        self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
         torch.manual_seed(cfg.seed)
         self.ops = get_ops(cfg.backend, self.device)
         # Built on the CPU (same initial weights on every device and rank), then moved.
@@ -232,10 +236,7 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = self.ops.optimizer(self.model.param_groups(cfg.weight_decay), lr=cfg.lr,
                                             betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-        B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
         self.grad_accum = cfg.total_batch_tokens // (B * T * W)  # micro-batches per rank per step
-        self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
-        self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
         self.val_steps = cfg.val_tokens // (B * T * W)  # per rank
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else contextlib.nullcontext())
@@ -261,7 +262,7 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
         lr = lr_at(cfg, step)
-        loss_v, norm_v = loss_sum.item(), norm.item()
+        loss_v, norm_v = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync for both
         applied = math.isfinite(loss_v) and math.isfinite(norm_v)
         if applied:
             for group in self.optimizer.param_groups:
