@@ -95,11 +95,11 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from unittest import mock  # noqa: E402
+
+from kernels.aot import mma_instructions, ptxas_info, ptxas_stats  # noqa: E402
 
 # ------------------------------------------------------------------------------------- hardware
 
@@ -410,41 +410,7 @@ DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": d
 
 # ----------------------------------------------------------------------------------- compile + ptxas
 
-_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync\.aligned)(?:\.\w+)+")
 _DOT = re.compile(r"tt\.dot\b.*?:\s*tensor<(?:\d+x)+([A-Za-z]\w*)[^>]*>\s*\*\s*tensor<(?:\d+x)+([A-Za-z]\w*)")
-
-
-def ptxas_info(cc: int) -> tuple[str | None, str | None]:
-    """(path, version) of the ptxas Triton uses for this compute capability, (None, None) if absent."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(cc)
-    except Exception:  # noqa: BLE001 - a missing binary is reported, not fatal here
-        return None, None
-    return (ptxas.path, ptxas.version) if ptxas.path and os.path.exists(ptxas.path) else (None, None)
-
-
-def ptxas_stats(ptx: str, cc: int, fp_fusion: bool) -> dict:
-    """registers, spill_stores, spill_loads from `ptxas -v`, run as Triton's make_cubin runs it."""
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    path, _ = ptxas_info(cc)
-    if path is None:
-        return {"registers": None, "spill_stores": None, "spill_loads": None}
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [path, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(tmp, "k.cubin")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"ptxas failed ({' '.join(cmd)}): {out.stderr.strip()[-2000:]}")
-    log = out.stderr + out.stdout
-    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_stores": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-            "spill_loads": int(re.search(r"(\d+) bytes spill loads", log).group(1))}
 
 
 def compile_job(job: dict) -> dict:
@@ -476,7 +442,7 @@ def compile_job(job: dict) -> dict:
             cache.put(json.dumps(stats), "tritonrun_ada_ptxas.json", binary=False)
     dots = sorted({t for pair in _DOT.findall(kernel.asm["ttir"]) for t in pair})
     return {"shared_bytes": kernel.metadata.shared, **stats,
-            "mma": ", ".join(sorted(set(_MMA.findall(ptx)))) or "none", "dot_inputs": dots}
+            "mma": ", ".join(mma_instructions(ptx)) or "none", "dot_inputs": dots}
 
 
 # ------------------------------------------------------------------------------------ records

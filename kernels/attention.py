@@ -58,7 +58,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 
 import torch
 import triton
@@ -625,32 +624,6 @@ _POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "LSE", "DELTA"}
 _FP32_POINTERS = {"LSE", "DELTA"}
 
 
-def _ptxas_stats(ptx: str, arch: str) -> dict:
-    """Registers and spills from `ptxas -v`, the binary bundled with triton that Triton itself runs for
-    this arch, with Triton's own flags. Empty dict when the binary is absent."""
-    import subprocess
-    import tempfile
-
-    try:  # the binary Triton itself uses for this arch: bin/ptxas below sm_90, bin/ptxas-blackwell (CUDA 13) from sm_90
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(int(arch.removeprefix("sm_"))).path
-    except Exception:  # noqa: BLE001 - a missing binary only disables the spill check
-        return {}
-    if not ptxas or not os.path.exists(ptxas):
-        return {}
-    gpu = "sm_90a" if arch == "sm_90" else arch
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        log = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
-                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
-    return {"regs": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_stores": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-            "spill_loads": int(re.search(r"(\d+) bytes spill loads", log).group(1))}
-
-
 def compile_stats(kind: str, D: int, config: tuple[int, int, int, int], arch: str = "sm_89",
                   dtype: str = "bf16") -> dict:
     """Compile KERNELS[kind] for `arch` without a GPU and report its resources.
@@ -664,6 +637,8 @@ def compile_stats(kind: str, D: int, config: tuple[int, int, int, int], arch: st
     import json
 
     from triton.backends.compiler import GPUTarget
+
+    from kernels.aot import mma_instructions, ptxas_stats
     from triton.compiler import ASTSource
     from triton.runtime.cache import get_cache_manager
 
@@ -692,14 +667,16 @@ def compile_stats(kind: str, D: int, config: tuple[int, int, int, int], arch: st
                             options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
     stats = {"shared": kernel.metadata.shared, "regs": None, "spill_stores": None, "spill_loads": None,
-             "mma": sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned)\.[\w.]+", ptx)))}
+             "mma": mma_instructions(ptx)}
     cache = get_cache_manager(kernel.hash)
     cached = cache.get_file("tritonrun_ptxas_stats.json")
     if cached is not None:
         with open(cached) as f:
             ptxas = json.load(f)
     else:
-        ptxas = _ptxas_stats(ptx, arch)
+        found = ptxas_stats(ptx, int(arch.removeprefix("sm_")))
+        ptxas = {} if found["registers"] is None else {"regs": found["registers"], "spill_stores": found["spill_stores"],
+                                                      "spill_loads": found["spill_loads"]}
         if ptxas:
             cache.put(json.dumps(ptxas), "tritonrun_ptxas_stats.json", binary=False)
     return {**stats, **ptxas}

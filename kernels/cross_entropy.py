@@ -560,20 +560,13 @@ def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) ->
     """Compile every kernel of CONFIGS[arch] for that GPU without one (needs TRITON_INTERPRET unset in
     this process) and report shared bytes, registers, spills (ptxas -v, the ptxas bundled with triton)
     and the mma instructions in the PTX."""
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernels.aot import mma_instructions, ptxas_stats
+
     cc = int(arch.removeprefix("sm_"))
     ptx_ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    try:  # the ptxas triton itself uses for this arch (bundled: backends/nvidia/bin/ptxas[-blackwell])
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(cc).path
-    except Exception:  # noqa: BLE001 -- report "no ptxas" (registers/spills None) instead of failing
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     cfg = get_config(torch.device("cuda"), dtype, arch)
     report = []
     for kname, (fname, ptrs) in _KERNEL_ARGS.items():
@@ -594,23 +587,12 @@ def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) ->
         kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                                 options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
         ptx = kernel.asm["ptx"]
+        try:
+            stats = ptxas_stats(ptx, cc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{kname} ({arch}): {e}") from None
         row = dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
-                   shared_limit=ARCH_SHARED_LIMIT[arch], mma=sorted(set(re.findall(r"\b(?:w?mma|wgmma)\.[\w.]+", ptx))),
-                   registers=None, spill_stores=None, spill_loads=None, config=c)
-        if ptxas and os.path.exists(ptxas):
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "k.ptx")
-                with open(path, "w") as f:
-                    f.write(ptx)
-                target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_89, sm_90a, ...
-                out = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                                     capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"ptxas failed for {kname} ({arch}): {out.stderr.strip()}")
-            info = out.stderr + out.stdout
-            row["registers"] = int(re.search(r"Used (\d+) registers", info).group(1))
-            row["spill_stores"] = int(re.search(r"(\d+) bytes spill stores", info).group(1))
-            row["spill_loads"] = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+                   shared_limit=ARCH_SHARED_LIMIT[arch], mma=mma_instructions(ptx), **stats, config=c)
         report.append(row)
     return report
 

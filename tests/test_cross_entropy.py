@@ -335,11 +335,9 @@ def _compile_report(arch: str, dtype: str) -> list[dict]:
 
 
 def _ptxas_path():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas(89).path
-    except Exception:  # noqa: BLE001
-        return None
+    from kernels.aot import ptxas_info
+
+    return ptxas_info(89)[0]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
