@@ -222,8 +222,10 @@ class Recorder:
         kwargs = dict(kwargs)
         # as JITFunction.run does before binding
         kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        # launch options JITFunction.run adds; which exist depends on the Triton version
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(knobs.compilation, knob):
+                kwargs[knob] = getattr(knobs.compilation, knob)
         binder = self._binders.get(id(fn))
         if binder is None:
             binder = self._binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, self.backend)
