@@ -772,7 +772,13 @@ def main(argv=None) -> int:
         return 2
     smoke = not has_cuda
     if smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernels/ module is imported (the cases import lazily)
+        from gpt2.ops import use_cpu_interpreter
+
+        try:  # before any kernels/ module is imported (the cases import lazily)
+            use_cpu_interpreter()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.out_dir is not None and args.out_dir.resolve() == RESULTS_DIR.resolve():
             print("error: smoke runs never write into bench/results (README figures come from GPU records only)",
                   file=sys.stderr)

@@ -508,7 +508,11 @@ def main(argv=None) -> int:
         if "triton" in backends and device.type == "cpu":
             from gpt2.ops import use_cpu_interpreter
 
-            use_cpu_interpreter()
+            try:
+                use_cpu_interpreter()
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     else:
         import train_speedrun as ts
 

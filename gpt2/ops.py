@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -116,10 +117,36 @@ def _load_triton_op(name: str) -> tuple[Callable | None, str]:
     return getattr(module, attr), "triton"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, or None. Triton <= 3.6 turns loop bounds into Python
+    ints with int() on 1-element arrays, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); Triton 3.7 fixed it. Versions come from package metadata: importing
+    triton here would fix its interpreter mode too early."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_v, numpy_v = version("triton"), version("numpy")
+    except PackageNotFoundError as e:
+        return f"{e.name} is not installed (pip install -e .)"
+    if _major_minor(triton_v) < (3, 7) and _major_minor(numpy_v) >= (2, 4):
+        return (f"Triton {triton_v}'s CPU interpreter does not work with NumPy {numpy_v}: "
+                f"pip install 'numpy<2.4' (or triton>=3.7), or use --backend torch")
+    return None
+
+
 def use_cpu_interpreter() -> None:
     """Run the Triton kernels on CPU tensors through Triton's interpreter. TRITON_INTERPRET is read when
     @triton.jit functions are defined, triton's own helpers (tl.sum, ...) included, so it must be set before
-    triton is first imported; a process that imported triton without it cannot run the kernels on CPU."""
+    triton is first imported; a process that imported triton without it cannot run the kernels on CPU.
+    Raises RuntimeError with the fix when that cannot work."""
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(problem)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
     if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") not in (None, ""):

@@ -8,10 +8,14 @@ import os
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
+
+if not HAS_CUDA:
+    from gpt2.ops import interpreter_problem  # noqa: E402 (imports no triton)
+
+    if interpreter_problem():
+        pytest.exit(f"the kernel tests need Triton's CPU interpreter: {interpreter_problem()}", returncode=2)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
 

@@ -146,6 +146,27 @@ def test_ops_seam_backends():
         get_ops("cuda")
 
 
+@pytest.mark.parametrize("triton_v,numpy_v,bad", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                  ("3.7.0", "2.5.2", False), ("3.5.1", "2.4.0", True),
+                                                  ("3.9.0", "2.4.6", False)])
+def test_interpreter_problem_names_the_fix(monkeypatch, triton_v, numpy_v, bad):
+    """Triton <= 3.6's interpreter breaks under NumPy >= 2.4 (seen here: 86 kernel-test failures with 3.6.0 +
+    2.4.6): the CLI, the benches and conftest say so in one line with the fix instead."""
+    import importlib.metadata
+
+    from gpt2 import ops
+
+    monkeypatch.setattr(importlib.metadata, "version", {"triton": triton_v, "numpy": numpy_v}.__getitem__)
+    problem = ops.interpreter_problem()
+    if not bad:
+        assert problem is None
+        return
+    assert problem == (f"Triton {triton_v}'s CPU interpreter does not work with NumPy {numpy_v}: "
+                       "pip install 'numpy<2.4' (or triton>=3.7), or use --backend torch")
+    with pytest.raises(RuntimeError, match="numpy<2.4"):
+        ops.use_cpu_interpreter()
+
+
 def test_triton_backend_model_matches_torch_backend():
     """Model level parity; exact while every op falls back, within kernel tolerance once they land."""
     idx = torch.randint(0, 50257, (2, 33))
