@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Resume exactness on this machine: N steps straight against N/2 steps, a checkpoint, and --resume.
+
+    python bench/resume.py                         # GPU: d12, bf16, both backends; writes bench/results/resume-*.json
+    python bench/resume.py --smoke --out-dir DIR   # CPU: tiny model, fp32; the CPU guarantee is bitwise
+
+Per backend, three fresh `train_speedrun.py` processes on the same data and seed:
+  A  N steps straight, checkpointing at step N/2;
+  B  the same again: how far two uninterrupted runs of this GPU/software already differ (the noise floor);
+  C  A's step-N/2 checkpoint alone in a new out dir, continued with --resume to step N.
+Recorded: the per-step train losses and grad norms of A, B and C, and for C-vs-A and B-vs-A over steps N/2+1..N the
+largest absolute and relative difference of the loss, of the grad norm, and of the final val loss, plus whether they
+are bitwise equal. Resume adds error of its own only if C-vs-A exceeds B-vs-A. README's "Long runs" section quotes
+the GPU record.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# bench/ is sys.path[0] when run as a script: the repo root must come first so repo modules resolve.
+sys.path.insert(0, str(REPO))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+from runinfo import atomic_write_json, env_info  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", choices=("torch", "triton"), action="append",
+                   help="repeatable (default: both)")
+    p.add_argument("--steps", type=int, default=None, help="N, even (default 20; smoke 8)")
+    p.add_argument("--model", default=None, help="default d12 (smoke: tiny)")
+    p.add_argument("--micro-batch", type=int, default=None, help="default 8 (smoke 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="default 1024 (smoke 64)")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the GPU preset's (on); smoke: off")
+    p.add_argument("--data", default="sample", help="data dir or 'sample' (default: the built-in sample corpus)")
+    p.add_argument("--gpu", default=None, help="preset (default auto; smoke cpu)")
+    p.add_argument("--smoke", action="store_true", help="CPU run of the tiny model (the bitwise case)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the record goes (default bench/results; a smoke run writes only where told)")
+    p.add_argument("--keep-runs", type=Path, default=None, help="keep the three runs' out dirs here")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    args.backend = args.backend or ["torch", "triton"]
+    args.steps = args.steps or (8 if smoke else 20)
+    args.model = args.model or ("tiny" if smoke else "d12")
+    args.micro_batch = args.micro_batch or (4 if smoke else 8)
+    args.seq_len = args.seq_len or (64 if smoke else 1024)
+    args.gpu = args.gpu or ("cpu" if smoke else "auto")
+    if args.compile is None:
+        args.compile = not smoke
+    if args.steps < 2 or args.steps % 2:
+        p.error(f"--steps {args.steps}: needs an even number >= 2 (the checkpoint is taken at N/2)")
+    return args
+
+
+def train_argv(args, backend: str, out_dir: Path) -> list[str]:
+    tokens = args.micro_batch * args.seq_len
+    half = args.steps // 2
+    return ["--gpu", args.gpu, "--model", args.model, "--data", args.data, "--backend", backend,
+            "--compile" if args.compile else "--no-compile", "--micro-batch", str(args.micro_batch),
+            "--seq-len", str(args.seq_len), "--total-batch-tokens", str(tokens * args.grad_accum),
+            "--max-steps", str(args.steps), "--warmup-steps", str(max(1, half)), "--val-every", str(args.steps),
+            "--val-tokens", str(tokens), "--checkpoint-every", str(half), "--keep-checkpoints", "0",
+            "--hellaswag-every", "0", "--target-val-loss", "0", "--out-dir", str(out_dir)]
+
+
+def run_cli(argv: list[str]) -> dict:
+    out_dir = Path(argv[argv.index("--out-dir") + 1])
+    proc = subprocess.run([sys.executable, str(REPO / "train_speedrun.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise SystemExit(f"error: train_speedrun.py {' '.join(argv)} exited {proc.returncode}:\n{tail}")
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def diff(a: list[float], b: list[float]) -> dict:
+    pairs = list(zip(a, b, strict=True))
+    abs_d = [abs(x - y) for x, y in pairs]
+    rel_d = [abs(x - y) / max(abs(y), 1e-30) for x, y in pairs]
+    first = next((i for i, d in enumerate(abs_d) if d != 0.0), None)
+    return {"max_abs": max(abs_d, default=0.0), "max_rel": max(rel_d, default=0.0),
+            "bitwise": all(x == y for x, y in pairs), "first_differing_index": first}
+
+
+def compare(ref: dict, other: dict, first_step: int) -> dict:
+    """other against ref over steps first_step+1..N (1-based), plus the final val loss."""
+    norms = lambda r: [s["grad_norm"] for s in r["steps"]]  # noqa: E731
+    out = {"loss": diff(other["train_losses"][first_step:], ref["train_losses"][first_step:]),
+           "grad_norm": diff(norms(other)[first_step:], norms(ref)[first_step:]),
+           "val_loss": diff([other["final_val_loss"]], [ref["final_val_loss"]])}
+    out["bitwise"] = all(v["bitwise"] for v in out.values())
+    return out
+
+
+def measure(args, backend: str, work: Path) -> dict:
+    half = args.steps // 2
+    a_dir, b_dir, c_dir = work / f"{backend}-A", work / f"{backend}-B", work / f"{backend}-C"
+    log(f"[{backend}] A: {args.steps} steps straight (checkpoint at {half})")
+    a = run_cli(train_argv(args, backend, a_dir))
+    log(f"[{backend}] B: the same again (noise floor)")
+    b = run_cli(train_argv(args, backend, b_dir))
+    c_dir.mkdir(parents=True)
+    shutil.copy2(a_dir / f"ckpt_{half:08d}.pt", c_dir / f"ckpt_{half:08d}.pt")
+    log(f"[{backend}] C: A's step-{half} checkpoint, --resume to {args.steps}")
+    c = run_cli(["--resume", "--out-dir", str(c_dir)])
+    if len(c["train_losses"]) != args.steps or c["resumed_from"][0]["step"] != half:
+        raise SystemExit(f"error: the resumed run did not continue from step {half} to {args.steps}")
+    resumed, noise = compare(a, c, half), compare(a, b, half)
+    log(f"[{backend}] resume vs straight: loss max rel {resumed['loss']['max_rel']:.3g} "
+        f"(bitwise {resumed['bitwise']}); straight vs straight: {noise['loss']['max_rel']:.3g} "
+        f"(bitwise {noise['bitwise']})")
+    return {"backend": backend, "compile": args.compile, "resume_vs_straight": resumed,
+            "straight_vs_straight": noise, "resume_adds_error": resumed["loss"]["max_abs"] > noise["loss"]["max_abs"],
+            "losses": {"A": a["train_losses"], "B": b["train_losses"], "C": c["train_losses"]},
+            "grad_norms": {k: [s["grad_norm"] for s in r["steps"]] for k, r in (("A", a), ("B", b), ("C", c))},
+            "val_loss": {"A": a["final_val_loss"], "B": b["final_val_loss"], "C": c["final_val_loss"]},
+            "config": a["config"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and not args.smoke:
+        print("error: no CUDA GPU: the GPU resume tolerance needs one; --smoke --out-dir DIR runs the CPU (bitwise) "
+              "case", file=sys.stderr)
+        return 2
+    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
+    if args.smoke and out_dir is not None and out_dir.resolve() == RESULTS_DIR.resolve():
+        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if has_cuda and not args.smoke else "cpu")
+    env = env_info(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    log(f"resume check on {env['device']}: {args.model}, {args.steps} steps, micro-batch {args.micro_batch} x "
+        f"{args.seq_len} x {args.grad_accum}, compile {args.compile}, backends {', '.join(args.backend)}")
+    work = Path(tempfile.mkdtemp(prefix="tritonrun-resume-"))
+    try:
+        results = [measure(args, backend, work) for backend in args.backend]
+        if args.keep_runs is not None:
+            shutil.copytree(work, args.keep_runs, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record = {
+        "kind": "resume", "smoke": args.smoke, "date": now.isoformat(timespec="seconds"), **env,
+        "steps": args.steps, "checkpoint_step": args.steps // 2, "model": args.model,
+        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "data": args.data,
+        "method": "A: N steps straight with a checkpoint at N/2; B: A again (run-to-run noise); C: A's N/2 "
+                  "checkpoint resumed to N. Differences over steps N/2+1..N and the final val loss; each run a "
+                  "fresh train_speedrun.py process.",
+        "runs": results,
+    }
+    if out_dir is None:
+        log("no record written (smoke run without --out-dir)")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = out_dir / f"resume-{'smoke-' if args.smoke else ''}{slug}-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(path, record)
+    log(f"wrote {path}")
+    if args.smoke and not all(r["resume_vs_straight"]["bitwise"] for r in results):
+        print("error: on CPU a resumed run must be bitwise equal to a straight one, and it is not", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
