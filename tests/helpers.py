@@ -4,7 +4,14 @@ import os
 import pytest
 import torch
 
+from gpt2.ops import interpreter_problem
+
 HAS_CUDA = torch.cuda.is_available()
+INTERPRETER_PROBLEM = interpreter_problem()
+# Tests that run the Triton backend on CPU in a subprocess (--gpu cpu), also on CUDA machines. Without CUDA
+# conftest already stops the whole session with the fix when the interpreter cannot run.
+NEEDS_INTERPRETER = pytest.mark.skipif(INTERPRETER_PROBLEM is not None,
+                                       reason=f"Triton's CPU interpreter cannot run here: {INTERPRETER_PROBLEM}")
 NO_BF16 = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the Triton interpreter has no bf16 arithmetic")
 
 # (dtype, floor) for elementwise / row-reduction kernels checked with the low-precision rule

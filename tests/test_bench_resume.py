@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import NEEDS_INTERPRETER
 from tests.test_train_cli import REPO
 
 HAS_CUDA = torch.cuda.is_available()
@@ -18,6 +19,7 @@ def bench(*args, timeout=900):
                           text=True, timeout=timeout)
 
 
+@NEEDS_INTERPRETER
 def test_smoke_both_backends_resume_bitwise(tmp_path):
     proc = bench("--smoke", "--micro-batch", 1, "--seq-len", 16, "--grad-accum", 1, "--steps", 4,
                  "--out-dir", tmp_path, "--keep-runs", tmp_path / "runs")

@@ -13,6 +13,7 @@ import torch
 import train_speedrun
 import training
 from data.shards import write_shard
+from tests.helpers import NEEDS_INTERPRETER
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: 2 micro-batches of 4 x 64 tokens per step.
@@ -92,7 +93,7 @@ def test_loss_plot_is_written(run30):
 TINY = ["--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "64", "--val-tokens", "64"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_compile_matches_eager(tmp_path, backend):
     """--compile traces the model and the ops behind the seam (custom ops) and trains the same numbers.
     The subprocesses get no TRITON_INTERPRET: the trainer must set it itself, as for a user on CPU."""
