@@ -300,14 +300,15 @@ class Trainer:
 
     def rng_state(self) -> dict:
         return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+                # this device's generator only: a resume may see a different number of GPUs
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def set_rng_state(self, s: dict) -> None:
         torch.set_rng_state(s["torch"])
         random.setstate(s["python"])
         np.random.set_state(s["numpy"])
         if s.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(s["cuda"])
+            torch.cuda.set_rng_state(s["cuda"], self.device)
 
     def state(self) -> dict:
         """Everything that determines the next steps (tensors are references: copy before mutating)."""

@@ -371,7 +371,10 @@ def markdown(rec: dict) -> str:
              f"configuration, round-robin blocks of {rec['block']}.", ""]
     if rec.get("smoke"):
         lines += ["**SMOKE RUN (CPU, tiny model): NOT A TIMING.**", ""]
-    lines += ["| config | micro-batch | tok/s | MFU | step ms (median) | peak alloc GiB |", "|---|---|---|---|---|---|"]
+    if not rec["runs"]:
+        lines += ["No sweep in this record (--no-sweep): the cap check and/or profile only."]
+    else:
+        lines += ["| config | micro-batch | tok/s | MFU | step ms (median) | peak alloc GiB |", "|---|---|---|---|---|---|"]
     for r in rec["runs"]:
         if not r["fits"]:
             lines.append(f"| {r['name']} | {r['micro_batch']} | OOM | | | |")
@@ -381,7 +384,7 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {r['name']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
                      f"| {r['step_ms_median']:.2f} | {pa} |")
     sp = rec["speedup_vs_compiled_torch"]
-    lines += ["", "Speedup vs torch+compile (best triton / torch+compile, equal micro-batch): "
+    lines += [] if not rec["runs"] else ["", "Speedup vs torch+compile (best triton / torch+compile, equal micro-batch): "
               + (", ".join(f"mb {k}: {v['speedup']:.3f}x" for k, v in sp["per_micro_batch"].items())
                  or f"n/a ({sp.get('reason')})")]
     if rec.get("cap"):
@@ -451,6 +454,9 @@ def project(target: str, record_path: Path | None) -> int:
 # -------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="End-to-end training benchmark: tok/s, MFU, memory vs torch.compile.")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="the backend x compile x micro-batch sweep (default on); --no-sweep runs only the cap check "
+                        "and/or --profile, e.g. as a second command when one command has a time limit")
     p.add_argument("--micro-batches", default=None, help="comma list (default 8,16,32,64; smoke 2,4)")
     p.add_argument("--backend", choices=("torch", "triton"), action="append",
                    help="only these backends (repeatable; default all; smoke: torch)")
@@ -535,6 +541,12 @@ def main(argv=None) -> int:
         compiles = [args.compile] if args.compile is not None else [True, False]
     if smoke and args.micro_batches:
         mbs = [int(x) for x in args.micro_batches.split(",")]
+    if not args.sweep:
+        if not ((args.cap_gib and not smoke) or args.profile):
+            print("error: --no-sweep leaves nothing to measure: add --profile, or a --cap-gib above 0 (on a GPU)",
+                  file=sys.stderr)
+            return 2
+        mbs = []
     configs = [c for c in CONFIGS if c[1] in backends and c[2] in compiles]
 
     from gpt2 import MODEL_SIZES
@@ -548,7 +560,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data_dir = tmp / "data"
         data_dir.mkdir()
-        biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
+        biggest = max([1] + mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
                       + ([args.profile_micro_batch] if args.profile else []))
         synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
         runs = []

@@ -71,7 +71,7 @@ class ShardLoader:
         self._copied: list[torch.cuda.Event | None] = []
         self._slot = 0
         if self.device.type == "cuda":
-            self._pinned = [torch.empty(need, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self._pinned = [torch.empty(self.chunk_tokens, dtype=torch.int32, pin_memory=True) for _ in range(2)]
             self._copied = [None, None]
 
     @property

@@ -27,6 +27,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRITONRUN_CACHE", str(cache))
 
 
+@pytest.fixture(autouse=True)
+def _restore_matmul_precision():
+    """The trainer asks for TF32 on CUDA process-wide; later fp32 comparisons in the same process must not
+    inherit it."""
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread for tests of tiny models (faster, and immune to oversubscribed CPUs)."""

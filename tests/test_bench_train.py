@@ -138,3 +138,24 @@ def test_speedups_and_buckets():
              "triton_poi_fused_gelu_4": "gelu", "vectorized_elementwise_kernel": "other"}
     for name, kind in cases.items():
         assert m.bucket_of(name) == kind, name
+
+
+def test_no_sweep_needs_something_to_measure(tmp_path):
+    proc = bench("--smoke", "--no-sweep", "--out-dir", str(tmp_path))  # smoke: no cap check, no profile
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --no-sweep leaves nothing to measure: add --profile, or a --cap-gib "
+                                   "above 0 (on a GPU)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_markdown_of_a_cap_only_record(smoke):
+    """--no-sweep records (cap check / profile only, a second command under a time limit) render without a
+    sweep table or a speedup line."""
+    _, _, rec, _ = smoke
+    mod = load_module()
+    cap_only = {**rec, "runs": [], "speedup_vs_compiled_torch": mod.speedups([]),
+                "cap": {"cap_gib": 12.0, "alloc_limit_gib": 11.0, "preset_pass": True,
+                        "largest_fitting": {"torch+compile": 16, "triton+compile": 32}}}
+    md = mod.markdown(cap_only)
+    assert "No sweep in this record" in md and "Speedup" not in md and "| config |" not in md
+    assert "largest fitting micro-batch: torch+compile 16, triton+compile 32" in md

@@ -17,7 +17,7 @@ def test_usage_and_unknown_phase(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("usage: .ci/gpu OUT_DIR")
     proc = ci_gpu(tmp_path, "tests", "benchmarks")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown phase 'benchmarks': choose from tests, kernels, train, resume"
+    assert proc.stderr.strip() == "error: unknown phase 'benchmarks': choose from tests, kernels, train, cap, resume"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU refusal; this machine has a CUDA GPU")

@@ -186,6 +186,19 @@ def test_cuda_matches_cpu(tmp_path):
         assert torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("world", [2, 3])
+def test_cuda_ranks_match_cpu_ranks(tmp_path, world):
+    """The pinned staging path under DDP: each rank stages only its own chunk (B*T+1 tokens)."""
+    files, _ = _make_shards(tmp_path, [97, 53 * world, 131 * world])
+    for r in range(world):
+        cpu = ShardLoader(files, 3, 7, rank=r, world_size=world)
+        gpu = ShardLoader(files, 3, 7, rank=r, world_size=world, device="cuda")
+        for _ in range(20):
+            (x, y), (gx, gy) = cpu.next_batch(), gpu.next_batch()
+            assert torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu())
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_interleave_single_process_order(tmp_path, world):
     """Rank r's k-th batch is the single-process loader's (k*world + r)-th batch, across a shard change."""

@@ -134,10 +134,15 @@ def test_seq_len_over_context_is_rejected():
         model(torch.zeros(1, 257, dtype=torch.long))
 
 
+# The triton backend on this machine's device: compiled kernels on CUDA, the interpreter on CPU (a process
+# with CUDA imports triton without the interpreter, so it cannot run the kernels on CPU tensors).
+SEAM_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_ops_seam_backends():
-    torch_ops = get_ops("torch")
+    torch_ops = get_ops("torch", SEAM_DEVICE)
     assert set(torch_ops.placement.values()) == {"torch"}
-    triton_ops = get_ops("triton")
+    triton_ops = get_ops("triton", SEAM_DEVICE)
     assert set(triton_ops.placement) == set(torch_ops.placement)
     for name, where in triton_ops.placement.items():
         # each op either runs a landed kernel or says why it fell back
@@ -169,12 +174,12 @@ def test_interpreter_problem_names_the_fix(monkeypatch, triton_v, numpy_v, bad):
 
 def test_triton_backend_model_matches_torch_backend():
     """Model level parity; exact while every op falls back, within kernel tolerance once they land."""
-    idx = torch.randint(0, 50257, (2, 33))
-    targets = torch.randint(0, 50257, (2, 33))
+    idx = torch.randint(0, 50257, (2, 33), device=SEAM_DEVICE)
+    targets = torch.randint(0, 50257, (2, 33), device=SEAM_DEVICE)
     losses, grads, logits = [], [], []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        model = GPT(MODEL_SIZES["tiny"], get_ops(backend))
+        model = GPT(MODEL_SIZES["tiny"], get_ops(backend, SEAM_DEVICE)).to(SEAM_DEVICE)
         with torch.no_grad():
             logits.append(model(idx))
         loss = model(idx, targets)
