@@ -99,7 +99,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from unittest import mock  # noqa: E402
 
-from kernels.aot import mma_instructions, ptxas_info, ptxas_stats  # noqa: E402
+from kernels.aot import cached_ptxas_stats, mma_instructions, ptxas_info  # noqa: E402
 
 # ------------------------------------------------------------------------------------- hardware
 
@@ -420,7 +420,6 @@ def compile_job(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.cache import get_cache_manager
 
     fn = getattr(importlib.import_module(job["module"]), job["fn"])
     src = ASTSource(fn, job["signature"], {tuple(k): v for k, v in job["constexprs"]},
@@ -430,18 +429,10 @@ def compile_job(job: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - reported in the record, named by kernel and config
         return {"error": f"compile failed: {type(e).__name__}: {str(e).strip()[:500]}"}
     ptx = kernel.asm["ptx"]
-    cache = get_cache_manager(kernel.hash)
-    cached = cache.get_file("tritonrun_ada_ptxas.json")
-    if cached is not None:
-        with open(cached) as f:
-            stats = json.load(f)
-    else:
-        try:
-            stats = ptxas_stats(ptx, job["cc"], job["options"]["enable_fp_fusion"])
-        except RuntimeError as e:
-            return {"shared_bytes": kernel.metadata.shared, "error": str(e)}
-        if stats["registers"] is not None:
-            cache.put(json.dumps(stats), "tritonrun_ada_ptxas.json", binary=False)
+    try:
+        stats = cached_ptxas_stats(kernel, job["cc"], job["options"]["enable_fp_fusion"])
+    except RuntimeError as e:
+        return {"shared_bytes": kernel.metadata.shared, "error": str(e)}
     dots = sorted({t for pair in _DOT.findall(kernel.asm["ttir"]) for t in pair})
     return {"shared_bytes": kernel.metadata.shared, **stats,
             "mma": ", ".join(mma_instructions(ptx)) or "none", "dot_inputs": dots}

@@ -6,6 +6,7 @@ the tensor-core instructions in the PTX. Not an op: no kernels live here.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -51,3 +52,21 @@ def ptxas_stats(ptx: str, cc: int, fp_fusion: bool = True) -> dict:
     return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
             "spill_stores": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
             "spill_loads": int(re.search(r"(\d+) bytes spill loads", log).group(1))}
+
+
+def cached_ptxas_stats(kernel, cc: int, fp_fusion: bool = True) -> dict:
+    """ptxas_stats of a compiled kernel (triton.compile's result), cached beside it in Triton's cache: the
+    same kernel hash means the same PTX and options, so the numbers cannot go stale. Not cached when no
+    ptxas is bundled (all None)."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(kernel.hash)
+    name = "tritonrun_ptxas.json"
+    cached = cache.get_file(name)
+    if cached is not None:
+        with open(cached) as f:
+            return json.load(f)
+    stats = ptxas_stats(kernel.asm["ptx"], cc, fp_fusion)
+    if stats["registers"] is not None:
+        cache.put(json.dumps(stats), name, binary=False)
+    return stats

@@ -635,13 +635,10 @@ def compile_stats(kind: str, D: int, config: tuple[int, int, int, int], arch: st
     the tensor-core instructions in the PTX}. Must run with TRITON_INTERPRET unset. The ptxas
     numbers are cached next to the compiled kernel in Triton's cache (same key, same kernel).
     """
-    import json
-
     from triton.backends.compiler import GPUTarget
-
-    from kernels.aot import mma_instructions, ptxas_stats
     from triton.compiler import ASTSource
-    from triton.runtime.cache import get_cache_manager
+
+    from kernels.aot import cached_ptxas_stats, mma_instructions
 
     fn = KERNELS[kind]
     bm, bn, warps, stages = config
@@ -667,20 +664,9 @@ def compile_stats(kind: str, D: int, config: tuple[int, int, int, int], arch: st
                             target=GPUTarget("cuda", int(arch.removeprefix("sm_")), 32),
                             options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
-    stats = {"shared": kernel.metadata.shared, "regs": None, "spill_stores": None, "spill_loads": None,
-             "mma": mma_instructions(ptx)}
-    cache = get_cache_manager(kernel.hash)
-    cached = cache.get_file("tritonrun_ptxas_stats.json")
-    if cached is not None:
-        with open(cached) as f:
-            ptxas = json.load(f)
-    else:
-        found = ptxas_stats(ptx, int(arch.removeprefix("sm_")))
-        ptxas = {} if found["registers"] is None else {"regs": found["registers"], "spill_stores": found["spill_stores"],
-                                                      "spill_loads": found["spill_loads"]}
-        if ptxas:
-            cache.put(json.dumps(ptxas), "tritonrun_ptxas_stats.json", binary=False)
-    return {**stats, **ptxas}
+    found = cached_ptxas_stats(kernel, int(arch.removeprefix("sm_")))
+    return {"shared": kernel.metadata.shared, "regs": found["registers"], "spill_stores": found["spill_stores"],
+            "spill_loads": found["spill_loads"], "mma": mma_instructions(ptx)}
 
 
 def all_configs(arch: str, table_only: bool = False) -> list[tuple[str, int, tuple[int, int, int, int], str]]:

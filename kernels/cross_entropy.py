@@ -564,7 +564,7 @@ def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) ->
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.aot import mma_instructions, ptxas_stats
+    from kernels.aot import cached_ptxas_stats, mma_instructions
 
     cc = int(arch.removeprefix("sm_"))
     ptx_ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
@@ -589,7 +589,7 @@ def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) ->
                                 options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
         ptx = kernel.asm["ptx"]
         try:
-            stats = ptxas_stats(ptx, cc)
+            stats = cached_ptxas_stats(kernel, cc)
         except RuntimeError as e:
             raise RuntimeError(f"{kname} ({arch}): {e}") from None
         row = dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
