@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -57,6 +58,12 @@ def env_info(device) -> dict:
         "cuda": torch.version.cuda,
         "device": device_name(device),
     }
+
+
+def record_stem(kind: str, device: str, smoke: bool, when) -> str:
+    """The file name (without suffix) of a benchmark record: kind-[smoke-]device-YYYYmmdd-HHMMSS."""
+    device_slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return f"{kind}-{'smoke-' if smoke else ''}{device_slug}-{when.strftime('%Y%m%d-%H%M%S')}"
 
 
 def temp_path_for(path: Path) -> Path:

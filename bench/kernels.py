@@ -58,8 +58,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -690,9 +688,6 @@ def print_table(results: list[dict], ratios: list[dict], peak: float | None, ski
               f"{s['skipped']}")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
 
 def plot_record(path: Path) -> Path:
     """One PNG per record, one panel per unit: GB/s (memory-bound ops, peak bandwidth as a line) and TFLOPS
@@ -791,7 +786,7 @@ def main(argv=None) -> int:
         print("that every case, peer and record field works; never quote them. Run on a CUDA GPU to measure.")
         print("=" * 88)
     device = torch.device("cuda" if has_cuda else "cpu")
-    from runinfo import atomic_write_json, env_info
+    from runinfo import atomic_write_json, env_info, record_stem
 
     ctx = Ctx(device=device, smoke=smoke, quick=args.quick, dtype_mode=args.dtype,
               peers=[p.strip() for p in args.peers.split(",") if p.strip()],
@@ -837,14 +832,13 @@ def main(argv=None) -> int:
                  "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
                  "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
                  "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
-                 "cut-cross-entropy runs with its defaults (gradient filtering on).",
+                 "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
         "results": ctx.results, "speedups": ratios, "skipped": ctx.skipped,
     }
     out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        name = f"kernels-{'smoke-' if smoke else ''}{slug(env['device'])}-{now.strftime('%Y%m%d-%H%M%S')}.json"
-        path = out_dir / name
+        path = out_dir / f"{record_stem('kernels', env['device'], smoke, now)}.json"
         atomic_write_json(path, record)
         print(f"wrote {path}")
         if args.plot is not None:

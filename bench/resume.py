@@ -25,14 +25,13 @@ sys.path.insert(0, str(REPO))
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import atomic_write_json, env_info  # noqa: E402
+from runinfo import atomic_write_json, env_info, record_stem  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -175,8 +174,7 @@ def main(argv=None) -> int:
         log("no record written (smoke run without --out-dir)")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = out_dir / f"resume-{'smoke-' if args.smoke else ''}{slug}-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out_dir / f"{record_stem('resume', env['device'], args.smoke, now)}.json"
     atomic_write_json(path, record)
     log(f"wrote {path}")
     if args.smoke and not all(r["resume_vs_straight"]["bitwise"] for r in results):

@@ -90,9 +90,6 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
 
 def bucket_of(kernel_name: str) -> str:
     for kind, pattern in BUCKETS:
@@ -371,22 +368,22 @@ def markdown(rec: dict) -> str:
              f"configuration, round-robin blocks of {rec['block']}.", ""]
     if rec.get("smoke"):
         lines += ["**SMOKE RUN (CPU, tiny model): NOT A TIMING.**", ""]
-    if not rec["runs"]:
-        lines += ["No sweep in this record (--no-sweep): the cap check and/or profile only."]
-    else:
+    if rec["runs"]:
         lines += ["| config | micro-batch | tok/s | MFU | step ms (median) | peak alloc GiB |", "|---|---|---|---|---|---|"]
-    for r in rec["runs"]:
-        if not r["fits"]:
-            lines.append(f"| {r['name']} | {r['micro_batch']} | OOM | | | |")
-            continue
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        pa = "n/a" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
-        lines.append(f"| {r['name']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
-                     f"| {r['step_ms_median']:.2f} | {pa} |")
-    sp = rec["speedup_vs_compiled_torch"]
-    lines += [] if not rec["runs"] else ["", "Speedup vs torch+compile (best triton / torch+compile, equal micro-batch): "
-              + (", ".join(f"mb {k}: {v['speedup']:.3f}x" for k, v in sp["per_micro_batch"].items())
-                 or f"n/a ({sp.get('reason')})")]
+        for r in rec["runs"]:
+            if not r["fits"]:
+                lines.append(f"| {r['name']} | {r['micro_batch']} | OOM | | | |")
+                continue
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            pa = "n/a" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
+            lines.append(f"| {r['name']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
+                         f"| {r['step_ms_median']:.2f} | {pa} |")
+        sp = rec["speedup_vs_compiled_torch"]
+        lines += ["", "Speedup vs torch+compile (best triton / torch+compile, equal micro-batch): "
+                  + (", ".join(f"mb {k}: {v['speedup']:.3f}x" for k, v in sp["per_micro_batch"].items())
+                     or f"n/a ({sp.get('reason')})")]
+    else:
+        lines += ["No sweep in this record (--no-sweep): the cap check and/or profile only."]
     if rec.get("cap"):
         c = rec["cap"]
         lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): preset passes alloc <= "
@@ -550,7 +547,7 @@ def main(argv=None) -> int:
     configs = [c for c in CONFIGS if c[1] in backends and c[2] in compiles]
 
     from gpt2 import MODEL_SIZES
-    from runinfo import atomic_write_json, atomic_write_text, env_info
+    from runinfo import atomic_write_json, atomic_write_text, env_info, record_stem
 
     env = env_info(device)
     log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
@@ -560,7 +557,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data_dir = tmp / "data"
         data_dir.mkdir()
-        biggest = max([1] + mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
+        biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
                       + ([args.profile_micro_batch] if args.profile else []))
         synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
         runs = []
@@ -591,7 +588,7 @@ def main(argv=None) -> int:
     out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"train-{'smoke-' if smoke else ''}{slug(env['device'])}-{now.strftime('%Y%m%d-%H%M%S')}"
+        stem = record_stem("train", env["device"], smoke, now)
         path = out_dir / f"{stem}.json"
         atomic_write_json(path, record)
         log(f"wrote {path}")

@@ -5,16 +5,16 @@ here, at conftest import time, before test modules import kernels/.
 """
 import os
 
+import pytest
 import torch
 
+from gpt2.ops import interpreter_problem  # imports no triton
+
 HAS_CUDA = torch.cuda.is_available()
-import pytest  # noqa: E402
-
 if not HAS_CUDA:
-    from gpt2.ops import interpreter_problem  # noqa: E402 (imports no triton)
-
-    if interpreter_problem():
-        pytest.exit(f"the kernel tests need Triton's CPU interpreter: {interpreter_problem()}", returncode=2)
+    _problem = interpreter_problem()
+    if _problem:
+        pytest.exit(f"the kernel tests need Triton's CPU interpreter: {_problem}", returncode=2)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
