@@ -25,9 +25,18 @@ ELEMENTWISE_DTYPES = [
     pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16),
 ]
 
-# The models in the CLI tests are tiny: one intra-op thread is fastest, and immune to oversubscribed
-# shared CPUs (where OpenMP barriers can make a microsecond op take milliseconds).
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def one_thread_env(drop=()) -> dict:
+    """The environment for a CLI subprocess: this one's, minus `drop`, with one intra-op thread.
+    The models in the CLI tests are tiny, so one thread is fastest and immune to oversubscribed shared CPUs
+    (where OpenMP barriers can make a microsecond op take milliseconds). It is also what makes two runs
+    bitwise comparable on any CPU: with two threads, CI once saw a step's grad norm differ in the 7th digit
+    between two identical runs (MKL/OpenMP split work, and so the summation order, by thread)."""
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+
+
+ONE_THREAD_ENV = one_thread_env()
 
 
 def poison_allocations(monkeypatch, module) -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import NEEDS_INTERPRETER
+from tests.helpers import NEEDS_INTERPRETER, one_thread_env
 from tests.test_train_cli import REPO
 
 HAS_CUDA = torch.cuda.is_available()
@@ -16,7 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def bench(*args, timeout=900):
     return subprocess.run([sys.executable, "bench/resume.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=one_thread_env())
 
 
 @NEEDS_INTERPRETER

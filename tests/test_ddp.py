@@ -1,9 +1,9 @@
 """DDP through torchrun (gloo on CPU): 2 ranks equal 1 process with twice the grad accumulation."""
 import json
-import os
 import subprocess
 import sys
 
+from tests.helpers import one_thread_env
 from tests.test_train_cli import REPO, SMALL, run_cli
 
 # micro-batch 2 x 64 tokens, 512 tokens/step: 1 process accumulates 4 micro-batches, each of 2 ranks 2.
@@ -16,10 +16,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_speedrun.py", *map(str, ARGS), "--out-dir", str(ddp)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     a, b = (json.loads((d / "result.json").read_text()) for d in (single, ddp))

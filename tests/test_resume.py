@@ -12,6 +12,7 @@ import torch
 import train_speedrun
 from gpt2 import GPT
 from gpt2.checkpoint import list_checkpoints, load_checkpoint, load_model
+from tests.helpers import one_thread_env
 from tests.test_train_cli import REPO, SMALL, assert_user_error, run_cli
 
 RUN = [*SMALL, "--max-steps", 8, "--val-every", 4, "--checkpoint-every", 2, "--keep-checkpoints", 0]
@@ -19,7 +20,7 @@ RUN = [*SMALL, "--max-steps", 8, "--val-every", 4, "--checkpoint-every", 2, "--k
 
 def start_cli(*args):
     return subprocess.Popen([sys.executable, "train_speedrun.py", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
 
 
 def wait_for(predicate, proc, timeout=300):

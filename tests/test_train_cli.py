@@ -13,7 +13,7 @@ import torch
 import train_speedrun
 import training
 from data.shards import write_shard
-from tests.helpers import NEEDS_INTERPRETER
+from tests.helpers import NEEDS_INTERPRETER, one_thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: 2 micro-batches of 4 x 64 tokens per step.
@@ -23,7 +23,7 @@ SMALL = ["--gpu", "cpu", "--model", "tiny", "--data", "sample", "--micro-batch",
 
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "train_speedrun.py", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=one_thread_env())
 
 
 def assert_user_error(proc, *needles):
@@ -97,7 +97,7 @@ TINY = ["--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "64", "
 def test_compile_matches_eager(tmp_path, backend):
     """--compile traces the model and the ops behind the seam (custom ops) and trains the same numbers.
     The subprocesses get no TRITON_INTERPRET: the trainer must set it itself, as for a user on CPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = one_thread_env(drop=("TRITON_INTERPRET",))
     losses = {}
     for flag in ("--no-compile", "--compile"):
         out = tmp_path / flag
