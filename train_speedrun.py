@@ -85,6 +85,11 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+# Variants that share a preset's memory and kernels but not its clocks: the peak for MFU by device-name
+# substring (dense bf16, fp32 accumulate; NVIDIA datasheets' sparse figures halved). The SXM parts keep the
+# preset's 989.
+VARIANT_PEAK_TFLOPS = {"h100": [("pcie", 756.0), ("nvl", 835.0)], "h200": [("nvl", 835.0)]}
+
 # Substrings of torch.cuda.get_device_name(), most specific first.
 AUTO_NAMES = [("4070 ti", "rtx4070ti"), ("4070", "rtx4070"), ("4090", "rtx4090"), ("3090", "rtx3090"),
               ("a100", "a100"), ("h100", "h100"), ("h200", "h200")]
@@ -208,6 +213,19 @@ def resolve_preset(name: str) -> str:
                     f"pass the closest preset, e.g. --gpu rtx4090 --micro-batch 8")
 
 
+def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None:
+    """The MFU peak of `preset` on this machine's GPU (or `device_name`): the variant's where the name says
+    PCIe/NVL (an H100 PCIe peaks at 756, not the SXM's 989), else the preset's."""
+    if device_name is None and preset in VARIANT_PEAK_TFLOPS and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    name = (device_name or "").lower()
+    if preset in name:
+        for needle, peak in VARIANT_PEAK_TFLOPS.get(preset, []):
+            if needle in name:
+                return peak
+    return PRESETS[preset].peak_tflops
+
+
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
     """(config, checkpoint to resume from or None). Preset < checkpoint (with --resume) < explicit flags."""
     args = build_parser().parse_args(argv)
@@ -243,6 +261,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         if "out_dir" not in merged:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             merged["out_dir"] = str(Path("runs") / f"{stamp}-{gpu}-{merged['model']}")
+    if "peak_tflops" not in explicit and merged["peak_tflops"] == PRESETS[merged["gpu"]].peak_tflops:
+        merged["peak_tflops"] = peak_tflops_for(merged["gpu"])  # the running GPU's (also after a resume)
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path

@@ -34,11 +34,17 @@ reserved peak during its blocks (an upper bound, the pool is shared).
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
 set_per_process_memory_fraction(12 GiB / total). Each runs alone, micro-batches from the preset's upward; peak
 allocated and reserved are recorded, allocated must stay <= 11 GiB, and the largest micro-batch that fits under
-the cap is reported per backend. The cap emulates the card's budget on a larger GPU; it does not emulate the
+the cap (no OOM and allocated within 11 GiB) is reported per backend. The cap emulates the card's budget on a larger GPU; it does not emulate the
 4070's own CUDA context or its speed.
 
 --profile: torch.profiler over one step of triton+compile and torch+compile (micro-batch --profile-micro-batch),
-CUDA kernel time bucketed by kernel name, first match wins, case-insensitive (see BUCKETS below).
+CUDA kernel time bucketed by kernel name, first match wins, case-insensitive (see BUCKETS below); GPU user
+annotations (record_function ranges on the device timeline) are not kernels and are left out.
+
+The record is rewritten after every micro-batch group and after the cap check ("complete": false until the
+end), so a run stopped by a time limit keeps what it measured. --project takes the best triton MFU among runs
+at a micro-batch the target can hold: at most the largest that fitted the record's cap check, else the
+target preset's micro-batch.
 """
 from __future__ import annotations
 
@@ -75,12 +81,14 @@ CAP_ALLOC_LIMIT_GIB = 11.0
 # the @triton.jit function names (kernels/*.py), cuBLAS/cuDNN/flash kernels carry gemm/xmma/nvjet/flash/fmha.
 # Attention and classifier are tested before matmul so that a fused attention or LM-head+CE kernel is counted
 # under its op, not as a GEMM. Gradient-norm clipping kernels (ours: _grad_sumsq/_finalize_norm; torch: the
-# multi_tensor LpNorm) go to optimizer.
+# multi_tensor LpNorm) go to optimizer. The matmul pattern names library GEMMs only: Inductor (no max-autotune)
+# leaves GEMMs to cuBLAS and names the pointwise kernel it fuses a bias add into after the addmm
+# (triton_poi_fused_addmm_gelu_...), which is GELU or LayerNorm work, not a matmul.
 BUCKETS = [
     ("attention", r"attn|flash|sdpa|fmha|scaled_dot_product|softmax_fwd|attention"),
     ("classifier", r"cross_entropy|lce|log_softmax|nll_loss|logsumexp"),
     ("optimizer", r"adam|grad_sumsq|finalize_norm|lpnorm|multi_tensor"),
-    ("matmul", r"gemm|cutlass|mma|matmul|nvjet|xmma|cublas|sm\d+_|ampere_|hopper_|_mm_|addmm|bmm"),
+    ("matmul", r"gemm|cutlass|mma|matmul|nvjet|xmma|cublas|sm\d+_|ampere_|hopper_"),
     ("norms", r"layer_?norm|(^|_)ln(_|$)|native_layer_norm"),
     ("gelu", r"gelu|tanh"),
 ]
@@ -204,10 +212,11 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
                          "peak_alloc": 0.0, "peak_reserved": 0.0, "step": args.warmup})
             log(f"  built {spec.name} mb={spec.micro_batch} (ops: {tr.ops.placement})")
         except torch.OutOfMemoryError:
-            del tr
-            free_memory(device)
             records[spec.name] = oom_record(spec, "build/warm-up")
             log(f"  {spec.name} mb={spec.micro_batch}: out of memory, recorded fits=false")
+        if spec.name in records:  # outside the except block: its traceback (holding the activations) is gone
+            del tr
+            free_memory(device)
     while any(len(e["ms"]) < args.steps for e in live):
         for e in list(live):
             if len(e["ms"]) >= args.steps:
@@ -225,9 +234,10 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
                     e["peak_alloc"] = max(e["peak_alloc"], (torch.cuda.max_memory_allocated(device) - others) / GIB)
                     e["peak_reserved"] = max(e["peak_reserved"], torch.cuda.max_memory_reserved(device) / GIB)
             except torch.OutOfMemoryError:
-                live.remove(e)
                 records[e["spec"].name] = oom_record(e["spec"], "timed steps")
-                del tr, e
+            if e["spec"].name in records:  # outside the except block, as above
+                live.remove(e)
+                e["tr"] = tr = None  # the round's list(live) still holds e: drop its weights, state and grads
                 free_memory(device)
     for e in live:
         spec, cfg = e["spec"], e["cfg"]
@@ -281,7 +291,9 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
     out = {"preset": "rtx4070", "cap_gib": args.cap_gib, "fraction": min(1.0, args.cap_gib * GIB / total),
            "device_total_gib": total / GIB, "alloc_limit_gib": CAP_ALLOC_LIMIT_GIB, "steps": args.cap_steps,
            "how": "Trainer(cfg.memory_gib=cap) -> set_per_process_memory_fraction(cap/total); each run alone; "
-                  "peaks over construction, warm-up and timed steps", "runs": [], "largest_fitting": {}}
+                  "peaks over construction, warm-up and timed steps; largest_fitting: the largest micro-batch "
+                  "(doubling from the preset's) with no OOM and peak allocated <= alloc_limit_gib",
+           "runs": [], "largest_fitting": {}}
     backends = [(preset.backend, preset.compile)] + [(b, preset.compile) for b in ("torch", "triton")
                                                       if b != preset.backend]
     for backend, comp in backends:
@@ -302,7 +314,8 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
                 rec["mfu_note"] = "MFU against the rtx4070 preset's 58.3 TFLOPS peak but timed on " \
                                   "this device: meaningless as a 4070 figure"
                 rec["alloc_ok"] = rec["peak_alloc_gib"] <= CAP_ALLOC_LIMIT_GIB
-                largest = mb
+                if rec["alloc_ok"]:  # fitting = no OOM under the cap and allocated within the 11 GiB limit
+                    largest = mb
                 log(f"  cap {args.cap_gib} GiB {name} mb={mb}: peak alloc {rec['peak_alloc_gib']:.2f} GiB, "
                     f"reserved {rec['peak_reserved_gib']:.2f} GiB, "
                     f"{'PASS' if rec['alloc_ok'] else 'FAIL'} (alloc <= {CAP_ALLOC_LIMIT_GIB} GiB)")
@@ -311,7 +324,7 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
                 log(f"  cap {args.cap_gib} GiB {name} mb={mb}: out of memory")
             del tr
             out["runs"].append(rec)
-            if not rec["fits"]:
+            if not (rec["fits"] and rec["alloc_ok"]):
                 break
             mb *= 2
         out["largest_fitting"][name] = largest
@@ -323,6 +336,20 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- profile
+def kernel_split(events, buckets: list[str]) -> tuple[dict, dict]:
+    """(ms per bucket, ms per kernel name) over the profiler's GPU kernel events. Skipped: CPU events, and
+    GPU user annotations (record_function ranges that Kineto also reports on the device timeline: each
+    optimizer step, each compiled graph call), which span the kernels inside them and would count them twice."""
+    split, top = {k: 0.0 for k in buckets}, {}
+    for ev in events:
+        if ev.device_type != torch.autograd.DeviceType.CUDA or getattr(ev, "is_user_annotation", False):
+            continue
+        ms = ev.device_time_total / 1e3  # a kernel event: its own duration, us
+        split[bucket_of(ev.name)] += ms
+        top[ev.name] = top.get(ev.name, 0.0) + ms
+    return split, top
+
+
 def profile_split(args, data_dir: Path, out_dir: Path, device) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -335,18 +362,14 @@ def profile_split(args, data_dir: Path, out_dir: Path, device) -> dict:
         try:
             _, tr = build_trainer(spec, data_dir, out_dir, warmup=args.warmup)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
                 tr.train_step(args.warmup)
                 tr.sync()
-            split, top = {k: 0.0 for k in out["buckets"]}, {}
-            for ev in prof.events():
-                if ev.device_type != torch.autograd.DeviceType.CUDA:
-                    continue
-                us = ev.device_time_total  # a kernel event: its own duration, us
-                split[bucket_of(ev.name)] += us / 1e3
-                top[ev.name] = top.get(ev.name, 0.0) + us / 1e3
+                step_ms = (time.perf_counter() - t0) * 1e3  # under the profiler: the kernels' sum must fit in it
+            split, top = kernel_split(prof.events(), out["buckets"])
             total = sum(split.values())
             out["configs"][name] = {
-                "total_kernel_ms": total, "ms": split,
+                "total_kernel_ms": total, "step_ms": step_ms, "ms": split,
                 "percent": {k: (100 * v / total if total else 0.0) for k, v in split.items()},
                 "top_kernels": [{"name": k, "ms": v, "bucket": bucket_of(k)}
                                 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]]}
@@ -397,6 +420,9 @@ def markdown(rec: dict) -> str:
             cells = [f"{c['ms'][k]:.2f} ms ({c['percent'][k]:.0f}%)" if "ms" in c else "OOM"
                      for c in p["configs"].values()]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("| kernels / step wall (profiled) | " + " | ".join(
+            f"{c['total_kernel_ms']:.2f} / {c['step_ms']:.2f} ms" if "ms" in c else "OOM"
+            for c in p["configs"].values()) + " |")
         lines += ["", "Kernel-name patterns (first match wins): "
                   + "; ".join(f"{k}: `{v}`" for k, v in p["patterns"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -420,11 +446,29 @@ def project(target: str, record_path: Path | None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"error: --from-record {record_path}: not a readable train benchmark record ({e})", file=sys.stderr)
         return 2
-    ours = [r for r in runs if r["backend"] == "triton"]
-    pick = max(ours or runs, key=lambda r: r["mfu"], default=None)
-    if pick is None:
+    if not runs:
         print(f"error: --from-record {record_path}: no run with a measured MFU in it", file=sys.stderr)
         return 2
+    # Only micro-batches the target can hold: MFU grows with the micro-batch, and the measured device may have
+    # run ones that do not fit in the target's memory. The limit per config is the largest micro-batch that
+    # fitted this record's cap check (the rtx4070 preset under its cap), else the target preset's micro-batch.
+    cap = rec.get("cap") or {}
+    fitted = (cap.get("largest_fitting") or {}) if cap.get("preset") == target else {}
+
+    def limit(r):
+        return fitted.get(r["name"]) or PRESETS[target].micro_batch
+
+    held = [r for r in runs if r["micro_batch"] <= limit(r)]
+    ours = [r for r in held if r["backend"] == "triton"]
+    pick = max(ours or held, key=lambda r: r["mfu"], default=None)
+    if pick is None:
+        print(f"error: --from-record {record_path}: no run at a micro-batch {target} can hold (at most "
+              f"{PRESETS[target].micro_batch}, the preset's, without a cap check in the record): rerun with "
+              f"--micro-batches {PRESETS[target].micro_batch}", file=sys.stderr)
+        return 2
+    why = (f"largest micro-batch fitting the {cap.get('cap_gib')} GiB cap check in this record: {fitted[pick['name']]}"
+           if fitted.get(pick["name"]) else f"the {target} preset's micro-batch, {PRESETS[target].micro_batch}: "
+           f"no cap check for {pick['name']} in this record")
     with torch.device("meta"):
         model = GPT(MODEL_SIZES["d12"])
     flops = model.flops_per_token(SEQ_LEN)
@@ -441,6 +485,7 @@ def project(target: str, record_path: Path | None) -> int:
     log(f"  peak_flops       = {peak}e12   ({target} dense bf16 tensor-core peak, fp32 accumulate)")
     log(f"  MFU              = {mfu:.4f}   (measured on {device}, NOT on a {target}: {pick['name']} "
         f"micro-batch {pick['micro_batch']}, record {record_path})")
+    log(f"                     best MFU among runs at a micro-batch {target} holds ({why})")
     log(f"  time             = {seconds:.1f} s = {seconds / 3600:.3f} hours")
     log(f"hours = {seconds / 3600:.6f}")
     log("Assumes the 4070 reaches the same MFU as the measured device; memory bandwidth, clocks and the 12 GB "
@@ -553,6 +598,43 @@ def main(argv=None) -> int:
     log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
         f"{' (dirty)' if env['dirty'] else ''}  preset {args.gpu}")
     now = datetime.datetime.now()
+    import train_speedrun as ts
+
+    out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
+    path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = record_stem("train", env["device"], smoke, now)
+        path = out_dir / f"{stem}.json"
+    runs, cap, prof = [], None, None
+
+    def save(complete: bool) -> None:
+        """The record so far, rewritten atomically after every part: a run stopped by a time limit (or OOM-killed)
+        keeps what it measured, marked complete: false."""
+        if path is None:
+            return
+        record = {
+            "kind": "train", "smoke": smoke, "complete": complete, "date": now.isoformat(timespec="seconds"),
+            "env": env, "device": env["device"], "commit": env["commit"],
+            "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
+            "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.peak_tflops_for(args.gpu),
+            "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype, "grad_accum": args.grad_accum,
+            "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
+            "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations "
+                      "of one micro-batch in blocks; each step timed alone (synchronize before/after); median. One "
+                      "step = one optimizer step over grad_accum micro-batches (tokens per step = micro_batch x "
+                      "seq_len x grad_accum). Data: synthetic uniformly random tokens in an llm.c shard, read by "
+                      "the real ShardLoader. peak_alloc_gib: own peak as if alone (group's other trainers' resident "
+                      "memory subtracted); peak_reserved_gib: the shared pool's peak (upper bound).",
+            "runs": runs, "speedup_vs_compiled_torch": speedups(runs), "cap": cap, "profile": prof,
+        }
+        atomic_write_json(path, record)
+        if complete:
+            log(f"wrote {path}")
+            if prof is not None or not smoke:
+                atomic_write_text(out_dir / f"{stem}.md", markdown(record))
+                log(f"wrote {out_dir / (stem + '.md')}")
+
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
         data_dir = tmp / "data"
@@ -560,41 +642,19 @@ def main(argv=None) -> int:
         biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
                       + ([args.profile_micro_batch] if args.profile else []))
         synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
-        runs = []
         for mb in mbs:
             log(f"micro-batch {mb}:")
             runs += sweep_group([Spec(n, b, c, mb, args) for n, b, c in configs], args, data_dir, tmp / "out", device)
-        cap = cap_check(args, data_dir, tmp / "out", device) if args.cap_gib and not smoke else None
-        prof = profile_split(args, data_dir, tmp / "out", device) if args.profile else None
-    import train_speedrun as ts
-
-    sp = speedups(runs)
-    record = {
-        "kind": "train", "smoke": smoke, "date": now.isoformat(timespec="seconds"), "env": env,
-        "device": env["device"], "commit": env["commit"], "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
-        "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.PRESETS[args.gpu].peak_tflops,
-        "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype, "grad_accum": args.grad_accum,
-        "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
-        "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations of "
-                  "one micro-batch in blocks; each step timed alone (synchronize before/after); median. One step = "
-                  "one optimizer step over grad_accum micro-batches (tokens per step = micro_batch x seq_len x "
-                  "grad_accum). Data: synthetic uniformly random tokens in an llm.c shard, read by the real "
-                  "ShardLoader. peak_alloc_gib: own peak as if alone (group's other trainers' resident memory "
-                  "subtracted); peak_reserved_gib: the shared pool's peak (upper bound).",
-        "runs": runs, "speedup_vs_compiled_torch": sp, "cap": cap, "profile": prof,
-    }
+            save(complete=False)
+        if args.cap_gib and not smoke:
+            cap = cap_check(args, data_dir, tmp / "out", device)
+            save(complete=False)
+        if args.profile:
+            prof = profile_split(args, data_dir, tmp / "out", device)
+    save(complete=True)
     if smoke:
         log("SMOKE RUN: NOT A TIMING.")
-    out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = record_stem("train", env["device"], smoke, now)
-        path = out_dir / f"{stem}.json"
-        atomic_write_json(path, record)
-        log(f"wrote {path}")
-        if prof is not None or not smoke:
-            atomic_write_text(out_dir / f"{stem}.md", markdown(record))
-            log(f"wrote {out_dir / (stem + '.md')}")
+    if path is not None:
         if args.project:
             return project(args.project, path)
     else:

@@ -169,3 +169,32 @@ def test_cross_entropy_rows(new_ops_record):
 def test_smoke_refuses_to_write_into_results():
     proc = bench("--allow-cpu", "--quick", "--op", "gelu", "--out-dir", str(REPO / "bench" / "results"))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+
+
+def test_a_raising_implementation_is_recorded_and_only_ours_decides_the_exit(monkeypatch):
+    """A peer that raises (after its import worked) is recorded under "skipped" with the error and costs
+    nothing else; our kernel raising is an error the run reports. Timing paths run as in the smoke mode."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses resolve annotations through it
+    spec.loader.exec_module(mod)
+    ctx = mod.Ctx(device=torch.device("cpu"), smoke=True, quick=True, dtype_mode="fp32", peers=[], rows=[4], C=8)
+
+    def make_set(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(4, 8, generator=g, requires_grad=True)], [torch.randn(4, 8, generator=g)]
+
+    def broken(x):
+        raise RuntimeError("peer kernel exploded\nsecond line")
+
+    shape = {"rows": 4, "C": 8}
+    mod.bench_impls(ctx, "toy", shape, {"x": torch.float32}, make_set,
+                    {"triton": lambda x: x * 2, "torch": lambda x: x * 2, "peer": broken}, nbytes=None)
+    assert sorted({r["impl"] for r in ctx.results}) == ["torch", "triton"]
+    assert all(r["check"] == "ok" for r in ctx.results)
+    assert ctx.skipped == [{"op": "toy", "shape": shape, "impl": "peer",
+                            "skipped": "raised RuntimeError: peer kernel exploded"}]
+    assert ctx.errors == []
+    mod.bench_impls(ctx, "toy", shape, {"x": torch.float32}, make_set,
+                    {"triton": broken, "torch": lambda x: x * 2}, nbytes=None)
+    assert ctx.errors == ["toy 4x8: RuntimeError: peer kernel exploded"]

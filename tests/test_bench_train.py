@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import HAS_CUDA
 
@@ -48,7 +49,7 @@ def test_smoke_record_is_complete(smoke):
     proc, path, rec, before = smoke
     assert "NOT A TIMING" in proc.stdout
     assert path.name.startswith("train-smoke-")
-    assert rec["smoke"] is True and rec["kind"] == "train"
+    assert rec["smoke"] is True and rec["kind"] == "train" and rec["complete"] is True
     for key in ("device", "commit", "versions", "env", "runs", "speedup_vs_compiled_torch", "method", "grad_accum",
                 "steps", "model", "seq_len"):
         assert key in rec, key
@@ -91,10 +92,12 @@ def test_project_without_record_names_the_missing_input():
 
 def test_project_arithmetic(tmp_path):
     runs = [
-        {"name": "torch+compile", "backend": "torch", "compile": True, "micro_batch": 16, "fits": True,
+        {"name": "torch+compile", "backend": "torch", "compile": True, "micro_batch": 8, "fits": True,
          "tokens_per_s": 4.0e5, "mfu": 0.45},
-        {"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 16, "fits": True,
+        {"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 8, "fits": True,
          "tokens_per_s": 3.5e5, "mfu": 0.3917},
+        {"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 16, "fits": True,
+         "tokens_per_s": 3.9e5, "mfu": 0.4321},
         {"name": "triton", "backend": "triton", "compile": False, "micro_batch": 64, "fits": False, "mfu": None},
     ]
     path = tmp_path / "rec.json"
@@ -108,8 +111,27 @@ def test_project_arithmetic(tmp_path):
     # d12: N = 124,439,808 (without the 47 vocab-padding rows), 6N + 6 * 12 * 768 * 1024
     assert flops == 6 * 124_439_808 + 6 * 12 * 768 * 1024
     hours = float(re.search(r"^hours = ([\d.]+)$", out, re.M).group(1))
-    mfu = 0.3917  # ours (the best triton run's MFU), not the baseline's
-    assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * mfu) / 3600, rel=1e-5)
+    # ours (the best triton run's MFU), not the baseline's; at the rtx4070 preset's micro-batch 8, because
+    # the record has no cap check saying 16 fits in 12 GiB
+    assert "no cap check for triton+compile" in out
+    assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * 0.3917) / 3600, rel=1e-5)
+
+    # with the cap check in the record: micro-batch 16 fits, so its MFU is the one the 4070 would see
+    path.write_text(json.dumps({"env": {"device": "Fake GPU 9000"}, "runs": runs,
+                                "cap": {"preset": "rtx4070", "cap_gib": 12.0,
+                                        "largest_fitting": {"triton+compile": 16, "torch+compile": 8}}}))
+    proc = bench("--project", "rtx4070", "--from-record", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "fitting the 12.0 GiB cap check in this record: 16" in proc.stdout
+    hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
+    assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * 0.4321) / 3600, rel=1e-5)
+
+    # only micro-batches the 4070 cannot hold: refused, with the rerun that fixes it
+    path.write_text(json.dumps({"env": {"device": "Fake GPU 9000"}, "runs": runs[2:]}))
+    proc = bench("--project", "rtx4070", "--from-record", str(path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--micro-batches 8" in lines[0], proc.stderr
 
 
 def test_speedups_and_buckets():
@@ -135,9 +157,58 @@ def test_speedups_and_buckets():
              "_finalize_norm_kernel": "optimizer", "sm90_xmma_gemm_bf16bf16_bf16f32": "matmul",
              "nvjet_tst_128x256_64x4": "matmul", "_ln_fwd_kernel": "norms",
              "triton_per_fused_native_layer_norm_3": "norms", "_gelu_bwd_kernel": "gelu",
-             "triton_poi_fused_gelu_4": "gelu", "vectorized_elementwise_kernel": "other"}
+             "triton_poi_fused_gelu_4": "gelu", "vectorized_elementwise_kernel": "other",
+             # Inductor fuses the bias add of an addmm into the pointwise kernel after it: not a matmul
+             "triton_poi_fused_addmm_gelu_view_3": "gelu",
+             "triton_per_fused_add_addmm_native_layer_norm_7": "norms",
+             "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn": "matmul"}
     for name, kind in cases.items():
         assert m.bucket_of(name) == kind, name
+
+
+def test_kernel_split_counts_each_kernel_once():
+    """GPU user annotations (optimizer step / compiled-graph ranges on the device timeline) span the kernels
+    inside them: counted, they would double the total. CPU events are not kernels."""
+    from types import SimpleNamespace
+
+    m = load_module()
+    CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, us, device=CUDA, annotation=False):
+        return SimpleNamespace(name=name, device_time_total=us, device_type=device, is_user_annotation=annotation)
+
+    events = [ev("sm90_xmma_gemm_bf16bf16_bf16f32", 400.0), ev("_adamw_kernel", 100.0),
+              ev("Optimizer.step#FusedAdamW.step", 100.0, annotation=True),
+              ev("## Call CompiledFxGraph fabc ##", 500.0, annotation=True),
+              ev("triton_poi_fused_addmm_gelu_view_3", 50.0), ev("sm90_xmma_gemm_bf16bf16_bf16f32", 200.0),
+              ev("aten::mm", 9999.0, device=CPU)]
+    split, top = m.kernel_split(events, [k for k, _ in m.BUCKETS] + ["other"])
+    assert split == pytest.approx({"attention": 0.0, "classifier": 0.0, "optimizer": 0.1, "matmul": 0.6,
+                                   "norms": 0.0, "gelu": 0.05, "other": 0.0})
+    assert top == pytest.approx({"sm90_xmma_gemm_bf16bf16_bf16f32": 0.6, "_adamw_kernel": 0.1,
+                                 "triton_poi_fused_addmm_gelu_view_3": 0.05})
+
+
+def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The record is rewritten after every micro-batch group: a run stopped by a time limit in the middle of
+    the sweep leaves the groups it finished, marked complete: false."""
+    m = load_module()
+    real, done = m.sweep_group, []
+
+    def sweep_then_stop(specs, *rest):
+        if done:
+            raise KeyboardInterrupt  # the time limit arrives during the second micro-batch
+        done.append(specs[0].micro_batch)
+        return real(specs, *rest)
+
+    monkeypatch.setattr(m, "sweep_group", sweep_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        m.main(["--smoke", "--out-dir", str(tmp_path)])
+    [path] = tmp_path.glob("train-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["complete"] is False and done == [2]
+    assert [(r["name"], r["micro_batch"]) for r in rec["runs"]] == [("torch", 2)] and rec["runs"][0]["fits"]
+    assert not list(tmp_path.glob("*.md"))  # the summary comes with the complete record only
 
 
 def test_no_sweep_needs_something_to_measure(tmp_path):
@@ -159,3 +230,13 @@ def test_markdown_of_a_cap_only_record(smoke):
     md = mod.markdown(cap_only)
     assert "No sweep in this record" in md and "Speedup" not in md and "| config |" not in md
     assert "largest fitting micro-batch: torch+compile 16, triton+compile 32" in md
+
+    buckets = [k for k, _ in mod.BUCKETS] + ["other"]
+    ms = dict.fromkeys(buckets, 0.0) | {"matmul": 30.0, "attention": 10.0}
+    prof = {"micro_batch": 16, "buckets": buckets, "patterns": dict(mod.BUCKETS),
+            "configs": {"triton+compile": {"total_kernel_ms": 40.0, "step_ms": 43.5, "ms": ms,
+                                           "percent": {k: 100 * v / 40.0 for k, v in ms.items()}},
+                        "torch+compile": {"fits": False}}}
+    md = mod.markdown({**cap_only, "profile": prof})
+    assert "| matmul | 30.00 ms (75%) | OOM |" in md
+    assert "| kernels / step wall (profiled) | 40.00 / 43.50 ms | OOM |" in md

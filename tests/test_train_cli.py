@@ -164,6 +164,24 @@ def test_warmup_then_reset_equals_a_run_without_warmup(tmp_path):
     assert warm["final_val_loss"] == cold["final_val_loss"]
 
 
+def test_mfu_peak_follows_the_h100_variant():
+    """MFU divides by the running GPU's peak: an H100 PCIe (756) or NVL (835) under the h100 preset would
+    otherwise be measured against the SXM's 989 and read 15-24% low."""
+    peak = train_speedrun.peak_tflops_for
+    assert peak("h100", "NVIDIA H100 80GB HBM3") == 989.0
+    assert peak("h100", "NVIDIA H100 PCIe") == 756.0 and peak("h100", "NVIDIA H100 NVL") == 835.0
+    assert peak("h200", "NVIDIA H200") == 989.0 and peak("h200", "NVIDIA H200 NVL") == 835.0
+    assert peak("rtx4070", "NVIDIA GeForce RTX 4070") == 58.3 and peak("cpu") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU presets resolve only on a GPU")
+def test_config_takes_the_running_gpus_peak():
+    cfg, _ = train_speedrun.resolve_config(["--out-dir", "unused"])
+    assert cfg.peak_tflops == train_speedrun.peak_tflops_for(cfg.gpu, torch.cuda.get_device_name())
+    cfg, _ = train_speedrun.resolve_config(["--peak-tflops", "500", "--out-dir", "unused"])
+    assert cfg.peak_tflops == 500.0
+
+
 def test_lr_schedule_is_llmc():
     cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--lr", "6e-4", "--warmup-steps", "10",
                                            "--max-steps", "110", "--out-dir", "unused"])
