@@ -455,8 +455,8 @@ def project(target: str, record_path: Path | None) -> int:
     cap = rec.get("cap") or {}
     fitted = (cap.get("largest_fitting") or {}) if cap.get("preset") == target else {}
 
-    def limit(r):
-        return fitted.get(r["name"]) or PRESETS[target].micro_batch
+    def limit(r):  # a config the cap check found fitting at no micro-batch (None) is left out
+        return (fitted[r["name"]] or 0) if r["name"] in fitted else PRESETS[target].micro_batch
 
     held = [r for r in runs if r["micro_batch"] <= limit(r)]
     ours = [r for r in held if r["backend"] == "triton"]
@@ -467,7 +467,7 @@ def project(target: str, record_path: Path | None) -> int:
               f"--micro-batches {PRESETS[target].micro_batch}", file=sys.stderr)
         return 2
     why = (f"largest micro-batch fitting the {cap.get('cap_gib')} GiB cap check in this record: {fitted[pick['name']]}"
-           if fitted.get(pick["name"]) else f"the {target} preset's micro-batch, {PRESETS[target].micro_batch}: "
+           if pick["name"] in fitted else f"the {target} preset's micro-batch, {PRESETS[target].micro_batch}: "
            f"no cap check for {pick['name']} in this record")
     with torch.device("meta"):
         model = GPT(MODEL_SIZES["d12"])

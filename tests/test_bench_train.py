@@ -126,6 +126,16 @@ def test_project_arithmetic(tmp_path):
     hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
     assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * 0.4321) / 3600, rel=1e-5)
 
+    # a config that fitted at no micro-batch under the cap gives no MFU to project from: the next best does
+    path.write_text(json.dumps({"env": {"device": "Fake GPU 9000"}, "runs": runs,
+                                "cap": {"preset": "rtx4070", "cap_gib": 12.0,
+                                        "largest_fitting": {"triton+compile": None, "torch+compile": 8}}}))
+    proc = bench("--project", "rtx4070", "--from-record", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "torch+compile micro-batch 8" in proc.stdout
+    hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
+    assert hours == pytest.approx(9.0e9 * flops / (58.3e12 * 0.45) / 3600, rel=1e-5)
+
     # only micro-batches the 4070 cannot hold: refused, with the rerun that fixes it
     path.write_text(json.dumps({"env": {"device": "Fake GPU 9000"}, "runs": runs[2:]}))
     proc = bench("--project", "rtx4070", "--from-record", str(path))
