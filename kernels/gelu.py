@@ -50,8 +50,8 @@ def _gelu_fwd_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    u2 = (2.0 * 0.7978845608028654) * (x + 0.044715 * x * x * x)  # 2u
-    a = tl.exp(-tl.abs(u2))  # in (0, 1]: never overflows
+    u2 = (2.0 * 0.7978845608028654 * 1.4426950408889634) * (x + 0.044715 * x * x * x)  # 2u * log2(e)
+    a = tl.exp2(-tl.abs(u2))  # e^-|2u| in (0, 1]: never overflows; log2(e) folded in, one rounding less
     sig = tl.where(u2 >= 0.0, 1.0, a) / (1.0 + a)  # sigmoid(2u)
     y = x * sig
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -72,8 +72,8 @@ def _gelu_bwd_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = x * x
-    u2 = (2.0 * 0.7978845608028654) * (x + 0.044715 * x2 * x)
-    a = tl.exp(-tl.abs(u2))
+    u2 = (2.0 * 0.7978845608028654 * 1.4426950408889634) * (x + 0.044715 * x2 * x)  # 2u * log2(e)
+    a = tl.exp2(-tl.abs(u2))
     inv = 1.0 / (1.0 + a)
     sig = tl.where(u2 >= 0.0, 1.0, a) * inv
     # sigmoid'(2u) = sig * (1 - sig) = a / (1 + a)^2, without the cancellation of 1 - sig near 1.

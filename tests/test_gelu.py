@@ -70,8 +70,11 @@ def test_extremes_stay_finite():
     torch.testing.assert_close(y[big], torch.where(x[big] > 0, x[big], 0.0), rtol=1e-6, atol=0)
     torch.testing.assert_close(dx[big], (x[big] > 0).float(), rtol=0, atol=1e-6)
     ref_y, ref_dx = run(ge.reference_gelu, x[~big].double(), torch.ones(int((~big).sum())))
-    torch.testing.assert_close(y[~big].double(), ref_y, rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(dx[~big].double(), ref_dx, rtol=1e-6, atol=1e-12)
+    # The exponent's argument reaches |2u log2 e| ~ 24 at x = -5: one fp32 rounding of it (2^-24 relative) is
+    # 24 * 2^-24 * ln 2 ~ 1e-6 relative in e^-|2u|, and it takes two (the cube, the scale); on a GPU ex2.approx
+    # and the divide add 2 ulps each. 4e-6 covers that; a formula error is orders larger.
+    torch.testing.assert_close(y[~big].double(), ref_y, rtol=4e-6, atol=1e-12)
+    torch.testing.assert_close(dx[~big].double(), ref_dx, rtol=4e-6, atol=1e-12)
 
 
 def test_batched_noncontiguous_empty_and_deterministic():
