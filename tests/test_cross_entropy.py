@@ -110,12 +110,14 @@ def err(a, b):
     return (a.double().cpu() - b.double().cpu()).abs().max().item()
 
 
-def low_floor(name: str, exact: torch.Tensor, dtype: torch.dtype) -> float:
-    """The floor of the low-precision rule: one rounding of the output in its own dtype. dh and dW are stored in
-    the low dtype; the loss is an fp32 scalar, never rounded to it (8 fp32 ulps), so a low-precision-only
-    forward bug cannot hide under the low dtype's eps (0.09 nats at GPT-2's loss in bf16)."""
-    eps = 8 * 2.0**-24 if name == "loss" else torch.finfo(dtype).eps
-    return eps * exact.abs().max().item()
+def assert_low_rule(ours, exact, lowp, dtype: torch.dtype) -> None:
+    """max|ours - fp64| <= 2 * max|torch in dtype - fp64| + floor, for the loss and both grads. The floor is one
+    rounding of the output in its own dtype: dh and dW are stored in the low dtype; the loss is an fp32 scalar,
+    never rounded to it (8 fp32 ulps), so a low-precision-only forward bug cannot hide under the low dtype's
+    eps (0.09 nats at GPT-2's loss in bf16)."""
+    for name, o, e, p in zip(("loss", "dh", "dw"), ours, exact, lowp):
+        floor = (8 * 2.0**-24 if name == "loss" else torch.finfo(dtype).eps) * e.abs().max().item()
+        assert err(o, e) <= 2 * err(p, e) + floor, (name, err(o, e), err(p, e), floor)
 
 
 @pytest.mark.parametrize("N,Vp,V,C", SHAPES)
@@ -145,14 +147,11 @@ def test_gpt2_vocab_default_tiles():
 
 @pytest.mark.parametrize("N,Vp,V,C", SHAPES[:2])
 def test_fp16_low_precision_rule(N, Vp, V, C):
-    """max|ours - fp64| <= 2 * max|torch fp16 - fp64| + floor, for the loss and both grads."""
     h, w, t = make_inputs(N, Vp, V, C, torch.float16, seed=1)
     ours = run(h, w, t, V)
     exact = reference(h, w, t, V)
     torch16 = reference(h, w, t, V, dtype=torch.float16)
-    for name, o, e, p in zip(("loss", "dh", "dw"), ours, exact, torch16):
-        floor = low_floor(name, e, torch.float16)
-        assert err(o, e) <= 2 * err(p, e) + floor, (name, err(o, e), err(p, e), floor)
+    assert_low_rule(ours, exact, torch16, torch.float16)
     assert (ours[2][V:] == 0).all()
 
 
@@ -163,9 +162,7 @@ def test_bf16_low_precision_rule_cuda(N, Vp, V, C):
     ours = run(h, w, t, V)
     exact = reference(h, w, t, V)
     torch16 = reference(h, w, t, V, dtype=torch.bfloat16)
-    for name, o, e, p in zip(("loss", "dh", "dw"), ours, exact, torch16):
-        floor = low_floor(name, e, torch.bfloat16)
-        assert err(o, e) <= 2 * err(p, e) + floor, (name, err(o, e), err(p, e), floor)
+    assert_low_rule(ours, exact, torch16, torch.bfloat16)
     assert (ours[2][V:] == 0).all()
 
 
@@ -191,9 +188,7 @@ def test_arch_configs_and_grids(arch, dtype, sm_count):
         assert err(dw[:V], exact[2][:V]) <= b["dw"]
     else:
         torch16 = reference(h, w, t, V, dtype=dtype)
-        for name, o, e, p in zip(("loss", "dh", "dw"), (loss, dh, dw), exact, torch16):
-            floor = low_floor(name, e, dtype)
-            assert err(o, e) <= 2 * err(p, e) + floor, (name, err(o, e), err(p, e), floor)
+        assert_low_rule((loss, dh, dw), exact, torch16, dtype)
     assert (dw[V:] == 0).all()
 
 
