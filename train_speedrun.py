@@ -226,6 +226,11 @@ def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None
     return PRESETS[preset].peak_tflops
 
 
+def automatic_peaks(preset: str) -> set[float | None]:
+    """Every peak `peak_tflops_for` can pick for `preset`: the preset's own and its variants'."""
+    return {PRESETS[preset].peak_tflops, *(peak for _, peak in VARIANT_PEAK_TFLOPS.get(preset, []))}
+
+
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
     """(config, checkpoint to resume from or None). Preset < checkpoint (with --resume) < explicit flags."""
     args = build_parser().parse_args(argv)
@@ -250,7 +255,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
             if name in RUN_DEFINING and base.get(name) != value:
                 raise UserError(f"--resume: --{name.replace('_', '-')} {value} conflicts with the checkpoint's "
                                 f"{base.get(name)} ({resume_path.name}); drop the flag, or start a new --out-dir")
-        if "gpu" in explicit and explicit["gpu"] != base["gpu"]:  # other hardware: take its preset's fields
+        # other hardware: take its preset's fields (`--gpu auto` on the checkpoint's own GPU is not other hardware)
+        if "gpu" in explicit and resolve_preset(explicit["gpu"]) != base["gpu"]:
             preset = asdict(PRESETS[resolve_preset(explicit["gpu"])])
             base.update({k: preset[k] for k in HARDWARE})
         merged = {**base, **explicit}
@@ -261,8 +267,10 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         if "out_dir" not in merged:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             merged["out_dir"] = str(Path("runs") / f"{stamp}-{gpu}-{merged['model']}")
-    if "peak_tflops" not in explicit and merged["peak_tflops"] == PRESETS[merged["gpu"]].peak_tflops:
-        merged["peak_tflops"] = peak_tflops_for(merged["gpu"])  # the running GPU's (also after a resume)
+    # The running GPU's peak, also after a resume, where the checkpoint may hold another variant's (an H100
+    # PCIe run's 756 resumed on an SXM part must become 989). A peak the user set keeps its value.
+    if "peak_tflops" not in explicit and merged["peak_tflops"] in automatic_peaks(merged["gpu"]):
+        merged["peak_tflops"] = peak_tflops_for(merged["gpu"])
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path

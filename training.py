@@ -215,9 +215,11 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-            if cfg.memory_gib:
-                total = torch.cuda.get_device_properties(self.device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_gib * 2**30 / total), self.device)
+            # The cap is process-wide allocator state: set it either way, so a Trainer without one built after a
+            # capped one in the same process (bench/train.py builds many) is not left capped.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            fraction = min(1.0, cfg.memory_gib * 2**30 / total) if cfg.memory_gib else 1.0
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
         B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
         # The loaders first: they validate every shard header, so a bad file fails before the model is built.
         self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)

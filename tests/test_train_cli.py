@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import train_speedrun
 import training
 from data.shards import write_shard
+from gpt2.checkpoint import save_checkpoint
 from tests.helpers import NEEDS_INTERPRETER, one_thread_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,12 +176,63 @@ def test_mfu_peak_follows_the_h100_variant():
     assert peak("rtx4070", "NVIDIA GeForce RTX 4070") == 58.3 and peak("cpu") is None
 
 
+def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
+    """Config resolution on a GPU, faked on CPU (it reads only is_available and the device name): a run started
+    on an H100 PCIe (peak 756) and resumed on an SXM part gets 989; `--resume --gpu auto` on the checkpoint's
+    own GPU keeps the checkpoint's hardware fields (micro-batch, compile) instead of the preset's; a peak the
+    user set survives the resume."""
+    name = ["NVIDIA H100 PCIe"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name[0])
+    resolve = train_speedrun.resolve_config
+
+    def start(out, *flags):
+        cfg, _ = resolve(["--out-dir", str(out), "--micro-batch", "16", "--no-compile", *flags])
+        out.mkdir()
+        save_checkpoint(out, 10, {"run_config": asdict(cfg)})
+        return cfg
+
+    cfg = start(tmp_path / "a")
+    assert (cfg.gpu, cfg.peak_tflops, cfg.micro_batch, cfg.compile) == ("h100", 756.0, 16, False)
+    name[0] = "NVIDIA H100 80GB HBM3"
+    for flags in ([], ["--gpu", "auto"], ["--gpu", "h100"]):
+        cfg, path = resolve(["--resume", "--out-dir", str(tmp_path / "a"), *flags])
+        assert path is not None and (cfg.gpu, cfg.peak_tflops, cfg.micro_batch, cfg.compile) == \
+            ("h100", 989.0, 16, False), flags
+    cfg, _ = resolve(["--resume", "--out-dir", str(tmp_path / "a"), "--gpu", "h200"])  # other hardware
+    assert (cfg.gpu, cfg.micro_batch, cfg.compile) == ("h200", 64, True)
+
+    name[0] = "NVIDIA H100 PCIe"
+    start(tmp_path / "b", "--peak-tflops", "500")
+    name[0] = "NVIDIA H100 80GB HBM3"
+    cfg, _ = resolve(["--resume", "--out-dir", str(tmp_path / "b")])
+    assert cfg.peak_tflops == 500.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU presets resolve only on a GPU")
 def test_config_takes_the_running_gpus_peak():
     cfg, _ = train_speedrun.resolve_config(["--out-dir", "unused"])
     assert cfg.peak_tflops == train_speedrun.peak_tflops_for(cfg.gpu, torch.cuda.get_device_name())
     cfg, _ = train_speedrun.resolve_config(["--peak-tflops", "500", "--out-dir", "unused"])
     assert cfg.peak_tflops == 500.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the memory cap is a CUDA allocator setting")
+def test_memory_cap_is_set_and_lifted_per_trainer():
+    """--memory-gib caps the process's CUDA allocator; a later Trainer without a cap (bench/train.py builds
+    many in one process) lifts it instead of inheriting it."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        for gib, want in ((2.0, 2.0 * 2**30 / total), (0.0, 1.0)):
+            cfg, _ = train_speedrun.resolve_config(
+                ["--gpu", "auto", "--model", "tiny", "--data", "sample", "--micro-batch", "2", "--seq-len", "64",
+                 "--total-batch-tokens", "128", "--val-tokens", "128", "--no-compile", "--memory-gib", str(gib),
+                 "--out-dir", "unused"])
+            train_files, val_file = train_speedrun.open_data(cfg)
+            training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))
+            assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(want), gib
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_lr_schedule_is_llmc():
