@@ -14,9 +14,9 @@ from tests.test_train_cli import REPO
 HAS_CUDA = torch.cuda.is_available()
 
 
-def bench(*args, timeout=900):
+def bench(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "bench/resume.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=one_thread_env())
+                          text=True, timeout=timeout, env={**one_thread_env(), **(env or {})})
 
 
 @NEEDS_INTERPRETER
@@ -75,9 +75,12 @@ def test_gpu_triton_backend_is_bitwise_torch_backend_recorded(tmp_path):
     """On a GPU the Triton backend has no atomics anywhere (attention, CE, LayerNorm reductions are
     deterministic by construction; cuBLAS is run-to-run deterministic for fixed shapes), so its straight runs
     and its resumed run must agree bitwise. The torch backend (SDPA's flash backward accumulates dQ with
-    atomics) is only measured: its figures go to the record, quoted in README from bench/results."""
+    atomics) is only measured: its figures go to the record, quoted in README from bench/results.
+    Attention's autotuned tile (which sets its summation order) is cached on disk by the first process to tune
+    and read by the later ones; a Triton cache of this test's own keeps another xdist worker tuning the same
+    key at the same time from writing a different pick between the runs."""
     proc = bench("--model", "tiny", "--micro-batch", 4, "--seq-len", 128, "--steps", 6, "--no-compile",
-                 "--out-dir", tmp_path)
+                 "--out-dir", tmp_path, env={"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
     assert proc.returncode == 0, proc.stderr + proc.stdout
     [path] = tmp_path.glob("resume-*.json")
     runs = {r["backend"]: r for r in json.loads(path.read_text())["runs"]}
