@@ -5,6 +5,7 @@
     python bench/train.py --profile                # ... plus a per-op-kind profile split and a .md summary
     python bench/train.py --project rtx4070 --from-record bench/results/train-<dev>-<date>.json   # no GPU needed
     python bench/train.py --smoke --out-dir /tmp/x # CPU smoke run (tiny model): NOT A TIMING
+    python bench/train.py --merge A.json B.json   # one record from parts measured in separate commands
 
 What is measured (GPU). GPT-2 d12, T = 1024, bf16 autocast, for each micro-batch in --micro-batches (default
 8,16,32,64) and each configuration:
@@ -45,6 +46,11 @@ The record is rewritten after every micro-batch group and after the cap check ("
 end), so a run stopped by a time limit keeps what it measured. --project takes the best triton MFU among runs
 at a micro-batch the target can hold: at most the largest that fitted the record's cap check, else the
 target preset's micro-batch.
+
+--merge: a sweep split over several commands (e.g. --micro-batches 8,16 then 32,64 under a 10-minute limit, and
+--no-sweep --profile for the cap check) gives several records; --merge joins them into one record (runs, cap,
+profile, speedups recomputed) after checking that they measured the same thing: same device, versions, commit,
+model, sequence length, dtype, accumulation, steps, block, warm-up and peak. No GPU needed.
 """
 from __future__ import annotations
 
@@ -391,6 +397,9 @@ def markdown(rec: dict) -> str:
              f"configuration, round-robin blocks of {rec['block']}.", ""]
     if rec.get("smoke"):
         lines += ["**SMOKE RUN (CPU, tiny model): NOT A TIMING.**", ""]
+    if rec.get("merged_from"):
+        lines += ["Merged from " + ", ".join(f"`{m['file']}`" + ("" if m["complete"] else " (incomplete)")
+                                             for m in rec["merged_from"]) + ".", ""]
     if rec["runs"]:
         lines += ["| config | micro-batch | tok/s | MFU | step ms (median) | peak alloc GiB |", "|---|---|---|---|---|---|"]
         for r in rec["runs"]:
@@ -426,6 +435,92 @@ def markdown(rec: dict) -> str:
         lines += ["", "Kernel-name patterns (first match wins): "
                   + "; ".join(f"{k}: `{v}`" for k, v in p["patterns"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ merge
+# What every part of a merged record must share: it defines the measurement.
+MERGE_SAME = ("kind", "smoke", "device", "commit", "versions", "preset", "peak_tflops", "model", "seq_len", "dtype",
+              "grad_accum", "steps", "block", "warmup")
+
+
+class MergeError(ValueError):
+    pass
+
+
+def merge_records(paths: list[Path]) -> dict:
+    """One train record from parts measured in separate commands. Raises MergeError naming what differs."""
+    parts = []
+    for path in paths:
+        try:
+            rec = json.loads(Path(path).read_text())
+            if rec.get("kind") != "train":
+                raise MergeError(f"{path}: not a train benchmark record (kind {rec.get('kind')!r})")
+        except (OSError, ValueError) as e:
+            raise MergeError(e if isinstance(e, MergeError) else f"{path}: unreadable ({e})") from None
+        parts.append((Path(path), rec))
+    if len(parts) < 2:
+        raise MergeError("needs two or more records")
+    (first_path, first), rest = parts[0], parts[1:]
+    for path, rec in rest:
+        for key in MERGE_SAME:
+            if rec.get(key) != first.get(key):
+                raise MergeError(f"{path.name} and {first_path.name} differ in {key} ({rec.get(key)!r} vs "
+                                 f"{first.get(key)!r}): they measured different things; merge like with like")
+    dirty = [path.name for path, rec in parts if rec.get("env", {}).get("dirty")]
+    if dirty:
+        raise MergeError(f"{', '.join(dirty)} measured a modified tree (commit + uncommitted changes): a merge cannot "
+                         f"tell whether the parts ran the same code; measure from a clean commit")
+    seen, runs = {}, []
+    for path, rec in parts:
+        for r in rec["runs"]:
+            key = (r["name"], r["micro_batch"])
+            if key in seen:
+                raise MergeError(f"{r['name']} at micro-batch {r['micro_batch']} is in both {seen[key]} and "
+                                 f"{path.name}: leave one of them out")
+            seen[key] = path.name
+            runs.append(r)
+    order = [name for name, _, _ in CONFIGS]
+    runs.sort(key=lambda r: (r["micro_batch"], order.index(r["name"]) if r["name"] in order else len(order)))
+    merged = {k: first[k] for k in first if k not in ("runs", "cap", "profile", "complete", "date", "micro_batches")}
+    for key in ("cap", "profile"):
+        having = [path.name for path, rec in parts if rec.get(key)]
+        if len(having) > 1:
+            raise MergeError(f"more than one record holds a {key}: {', '.join(having)}; leave all but one out")
+        merged[key] = next((rec[key] for _, rec in parts if rec.get(key)), None)
+    merged.update({
+        "complete": all(rec.get("complete") for _, rec in parts),
+        "date": max(rec["date"] for _, rec in parts),
+        "micro_batches": sorted({r["micro_batch"] for r in runs}),
+        "runs": runs,
+        "speedup_vs_compiled_torch": speedups(runs),
+        "merged_from": [{"file": path.name, "date": rec["date"], "complete": rec.get("complete"),
+                         "micro_batches": rec.get("micro_batches")} for path, rec in parts],
+    })
+    return merged
+
+
+def merge_command(paths: list[Path], out_dir: Path | None) -> int:
+    from runinfo import atomic_write_json, atomic_write_text, record_stem
+
+    try:
+        rec = merge_records(paths)
+    except MergeError as e:
+        print(f"error: --merge: {e}", file=sys.stderr)
+        return 2
+    out_dir = out_dir if out_dir is not None else Path(paths[0]).parent
+    if rec["smoke"] and out_dir.resolve() == RESULTS_DIR.resolve():
+        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
+              file=sys.stderr)
+        return 2
+    stem = record_stem("train", rec["device"], rec["smoke"], datetime.datetime.fromisoformat(rec["date"])) + "-merged"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / f"{stem}.json", rec)
+    atomic_write_text(out_dir / f"{stem}.md", markdown(rec))
+    log(f"merged {len(paths)} records ({', '.join(Path(p).name for p in paths)}): {len(rec['runs'])} runs, "
+        f"micro-batches {rec['micro_batches']}, cap {'yes' if rec['cap'] else 'no'}, "
+        f"profile {'yes' if rec['profile'] else 'no'}, complete {rec['complete']}")
+    log(f"wrote {out_dir / (stem + '.json')} and .md")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- project
@@ -516,6 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-micro-batch", type=int, default=16)
     p.add_argument("--project", choices=("rtx4070",), help="print the projected time to val 3.28 on this GPU")
     p.add_argument("--from-record", type=Path, help="with --project: the record whose MFU to use (no GPU needed)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RECORD",
+                   help="join records of one sweep measured in separate commands into one (no GPU needed)")
     p.add_argument("--smoke", action="store_true", help="CPU-allowed smoke run (tiny model, seq 64): NOT A TIMING")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the record goes (default bench/results; --smoke: only when given, never bench/results)")
@@ -526,6 +623,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_command(args.merge, args.out_dir)
     if args.project and args.from_record is not None:
         return project(args.project, args.from_record)
     has_cuda = torch.cuda.is_available()

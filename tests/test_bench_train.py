@@ -250,3 +250,63 @@ def test_markdown_of_a_cap_only_record(smoke):
     md = mod.markdown({**cap_only, "profile": prof})
     assert "| matmul | 30.00 ms (75%) | OOM |" in md
     assert "| kernels / step wall (profiled) | 40.00 / 43.50 ms | OOM |" in md
+
+
+def _parts(rec, tmp_path, **edits):
+    """The smoke record cut into two parts (micro-batch 2 | micro-batch 4 + a cap check), written as files."""
+    clean = {**rec, "env": {**rec["env"], "dirty": False}}
+    first = {**clean, "runs": [r for r in rec["runs"] if r["micro_batch"] == 2], "micro_batches": [2]}
+    cap = {"cap_gib": 12.0, "alloc_limit_gib": 11.0, "preset_pass": True, "preset": "rtx4070",
+           "largest_fitting": {"torch": 4}}
+    second = {**clean, "runs": [r for r in rec["runs"] if r["micro_batch"] == 4], "micro_batches": [4],
+              "cap": cap, "complete": False, "date": "2099-01-01T00:00:00", **edits}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (first, second)):
+        path.write_text(json.dumps(part))
+    return paths
+
+
+def test_merge_joins_parts_of_one_sweep(smoke, tmp_path):
+    """A sweep split over time-limited commands: --merge gives one record with every run, the one cap check,
+    speedups recomputed over all runs, and the parts listed; the .md says where it came from."""
+    _, _, rec, _ = smoke
+    paths = _parts(rec, tmp_path)
+    proc = bench("--merge", *map(str, paths), "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    [path] = (tmp_path / "out").glob("train-*-merged.json")
+    merged = json.loads(path.read_text())
+    assert [(r["name"], r["micro_batch"]) for r in merged["runs"]] == [("torch", 2), ("torch", 4)]
+    assert merged["runs"] == rec["runs"] and merged["micro_batches"] == [2, 4]
+    assert merged["cap"]["largest_fitting"] == {"torch": 4} and merged["profile"] is None
+    assert merged["complete"] is False and merged["date"] == "2099-01-01T00:00:00"  # a part was cut short
+    assert [m["file"] for m in merged["merged_from"]] == ["a.json", "b.json"]
+    assert merged["speedup_vs_compiled_torch"] == load_module().speedups(rec["runs"])
+    md = path.with_suffix(".md").read_text()
+    assert "Merged from `a.json`, `b.json` (incomplete)." in md and "| torch | 4 |" in md
+
+
+@pytest.mark.parametrize("what,edits,needle", [
+    ("measurement", {"steps": 99}, "differ in steps (99 vs 3)"),
+    ("device", {"device": "NVIDIA H100"}, "differ in device"),
+    ("dirty tree", "dirty", "measured a modified tree"),
+    ("same run twice", "dup", "torch at micro-batch 2 is in both a.json and b.json"),
+    ("two cap checks", "cap", "more than one record holds a cap: a.json, b.json"),
+])
+def test_merge_refuses_parts_that_do_not_belong_together(smoke, tmp_path, what, edits, needle):
+    _, _, rec, _ = smoke
+    paths = _parts(rec, tmp_path, **(edits if isinstance(edits, dict) else {}))
+    if isinstance(edits, str):
+        a, b = (json.loads(p.read_text()) for p in paths)
+        if edits == "dirty":
+            b["env"]["dirty"] = True
+        elif edits == "dup":
+            b["runs"] += a["runs"]
+        else:
+            a["cap"] = b["cap"]
+        paths[0].write_text(json.dumps(a))
+        paths[1].write_text(json.dumps(b))
+    proc = bench("--merge", *map(str, paths), "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stdout == "", what
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --merge: ") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
