@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parent
 
 
 def git_commit() -> tuple[str, bool]:
-    """(commit hash or "unknown", dirty flag) of the checkout this code runs from."""
+    """(commit hash or "unknown", dirty flag) of the checkout this code runs from. A copy of the tree without
+    its .git (a GPU machine that gets the files only) takes the hash from $TRITONRUN_COMMIT, set by whoever
+    copied a committed, clean tree there; it is not checked."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
@@ -26,7 +28,7 @@ def git_commit() -> tuple[str, bool]:
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        return "unknown", False
+        return os.environ.get("TRITONRUN_COMMIT") or "unknown", False
 
 
 def device_name(device) -> str:
