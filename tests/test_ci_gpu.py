@@ -1,4 +1,5 @@
 """.ci/gpu, the GPU half of CI: its argument checks and its refusal on a machine without CUDA."""
+import os
 import subprocess
 
 import pytest
@@ -27,3 +28,35 @@ def test_refuses_without_cuda(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: no CUDA GPU visible to python: .ci/gpu is the GPU half of CI (.ci/run is the CPU half)"]
     assert not list((tmp_path / "out").iterdir())  # nothing run, nothing written
+
+
+def test_phases_run_their_commands_with_extra_args(tmp_path):
+    """The phase plumbing, without a GPU: PYTHON is a stand-in that logs its arguments (and, as bench/train.py,
+    leaves a record for the project step). TRITONRUN_<PHASE>_ARGS reach their phase's command, word-split."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+if [ "${{1:-}}" = bench/train.py ] && [ "${{2:-}}" = --cap-gib ]; then touch "$5/train-fake.json"; fi
+exit 0
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "TRITONRUN_TRAIN_ARGS": "--micro-batches 8,16",
+           "TRITONRUN_KERNELS_ARGS": "--quick", "TRITONRUN_TESTS_ARGS": "-k bf16"}
+    env.pop("TRITONRUN_CAP_ARGS", None)
+    env.pop("TRITONRUN_RESUME_ARGS", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", ".ci/gpu", str(out), "tests", "kernels", "train", "cap", "resume"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in calls.read_text().splitlines() if line.split()[0] != "-c" and line != "-"]
+    xdist = [] if "-n" not in lines[0] else ["-n", lines[0].split("-n ")[1].split()[0]]
+    assert lines == [
+        " ".join(["-m pytest -q -rs -p no:cacheprovider", *xdist, "-k bf16"]),
+        f"bench/kernels.py --out-dir {out} --plot --quick",
+        f"bench/train.py --cap-gib 0 --out-dir {out} --micro-batches 8,16",
+        f"bench/train.py --project rtx4070 --from-record {out}/train-fake.json",
+        f"bench/train.py --no-sweep --profile --out-dir {out}",
+        f"bench/resume.py --out-dir {out}",
+    ]
+    assert "all phases passed: tests kernels train cap resume" in proc.stdout
