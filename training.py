@@ -154,13 +154,24 @@ LEADERBOARD_HEADER = ("| date | preset | device | model | backend | val loss | t
                       "| train time | tok/s | MFU | commit |\n|" + "---|" * 13)
 
 
+def human_count(n: float) -> str:
+    """9.01B, 51.2K, 999: a token count at the scale it has (a smoke run's 51,200 tokens are not "0.000B")."""
+    units = (("", 1.0), ("K", 1e3), ("M", 1e6), ("B", 1e9))
+    i = max(j for j, (_, scale) in enumerate(units) if n >= scale or j == 0)
+    v = n / units[i][1]
+    text = f"{v:.3g}" if v < 99.95 else f"{v:.0f}"
+    if text == "1000" and i + 1 < len(units):  # 999,999 rounds up to the next unit
+        return "1" + units[i + 1][0]
+    return text + units[i][0]
+
+
 def leaderboard_row(cfg, env: dict, result: dict) -> str:
     val, mfu = result["final_val_loss"], result["mfu_mean"]
     gpus = f"{result['world_size']}× " if result["world_size"] > 1 else ""
     return (f"| {result['date']} | {cfg.gpu} | {gpus}{env['device']} | {cfg.model} | {cfg.backend}"
             f"{' +compile' if cfg.compile else ''} | {'n/a' if val is None else f'{val:.4f}'} "
             f"| {'yes' if result['target_reached'] else 'no'} | {result['steps_done']} "
-            f"| {result['tokens_seen'] / 1e9:.3f}B | {result['train_time_s'] / 60:.2f} min "
+            f"| {human_count(result['tokens_seen'])} | {result['train_time_s'] / 60:.2f} min "
             f"| {result['tokens_per_s']:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
             f"| {env['commit'][:10]}{'-dirty' if env['dirty'] else ''} |")
 

@@ -65,6 +65,7 @@ def test_30_steps_loss_falls_and_records_are_complete(run30):
     step = result["steps"][0]
     assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib", "skipped"}
     assert result["leaderboard_row"].startswith("| ") and result["leaderboard_row"].count("|") == 14
+    assert "| 15.4K |" in result["leaderboard_row"]  # 30 x 512 tokens
     assert result["leaderboard_row"] in proc.stdout.splitlines()[-1]
     assert (out / "leaderboard.md").read_text().splitlines()[-1] == result["leaderboard_row"]
 
@@ -390,3 +391,9 @@ def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "out of memory" in err[0] and "--micro-batch" in err[0] and "--seq-len" in err[0]
+
+
+@pytest.mark.parametrize("n,text", [(0, "0"), (999, "999"), (1000, "1K"), (51_200, "51.2K"), (99_960, "100K"),
+                                    (999_999, "1M"), (9_013_559_296, "9.01B"), (123_456_789_012, "123B")])
+def test_leaderboard_token_counts_keep_their_scale(n, text):
+    assert training.human_count(n) == text
