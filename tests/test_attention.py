@@ -136,6 +136,46 @@ def test_bf16_on_gpu(T, D, B, H, poison):
     check_case(B, H, T, D, torch.bfloat16, seed=T + D + B)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU, test_every_autotune_candidate_on_gpu runs its arch's space natively "
+                                      "(another arch's configs may not fit its shared memory)")
+@pytest.mark.parametrize("D", attn.HEAD_DIMS)
+def test_every_tune_space_config_in_the_interpreter(D, poison, monkeypatch):
+    """Every config any arch's table or autotune space holds (block sizes up to 128 x 128, never run by the
+    other CPU tests, which use INTERPRETER_CONFIG), in fp16 at T = 257: a partial last block for every size.
+    Each case forces the i-th config of every kind at once (cycling through the shorter lists)."""
+    space = {kind: sorted({c for arch in attn.TUNE_SPACE for c in attn.TUNE_SPACE[arch][kind][D]})
+             for kind in attn.KERNELS}
+    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "0")
+    for i in range(max(map(len, space.values()))):
+        forced = {kind: configs[i % len(configs)] for kind, configs in space.items()}
+        monkeypatch.setattr(attn, "_table_config", lambda kind, *_, forced=forced: forced[kind])
+        check_case(1, 1, 257, D, torch.float16, seed=D + i)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_BF16_REASON)
+@pytest.mark.parametrize("kind", sorted(attn.KERNELS))
+def test_every_autotune_candidate_on_gpu(kind, poison, monkeypatch):
+    """The other tests run the table's fixed config (conftest sets TRITONRUN_ATTN_AUTOTUNE=0 on a GPU); the
+    autotuner may pick any config of the arch's TUNE_SPACE on another card or day, so each is checked here,
+    forced one at a time for `kind`, at T = 257 (a partial last block for every block size) and every D."""
+    arch = attn.arch_key(torch.cuda.get_device_capability())
+    table = attn._table_config
+    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "0")
+    for D in attn.HEAD_DIMS:
+        for config in attn.TUNE_SPACE[arch][kind][D]:
+            monkeypatch.setattr(attn, "_table_config",
+                                lambda k, d, dt, dev, c=config: c if k == kind else table(k, d, dt, dev))
+            check_case(3, 1, 257, D, torch.bfloat16, seed=D + sum(config))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_BF16_REASON)
+def test_autotuned_path_on_gpu(poison, monkeypatch):
+    """What the trainer runs by default: the autotuner (its pick cached by Triton) launching the kernels."""
+    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "1")
+    check_case(1, 3, 1024, 64, torch.bfloat16, seed=5)
+    check_case(3, 1, 257, 128, torch.bfloat16, seed=6)
+
+
 def test_backward_is_deterministic(poison):
     q, k, v = make_qkv(1, 3, 77, 64, torch.float16, seed=3)
     do = torch.randn_like(q.float()).to(q.dtype)
