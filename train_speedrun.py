@@ -268,7 +268,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             merged["out_dir"] = str(Path("runs") / f"{stamp}-{gpu}-{merged['model']}")
     # The running GPU's peak, also after a resume, where the checkpoint may hold another variant's (an H100
-    # PCIe run's 756 resumed on an SXM part must become 989). A peak the user set keeps its value.
+    # PCIe run's 756 resumed on an SXM part must become 989). A peak the user set keeps its value, unless it
+    # equals one of the automatic ones (the checkpoint does not say which it was).
     if "peak_tflops" not in explicit and merged["peak_tflops"] in automatic_peaks(merged["gpu"]):
         merged["peak_tflops"] = peak_tflops_for(merged["gpu"])
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
