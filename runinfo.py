@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+RESULTS_DIR = REPO / "bench" / "results"  # committed benchmark records: README figures come from here
 
 
 def git_commit() -> tuple[str, bool]:
@@ -66,6 +67,14 @@ def record_stem(kind: str, device: str, smoke: bool, when) -> str:
     """The file name (without suffix) of a benchmark record: kind-[smoke-]device-YYYYmmdd-HHMMSS."""
     device_slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return f"{kind}-{'smoke-' if smoke else ''}{device_slug}-{when.strftime('%Y%m%d-%H%M%S')}"
+
+
+def record_dir(out_dir: Path | None, smoke: bool) -> Path | None:
+    """Where a benchmark writes its record: --out-dir when given, else bench/results for a measurement and
+    nowhere for a smoke run. Raises ValueError (the user's error line) for a smoke run aimed at bench/results."""
+    if smoke and out_dir is not None and Path(out_dir).resolve() == RESULTS_DIR.resolve():
+        raise ValueError("smoke runs never write into bench/results (README figures come from GPU records only)")
+    return out_dir if out_dir is not None else (None if smoke else RESULTS_DIR)
 
 
 def temp_path_for(path: Path) -> Path:

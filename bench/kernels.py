@@ -64,7 +64,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
+from runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.2, 0.5, 0.8)
 
@@ -775,6 +776,11 @@ def main(argv=None) -> int:
               "smoke run (not a timing)", file=sys.stderr)
         return 2
     smoke = not has_cuda
+    try:
+        out_dir = record_dir(args.out_dir, smoke)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if smoke:
         from gpt2.ops import use_cpu_interpreter
 
@@ -783,16 +789,11 @@ def main(argv=None) -> int:
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if args.out_dir is not None and args.out_dir.resolve() == RESULTS_DIR.resolve():
-            print("error: smoke runs never write into bench/results (README figures come from GPU records only)",
-                  file=sys.stderr)
-            return 2
         print("=" * 88)
         print("SMOKE RUN ON CPU through the Triton interpreter: NOT A TIMING. The numbers below only show")
         print("that every case, peer and record field works; never quote them. Run on a CUDA GPU to measure.")
         print("=" * 88)
     device = torch.device("cuda" if has_cuda else "cpu")
-    from runinfo import atomic_write_json, env_info, record_stem
 
     ctx = Ctx(device=device, smoke=smoke, quick=args.quick, dtype_mode=args.dtype,
               peers=[p.strip() for p in args.peers.split(",") if p.strip()],
@@ -843,7 +844,6 @@ def main(argv=None) -> int:
                  "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
         "results": ctx.results, "speedups": ratios, "skipped": ctx.skipped,
     }
-    out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record_stem('kernels', env['device'], smoke, now)}.json"

@@ -31,9 +31,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import atomic_write_json, env_info, record_stem  # noqa: E402
-
-RESULTS_DIR = REPO / "bench" / "results"
+from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
 
 def log(msg: str = "") -> None:
@@ -144,10 +142,10 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU: the GPU resume tolerance needs one; --smoke --out-dir DIR runs the CPU (bitwise) "
               "case", file=sys.stderr)
         return 2
-    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
-    if args.smoke and out_dir is not None and out_dir.resolve() == RESULTS_DIR.resolve():
-        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
-              file=sys.stderr)
+    try:
+        out_dir = record_dir(args.out_dir, args.smoke)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if has_cuda and not args.smoke else "cpu")
     env = env_info(device)

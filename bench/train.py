@@ -73,7 +73,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
+from runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
+
 GIB = 2**30
 SEQ_LEN = 1024
 DEFAULT_MICRO_BATCHES = (8, 16, 32, 64)
@@ -439,7 +440,7 @@ def markdown(rec: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ merge
 # What every part of a merged record must share: it defines the measurement.
-MERGE_SAME = ("kind", "smoke", "device", "commit", "versions", "preset", "peak_tflops", "model", "seq_len", "dtype",
+MERGE_SAME = ("smoke", "device", "commit", "versions", "preset", "peak_tflops", "model", "seq_len", "dtype",
               "grad_accum", "steps", "block", "warmup")
 
 
@@ -450,14 +451,14 @@ class MergeError(ValueError):
 def merge_records(paths: list[Path]) -> dict:
     """One train record from parts measured in separate commands. Raises MergeError naming what differs."""
     parts = []
-    for path in paths:
+    for path in map(Path, paths):
         try:
-            rec = json.loads(Path(path).read_text())
-            if rec.get("kind") != "train":
-                raise MergeError(f"{path}: not a train benchmark record (kind {rec.get('kind')!r})")
+            rec = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise MergeError(e if isinstance(e, MergeError) else f"{path}: unreadable ({e})") from None
-        parts.append((Path(path), rec))
+            raise MergeError(f"{path}: unreadable ({e})") from None
+        if not isinstance(rec, dict) or rec.get("kind") != "train":
+            raise MergeError(f"{path}: not a train benchmark record")
+        parts.append((path, rec))
     if len(parts) < 2:
         raise MergeError("needs two or more records")
     (first_path, first), rest = parts[0], parts[1:]
@@ -500,17 +501,15 @@ def merge_records(paths: list[Path]) -> dict:
 
 
 def merge_command(paths: list[Path], out_dir: Path | None) -> int:
-    from runinfo import atomic_write_json, atomic_write_text, record_stem
-
     try:
         rec = merge_records(paths)
     except MergeError as e:
         print(f"error: --merge: {e}", file=sys.stderr)
         return 2
-    out_dir = out_dir if out_dir is not None else Path(paths[0]).parent
-    if rec["smoke"] and out_dir.resolve() == RESULTS_DIR.resolve():
-        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
-              file=sys.stderr)
+    try:
+        out_dir = record_dir(out_dir if out_dir is not None else Path(paths[0]).parent, rec["smoke"])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     stem = record_stem("train", rec["device"], rec["smoke"], datetime.datetime.fromisoformat(rec["date"])) + "-merged"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -634,11 +633,14 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU: bench/train.py measures GPU training; use --smoke --out-dir DIR for a CPU smoke "
               "run (not a timing), or --project rtx4070 --from-record PATH", file=sys.stderr)
         return 2
-    if args.smoke and args.out_dir is not None and args.out_dir.resolve() == RESULTS_DIR.resolve():
-        print("error: smoke runs never write into bench/results (its figures come from GPU records only)",
-              file=sys.stderr)
-        return 2
+    import train_speedrun as ts  # imports no triton: the smoke path below may still pick the CPU interpreter
+
     smoke = args.smoke
+    try:
+        out_dir = record_dir(args.out_dir, smoke)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if has_cuda and not smoke else "cpu")
     if smoke:
         args.model, args.seq_len, args.dtype, args.gpu = "tiny", 64, "fp32" if device.type == "cpu" else "bf16", \
@@ -661,8 +663,6 @@ def main(argv=None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
     else:
-        import train_speedrun as ts
-
         args.model, args.seq_len, args.dtype = "d12", SEQ_LEN, "bf16"
         try:
             args.gpu = ts.resolve_preset("auto")
@@ -691,15 +691,12 @@ def main(argv=None) -> int:
     configs = [c for c in CONFIGS if c[1] in backends and c[2] in compiles]
 
     from gpt2 import MODEL_SIZES
-    from runinfo import atomic_write_json, atomic_write_text, env_info, record_stem
 
     env = env_info(device)
     log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
         f"{' (dirty)' if env['dirty'] else ''}  preset {args.gpu}")
     now = datetime.datetime.now()
-    import train_speedrun as ts
 
-    out_dir = args.out_dir if args.out_dir is not None else (None if smoke else RESULTS_DIR)
     path = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
