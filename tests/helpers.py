@@ -1,5 +1,8 @@
 """Small pieces several test files share."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,18 @@ import torch
 from gpt2.ops import interpreter_problem
 
 HAS_CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str, name: str):
+    """A script of the repo (bench/*.py, sample.py) loaded by path as module `name`, executed afresh. Not
+    imported by name: with bench/ on sys.path, `import kernels` would find bench/kernels.py. Registered in
+    sys.modules before it runs: dataclasses look their module up while it executes."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 INTERPRETER_PROBLEM = interpreter_problem()
 # Tests that run the Triton backend on CPU in a subprocess (--gpu cpu), also on CUDA machines. Without CUDA
 # conftest already stops the whole session with the fix when the interpreter cannot run.

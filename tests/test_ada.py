@@ -8,7 +8,6 @@ kernel) makes later runs ~15 s.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,20 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "ada.py"
 CHECKED_ARCHS = ("sm_89", "sm_80", "sm_90")
 
 
-def _load_ada():
-    spec = importlib.util.spec_from_file_location("bench_ada", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-ada = _load_ada()
+ada = load_script("bench/ada.py", "bench_ada")
 
 # Every kernel each kernel file launches from its host code, and the ones whose tl.dot takes bf16 under
 # bf16 autocast (those must lower to bf16 tensor-core instructions).

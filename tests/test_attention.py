@@ -69,10 +69,15 @@ def run_reference(q, k, v, do, dtype):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def reference_lse(q, k):
+def reference_scores(q, k):
+    """The scaled causal scores in fp64, -inf above the diagonal."""
     T, D = q.shape[-2:]
     s = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(D)
-    return s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf")).logsumexp(-1)
+    return s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+
+
+def reference_lse(q, k):
+    return reference_scores(q, k).logsumexp(-1)
 
 
 def rounding_floor(q, k, v, do) -> dict[str, float]:
@@ -81,10 +86,8 @@ def rounding_floor(q, k, v, do) -> dict[str, float]:
     dS = P * (dO V^T - rowsum(dO * O)): the same with |dO| |V|^T + rowsum(|dO * O|) in place of the
     cancelling difference (the kernel's two sums round apart by a few ulps of those magnitudes)."""
     q, k, v, do = (t.double() for t in (q, k, v, do))
-    T, D = q.shape[-2:]
-    scale = 1.0 / math.sqrt(D)
-    s = (q @ k.transpose(-2, -1)) * scale
-    p = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf")).softmax(-1)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    p = reference_scores(q, k).softmax(-1)
     terms = p * (do.abs() @ v.abs().transpose(-2, -1) + (do * (p @ v)).abs().sum(-1, keepdim=True))
     mags = {"o": p @ v.abs(), "dq": scale * terms @ k.abs(), "dk": scale * terms.transpose(-2, -1) @ q.abs(),
             "dv": p.transpose(-2, -1) @ do.abs()}

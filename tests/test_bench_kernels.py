@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "kernels.py"
 HAS_CUDA = torch.cuda.is_available()
@@ -174,10 +176,7 @@ def test_smoke_refuses_to_write_into_results():
 def test_a_raising_implementation_is_recorded_and_only_ours_decides_the_exit(monkeypatch):
     """A peer that raises (after its import worked) is recorded under "skipped" with the error and costs
     nothing else; our kernel raising is an error the run reports. Timing paths run as in the smoke mode."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses resolve annotations through it
-    spec.loader.exec_module(mod)
+    mod = load_script("bench/kernels.py", "bench_kernels")
     ctx = mod.Ctx(device=torch.device("cpu"), smoke=True, quick=True, dtype_mode="fp32", peers=[], rows=[4], C=8)
 
     def make_set(seed):

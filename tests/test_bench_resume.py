@@ -1,5 +1,4 @@
 """bench/resume.py: the resume-exactness measurement. On CPU (smoke) both backends must come out bitwise."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -8,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import NEEDS_INTERPRETER, one_thread_env
+from tests.helpers import NEEDS_INTERPRETER, load_script, one_thread_env
 from tests.test_train_cli import REPO
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,10 +43,7 @@ def test_smoke_both_backends_resume_bitwise(tmp_path):
 
 
 def test_difference_summary():
-    # loaded by path: bench/ on sys.path would shadow the kernels package with bench/kernels.py
-    spec = importlib.util.spec_from_file_location("bench_resume", REPO / "bench" / "resume.py")
-    resume = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(resume)
+    resume = load_script("bench/resume.py", "bench_resume")
 
     d = resume.diff([1.0, 2.0, 3.5], [1.0, 2.5, 3.0])
     assert d == {"max_abs": 0.5, "max_rel": 0.5 / 2.5, "bitwise": False, "first_differing_index": 1}

@@ -2,7 +2,6 @@
 
 The GPU measurement itself (d12 sweep, 12 GiB cap, profile) needs a CUDA GPU; here only its record
 machinery runs, on the tiny model (--smoke), and pure helpers are checked in-process."""
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "train.py"
@@ -28,10 +28,7 @@ def bench(*args, timeout=300):
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/train.py", "bench_train")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """sample.py: deterministic for a fixed seed, greedy == top-k 1, every model source, one-line user errors."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from gpt2.config import GPTConfig
 from gpt2.hf import save_hf
 from gpt2.llmc import save_llmc
 from gpt2.model import GPT
-from tests.helpers import ONE_THREAD_ENV
+from tests.helpers import ONE_THREAD_ENV, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = ONE_THREAD_ENV
@@ -23,14 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "The quick brown fox"
 
 
-def _load_sample_module():
-    spec = importlib.util.spec_from_file_location("sample_cli", REPO / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cli = _load_sample_module()
+sample_cli = load_script("sample.py", "sample_cli")
 
 
 @pytest.fixture(scope="module")
