@@ -23,8 +23,9 @@ into what JITFunction.run would compile: Triton's own argument binder specialize
 constexprs, attributes and options (num_warps / num_stages as the launcher passes them, Triton's
 defaults otherwise). So the configs, the constexpr variants and even constants written inline in a
 launcher (layernorm's dweight/dbias block, attention's delta block, AdamW's finalize block) come from
-the kernel files. Attention launches through triton.autotune: every config of its autotune space
-(TUNE_SPACE, the table entry first) is recorded, since the autotuner may pick any of them on a GPU.
+the kernel files. Attention (triton.autotune) and cross-entropy (kernels/tune.py) are autotuned on a
+GPU: every config of their autotune spaces (TUNE_SPACE, the table entry first) is recorded, since the
+autotuner may pick any of them there.
 Distinct launches are compiled once (in --jobs processes, with Triton's on-disk cache).
 
 Covered: attention fwd / bwd delta / bwd dK,dV / bwd dQ (bf16 q, k, v in the model's strided layout);
@@ -302,7 +303,7 @@ def drive_attention(rec: Recorder, case: Case) -> None:
         stack.enter_context(_device_capability(case))
         stack.enter_context(mock.patch.object(attn, "_check", lambda *a: None))  # refuses CPU tensors
         stack.enter_context(mock.patch.object(attn, "_autotuned", Tuner))
-        stack.enter_context(mock.patch.dict(os.environ, {"TRITONRUN_ATTN_AUTOTUNE": "1"}))
+        stack.enter_context(mock.patch.dict(os.environ, {"TRITONRUN_AUTOTUNE": "1"}))
         stack.enter_context(rec.variant(case, f"causal attention B={B} H={H} T={T} D={D}",
                                         attn.arch_key(case.cc)))
         # the model's layout: q, k, v are (B, H, T, D) views of the (B, T, 3C) c_attn output (bf16)
@@ -359,11 +360,18 @@ def drive_cross_entropy(rec: Recorder, case: Case) -> None:
     m = MODEL_SIZES[case.model]
     with _device_capability(case):
         table = ce.arch_key(torch.device("cuda"))
+
+    def choose(kind, h, weight, vocab_size, launch):  # stands in for ce._choose, the autotuner
+        for cfg in ce.TUNE_SPACE[table][kind]:  # any of these may be picked on a GPU: record each launch
+            launch(cfg)
+        return ce.CONFIGS[table][kind]
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(rec.intercept(ce))
         stack.enter_context(mock.patch.object(ce, "_check", lambda *a: None))  # refuses CPU tensors
         stack.enter_context(mock.patch.object(ce, "arch_key", lambda device: table))
         stack.enter_context(mock.patch.object(ce, "_sm_count", lambda device: case.sms))
+        stack.enter_context(mock.patch.object(ce, "_choose", choose))
         stack.enter_context(rec.variant(case, f"LM head + CE, N={case.rows} (bf16 h, weight: autocast)", table))
         # under autocast linear_cross_entropy casts h (ln_f output) and the tied wte to bf16 first
         h = torch.empty(case.rows, m.n_embd, dtype=case.low).requires_grad_()

@@ -764,6 +764,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def autotune_picks() -> dict:
+    """kernels/tune.py's picks(), if a kernel module was imported (the cases import them lazily)."""
+    tune = sys.modules.get("kernels.tune")
+    return tune.picks() if tune is not None else {}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:  # record paths given: plot only
@@ -843,6 +849,9 @@ def main(argv=None) -> int:
                  "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
                  "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
         "results": ctx.results, "speedups": ratios, "skipped": ctx.skipped,
+        # the tiles attention and cross-entropy ran with: the autotuners' picks (kernels/tune.py), with the ms
+        # of every cross-entropy candidate when measured in this run; empty when nothing was tuned
+        "autotune": autotune_picks(),
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,17 +51,18 @@ sm_90) and checks shared memory against the per-block limit and ptxas's spill co
 interpreter (TRITON_INTERPRET=1) `INTERPRETER_CONFIG` is used: small blocks, BLOCK_M != BLOCK_N, so
 short test sequences still cross block boundaries and the diagonal spans several sub-blocks.
 On a GPU the autotuner (key: T bucket, D, dtype; results cached on disk by Triton) picks from
-TUNE_SPACE; TRITONRUN_ATTN_AUTOTUNE=0 uses the table entry directly.
+TUNE_SPACE; TRITONRUN_AUTOTUNE=0 (kernels/tune.py) uses the table entry directly.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.tune import autotune_enabled, capturing
 
 # The kernels spell these two as literals (@triton.jit code cannot read plain Python globals).
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -470,20 +471,36 @@ def _table_config(kind: str, D: int, dtype: torch.dtype, device: torch.device) -
     return CONFIGS[arch_key(torch.cuda.get_device_capability(device))][kind][D]
 
 
-@functools.cache
+_TUNERS: dict[tuple[str, str, int], object] = {}  # (kind, arch, D) -> triton Autotuner
+
+
 def _autotuned(kind: str, arch: str, D: int):
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for (m, n, w, s) in TUNE_SPACE[arch][kind][D]
-    ]
-    return triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"], cache_results=True)(KERNELS[kind])
+    if (kind, arch, D) not in _TUNERS:
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for (m, n, w, s) in TUNE_SPACE[arch][kind][D]
+        ]
+        _TUNERS[kind, arch, D] = triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"],
+                                                 cache_results=True)(KERNELS[kind])
+    return _TUNERS[kind, arch, D]
+
+
+def tuning_decisions() -> list[dict]:
+    """The autotuner's picks in this process (measured now or read from Triton's cache): kernel, arch, D, the
+    tuning key (T bucket, D, argument dtypes) and the config as (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    out = []
+    for (kind, arch, D), tuner in _TUNERS.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out.append({"kernel": kind, "arch": arch, "D": D, "key": [str(k) for k in key],
+                        "config": [cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages]})
+    return out
 
 
 def _launch(kind: str, grid_of, args: tuple, D: int, dtype: torch.dtype, device: torch.device) -> None:
     """Run KERNELS[kind] with the interpreter config, the table config, or the autotuner.
     `grid_of(BLOCK_M, BLOCK_N)` gives the grid."""
     prec = _dot_precision(dtype)
-    autotune = not _interpreting() and dtype != torch.float32 and os.environ.get("TRITONRUN_ATTN_AUTOTUNE", "1") != "0"
+    autotune = dtype != torch.float32 and autotune_enabled() and not capturing(device)
     if autotune:
         arch = arch_key(torch.cuda.get_device_capability(device))
         _autotuned(kind, arch, D)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](

@@ -45,6 +45,12 @@ Bytes (e = element bytes, BN/BV the tiles; `lce_bytes`)
   write, grad read) and holds N*V*4 (3.3 GB at N = 16K): here the extra memory is lse (4N), the scratch
   slots (programs x BLOCK x C x 4, ~18 MB per kernel on a 46-SM GPU) and dh split partials (S x N x C x 4).
 
+Configs: CONFIGS[arch] is the per-architecture table; on a GPU each kernel's tiles are autotuned on first
+use per shape (kernels/tune.py: every TUNE_SPACE[arch][kernel] candidate timed on the real inputs, the pick
+cached on disk; key: kernel, dtype, rows rounded up to a power of two, C, vocab, padded vocab), because grid
+and buffers depend on the tiles (triton.autotune cannot size them). TRITONRUN_AUTOTUNE=0 runs the table;
+fp32 inputs and the interpreter always do. `tuning_decisions()` lists the picks.
+
 Ignored rows count neither in the numerator nor in n_valid. All rows ignored: the loss is nan (0/0,
 exactly like F.cross_entropy(reduction="mean")) and both gradients are zero (also like torch).
 Targets must be ignore_index or in [0, vocab_size); a target outside makes the loss nan (no host sync).
@@ -63,6 +69,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.tune import Tuner, autotune_enabled, capturing
+
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
@@ -74,8 +82,9 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 # the shared memory per tile, and exact fp32 FMA dots without tensor cores: the gradient dot's K extent,
 # BLOCK_V for dh and BLOCK_N for dW, must stay small or ptxas spills; training runs bf16 under autocast).
 # Every sm_89 entry is compiled for sm_89 in tests/test_cross_entropy.py (shared <= 101,376 B, no
-# spills); `python -m kernels.cross_entropy sm_80|sm_89|sm_90 bfloat16|float32` prints the table. All are
-# compile-checked starting points (spill-free under Triton 3.6 and 3.9), not yet timed on a GPU.
+# spills); `python -m kernels.cross_entropy sm_80|sm_89|sm_90 bfloat16|float32 [space]` prints the table
+# (and the autotune space). All are compile-checked starting points (spill-free under Triton 3.6 and
+# 3.9), not yet timed on a GPU; on one, the autotuner picks among TUNE_SPACE (below).
 _FP32_IEEE = {
     "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2),
     "dh": dict(BLOCK_N=64, BLOCK_V=32, BLOCK_K=32, BLOCK_C=32, num_warps=8, num_stages=2),
@@ -117,6 +126,45 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "dw": dict(BLOCK_N=256, BLOCK_V=4096, BLOCK_K=64, BLOCK_C=64, num_warps=4, num_stages=1,
                    programs_per_sm=1),
         "fp32": {},
+    },
+}
+# The pruned autotune space (kernels/tune.py times each on the user's GPU and caches the pick): the table
+# entry first, then neighbours that compile spill-free within the arch's shared memory under Triton 3.6
+# and 3.9 (test_cross_entropy.py::test_sm89_configs_fit and test_ada.py compile every one). Smaller
+# tiles / 4 warps: more programs per SM; a wider gradient reduction (BLOCK_V for dh, BLOCK_N for dW):
+# fewer fp32 scratch read-modify-writes per FLOP; BLOCK_K 32 vs 64: pipeline depth vs shared memory.
+def _fwd_cfg(bn, bv, bk, warps, stages):
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages, waves=2)
+
+
+def _bwd_cfg(bn, bv, bk, bc, warps, stages, programs_per_sm=1, dh=False):
+    cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, BLOCK_C=bc, num_warps=warps, num_stages=stages)
+    return {**cfg, **({"waves": 2} if dh else {}), "programs_per_sm": programs_per_sm}
+
+
+TUNE_SPACE: dict[str, dict[str, list[dict]]] = {
+    "sm_80": {
+        "fwd": [CONFIGS["sm_80"]["fwd"], _fwd_cfg(128, 128, 32, 8, 4), _fwd_cfg(64, 128, 32, 4, 4),
+                _fwd_cfg(64, 256, 32, 8, 3)],
+        "dh": [CONFIGS["sm_80"]["dh"], _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+               _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True)],
+        "dw": [CONFIGS["sm_80"]["dw"], _bwd_cfg(256, 64, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3)],
+    },
+    "sm_89": {
+        # (fwd 128x128 and 64x128 at BLOCK_K 64 spill 32-40 B under Triton 3.6's ptxas: left out)
+        "fwd": [CONFIGS["sm_89"]["fwd"], _fwd_cfg(64, 128, 32, 4, 4), _fwd_cfg(64, 256, 32, 8, 3)],
+        "dh": [CONFIGS["sm_89"]["dh"], _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True),
+               _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True), _bwd_cfg(64, 128, 64, 64, 4, 3, dh=True)],
+        "dw": [CONFIGS["sm_89"]["dw"], _bwd_cfg(128, 64, 32, 64, 4, 3), _bwd_cfg(128, 128, 64, 64, 8, 3),
+               _bwd_cfg(128, 64, 64, 64, 4, 3)],
+    },
+    "sm_90": {
+        "fwd": [CONFIGS["sm_90"]["fwd"], _fwd_cfg(128, 256, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3),
+                _fwd_cfg(128, 128, 32, 8, 4), _fwd_cfg(64, 128, 32, 4, 4)],
+        "dh": [CONFIGS["sm_90"]["dh"], _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+               _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True), _bwd_cfg(64, 128, 32, 64, 4, 3, 2, dh=True)],
+        "dw": [CONFIGS["sm_90"]["dw"], _bwd_cfg(256, 128, 32, 64, 8, 2), _bwd_cfg(256, 64, 32, 64, 8, 3),
+               _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3, 2)],
     },
 }
 ARCH_SHARED_LIMIT = {"sm_80": 166_912, "sm_89": 101_376, "sm_90": 232_448}  # bytes per block (opt-in max)
@@ -361,6 +409,36 @@ def _splits(n_row_blocks: int, n_vocab_blocks: int, waves: int, sm_count: int, m
     return -(-n_vocab_blocks // per), per  # no empty split
 
 
+_TUNER = Tuner("lce", __file__)
+
+
+def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, launch) -> dict:
+    """The config of kernel `kind` ("fwd", "dh", "dw"): the table's, or on a GPU the autotuner's pick from
+    TUNE_SPACE (kernels/tune.py; key: the kernel, dtype, row bucket, C, vocab, padded vocab)."""
+    if not _autotuning(h):
+        return get_config(h.device, h.dtype)[kind]
+    arch = arch_key(h.device)
+    key = (kind, str(h.dtype).removeprefix("torch."), _row_bucket(h.shape[0]), h.shape[1], vocab_size,
+           weight.shape[0])
+    return _TUNER.pick(h.device, key, TUNE_SPACE[arch][kind], launch)
+
+
+def _autotuning(h: torch.Tensor) -> bool:
+    """Tune on a GPU for 16-bit inputs (fp32 runs the small "fp32" tiles only), unless TRITONRUN_AUTOTUNE=0
+    or a CUDA graph is being captured (timing launches cannot run then)."""
+    return h.device.type == "cuda" and h.dtype != torch.float32 and autotune_enabled() and not capturing(h.device)
+
+
+def _row_bucket(N: int) -> int:
+    """Rows rounded up to a power of two (>= 1024): one tuning per bucket, not per exact row count."""
+    return max(1024, triton.next_power_of_2(N))
+
+
+def tuning_decisions() -> list[dict]:
+    """The autotuner's picks in this process: key, how ("measured" / "cached"), config, ms per candidate."""
+    return _TUNER.decisions()
+
+
 def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=None, sm_count=None):
     """Returns (loss fp32 0-d, lse (N,) fp32). `config`/`sm_count` override the device defaults (tests)."""
     _check(h, weight, targets, vocab_size)
@@ -369,22 +447,26 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
     targets = targets.contiguous()
     N, C = h.shape
     dev = h.device
-    cfg = (config or get_config(dev, h.dtype))["fwd"]
     sm = sm_count or _sm_count(dev)
     valid = targets != ignore_index
     if N == 0:
         return torch.full((), float("nan"), device=dev), _empty((0,), torch.float32, dev)
-    BN, BV = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    n_rb = triton.cdiv(N, BN)
-    S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), cfg["waves"], sm)
-    lse_part = _empty((S, N), torch.float32, dev)
-    tgt_part = _empty((S, N), torch.float32, dev)
-    _lce_fwd_kernel[(n_rb, S)](
-        h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    lse = lse_part[0] if S == 1 else torch.logsumexp(lse_part, dim=0)
-    tgt = tgt_part[0] if S == 1 else tgt_part.sum(0)
+
+    def launch(cfg):
+        BN, BV = cfg["BLOCK_N"], cfg["BLOCK_V"]
+        n_rb = triton.cdiv(N, BN)
+        S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), cfg["waves"], sm)
+        lse_part = _empty((S, N), torch.float32, dev)
+        tgt_part = _empty((S, N), torch.float32, dev)
+        _lce_fwd_kernel[(n_rb, S)](
+            h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return lse_part, tgt_part
+
+    lse_part, tgt_part = launch(config["fwd"] if config else _choose("fwd", h, weight, vocab_size, launch))
+    lse = lse_part[0] if len(lse_part) == 1 else torch.logsumexp(lse_part, dim=0)
+    tgt = tgt_part[0] if len(tgt_part) == 1 else tgt_part.sum(0)
     row_loss = torch.where(valid, lse - tgt, 0.0)
     bad = valid & ((targets < 0) | (targets >= vocab_size))  # torch raises here; we return nan, no sync
     loss = row_loss.sum() / valid.sum()  # all ignored: 0/0 = nan, like F.cross_entropy
@@ -401,7 +483,6 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
     N, C = h.shape
     V_padded = weight.shape[0]
     dev = h.device
-    cfg = config or get_config(dev, h.dtype)
     sm = sm_count or _sm_count(dev)
     n_valid = (targets != ignore_index).sum()
     # 0 when every row is ignored (torch's grads are 0 there too); read by the kernels, no host sync
@@ -410,38 +491,39 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
     if N == 0:
         return h.new_zeros((0, C)), torch.zeros_like(weight)
 
-    # dh: persistent programs over (row block, vocab split) tiles
-    dcfg = cfg["dh"]
-    BN, BV = dcfg["BLOCK_N"], dcfg["BLOCK_V"]
-    n_rb = triton.cdiv(N, BN)
-    # each extra split costs an (N, C) fp32 partial: at most _DH_PARTIAL_BYTES of them
-    S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), dcfg["waves"], sm,
-                     max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
-    dh = _empty((N, C), h.dtype, dev) if S == 1 else None
-    out = dh if S == 1 else _empty((S, N, C), torch.float32, dev)
-    tiles = n_rb * S
-    progs = min(tiles, dcfg["programs_per_sm"] * sm)
-    scratch = _empty((progs, BN, C), torch.float32, dev)
-    _lce_bwd_dh_kernel[(progs,)](
-        h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
-        h.stride(0), weight.stride(0), n_rb, tiles, per,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"], DOT_PRECISION=prec,
-        num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
-    if S > 1:
-        dh = out.sum(0).to(h.dtype)  # fixed order: deterministic
+    def launch_dh(dcfg):  # persistent programs over (row block, vocab split) tiles
+        BN, BV = dcfg["BLOCK_N"], dcfg["BLOCK_V"]
+        n_rb = triton.cdiv(N, BN)
+        # each extra split costs an (N, C) fp32 partial: at most _DH_PARTIAL_BYTES of them
+        S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), dcfg["waves"], sm,
+                         max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
+        out = _empty((N, C), h.dtype, dev) if S == 1 else _empty((S, N, C), torch.float32, dev)
+        tiles = n_rb * S
+        progs = min(tiles, dcfg["programs_per_sm"] * sm)
+        scratch = _empty((progs, BN, C), torch.float32, dev)
+        _lce_bwd_dh_kernel[(progs,)](
+            h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
+            h.stride(0), weight.stride(0), n_rb, tiles, per,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"], DOT_PRECISION=prec,
+            num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
+        return out
 
-    # dweight: persistent programs over vocab blocks of all V_padded rows
-    wcfg = cfg["dw"]
-    BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
-    dw = _empty((V_padded, C), weight.dtype, dev)
-    n_vb = triton.cdiv(V_padded, BV)
-    progs = min(n_vb, wcfg["programs_per_sm"] * sm)
-    scratch = _empty((progs, BV, C), torch.float32, dev)
-    _lce_bwd_dw_kernel[(progs,)](
-        h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
-        h.stride(0), weight.stride(0), n_vb,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"], DOT_PRECISION=prec,
-        num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+    def launch_dw(wcfg):  # persistent programs over vocab blocks of all V_padded rows
+        BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
+        dw = _empty((V_padded, C), weight.dtype, dev)
+        n_vb = triton.cdiv(V_padded, BV)
+        progs = min(n_vb, wcfg["programs_per_sm"] * sm)
+        scratch = _empty((progs, BV, C), torch.float32, dev)
+        _lce_bwd_dw_kernel[(progs,)](
+            h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
+            h.stride(0), weight.stride(0), n_vb,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"], DOT_PRECISION=prec,
+            num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+        return dw
+
+    out = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
+    dh = out if out.dim() == 2 else out.sum(0).to(h.dtype)  # split partials: fixed order, deterministic
+    dw = launch_dw(config["dw"] if config else _choose("dw", h, weight, vocab_size, launch_dw))
     return dh, dw
 
 
@@ -557,10 +639,10 @@ _KERNEL_ARGS = {
 _DIVISIBLE_INTS = {"N", "C", "stride_h", "stride_w", "V_padded"}
 
 
-def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Compile every kernel of CONFIGS[arch] for that GPU without one (needs TRITON_INTERPRET unset in
-    this process) and report shared bytes, registers, spills (ptxas -v, the ptxas bundled with triton)
-    and the mma instructions in the PTX."""
+def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Compile kernel `kname` ("fwd", "dh" or "dw") with config `c` for `arch` without a GPU (needs
+    TRITON_INTERPRET unset in this process); shared bytes, registers, spills (ptxas -v, the ptxas bundled
+    with triton) and the mma instructions in the PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -568,33 +650,41 @@ def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) ->
 
     cc = int(arch.removeprefix("sm_"))
     ptx_ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    fname, ptrs = _KERNEL_ARGS[kname]
+    fn = globals()[fname]
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("compile_config needs TRITON_INTERPRET unset before kernels/ is imported")
+    consts = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
+    consts["DOT_PRECISION"] = _dot_precision(dtype)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = (ptx_ty if ptrs[name] == "x" else ptrs[name]) if name in ptrs else "i32"
+        if name in ptrs or name in _DIVISIBLE_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                            options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    ptx = kernel.asm["ptx"]
+    try:
+        stats = cached_ptxas_stats(kernel, cc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{kname} ({arch}): {e}") from None
+    return dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
+                shared_limit=ARCH_SHARED_LIMIT[arch], mma=mma_instructions(ptx), **stats, config=c)
+
+
+def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16, space: bool = False) -> list[dict]:
+    """compile_config for every kernel of `arch`'s table (space=True: and every autotune candidate; 16-bit
+    only, fp32 is never tuned)."""
     cfg = get_config(torch.device("cuda"), dtype, arch)
     report = []
-    for kname, (fname, ptrs) in _KERNEL_ARGS.items():
-        fn = globals()[fname]
-        if not isinstance(fn, triton.runtime.jit.JITFunction):
-            raise RuntimeError("compile_configs needs TRITON_INTERPRET unset before kernels/ is imported")
-        c = cfg[kname]
-        consts = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
-        consts["DOT_PRECISION"] = _dot_precision(dtype)
-        sig, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in consts:
-                sig[name] = "constexpr"
-                continue
-            sig[name] = (ptx_ty if ptrs[name] == "x" else ptrs[name]) if name in ptrs else "i32"
-            if name in ptrs or name in _DIVISIBLE_INTS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
-                                options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
-        ptx = kernel.asm["ptx"]
-        try:
-            stats = cached_ptxas_stats(kernel, cc)
-        except RuntimeError as e:
-            raise RuntimeError(f"{kname} ({arch}): {e}") from None
-        row = dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
-                   shared_limit=ARCH_SHARED_LIMIT[arch], mma=mma_instructions(ptx), **stats, config=c)
-        report.append(row)
+    for kname in _KERNEL_ARGS:
+        configs = [cfg[kname]]
+        if space and dtype != torch.float32:
+            configs += [c for c in TUNE_SPACE[arch][kname] if c != cfg[kname]]
+        report += [compile_config(kname, c, arch, dtype) for c in configs]
     return report
 
 
@@ -603,7 +693,7 @@ if __name__ == "__main__":  # python -m kernels.cross_entropy [arch] [dtype]: th
 
     _arch = sys.argv[1] if len(sys.argv) > 1 else "sm_89"
     _dt = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
-    for r in compile_configs(_arch, _dt):
+    for r in compile_configs(_arch, _dt, space=sys.argv[3:4] == ["space"]):
         mma = " ".join(r["mma"]) or "no mma"
         print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3}: shared {r['shared']:>6}/{r['shared_limit']} B, "
               f"{r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, {mma}")

@@ -19,7 +19,7 @@ if not HAS_CUDA:
 else:
     # One fixed attention config under tests (the arch table's entry), not the autotuner's timing-dependent pick:
     # test_attention checks every autotune candidate one by one, and the autotuned path itself, on its own.
-    os.environ.setdefault("TRITONRUN_ATTN_AUTOTUNE", "0")
+    os.environ.setdefault("TRITONRUN_AUTOTUNE", "0")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
 

@@ -99,16 +99,27 @@ def test_every_kernel_is_covered(records, arch):
 
 
 @pytest.mark.parametrize("arch", CHECKED_ARCHS)
-def test_attention_autotune_space_and_layernorm_widths_recorded(records, arch):
-    """The autotuner may pick any TUNE_SPACE config on a GPU: all of them are compiled. LayerNorm's config
-    depends on C: both widths of GPT-2 d12..d48 (BLOCK_N 1024 for C = 768/1024, 2048 for 1280/1600) are."""
+def test_autotune_spaces_and_layernorm_widths_recorded(records, arch):
+    """The autotuners (attention, cross-entropy) may pick any TUNE_SPACE config on a GPU: all of them are
+    compiled. LayerNorm's config depends on C: both widths of GPT-2 d12..d48 (BLOCK_N 1024 for C = 768/1024,
+    2048 for 1280/1600) are."""
     from kernels import attention as attn
+    from kernels import cross_entropy as ce
 
     rows = [r for r in records if r["arch"] == arch]
+
+    def launched(fn, keys):
+        return {(*(r["constexprs"].get(k) for k in keys), r["num_warps"], r["num_stages"])
+                for r in rows if r["kernel"] == fn}
+
     for kind, fn in (("fwd", "_attn_fwd"), ("bwd_dkdv", "_attn_bwd_dkdv"), ("bwd_dq", "_attn_bwd_dq")):
-        got = {(c["BLOCK_M"], c["BLOCK_N"], r["num_warps"], r["num_stages"])
-               for r in rows if r["kernel"] == f"attention.{fn}" for c in [r["constexprs"]]}
-        assert got == set(attn.TUNE_SPACE[attn.arch_key((ada.ARCHS[arch].cc // 10, ada.ARCHS[arch].cc % 10))][kind][64])
+        space = attn.TUNE_SPACE[attn.arch_key((ada.ARCHS[arch].cc // 10, ada.ARCHS[arch].cc % 10))][kind][64]
+        assert launched(f"attention.{fn}", ("BLOCK_M", "BLOCK_N")) == set(space)
+    keys = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C")
+    for kind, fn in (("fwd", "_lce_fwd_kernel"), ("dh", "_lce_bwd_dh_kernel"), ("dw", "_lce_bwd_dw_kernel")):
+        space = ce.TUNE_SPACE[arch][kind]  # the checked archs are the cross-entropy tables' own
+        assert launched(f"cross_entropy.{fn}", keys) == \
+            {(*(c.get(k) for k in keys), c["num_warps"], c["num_stages"]) for c in space}
     widths = {r["constexprs"]["BLOCK_N"] for r in rows if r["kernel"] == "layernorm._ln_fwd_kernel"}
     assert widths == {1024, 2048}
 

@@ -148,7 +148,7 @@ def test_every_tune_space_config_in_the_interpreter(D, poison, monkeypatch):
     Each case forces the i-th config of every kind at once (cycling through the shorter lists)."""
     space = {kind: sorted({c for arch in attn.TUNE_SPACE for c in attn.TUNE_SPACE[arch][kind][D]})
              for kind in attn.KERNELS}
-    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "0")
+    monkeypatch.setenv("TRITONRUN_AUTOTUNE", "0")
     for i in range(max(map(len, space.values()))):
         forced = {kind: configs[i % len(configs)] for kind, configs in space.items()}
         monkeypatch.setattr(attn, "_table_config", lambda kind, *_, forced=forced: forced[kind])
@@ -158,12 +158,12 @@ def test_every_tune_space_config_in_the_interpreter(D, poison, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_BF16_REASON)
 @pytest.mark.parametrize("kind", sorted(attn.KERNELS))
 def test_every_autotune_candidate_on_gpu(kind, poison, monkeypatch):
-    """The other tests run the table's fixed config (conftest sets TRITONRUN_ATTN_AUTOTUNE=0 on a GPU); the
+    """The other tests run the table's fixed config (conftest sets TRITONRUN_AUTOTUNE=0 on a GPU); the
     autotuner may pick any config of the arch's TUNE_SPACE on another card or day, so each is checked here,
     forced one at a time for `kind`, at T = 257 (a partial last block for every block size) and every D."""
     arch = attn.arch_key(torch.cuda.get_device_capability())
     table = attn._table_config
-    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "0")
+    monkeypatch.setenv("TRITONRUN_AUTOTUNE", "0")
     for D in attn.HEAD_DIMS:
         for config in attn.TUNE_SPACE[arch][kind][D]:
             monkeypatch.setattr(attn, "_table_config",
@@ -174,9 +174,13 @@ def test_every_autotune_candidate_on_gpu(kind, poison, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_BF16_REASON)
 def test_autotuned_path_on_gpu(poison, monkeypatch):
     """What the trainer runs by default: the autotuner (its pick cached by Triton) launching the kernels."""
-    monkeypatch.setenv("TRITONRUN_ATTN_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITONRUN_AUTOTUNE", "1")
     check_case(1, 3, 1024, 64, torch.bfloat16, seed=5)
     check_case(3, 1, 257, 128, torch.bfloat16, seed=6)
+    arch = attn.arch_key(torch.cuda.get_device_capability())
+    picks = {(d["kernel"], d["D"]): tuple(d["config"]) for d in attn.tuning_decisions()}  # what records list
+    assert {k for k, _ in picks} == set(attn.KERNELS) and {D for _, D in picks} == {64, 128}
+    assert all(cfg in attn.TUNE_SPACE[arch][kind][D] for (kind, D), cfg in picks.items())
 
 
 def test_backward_is_deterministic(poison):

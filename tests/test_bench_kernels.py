@@ -72,6 +72,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert path.with_suffix(".png").exists()
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
+    assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
     assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS})
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}

@@ -176,9 +176,14 @@ def test_arch_configs_and_grids(arch, dtype, sm_count):
     if HAS_CUDA and ce.arch_key(torch.device("cuda")) != arch:
         pytest.skip(f"on CUDA only this GPU's own table runs ({ce.arch_key(torch.device('cuda'))}); "
                     f"{arch} tiles may not fit its shared memory")
-    N, Vp, V, C = 37, 300, 290, 40
-    h, w, t = make_inputs(N, Vp, V, C, dtype, seed=3)
-    cfg = ce.get_config(torch.device(DEV), dtype, arch)
+    check_with_config(ce.get_config(torch.device(DEV), dtype, arch), dtype, sm_count, seed=3)
+
+
+def check_with_config(cfg, dtype, sm_count, seed, shape=(37, 300, 290, 40)):
+    """lce_forward/lce_backward with config `cfg` ({"fwd", "dh", "dw"}) and `sm_count` against fp64: the fp32
+    bounds, or the low-precision rule for 16-bit inputs; padded rows of dW exactly 0."""
+    N, Vp, V, C = shape
+    h, w, t = make_inputs(N, Vp, V, C, dtype, seed=seed)
     loss, lse = ce.lce_forward(h, w, t, -1, V, config=cfg, sm_count=sm_count)
     dh, dw = ce.lce_backward(torch.tensor(0.7, device=DEV), h, w, t, lse, -1, V, config=cfg, sm_count=sm_count)
     exact = reference(h, w, t, V)
@@ -190,6 +195,98 @@ def test_arch_configs_and_grids(arch, dtype, sm_count):
         torch16 = reference(h, w, t, V, dtype=dtype)
         assert_low_rule((loss, dh, dw), exact, torch16, dtype)
     assert (dw[V:] == 0).all()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU, test_every_autotune_candidate_on_gpu runs its arch's space natively "
+                                      "(another arch's configs may not fit its shared memory)")
+@pytest.mark.parametrize("arch", sorted(ce.TUNE_SPACE))
+def test_every_tune_space_config_in_the_interpreter(arch):
+    """Every config an arch's autotuner may pick (tiles up to 256 wide, never run by the other CPU tests), in
+    fp16, with 3 "SMs" (vocab splits and persistent loops). Case i forces the i-th candidate of every kernel
+    at once (cycling through the shorter lists)."""
+    space = ce.TUNE_SPACE[arch]
+    for i in range(max(map(len, space.values()))):
+        cfg = {kind: configs[i % len(configs)] for kind, configs in space.items()}
+        check_with_config(cfg, torch.float16, sm_count=3, seed=10 + i)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
+@pytest.mark.parametrize("kind", ["fwd", "dh", "dw"])
+def test_every_autotune_candidate_on_gpu(kind):
+    """Tests run the table's tiles (conftest sets TRITONRUN_AUTOTUNE=0 on a GPU); the autotuner may pick any
+    candidate of this GPU's TUNE_SPACE, so each is forced here, one kernel at a time, in bf16, at a small odd
+    shape and at GPT-2's vocab and width."""
+    table = ce.get_config(torch.device("cuda"), torch.bfloat16)
+    for cand in ce.TUNE_SPACE[ce.arch_key(torch.device("cuda"))][kind]:
+        for shape in ((37, 300, 290, 40), (517, 50304, 50257, 768)):
+            check_with_config({**table, kind: cand}, torch.bfloat16, sm_count=None, seed=sum(cand.values()),
+                              shape=shape)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
+def test_autotuned_path_on_gpu(monkeypatch, tmp_path):
+    """What training runs by default: each kernel's config timed on this GPU on first use, then cached on disk
+    (a second process reads the picks and times nothing)."""
+    monkeypatch.setenv("TRITONRUN_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    N, Vp, V, C = 1000, 50304, 50257, 768
+    h, w, t = make_inputs(N, Vp, V, C, torch.bfloat16, seed=21)
+    ours = run(h, w, t, V)
+    assert_low_rule(ours, reference(h, w, t, V), reference(h, w, t, V, dtype=torch.bfloat16), torch.bfloat16)
+    assert [(d["key"].split("/")[0], d["how"]) for d in ce.tuning_decisions()] == \
+        [("fwd", "measured"), ("dh", "measured"), ("dw", "measured")]
+    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))  # as a new process
+    again = run(h, w, t, V)
+    assert [d["how"] for d in ce.tuning_decisions()] == ["cached"] * 3
+    for a, b in zip(ours, again):
+        assert torch.equal(a, b)  # the same picks: the same bits
+
+
+def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
+    """The autotuning path of lce_forward/lce_backward with the interpreter standing in for the GPU and a
+    fake clock: every sm_89 candidate is launched, the "fastest" (the clock's pick) is what computes the
+    result, the picks land in the disk cache, and a fresh tuner reuses them without timing anything."""
+    from kernels import tune
+
+    monkeypatch.setattr(ce, "_autotuning", lambda h: True)
+    monkeypatch.setattr(ce, "arch_key", lambda device: "sm_89")
+    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    space = ce.TUNE_SPACE["sm_89"]
+    launched = []
+
+    def clock(fn):  # the last candidate of each kernel is the "fastest"
+        launched.append(fn)
+        fn()
+        return 10.0 - len(launched)
+
+    monkeypatch.setattr(tune, "time_ms", clock)
+    N, Vp, V, C = 37, 300, 290, 40
+    h, w, t = make_inputs(N, Vp, V, C, torch.float16, seed=4)
+    ours = run(h, w, t, V)
+    assert len(launched) == sum(map(len, space.values()))
+    picks = {d["key"].split("/")[0]: d for d in ce.tuning_decisions()}
+    assert {k: d["config"] for k, d in picks.items()} == {k: c[-1] for k, c in space.items()}
+    assert picks["fwd"]["key"] == "fwd/float16/1024/40/290/300"  # kind, dtype, row bucket, C, vocab, padded
+    assert_low_rule(ours, reference(h, w, t, V), reference(h, w, t, V, dtype=torch.float16), torch.float16)
+    forced = run_with_config(h, w, t, V, {k: c[-1] for k, c in space.items()})
+    for a, b in zip(ours, forced):
+        assert torch.equal(a, b)  # the pick computed the result
+
+    monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("a cached pick was timed again"))
+    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    again = run(h, w, t, V)
+    assert [d["how"] for d in ce.tuning_decisions()] == ["cached"] * 3
+    for a, b in zip(ours, again):
+        assert torch.equal(a, b)
+
+
+def run_with_config(h, w, t, V, cfg, grad_scale=0.7):
+    loss, lse = ce.lce_forward(h, w, t, -1, V, config=cfg)
+    dh, dw = ce.lce_backward(torch.tensor(grad_scale, device=DEV), h, w, t, lse, -1, V, config=cfg)
+    return loss, dh, dw
 
 
 @pytest.mark.parametrize("fill", [1e30, float("inf"), float("nan")])
@@ -327,7 +424,7 @@ def test_cost_model():
 def _compile_report(arch: str, dtype: str) -> list[dict]:
     """compile_configs must run with TRITON_INTERPRET unset (real JITFunctions): a subprocess."""
     code = ("import json, torch, kernels.cross_entropy as ce; "
-            f"print('REPORT' + json.dumps(ce.compile_configs({arch!r}, torch.{dtype})))")
+            f"print('REPORT' + json.dumps(ce.compile_configs({arch!r}, torch.{dtype}, space=True)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -345,13 +442,16 @@ def _ptxas_path():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_sm89_configs_fit(dtype):
-    """Every sm_89 kernel compiles for sm_89 within 101,376 B of shared memory with no register spills
-    (ptxas -v, the ptxas bundled with triton); 16-bit dots lower to mma.sync (Ada has no wgmma)."""
+    """Every sm_89 kernel config, the table's and (bf16) every autotune candidate, compiles for sm_89 within
+    101,376 B of shared memory with no register spills (ptxas -v, the ptxas bundled with triton); 16-bit dots
+    lower to mma.sync (Ada has no wgmma). tests/test_ada.py compiles every arch's candidates as launched."""
     ptxas = _ptxas_path()
     if not ptxas or not os.path.exists(ptxas):
         pytest.skip(f"no ptxas bundled with triton (looked for {ptxas}): cannot count registers/spills")
     report = _compile_report("sm_89", dtype)
     assert {r["kernel"] for r in report} == {"fwd", "dh", "dw"}
+    expected = sum(map(len, ce.TUNE_SPACE["sm_89"].values())) if dtype == "bfloat16" else 3
+    assert len(report) == expected
     for r in report:
         assert r["shared"] <= 101_376, r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r

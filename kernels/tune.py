@@ -1,0 +1,188 @@
+"""Host-side autotuner for kernels whose grid and buffers depend on the config (triton.autotune cannot
+size them): time each candidate config on the real inputs, keep the fastest, cache the pick on disk.
+
+    tuner = Tuner("lce", __file__)
+    cfg = tuner.pick(device, key, candidates, launch)   # launch(cfg) runs the op once with cfg
+
+Used by kernels/cross_entropy.py (attention's configs only change its grid, so it uses triton.autotune).
+Why tune on the user's GPU at all: the tables are compile-checked starting points, and the one GPU this
+project is for (an RTX 4070) is not one its authors can time on; the pick made there is what runs there.
+
+- When: the first call per (key, device) in a process, e.g. in the trainer's untimed warm-up. Each
+  candidate runs once untimed (it compiles), then 3-25 times under CUDA events (median). A candidate that
+  cannot launch here (OutOfResources: shared memory, registers) is skipped; one whose buffers do not fit in
+  the memory left (a run near its cap) is skipped too, and then the pick is kept for this process only.
+  Picks are cached in memory and in `<Triton cache dir>/tritonrun/<name>-<digest>.json` (digest: device
+  name, compute capability, SM count, Triton and torch versions and the kernel file's bytes, so an edited
+  kernel re-tunes), written atomically; later processes read them and time nothing.
+- Not tuned (the table's config): TRITONRUN_AUTOTUNE=0 (pins every kernel's tiles, attention's too, so
+  the summation order no longer depends on a timing), the Triton interpreter, and CUDA graph capture.
+- `decisions()` lists what was picked in this process and how (measured, with every candidate's ms, or
+  cached), for benchmark records; `picks()` gathers them from every kernel file.
+A different pick changes only the summation order (last-bit differences); every candidate is tested for
+correctness (tests/test_cross_entropy.py) and compile-checked for shared memory and spills.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TUNE_REP_MS = 40  # timed per candidate: 3 to 25 runs of a 0.4-10 ms kernel
+
+
+def autotune_enabled() -> bool:
+    """False when TRITONRUN_AUTOTUNE=0 (every kernel then runs its table's config), or in the interpreter."""
+    return os.environ.get("TRITONRUN_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream: nothing may be timed (or synchronized)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cache_dir() -> Path:
+    """Triton's cache dir ($TRITON_CACHE_DIR, else ~/.triton/cache), where its own autotune picks go too."""
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache") / "tritonrun"
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median ms of fn on the current CUDA stream: one untimed call (compiles), then timed calls until
+    TUNE_REP_MS have passed (3 to 25 of them). CUDA events and nothing else: unlike triton.testing.do_bench
+    it allocates no L2-flush buffer, so tuning inside a run that sits near its memory cap costs no memory
+    beyond the candidate's own buffers (tests replace this function)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: list[float] = []
+    while len(times) < 3 or (len(times) < 25 and sum(times) < TUNE_REP_MS):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def describe(device: torch.device) -> tuple:
+    """(index, name, compute capability, SM count) of a CUDA device: what a pick is valid for."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return index, props.name, f"{props.major}.{props.minor}", props.multi_processor_count
+
+
+def _key_text(key: tuple) -> str:
+    return "/".join(str(k) for k in key)
+
+
+def _out_of_resources(exc: BaseException) -> bool:
+    """A candidate that cannot launch on this GPU (too much shared memory, too many registers)."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - every supported Triton has it
+        OutOfResources = ()  # noqa: N806
+    return isinstance(exc, OutOfResources) or "out of resource" in str(exc).lower()
+
+
+class Tuner:
+    def __init__(self, name: str, source_file: str):
+        self.name = name
+        self.source = Path(source_file)
+        self._picks: dict[tuple, dict] = {}  # (device index, key) -> config
+        self._decisions: list[dict] = []
+
+    def path(self, device: torch.device) -> Path:
+        import triton
+
+        _, *parts = describe(device)
+        digest = hashlib.sha256()
+        for part in (*parts, triton.__version__, torch.__version__):
+            digest.update(f"{part}\n".encode())
+        digest.update(self.source.read_bytes())
+        return cache_dir() / f"{self.name}-{digest.hexdigest()[:16]}.json"
+
+    def _read(self, path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # a damaged cache only costs a re-tune
+            print(f"warning: ignoring unreadable tuning cache {path} ({e}); re-tuning", file=sys.stderr)
+            return {}
+
+    def _write(self, path: Path, key_text: str, entry: dict) -> None:
+        from runinfo import atomic_write_json
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = self._read(path)  # another process may have added keys since
+            data[key_text] = entry
+            atomic_write_json(path, data)
+        except OSError as e:  # read-only cache dir: the pick still holds for this process
+            print(f"warning: could not save the tuning cache {path} ({e}); later processes re-tune",
+                  file=sys.stderr)
+
+    def pick(self, device: torch.device, key: tuple, candidates: list[dict],
+             launch: Callable[[dict], object]) -> dict:
+        """The fastest of `candidates` for `key` on `device`: from memory, the disk cache, or by timing each
+        with `launch(cfg)`. The caller checks autotune_enabled() first."""
+        mem_key = (describe(device)[0], key)
+        if mem_key in self._picks:
+            return self._picks[mem_key]
+        path, key_text = self.path(device), _key_text(key)
+        entry = self._read(path).get(key_text)
+        if isinstance(entry, dict) and entry.get("config") in candidates:
+            how = "cached"
+        else:
+            how = "measured"
+            ms, short_of_memory = [], False
+            for cfg in candidates:
+                try:
+                    ms.append(time_ms(lambda cfg=cfg: launch(cfg)))
+                except torch.OutOfMemoryError:  # its buffers did not fit beside the caller's: skipped, and
+                    short_of_memory = True  # the pick is not saved (with more memory free it might win)
+                    ms.append(math.inf)
+                except Exception as e:  # noqa: BLE001 - only "does not fit" is skipped; anything else raises
+                    if not _out_of_resources(e):
+                        raise
+                    ms.append(math.inf)
+            best = min(range(len(candidates)), key=ms.__getitem__)
+            if math.isinf(ms[best]):
+                raise RuntimeError(f"{self.name}: no candidate config fits this GPU for {key_text} "
+                                   "(each ran out of shared memory, registers or device memory); HINT: "
+                                   "TRITONRUN_AUTOTUNE=0 runs the table's config, or free memory")
+            entry = {"config": candidates[best], "ms": [None if math.isinf(t) else round(t, 4) for t in ms],
+                     "candidates": candidates}
+            if short_of_memory:
+                how = "measured (not saved: a candidate ran out of device memory)"
+            else:
+                self._write(path, key_text, entry)
+        self._picks[mem_key] = entry["config"]
+        self._decisions.append({"key": key_text, "how": how, **entry})
+        return entry["config"]
+
+    def decisions(self) -> list[dict]:
+        return list(self._decisions)
+
+    def forget(self) -> None:
+        """Drop the in-memory picks (tests; the disk cache stays)."""
+        self._picks.clear()
+        self._decisions.clear()
+
+
+def picks() -> dict[str, list[dict]]:
+    """Every autotuner pick this process made, per kernel file (only those already imported), for records."""
+    out = {}
+    for name in ("attention", "cross_entropy"):
+        module = sys.modules.get(f"kernels.{name}")
+        if module is not None and module.tuning_decisions():
+            out[name] = module.tuning_decisions()
+    return out

@@ -1,0 +1,167 @@
+"""kernels/tune.py: the host-side autotuner's choice, its disk cache and its failure modes.
+
+The timing function and the device description are replaced (no GPU here); what each candidate's launch
+does is the caller's business, so the launches below only count calls. tests/test_cross_entropy.py runs the
+tuner through the real cross-entropy launches (interpreter) and, on a GPU, with real timings.
+"""
+import json
+
+import pytest
+import torch
+
+from kernels import tune
+
+CANDIDATES = [{"BLOCK": 128, "num_warps": 8}, {"BLOCK": 64, "num_warps": 4}, {"BLOCK": 256, "num_warps": 8}]
+
+
+class FakeClock:
+    """time_ms stand-in: runs fn once (as do_bench would, many times) and reports ms[i] for the i-th call."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = list(ms), 0
+
+    def __call__(self, fn):
+        fn()
+        t = self.ms[self.calls]
+        self.calls += 1
+        if isinstance(t, BaseException):
+            raise t
+        return t
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A pretend GPU 0 and a private Triton cache dir."""
+    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    return torch.device("cuda")
+
+
+def launcher():
+    seen = []
+    return seen, lambda cfg: seen.append(cfg)
+
+
+def test_picks_the_fastest_and_caches_it_on_disk(gpu, monkeypatch, tmp_path):
+    monkeypatch.setattr(tune, "time_ms", FakeClock([3.0, 1.5, 2.0]))
+    seen, launch = launcher()
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launch) == CANDIDATES[1]
+    assert seen == CANDIDATES  # each candidate launched (timed) once
+    (d,) = tuner.decisions()
+    assert (d["key"], d["how"], d["config"], d["ms"]) == ("fwd/4096", "measured", CANDIDATES[1], [3.0, 1.5, 2.0])
+    saved = json.loads(tuner.path(gpu).read_text())
+    assert saved["fwd/4096"]["config"] == CANDIDATES[1]
+    assert tuner.path(gpu).parent == tmp_path / "triton" / "tritonrun"  # beside Triton's own cache
+
+    # same process: from memory, nothing timed or launched
+    monkeypatch.setattr(tune, "time_ms", FakeClock([]))
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launch) == CANDIDATES[1] and len(seen) == 3
+    # a new process (fresh tuner): from the disk cache, nothing timed
+    fresh = tune.Tuner("demo", tune.__file__)
+    assert fresh.pick(gpu, ("fwd", 4096), CANDIDATES, launch) == CANDIDATES[1] and len(seen) == 3
+    assert fresh.decisions()[0]["how"] == "cached"
+    # another key is tuned on its own, and both keys stay in the file
+    monkeypatch.setattr(tune, "time_ms", FakeClock([1.0, 2.0, 3.0]))
+    assert fresh.pick(gpu, ("fwd", 8192), CANDIDATES, launch) == CANDIDATES[0]
+    assert set(json.loads(fresh.path(gpu).read_text())) == {"fwd/4096", "fwd/8192"}
+
+
+def test_cache_is_per_device_and_kernel_source(gpu, monkeypatch, tmp_path):
+    """The file name digests the device, the Triton/torch versions and the kernel file: a different GPU or an
+    edited kernel does not reuse a pick."""
+    tuner = tune.Tuner("demo", tune.__file__)
+    a = tuner.path(gpu)
+    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA H100 80GB HBM3", "9.0", 132))
+    b = tuner.path(gpu)
+    edited = tmp_path / "kernel.py"
+    edited.write_bytes(open(tune.__file__, "rb").read() + b"# edited\n")
+    c = tune.Tuner("demo", str(edited)).path(gpu)
+    assert len({a, b, c}) == 3 and all(p.name.startswith("demo-") for p in (a, b, c))
+
+
+def test_a_pick_outside_the_candidates_is_retuned(gpu, monkeypatch):
+    """A cached config that is no longer a candidate is not used."""
+    path = tune.Tuner("demo", tune.__file__).path(gpu)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"fwd/4096": {"config": {"BLOCK": 512, "num_warps": 16}}}))
+    monkeypatch.setattr(tune, "time_ms", FakeClock([2.0, 1.0, 3.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[1]
+    assert tuner.decisions()[0]["how"] == "measured"
+
+
+def test_damaged_cache_is_retuned_with_a_warning(gpu, monkeypatch, capsys):
+    path = tune.Tuner("demo", tune.__file__).path(gpu)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"fwd/4096": {"config"')  # a torn write from some other tool
+    monkeypatch.setattr(tune, "time_ms", FakeClock([2.0, 1.0, 3.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[1]
+    assert "ignoring unreadable tuning cache" in capsys.readouterr().err
+    assert json.loads(path.read_text())["fwd/4096"]["config"] == CANDIDATES[1]  # rewritten whole
+
+
+def test_unwritable_cache_keeps_the_pick_for_this_process(gpu, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(tune, "time_ms", FakeClock([2.0, 1.0, 3.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    blocker = tmp_path / "triton"
+    blocker.write_text("a file where the cache dir should be")
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[1]
+    assert "could not save the tuning cache" in capsys.readouterr().err
+
+
+def test_candidates_that_do_not_fit_are_skipped(gpu, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(tune, "time_ms", FakeClock([OutOfResources(232_448, 101_376, "shared memory"), 2.0, 1.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[2]
+    assert tuner.decisions()[0]["ms"] == [None, 2.0, 1.0]
+
+
+def test_out_of_memory_candidate_is_skipped_and_the_pick_not_saved(gpu, monkeypatch):
+    """Tuning inside a run near its memory cap: a candidate whose buffers do not fit is skipped, and the pick,
+    made without it, holds for this process only."""
+    monkeypatch.setattr(tune, "time_ms", FakeClock([2.0, torch.OutOfMemoryError("CUDA out of memory"), 3.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[0]
+    (d,) = tuner.decisions()
+    assert d["ms"] == [2.0, None, 3.0] and d["how"].startswith("measured (not saved")
+    assert not tuner.path(gpu).exists()
+
+
+def test_no_candidate_fits_is_one_clear_error(gpu, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(tune, "time_ms", FakeClock([OutOfResources(1, 0, "shared memory")] * 3))
+    with pytest.raises(RuntimeError, match="no candidate config fits this GPU.*TRITONRUN_AUTOTUNE=0"):
+        tune.Tuner("demo", tune.__file__).pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1])
+
+
+def test_other_launch_errors_are_not_swallowed(gpu, monkeypatch):
+    """A candidate that fails for any reason but resources is a bug: it propagates, nothing is cached."""
+    monkeypatch.setattr(tune, "time_ms", FakeClock([1.0, ValueError("bad pointer arithmetic"), 2.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    with pytest.raises(ValueError, match="bad pointer"):
+        tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1])
+    assert not tuner.path(gpu).exists() and tuner.decisions() == []
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({}, True), ({"TRITONRUN_AUTOTUNE": "1"}, True), ({"TRITONRUN_AUTOTUNE": "0"}, False),
+    ({"TRITON_INTERPRET": "1"}, False), ({"TRITON_INTERPRET": "1", "TRITONRUN_AUTOTUNE": "1"}, False),
+])
+def test_autotune_switch(monkeypatch, env, expect):
+    monkeypatch.delenv("TRITONRUN_AUTOTUNE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert tune.autotune_enabled() is expect
+
+
+def test_cache_dir_follows_triton(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert tune.cache_dir() == tmp_path / "tritonrun"
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    assert tune.cache_dir() == tune.Path.home() / ".triton" / "cache" / "tritonrun"
