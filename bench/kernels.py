@@ -64,7 +64,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from runinfo import (RESULTS_DIR, atomic_write_json, autotune_picks, env_info, record_dir,  # noqa: E402
+                     record_stem)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.2, 0.5, 0.8)
@@ -762,12 +763,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"where the JSON record goes (default {RESULTS_DIR.relative_to(REPO)}; smoke runs write "
                         "a record only when this is given, and never into bench/results)")
     return p.parse_args(argv)
-
-
-def autotune_picks() -> dict:
-    """kernels/tune.py's picks(), if a kernel module was imported (the cases import them lazily)."""
-    tune = sys.modules.get("kernels.tune")
-    return tune.picks() if tune is not None else {}
 
 
 def main(argv=None) -> int:

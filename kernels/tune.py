@@ -186,3 +186,16 @@ def picks() -> dict[str, list[dict]]:
         if module is not None and module.tuning_decisions():
             out[name] = module.tuning_decisions()
     return out
+
+
+def summary(picks_: dict[str, list[dict]]) -> str:
+    """One line for logs: each pick as kernel[key]=tiles (how)."""
+    items = []
+    for d in picks_.get("attention", []):
+        items.append(f"attention.{d['kernel']}[D={d['D']}]={'x'.join(map(str, d['config'][:2]))}"
+                     f"/w{d['config'][2]}s{d['config'][3]}")
+    for d in picks_.get("cross_entropy", []):
+        c = d["config"]
+        tiles = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C") if k in c)
+        items.append(f"cross_entropy.{d['key']}={tiles}/w{c['num_warps']}s{c['num_stages']} ({d['how'].split()[0]})")
+    return ", ".join(items)

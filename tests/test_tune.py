@@ -165,3 +165,14 @@ def test_cache_dir_follows_triton(monkeypatch, tmp_path):
     assert tune.cache_dir() == tmp_path / "tritonrun"
     monkeypatch.delenv("TRITON_CACHE_DIR")
     assert tune.cache_dir() == tune.Path.home() / ".triton" / "cache" / "tritonrun"
+
+
+def test_summary_line_names_each_pick():
+    picks = {"attention": [{"kernel": "fwd", "arch": "sm_90", "D": 64, "key": ["1024", "64"],
+                            "config": [128, 64, 8, 4]}],
+             "cross_entropy": [{"key": "dw/bfloat16/16384/768/50257/50304", "how": "cached",
+                                "config": {"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_K": 32, "BLOCK_C": 64,
+                                           "num_warps": 8, "num_stages": 2, "programs_per_sm": 1}}]}
+    assert tune.summary(picks) == ("attention.fwd[D=64]=128x64/w8s4, "
+                                   "cross_entropy.dw/bfloat16/16384/768/50257/50304=256x128x32x64/w8s2 (cached)")
+    assert tune.summary({}) == ""
