@@ -29,7 +29,8 @@ tokens_per_s = tokens per step / median step time; mfu = tokens_per_s x flops_pe
 is recorded {"fits": false}, freed, and the others go on. Peak memory per configuration: max_memory_allocated
 over its own timed blocks minus what the other configurations of the group hold resident at that time (their
 weights and optimizer state), i.e. its own peak as if it ran alone; peak_reserved_gib is the shared allocator's
-reserved peak during its blocks (an upper bound, the pool is shared).
+reserved peak during its blocks (an upper bound, the pool is shared). Triton runs also list the autotuned tiles
+the process has picked by then ("autotune", runinfo.autotune_picks(); tuning happens in the warm-up).
 
 12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
@@ -73,7 +74,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
+from runinfo import (atomic_write_json, atomic_write_text, autotune_picks, env_info, record_dir,  # noqa: E402
+                     record_stem)
 
 GIB = 2**30
 SEQ_LEN = 1024
@@ -197,7 +199,9 @@ def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, 
             "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step, "fits": True,
             "tokens_per_s": tok_s, "mfu": tok_s * tr.flops_per_token / (peak * 1e12) if peak else None,
             "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
-            "step_ms_median": med, "step_ms_all": ms, "ops": tr.ops.placement}
+            "step_ms_median": med, "step_ms_all": ms, "ops": tr.ops.placement,
+            # the autotuned tiles this process has picked so far (cross-entropy keys name their row bucket)
+            "autotune": autotune_picks() if spec.backend == "triton" else {}}
 
 
 def oom_record(spec: Spec, where: str) -> dict:

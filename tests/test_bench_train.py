@@ -18,7 +18,7 @@ from tests.helpers import load_script
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "train.py"
 RUN_KEYS = {"backend", "compile", "micro_batch", "tokens_per_s", "mfu", "peak_alloc_gib", "peak_reserved_gib",
-            "step_ms_median", "step_ms_all", "fits"}
+            "step_ms_median", "step_ms_all", "fits", "autotune"}
 
 
 def bench(*args, timeout=300):
@@ -55,7 +55,7 @@ def test_smoke_record_is_complete(smoke):
     assert sorted(r["micro_batch"] for r in rec["runs"]) == [2, 4]
     for r in rec["runs"]:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
-        assert r["fits"] is True and r["backend"] == "torch" and r["compile"] is False
+        assert r["fits"] is True and r["backend"] == "torch" and r["compile"] is False and r["autotune"] == {}
         assert len(r["step_ms_all"]) == 3 and r["step_ms_median"] > 0 and r["tokens_per_s"] > 0
         tokens = r["micro_batch"] * 64
         assert r["tokens_per_s"] == pytest.approx(tokens / (r["step_ms_median"] / 1e3))
