@@ -362,9 +362,10 @@ def drive_cross_entropy(rec: Recorder, case: Case) -> None:
         table = ce.arch_key(torch.device("cuda"))
 
     def choose(kind, h, weight, vocab_size, launch):  # stands in for ce._choose, the autotuner
-        for cfg in ce.TUNE_SPACE[table][kind]:  # any of these may be picked on a GPU: record each launch
-            launch(cfg)
-        return ce.CONFIGS[table][kind]
+        if h.dtype != torch.float32:  # fp32 is never tuned (ce._autotuning)
+            for cfg in ce.TUNE_SPACE[table][kind]:  # any of these may be picked on a GPU: record each launch
+                launch(cfg)
+        return ce.get_config(h.device, h.dtype)[kind]  # the table (arch_key is patched to it below)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rec.intercept(ce))

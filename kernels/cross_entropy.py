@@ -462,11 +462,11 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
             h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return lse_part, tgt_part
+        if S == 1:
+            return lse_part[0], tgt_part[0]
+        return torch.logsumexp(lse_part, dim=0), tgt_part.sum(0)  # the splits' epilogue (timed with them)
 
-    lse_part, tgt_part = launch(config["fwd"] if config else _choose("fwd", h, weight, vocab_size, launch))
-    lse = lse_part[0] if len(lse_part) == 1 else torch.logsumexp(lse_part, dim=0)
-    tgt = tgt_part[0] if len(tgt_part) == 1 else tgt_part.sum(0)
+    lse, tgt = launch(config["fwd"] if config else _choose("fwd", h, weight, vocab_size, launch))
     row_loss = torch.where(valid, lse - tgt, 0.0)
     bad = valid & ((targets < 0) | (targets >= vocab_size))  # torch raises here; we return nan, no sync
     loss = row_loss.sum() / valid.sum()  # all ignored: 0/0 = nan, like F.cross_entropy
@@ -506,7 +506,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
             h.stride(0), weight.stride(0), n_rb, tiles, per,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"], DOT_PRECISION=prec,
             num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
-        return out
+        return out if S == 1 else out.sum(0).to(h.dtype)  # split partials: fixed order, deterministic
 
     def launch_dw(wcfg):  # persistent programs over vocab blocks of all V_padded rows
         BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
@@ -521,8 +521,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
             num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
         return dw
 
-    out = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
-    dh = out if out.dim() == 2 else out.sum(0).to(h.dtype)  # split partials: fixed order, deterministic
+    dh = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
     dw = launch_dw(config["dw"] if config else _choose("dw", h, weight, vocab_size, launch_dw))
     return dh, dw
 

@@ -9,9 +9,10 @@ Why tune on the user's GPU at all: the tables are compile-checked starting point
 project is for (an RTX 4070) is not one its authors can time on; the pick made there is what runs there.
 
 - When: the first call per (key, device) in a process, e.g. in the trainer's untimed warm-up. Each
-  candidate runs once untimed (it compiles), then 3-25 times under CUDA events (median). A candidate that
-  cannot launch here (OutOfResources: shared memory, registers) is skipped; one whose buffers do not fit in
-  the memory left (a run near its cap) is skipped too, and then the pick is kept for this process only.
+  candidate runs once untimed (it compiles), then is timed with CUDA events (median over samples of
+  back-to-back calls; time_ms). A candidate that cannot run here (OutOfResources: shared memory, registers;
+  or a ptxas rejection) is skipped; one whose buffers do not fit in the memory left (a run near its cap) is
+  skipped too, and then the pick is kept for this process only.
   Picks are cached in memory and in `<Triton cache dir>/tritonrun/<name>-<digest>.json` (digest: device
   name, compute capability, SM count, Triton and torch versions and the kernel file's bytes, so an edited
   kernel re-tunes), written atomically; later processes read them and time nothing.
@@ -24,6 +25,7 @@ correctness (tests/test_cross_entropy.py) and compile-checked for shared memory 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -49,26 +51,40 @@ def capturing(device: torch.device) -> bool:
 
 
 def cache_dir() -> Path:
-    """Triton's cache dir ($TRITON_CACHE_DIR, else ~/.triton/cache), where its own autotune picks go too."""
-    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache") / "tritonrun"
+    """`tritonrun/` in Triton's cache dir (triton.knobs.cache.dir: $TRITON_CACHE_DIR, else under $TRITON_HOME or
+    ~/.triton), where Triton keeps its own autotune picks too."""
+    try:
+        from triton import knobs
+
+        base = knobs.cache.dir
+    except (ImportError, AttributeError):  # a Triton without knobs: its documented default
+        base = os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache"
+    return Path(base) / "tritonrun"
 
 
 def time_ms(fn: Callable[[], object]) -> float:
-    """Median ms of fn on the current CUDA stream: one untimed call (compiles), then timed calls until
-    TUNE_REP_MS have passed (3 to 25 of them). CUDA events and nothing else: unlike triton.testing.do_bench
-    it allocates no L2-flush buffer, so tuning inside a run that sits near its memory cap costs no memory
-    beyond the candidate's own buffers (tests replace this function)."""
+    """Median ms per call of fn on the current CUDA stream. One untimed call (it compiles) and one timed alone
+    size a sample: k back-to-back calls between two CUDA events (k x the call >= ~2 ms), so the host's launch
+    overhead hides behind the queued kernels; samples until TUNE_REP_MS have passed (3 to 25). CUDA events and
+    nothing else: unlike triton.testing.do_bench it allocates no L2-flush buffer, so tuning inside a run that
+    sits near its memory cap costs no memory beyond the candidate's own buffers (tests replace this function)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times: list[float] = []
-    while len(times) < 3 or (len(times) < 25 and sum(times) < TUNE_REP_MS):
+
+    def sample(k: int) -> float:
         start.record()
-        fn()
+        for _ in range(k):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return start.elapsed_time(end)
+
+    k = max(1, min(100, math.ceil(2.0 / max(sample(1), 1e-3))))
+    times: list[float] = []
+    while len(times) < 3 or (len(times) < 25 and sum(times) < TUNE_REP_MS):
+        times.append(sample(k))
+    return statistics.median(times) / k
 
 
 def describe(device: torch.device) -> tuple:
@@ -82,13 +98,17 @@ def _key_text(key: tuple) -> str:
     return "/".join(str(k) for k in key)
 
 
-def _out_of_resources(exc: BaseException) -> bool:
-    """A candidate that cannot launch on this GPU (too much shared memory, too many registers)."""
-    try:
-        from triton.runtime.errors import OutOfResources
-    except ImportError:  # pragma: no cover - every supported Triton has it
-        OutOfResources = ()  # noqa: N806
-    return isinstance(exc, OutOfResources) or "out of resource" in str(exc).lower()
+def _does_not_fit(exc: BaseException) -> bool:
+    """A candidate that cannot run on this GPU: too much shared memory or too many registers (OutOfResources),
+    or code this arch's ptxas rejects; triton.autotune skips the same kinds."""
+    kinds = []
+    for module, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
+                         ("triton.compiler.errors", "CompileTimeAssertionFailure")):
+        try:
+            kinds.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # not in every Triton version
+            pass
+    return isinstance(exc, tuple(kinds)) or "out of resource" in str(exc).lower()
 
 
 class Tuner:
@@ -108,14 +128,15 @@ class Tuner:
         digest.update(self.source.read_bytes())
         return cache_dir() / f"{self.name}-{digest.hexdigest()[:16]}.json"
 
-    def _read(self, path: Path) -> dict:
+    def _read(self, path: Path, quiet: bool = False) -> dict:
         try:
             data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:  # a damaged cache only costs a re-tune
-            print(f"warning: ignoring unreadable tuning cache {path} ({e}); re-tuning", file=sys.stderr)
+            if not quiet:
+                print(f"warning: ignoring unreadable tuning cache {path} ({e}); re-tuning", file=sys.stderr)
             return {}
 
     def _write(self, path: Path, key_text: str, entry: dict) -> None:
@@ -123,7 +144,7 @@ class Tuner:
 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            data = self._read(path)  # another process may have added keys since
+            data = self._read(path, quiet=True)  # another process may have added keys since
             data[key_text] = entry
             atomic_write_json(path, data)
         except OSError as e:  # read-only cache dir: the pick still holds for this process
@@ -151,7 +172,7 @@ class Tuner:
                     short_of_memory = True  # the pick is not saved (with more memory free it might win)
                     ms.append(math.inf)
                 except Exception as e:  # noqa: BLE001 - only "does not fit" is skipped; anything else raises
-                    if not _out_of_resources(e):
+                    if not _does_not_fit(e):
                         raise
                     ms.append(math.inf)
             best = min(range(len(candidates)), key=ms.__getitem__)
@@ -159,8 +180,8 @@ class Tuner:
                 raise RuntimeError(f"{self.name}: no candidate config fits this GPU for {key_text} "
                                    "(each ran out of shared memory, registers or device memory); HINT: "
                                    "TRITONRUN_AUTOTUNE=0 runs the table's config, or free memory")
-            entry = {"config": candidates[best], "ms": [None if math.isinf(t) else round(t, 4) for t in ms],
-                     "candidates": candidates}
+            entry = copy.deepcopy({"config": candidates[best], "candidates": candidates})  # not the live tables
+            entry["ms"] = [None if math.isinf(t) else round(t, 4) for t in ms]
             if short_of_memory:
                 how = "measured (not saved: a candidate ran out of device memory)"
             else:
@@ -170,7 +191,7 @@ class Tuner:
         return entry["config"]
 
     def decisions(self) -> list[dict]:
-        return list(self._decisions)
+        return copy.deepcopy(self._decisions)
 
     def forget(self) -> None:
         """Drop the in-memory picks (tests; the disk cache stays)."""

@@ -263,6 +263,20 @@ def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
         return 10.0 - len(launched)
 
     monkeypatch.setattr(tune, "time_ms", clock)
+    kernel_launches = {kind: [] for kind in space}
+
+    class Spy:  # records each launch's tiles, then launches the real kernel
+        def __init__(self, kind, kernel):
+            self.kind, self.kernel = kind, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                kernel_launches[self.kind].append(tiles(kw))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for kind, name in (("fwd", "_lce_fwd_kernel"), ("dh", "_lce_bwd_dh_kernel"), ("dw", "_lce_bwd_dw_kernel")):
+        monkeypatch.setattr(ce, name, Spy(kind, getattr(ce, name)))
     N, Vp, V, C = 37, 300, 290, 40
     h, w, t = make_inputs(N, Vp, V, C, torch.float16, seed=4)
     ours = run(h, w, t, V)
@@ -270,10 +284,9 @@ def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
     picks = {d["key"].split("/")[0]: d for d in ce.tuning_decisions()}
     assert {k: d["config"] for k, d in picks.items()} == {k: c[-1] for k, c in space.items()}
     assert picks["fwd"]["key"] == "fwd/float16/1024/40/290/300"  # kind, dtype, row bucket, C, vocab, padded
+    for kind, configs in space.items():  # each candidate timed once, then the pick computes the result
+        assert kernel_launches[kind] == [tiles(c) for c in configs] + [tiles(configs[-1])]
     assert_low_rule(ours, reference(h, w, t, V), reference(h, w, t, V, dtype=torch.float16), torch.float16)
-    forced = run_with_config(h, w, t, V, {k: c[-1] for k, c in space.items()})
-    for a, b in zip(ours, forced):
-        assert torch.equal(a, b)  # the pick computed the result
 
     monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("a cached pick was timed again"))
     monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
@@ -283,10 +296,9 @@ def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
-def run_with_config(h, w, t, V, cfg, grad_scale=0.7):
-    loss, lse = ce.lce_forward(h, w, t, -1, V, config=cfg)
-    dh, dw = ce.lce_backward(torch.tensor(grad_scale, device=DEV), h, w, t, lse, -1, V, config=cfg)
-    return loss, dh, dw
+def tiles(cfg: dict) -> tuple:
+    """A config's (or a launch's keyword arguments') tile sizes, warps and stages."""
+    return tuple(cfg.get(k) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C", "num_warps", "num_stages"))
 
 
 @pytest.mark.parametrize("fill", [1e30, float("inf"), float("nan")])

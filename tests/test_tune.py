@@ -98,7 +98,7 @@ def test_damaged_cache_is_retuned_with_a_warning(gpu, monkeypatch, capsys):
     monkeypatch.setattr(tune, "time_ms", FakeClock([2.0, 1.0, 3.0]))
     tuner = tune.Tuner("demo", tune.__file__)
     assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[1]
-    assert "ignoring unreadable tuning cache" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("ignoring unreadable tuning cache") == 1
     assert json.loads(path.read_text())["fwd/4096"]["config"] == CANDIDATES[1]  # rewritten whole
 
 
@@ -164,7 +164,32 @@ def test_cache_dir_follows_triton(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     assert tune.cache_dir() == tmp_path / "tritonrun"
     monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.delenv("TRITON_HOME", raising=False)
     assert tune.cache_dir() == tune.Path.home() / ".triton" / "cache" / "tritonrun"
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "home"))
+    assert tune.cache_dir() == tmp_path / "home" / ".triton" / "cache" / "tritonrun"
+
+
+def test_decisions_are_copies(gpu, monkeypatch):
+    """Records get copies: editing one cannot change the kernel tables the candidates came from."""
+    monkeypatch.setattr(tune, "time_ms", FakeClock([1.0, 2.0, 3.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1])
+    d = tuner.decisions()[0]
+    d["config"]["BLOCK"] = 1
+    d["candidates"].clear()
+    assert CANDIDATES[0]["BLOCK"] == 128 and len(CANDIDATES) == 3
+    assert tuner.decisions()[0]["config"]["BLOCK"] == 128
+
+
+def test_ptxas_rejection_is_skipped_like_out_of_resources(gpu, monkeypatch):
+    """A candidate this arch's ptxas rejects (an arch whose space was not compile-checked) is skipped, as
+    triton.autotune skips it."""
+    from triton.runtime.errors import PTXASError
+
+    monkeypatch.setattr(tune, "time_ms", FakeClock([PTXASError("ptxas error: too many resources"), 2.0, 1.0]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[2]
 
 
 def test_summary_line_names_each_pick():
