@@ -694,5 +694,8 @@ if __name__ == "__main__":  # python -m kernels.cross_entropy [arch] [dtype]: th
     _dt = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
     for r in compile_configs(_arch, _dt, space=sys.argv[3:4] == ["space"]):
         mma = " ".join(r["mma"]) or "no mma"
-        print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3}: shared {r['shared']:>6}/{r['shared_limit']} B, "
-              f"{r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, {mma}")
+        c = r["config"]
+        tiles = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C") if k in c)
+        print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3} {tiles:>13} w{c['num_warps']}s{c['num_stages']}: shared "
+              f"{r['shared']:>6}/{r['shared_limit']} B, {r['registers']} regs, spills {r['spill_stores']}/"
+              f"{r['spill_loads']} B, {mma}")
