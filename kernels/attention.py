@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tune import autotune_enabled, capturing
+from kernels.tune import autotune_enabled
 
 # The kernels spell these two as literals (@triton.jit code cannot read plain Python globals).
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -500,7 +500,7 @@ def _launch(kind: str, grid_of, args: tuple, D: int, dtype: torch.dtype, device:
     """Run KERNELS[kind] with the interpreter config, the table config, or the autotuner.
     `grid_of(BLOCK_M, BLOCK_N)` gives the grid."""
     prec = _dot_precision(dtype)
-    autotune = dtype != torch.float32 and autotune_enabled() and not capturing(device)
+    autotune = dtype != torch.float32 and autotune_enabled()
     if autotune:
         arch = arch_key(torch.cuda.get_device_capability(device))
         _autotuned(kind, arch, D)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](

@@ -420,13 +420,14 @@ def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, l
     arch = arch_key(h.device)
     key = (kind, str(h.dtype).removeprefix("torch."), _row_bucket(h.shape[0]), h.shape[1], vocab_size,
            weight.shape[0])
+    if capturing(h.device):  # a CUDA graph is being captured: nothing may be timed; a pick made before, or the table
+        return _TUNER.known(h.device, key) or get_config(h.device, h.dtype)[kind]
     return _TUNER.pick(h.device, key, TUNE_SPACE[arch][kind], launch)
 
 
 def _autotuning(h: torch.Tensor) -> bool:
-    """Tune on a GPU for 16-bit inputs (fp32 runs the small "fp32" tiles only), unless TRITONRUN_AUTOTUNE=0
-    or a CUDA graph is being captured (timing launches cannot run then)."""
-    return h.device.type == "cuda" and h.dtype != torch.float32 and autotune_enabled() and not capturing(h.device)
+    """Tune on a GPU for 16-bit inputs (fp32 runs the small "fp32" tiles only), unless TRITONRUN_AUTOTUNE=0."""
+    return h.device.type == "cuda" and h.dtype != torch.float32 and autotune_enabled()
 
 
 def _row_bucket(N: int) -> int:

@@ -17,7 +17,8 @@ project is for (an RTX 4070) is not one its authors can time on; the pick made t
   name, compute capability, SM count, Triton and torch versions and the kernel file's bytes, so an edited
   kernel re-tunes), written atomically; later processes read them and time nothing.
 - Not tuned (the table's config): TRITONRUN_AUTOTUNE=0 (pins every kernel's tiles, attention's too, so
-  the summation order no longer depends on a timing), the Triton interpreter, and CUDA graph capture.
+  the summation order no longer depends on a timing) and the Triton interpreter. While a CUDA graph is
+  captured nothing is timed: the caller uses `known()` (a pick made before the capture) or its table.
 - `decisions()` lists what was picked in this process and how (measured, with every candidate's ms, or
   cached), for benchmark records; `picks()` gathers them from every kernel file.
 A different pick changes only the summation order (last-bit differences); every candidate is tested for
@@ -189,6 +190,10 @@ class Tuner:
         self._picks[mem_key] = entry["config"]
         self._decisions.append({"key": key_text, "how": how, **entry})
         return entry["config"]
+
+    def known(self, device: torch.device, key: tuple) -> dict | None:
+        """The pick for `key` this process already made (or read), else None; times and reads nothing."""
+        return self._picks.get((describe(device)[0], key))
 
     def decisions(self) -> list[dict]:
         return copy.deepcopy(self._decisions)

@@ -296,6 +296,32 @@ def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, tmp_path):
+    """Under CUDA graph capture nothing may be timed: before any pick the table's tiles run; a pick made
+    earlier in the process is reused (the graph then replays what eager ran)."""
+    from kernels import tune
+
+    monkeypatch.setattr(ce, "_autotuning", lambda h: True)
+    monkeypatch.setattr(ce, "arch_key", lambda device: "sm_89")
+    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    h, w, t = make_inputs(37, 300, 290, 40, torch.float16, seed=6)
+    space = ce.TUNE_SPACE["sm_89"]
+    table = {kind: ce.get_config(torch.device("cpu"), torch.float16)[kind] for kind in space}
+    monkeypatch.setattr(ce, "capturing", lambda device: True)
+    monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("timed during capture"))
+    assert {kind: ce._choose(kind, h, w, 290, None) for kind in space} == table
+    monkeypatch.setattr(ce, "capturing", lambda device: False)
+    clock = iter(range(100, 0, -1))  # each later candidate "faster": the last one wins
+    monkeypatch.setattr(tune, "time_ms", lambda fn: float(next(clock)))
+    picks = {kind: ce._choose(kind, h, w, 290, lambda cfg: None) for kind in space}
+    assert picks == {kind: c[-1] for kind, c in space.items()}
+    monkeypatch.setattr(ce, "capturing", lambda device: True)
+    monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("timed during capture"))
+    assert {kind: ce._choose(kind, h, w, 290, None) for kind in space} == picks
+
+
 def tiles(cfg: dict) -> tuple:
     """A config's (or a launch's keyword arguments') tile sizes, warps and stages."""
     return tuple(cfg.get(k) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C", "num_warps", "num_stages"))
