@@ -120,12 +120,3 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def autotune_picks() -> dict:
-    """The kernels' autotuner picks made in this process (kernels/tune.py picks()); {} when no kernel module
-    was imported or nothing was tuned (CPU, TRITONRUN_AUTOTUNE=0, the torch backend)."""
-    import sys
-
-    tune = sys.modules.get("kernels.tune")
-    return tune.picks() if tune is not None else {}

@@ -35,8 +35,8 @@ import torch
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gpt2.ops import get_ops
-from kernels.tune import summary as tune_summary
-from runinfo import atomic_write_json, atomic_write_text, autotune_picks, env_info
+from kernels import tune
+from runinfo import atomic_write_json, atomic_write_text, env_info
 
 
 class InitError(Exception):
@@ -494,8 +494,9 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         del snap
         log.line(f"warm-up: {cfg.timing_warmup_steps} untimed steps in {time.perf_counter() - t0:.1f} s, "
                  f"then weights, optimizer, RNG and data position restored")
-        if autotune_picks():
-            log.line(f"autotuned tiles: {tune_summary(autotune_picks())}")
+        picks = tune.picks()
+        if picks:
+            log.line(f"autotuned tiles: {tune.summary(picks)}")
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
 
@@ -574,7 +575,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                  f"--out-dir {out_dir}")
     else:
         result["status"] = "target_reached" if result["target_reached"] else "max_steps"
-    result["autotune"] = autotune_picks()  # the kernels' tiles, when a Triton kernel was autotuned
+    result["autotune"] = tune.picks()  # the kernels' tiles, when a Triton kernel was autotuned
     row = leaderboard_row(cfg, env, result)
     result["leaderboard_row"] = row
     if dist.master:

@@ -64,8 +64,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import (RESULTS_DIR, atomic_write_json, autotune_picks, env_info, record_dir,  # noqa: E402
-                     record_stem)
+from kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
+from runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.2, 0.5, 0.8)

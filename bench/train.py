@@ -30,7 +30,7 @@ is recorded {"fits": false}, freed, and the others go on. Peak memory per config
 over its own timed blocks minus what the other configurations of the group hold resident at that time (their
 weights and optimizer state), i.e. its own peak as if it ran alone; peak_reserved_gib is the shared allocator's
 reserved peak during its blocks (an upper bound, the pool is shared). Triton runs also list the autotuned tiles
-the process has picked by then ("autotune", runinfo.autotune_picks(); tuning happens in the warm-up).
+the process has picked by then ("autotune", kernels/tune.py picks(); tuning happens in the warm-up).
 
 12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
@@ -74,8 +74,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import (atomic_write_json, atomic_write_text, autotune_picks, env_info, record_dir,  # noqa: E402
-                     record_stem)
+from kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
+from runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
 
 GIB = 2**30
 SEQ_LEN = 1024

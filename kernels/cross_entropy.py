@@ -417,12 +417,14 @@ def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, l
     TUNE_SPACE (kernels/tune.py; key: the kernel, dtype, row bucket, C, vocab, padded vocab)."""
     if not _autotuning(h):
         return get_config(h.device, h.dtype)[kind]
-    arch = arch_key(h.device)
     key = (kind, str(h.dtype).removeprefix("torch."), _row_bucket(h.shape[0]), h.shape[1], vocab_size,
            weight.shape[0])
-    if capturing(h.device):  # a CUDA graph is being captured: nothing may be timed; a pick made before, or the table
-        return _TUNER.known(h.device, key) or get_config(h.device, h.dtype)[kind]
-    return _TUNER.pick(h.device, key, TUNE_SPACE[arch][kind], launch)
+    known = _TUNER.known(h.device, key)  # every call after the first: one dict lookup
+    if known is not None:
+        return known
+    if capturing(h.device):  # a CUDA graph is being captured and nothing may be timed: the table
+        return get_config(h.device, h.dtype)[kind]
+    return _TUNER.pick(h.device, key, TUNE_SPACE[arch_key(h.device)][kind], launch)
 
 
 def _autotuning(h: torch.Tensor) -> bool:

@@ -89,10 +89,9 @@ def time_ms(fn: Callable[[], object]) -> float:
 
 
 def describe(device: torch.device) -> tuple:
-    """(index, name, compute capability, SM count) of a CUDA device: what a pick is valid for."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    return index, props.name, f"{props.major}.{props.minor}", props.multi_processor_count
+    """(name, compute capability, SM count) of a CUDA device: what a pick on it is valid for."""
+    props = torch.cuda.get_device_properties(device)
+    return props.name, f"{props.major}.{props.minor}", props.multi_processor_count
 
 
 def _key_text(key: tuple) -> str:
@@ -116,15 +115,14 @@ class Tuner:
     def __init__(self, name: str, source_file: str):
         self.name = name
         self.source = Path(source_file)
-        self._picks: dict[tuple, dict] = {}  # (device index, key) -> config
+        self._picks: dict[tuple, dict] = {}  # (device, key) -> config
         self._decisions: list[dict] = []
 
     def path(self, device: torch.device) -> Path:
         import triton
 
-        _, *parts = describe(device)
         digest = hashlib.sha256()
-        for part in (*parts, triton.__version__, torch.__version__):
+        for part in (*describe(device), triton.__version__, torch.__version__):
             digest.update(f"{part}\n".encode())
         digest.update(self.source.read_bytes())
         return cache_dir() / f"{self.name}-{digest.hexdigest()[:16]}.json"
@@ -156,9 +154,8 @@ class Tuner:
              launch: Callable[[dict], object]) -> dict:
         """The fastest of `candidates` for `key` on `device`: from memory, the disk cache, or by timing each
         with `launch(cfg)`. The caller checks autotune_enabled() first."""
-        mem_key = (describe(device)[0], key)
-        if mem_key in self._picks:
-            return self._picks[mem_key]
+        if (device, key) in self._picks:
+            return self._picks[device, key]
         path, key_text = self.path(device), _key_text(key)
         entry = self._read(path).get(key_text)
         if isinstance(entry, dict) and entry.get("config") in candidates:
@@ -187,13 +184,13 @@ class Tuner:
                 how = "measured (not saved: a candidate ran out of device memory)"
             else:
                 self._write(path, key_text, entry)
-        self._picks[mem_key] = entry["config"]
+        self._picks[device, key] = entry["config"]
         self._decisions.append({"key": key_text, "how": how, **entry})
         return entry["config"]
 
     def known(self, device: torch.device, key: tuple) -> dict | None:
         """The pick for `key` this process already made (or read), else None; times and reads nothing."""
-        return self._picks.get((describe(device)[0], key))
+        return self._picks.get((device, key))
 
     def decisions(self) -> list[dict]:
         return copy.deepcopy(self._decisions)
@@ -209,8 +206,9 @@ def picks() -> dict[str, list[dict]]:
     out = {}
     for name in ("attention", "cross_entropy"):
         module = sys.modules.get(f"kernels.{name}")
-        if module is not None and module.tuning_decisions():
-            out[name] = module.tuning_decisions()
+        decisions = module.tuning_decisions() if module is not None else []
+        if decisions:
+            out[name] = decisions
     return out
 
 

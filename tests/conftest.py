@@ -17,8 +17,8 @@ if not HAS_CUDA:
         pytest.exit(f"the kernel tests need Triton's CPU interpreter: {_problem}", returncode=2)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
-    # One fixed attention config under tests (the arch table's entry), not the autotuner's timing-dependent pick:
-    # test_attention checks every autotune candidate one by one, and the autotuned path itself, on its own.
+    # One fixed config per kernel under tests (the arch table's entry), not the autotuners' timing-dependent picks:
+    # test_attention and test_cross_entropy check every autotune candidate, and the autotuned path, on their own.
     os.environ.setdefault("TRITONRUN_AUTOTUNE", "0")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")

@@ -243,17 +243,25 @@ def test_autotuned_path_on_gpu(monkeypatch, tmp_path):
         assert torch.equal(a, b)  # the same picks: the same bits
 
 
-def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
-    """The autotuning path of lce_forward/lce_backward with the interpreter standing in for the GPU and a
-    fake clock: every sm_89 candidate is launched, the "fastest" (the clock's pick) is what computes the
-    result, the picks land in the disk cache, and a fresh tuner reuses them without timing anything."""
+@pytest.fixture
+def pretend_rtx4070(monkeypatch, tmp_path):
+    """The autotuning path on CPU: the interpreter stands in for an sm_89 GPU, with a fresh tuner and a private
+    Triton cache dir; tests then replace kernels.tune.time_ms with a fake clock."""
     from kernels import tune
 
     monkeypatch.setattr(ce, "_autotuning", lambda h: True)
     monkeypatch.setattr(ce, "arch_key", lambda device: "sm_89")
-    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
+    monkeypatch.setattr(tune, "describe", lambda device: ("NVIDIA GeForce RTX 4070", "8.9", 46))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    return tune
+
+
+def test_tuner_drives_the_real_launches(monkeypatch, pretend_rtx4070):
+    """The autotuning path of lce_forward/lce_backward with the interpreter standing in for the GPU and a
+    fake clock: every sm_89 candidate is launched, the "fastest" (the clock's pick) is what computes the
+    result, the picks land in the disk cache, and a fresh tuner reuses them without timing anything."""
+    tune = pretend_rtx4070
     space = ce.TUNE_SPACE["sm_89"]
     launched = []
 
@@ -296,16 +304,10 @@ def test_tuner_drives_the_real_launches(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, tmp_path):
+def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, pretend_rtx4070):
     """Under CUDA graph capture nothing may be timed: before any pick the table's tiles run; a pick made
     earlier in the process is reused (the graph then replays what eager ran)."""
-    from kernels import tune
-
-    monkeypatch.setattr(ce, "_autotuning", lambda h: True)
-    monkeypatch.setattr(ce, "arch_key", lambda device: "sm_89")
-    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ce, "_TUNER", ce.Tuner("lce", ce.__file__))
+    tune = pretend_rtx4070
     h, w, t = make_inputs(37, 300, 290, 40, torch.float16, seed=6)
     space = ce.TUNE_SPACE["sm_89"]
     table = {kind: ce.get_config(torch.device("cpu"), torch.float16)[kind] for kind in space}

@@ -32,7 +32,7 @@ class FakeClock:
 @pytest.fixture
 def gpu(monkeypatch, tmp_path):
     """A pretend GPU 0 and a private Triton cache dir."""
-    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA GeForce RTX 4070", "8.9", 46))
+    monkeypatch.setattr(tune, "describe", lambda device: ("NVIDIA GeForce RTX 4070", "8.9", 46))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     return torch.device("cuda")
 
@@ -72,7 +72,7 @@ def test_cache_is_per_device_and_kernel_source(gpu, monkeypatch, tmp_path):
     edited kernel does not reuse a pick."""
     tuner = tune.Tuner("demo", tune.__file__)
     a = tuner.path(gpu)
-    monkeypatch.setattr(tune, "describe", lambda device: (0, "NVIDIA H100 80GB HBM3", "9.0", 132))
+    monkeypatch.setattr(tune, "describe", lambda device: ("NVIDIA H100 80GB HBM3", "9.0", 132))
     b = tuner.path(gpu)
     edited = tmp_path / "kernel.py"
     edited.write_bytes(open(tune.__file__, "rb").read() + b"# edited\n")
