@@ -198,3 +198,21 @@ def test_a_raising_implementation_is_recorded_and_only_ours_decides_the_exit(mon
     mod.bench_impls(ctx, "toy", shape, {"x": torch.float32}, make_set,
                     {"triton": broken, "torch": lambda x: x * 2}, nbytes=None)
     assert ctx.errors == ["toy 4x8: RuntimeError: peer kernel exploded"]
+
+
+def test_a_raising_optimizer_costs_only_its_own_row(monkeypatch):
+    """The adamw case catches what bench_impls catches: FusedAdamW raising is recorded (skipped + an error of
+    ours) and torch's optimizers still get their rows, instead of the exception ending the run unrecorded."""
+    mod = load_script("bench/kernels.py", "bench_kernels")
+    import kernels.adamw
+
+    class Exploding:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("fused adamw exploded\nsecond line")
+
+    monkeypatch.setattr(kernels.adamw, "FusedAdamW", Exploding)
+    ctx = mod.Ctx(device=torch.device("cpu"), smoke=True, quick=True, dtype_mode="fp32", peers=[], rows=[4], C=8)
+    mod.case_adamw(ctx)
+    assert sorted(r["impl"] for r in ctx.results) == ["torch.foreach", "torch.fused"]
+    assert [(s["impl"], s["skipped"]) for s in ctx.skipped] == [("triton", "raised RuntimeError: fused adamw exploded")]
+    assert len(ctx.errors) == 1 and ctx.errors[0].endswith("RuntimeError: fused adamw exploded"), ctx.errors
