@@ -799,7 +799,7 @@ def main(argv=None) -> int:
         print("SMOKE RUN ON CPU through the Triton interpreter: NOT A TIMING. The numbers below only show")
         print("that every case, peer and record field works; never quote them. Run on a CUDA GPU to measure.")
         print("=" * 88)
-    device = torch.device("cuda" if has_cuda else "cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu"))
 
     ctx = Ctx(device=device, smoke=smoke, quick=args.quick, dtype_mode=args.dtype,
               peers=[p.strip() for p in args.peers.split(",") if p.strip()],

@@ -259,6 +259,7 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
         log(f"  {spec.name:15s} mb={spec.micro_batch:3d}  {r['step_ms_median']:9.2f} ms  "
             f"{r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
     live.clear()
+    e = tr = None  # the loops' last trainer too: its blocks would stay cached into the next group's peaks
     free_memory(device, reset_compiled=True)
     return [records[s.name] for s in specs if s.name in records]
 
@@ -341,7 +342,7 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
         out["largest_fitting"][name] = largest
     preset_runs = [r for r in out["runs"] if r["micro_batch"] == preset.micro_batch and r["fits"]]
     out["preset_pass"] = bool(preset_runs) and all(r["alloc_ok"] for r in preset_runs)
-    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    torch.cuda.set_per_process_memory_fraction(1.0, device)  # device is indexed: torch requires it here
     free_memory(device)
     return out
 
@@ -645,7 +646,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if has_cuda and not smoke else "cpu")
+    # an indexed device (cuda:N): torch.cuda.set_per_process_memory_fraction rejects a bare "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda and not smoke else torch.device("cpu")
     if smoke:
         args.model, args.seq_len, args.dtype, args.gpu = "tiny", 64, "fp32" if device.type == "cpu" else "bf16", \
             "cpu" if device.type == "cpu" else "auto"

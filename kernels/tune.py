@@ -174,6 +174,10 @@ class Tuner:
                         raise
                     ms.append(math.inf)
             best = min(range(len(candidates)), key=ms.__getitem__)
+            if math.isinf(ms[best]) and short_of_memory:  # an OOM, for callers that handle OOMs (a smaller
+                raise torch.OutOfMemoryError(  # micro-batch, the trainer's one-line error, bench's fits=false)
+                    f"{self.name}: no candidate config fits in the free device memory for {key_text}; HINT: "
+                    "lower --micro-batch, or free memory")
             if math.isinf(ms[best]):
                 raise RuntimeError(f"{self.name}: no candidate config fits this GPU for {key_text} "
                                    "(each ran out of shared memory, registers or device memory); HINT: "

@@ -139,6 +139,20 @@ def test_no_candidate_fits_is_one_clear_error(gpu, monkeypatch):
         tune.Tuner("demo", tune.__file__).pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1])
 
 
+def test_no_candidate_fits_in_memory_is_an_out_of_memory_error(gpu, monkeypatch):
+    """When device memory is what every candidate lacked (at least one OOM, the rest out of resources), the
+    error is an OutOfMemoryError, which the trainer and the benchmarks already handle as one; nothing is cached."""
+    from triton.runtime.errors import OutOfResources
+
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(tune, "time_ms", FakeClock([oom, OutOfResources(1, 0, "shared memory"), oom]))
+    tuner = tune.Tuner("demo", tune.__file__)
+    with pytest.raises(torch.OutOfMemoryError, match="no candidate config fits in the free device memory.*"
+                                                     "lower --micro-batch"):
+        tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1])
+    assert not tuner.path(gpu).exists() and tuner.decisions() == []
+
+
 def test_other_launch_errors_are_not_swallowed(gpu, monkeypatch):
     """A candidate that fails for any reason but resources is a bug: it propagates, nothing is cached."""
     monkeypatch.setattr(tune, "time_ms", FakeClock([1.0, ValueError("bad pointer arithmetic"), 2.0]))
