@@ -37,12 +37,14 @@ def test_phases_run_their_commands_with_extra_args(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {calls}
+if [ "${{1:-}}" = -m ]; then echo "${{OMP_NUM_THREADS:-unset}}" > {calls}.omp; fi
 if [ "${{1:-}}" = bench/train.py ] && [ "${{2:-}}" = --cap-gib ]; then touch "$5/train-fake.json"; fi
 exit 0
 """)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "TRITONRUN_TRAIN_ARGS": "--micro-batches 8,16",
-           "TRITONRUN_KERNELS_ARGS": "--quick", "TRITONRUN_TESTS_ARGS": "-k bf16"}
+           "TRITONRUN_KERNELS_ARGS": "--quick", "TRITONRUN_TESTS_ARGS": "-k bf16", "TRITONRUN_TEST_WORKERS": "4"}
+    env.pop("OMP_NUM_THREADS", None)
     env.pop("TRITONRUN_CAP_ARGS", None)
     env.pop("TRITONRUN_RESUME_ARGS", None)
     out = tmp_path / "out"
@@ -50,7 +52,9 @@ exit 0
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in calls.read_text().splitlines() if line.split()[0] != "-c" and line != "-"]
-    xdist = [] if "-n" not in lines[0] else ["-n", lines[0].split("-n ")[1].split()[0]]
+    xdist = ["-n", "4"]  # the stand-in answers `-c 'import xdist'` with 0: xdist is "installed"
+    # and the workers share the cores: each torch gets cores / workers threads, not all of them
+    assert (tmp_path / "calls.omp").read_text().strip() == str(max(1, len(os.sched_getaffinity(0)) // 4))
     assert lines == [
         " ".join(["-m pytest -q -rs -p no:cacheprovider", *xdist, "-k bf16"]),
         f"bench/kernels.py --out-dir {out} --plot --quick",
