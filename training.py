@@ -95,11 +95,17 @@ class Dist:
 
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Destroy the process group; after a run every rank finished, behind a barrier, so that no rank tears
+        its connections down while rank 0 is still writing records and may yet use them. (Without it, a CPU
+        test once saw rank 1 abort in teardown under torch 2.11, "terminate called without an active
+        exception", while rank 0 plotted; not reproduced in 40 reruns, so the barrier is a precaution.)"""
         if self.enabled:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if finished:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
@@ -395,15 +401,18 @@ def run(cfg, out_dir: Path, train_files: list[Path], val_file: Path, resume_from
         eval_only: bool = False) -> dict:
     """Train; returns the result record (also written to out_dir/result.json on rank 0)."""
     dist = Dist(cfg.device)
+    finished = False
     try:
         env = env_info(dist.device)
         log = RunLog(out_dir / "train.log" if dist.master else None, cfg.max_steps, append=resume_from is not None)
         try:
-            return _run(cfg, out_dir, env, train_files, val_file, log, dist, resume_from, eval_only)
+            result = _run(cfg, out_dir, env, train_files, val_file, log, dist, resume_from, eval_only)
+            finished = True
+            return result
         finally:
             log.close()
     finally:
-        dist.close()
+        dist.close(finished)
 
 
 def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resume_from, eval_only=False) -> dict:
