@@ -809,53 +809,80 @@ def main(argv=None) -> int:
     peak = None if smoke else peak_gbps(env["device"])
     print(f"device: {env['device']}  peak: {f'{peak:.0f} GB/s' if peak else 'unknown'}  torch {env['torch']}  "
           f"triton {env['triton']}  commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}")
-    torch.manual_seed(0)
-    for op in args.op or list(CASES):
-        t0 = time.perf_counter()
-        CASES[op](ctx)
-        print(f"  {op}: {time.perf_counter() - t0:.1f} s")
-    mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
-    for r in ctx.results:
-        r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
-        r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
-    ratios = speedups(ctx.results)
-    print_table(ctx.results, ratios, peak, ctx.skipped)
-    # Only our kernels decide the exit status; a peer that fails its check stays in the record, marked.
-    bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] == "triton"]
-    peers_bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] != "triton"]
-
     now = datetime.datetime.now()
-    record = {
-        "kind": "kernels", "smoke": smoke, "date": now.isoformat(timespec="seconds"), "env": env,
-        "peak_gbps": peak, "args": {"op": args.op or list(CASES), "quick": args.quick, "dtype": args.dtype,
-                                    "peers": ctx.peers},
-        "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
-                 f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
-        "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
-                         "(adamw: kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
-        "flops_formula": {"attention": "kernels/attention.py attention_flops(B, H, T, D, causal=True): "
-                                       "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
-                          "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
-                                           "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)"},
-        "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
-                   "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
-                   "its forward saved",
-        "matmul_peak_tflops": mm_peak, "matmul_peak": ctx.matmul_peak,
-        "notes": "bwd = autograd.grad on retained graphs (one forward per rotating input set); torch.compile "
-                 "runs with torch._functorch.config.donated_buffer=False, which retained graphs need. adamw: one "
-                 "pass 'step' = clip_grad_norm_(1.0) + step(), timed after one untimed step that creates the "
-                 "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
-                 "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
-                 "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
-                 "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
-        "results": ctx.results, "speedups": ratios, "skipped": ctx.skipped,
-        # the tiles attention and cross-entropy ran with: the autotuners' picks (kernels/tune.py), with the ms
-        # of every cross-entropy candidate when measured in this run; empty when nothing was tuned
-        "autotune": autotune_picks(),
-    }
+    ops = args.op or list(CASES)
+    path = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record_stem('kernels', env['device'], smoke, now)}.json"
+    mm_peak = None
+
+    def make_record(done: list[str]) -> dict:
+        """The record of the ops measured so far ("complete": false until all of them are)."""
+        return {
+            "kind": "kernels", "smoke": smoke, "complete": done == ops, "ops_done": list(done),
+            "date": now.isoformat(timespec="seconds"), "env": env,
+            "peak_gbps": peak, "args": {"op": ops, "quick": args.quick, "dtype": args.dtype,
+                                        "peers": ctx.peers},
+            "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
+                     f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
+            "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
+                             "(adamw: kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
+            "flops_formula": {"attention": "kernels/attention.py attention_flops(B, H, T, D, causal=True): "
+                                           "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
+                              "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
+                                               "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)"},
+            "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
+                       "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
+                       "its forward saved",
+            "matmul_peak_tflops": mm_peak, "matmul_peak": ctx.matmul_peak,
+            "notes": "bwd = autograd.grad on retained graphs (one forward per rotating input set); torch.compile "
+                     "runs with torch._functorch.config.donated_buffer=False, which retained graphs need. adamw: one "
+                     "pass 'step' = clip_grad_norm_(1.0) + step(), timed after one untimed step that creates the "
+                     "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
+                     "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
+                     "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
+                     "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
+            "results": ctx.results, "speedups": speedups(ctx.results), "skipped": ctx.skipped,
+            # the tiles attention and cross-entropy ran with: the autotuners' picks (kernels/tune.py), with the ms
+            # of every cross-entropy candidate when measured in this run; empty when nothing was tuned
+            "autotune": autotune_picks(),
+        }
+
+    def annotate() -> None:  # % of the peaks: needs the matmul peak, measured by the first TFLOPS case
+        nonlocal mm_peak
+        mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
+        for r in ctx.results:
+            r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
+            r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
+
+    torch.manual_seed(0)
+    done = []
+    for op in ops:
+        t0 = time.perf_counter()
+        try:
+            CASES[op](ctx)
+        except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): keep what the earlier ops measured
+            if path is not None and done:
+                annotate()
+                atomic_write_json(path, make_record(done))
+                print(f"interrupted during {op}: wrote the ops measured so far ({', '.join(done)}) to {path}",
+                      file=sys.stderr)
+            else:
+                print(f"interrupted during {op}: no op finished, no record written", file=sys.stderr)
+            return 130
+        done.append(op)
+        print(f"  {op}: {time.perf_counter() - t0:.1f} s")
+        if path is not None and done != ops:  # a partial record after every op: a killed run keeps them
+            annotate()
+            atomic_write_json(path, make_record(done))
+    annotate()
+    record = make_record(done)
+    print_table(ctx.results, record["speedups"], peak, ctx.skipped)
+    # Only our kernels decide the exit status; a peer that fails its check stays in the record, marked.
+    bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] == "triton"]
+    peers_bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] != "triton"]
+    if path is not None:
         atomic_write_json(path, record)
         print(f"wrote {path}")
         if args.plot is not None:

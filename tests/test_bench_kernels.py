@@ -74,6 +74,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
     assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS})
+    assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
     assert got == {(op, p, i) for op in ops for p in PASSES for i in ("triton", "torch", "torch.compile")}
@@ -216,3 +217,23 @@ def test_a_raising_optimizer_costs_only_its_own_row(monkeypatch):
     assert sorted(r["impl"] for r in ctx.results) == ["torch.foreach", "torch.fused"]
     assert [(s["impl"], s["skipped"]) for s in ctx.skipped] == [("triton", "raised RuntimeError: fused adamw exploded")]
     assert len(ctx.errors) == 1 and ctx.errors[0].endswith("RuntimeError: fused adamw exploded"), ctx.errors
+
+
+def test_an_interrupted_run_keeps_the_ops_it_finished(tmp_path, monkeypatch):
+    """A time limit's SIGINT (.ci/gpu's phase timeout) in the middle of an op: the record of the ops that
+    finished is on disk, marked incomplete, and the exit is 130; a partial record is also rewritten after each op."""
+    mod = load_script("bench/kernels.py", "bench_kernels")
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(mod.CASES, "adamw", interrupted)
+    rc = mod.main(["--allow-cpu", "--quick", "--op", "gelu", "--op", "adamw", "--op", "layernorm",
+                   "--out-dir", str(tmp_path)])
+    assert rc == 130
+    (path,) = tmp_path.glob("kernels-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["complete"] is False and rec["ops_done"] == ["gelu"] and rec["args"]["op"] == ["gelu", "adamw",
+                                                                                            "layernorm"]
+    assert {r["op"] for r in rec["results"]} == {"gelu"} and all(r["check"] == "ok" for r in rec["results"])
+    assert {s["op"] for s in rec["speedups"]} == {"gelu"}
