@@ -152,28 +152,44 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     log(f"resume check on {env['device']}: {args.model}, {args.steps} steps, micro-batch {args.micro_batch} x "
         f"{args.seq_len} x {args.grad_accum}, compile {args.compile}, backends {', '.join(args.backend)}")
+    path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{record_stem('resume', env['device'], args.smoke, now)}.json"
+    results = []
+
+    def save() -> None:
+        """The record of the backends measured so far ("complete": false until all are), rewritten after each."""
+        atomic_write_json(path, {
+            "kind": "resume", "smoke": args.smoke, "complete": len(results) == len(args.backend),
+            "date": now.isoformat(timespec="seconds"), **env,
+            "steps": args.steps, "checkpoint_step": args.steps // 2, "model": args.model,
+            "micro_batch": args.micro_batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+            "data": args.data, "backends": list(args.backend),
+            "method": "A: N steps straight with a checkpoint at N/2; B: A again (run-to-run noise); C: A's N/2 "
+                      "checkpoint resumed to N. Differences over steps N/2+1..N and the final val loss; each run "
+                      "a fresh train_speedrun.py process.",
+            "runs": results,
+        })
+
     work = Path(tempfile.mkdtemp(prefix="tritonrun-resume-"))
     try:
-        results = [measure(args, backend, work) for backend in args.backend]
+        for backend in args.backend:
+            results.append(measure(args, backend, work))
+            if path is not None:
+                save()
         if args.keep_runs is not None:
             shutil.copytree(work, args.keep_runs, dirs_exist_ok=True)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): the backends measured so far are on disk
+        done = ", ".join(r["backend"] for r in results) or "none"
+        print(f"interrupted: backends measured so far: {done}" + (f" (in {path})" if path and results else ""),
+              file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record = {
-        "kind": "resume", "smoke": args.smoke, "date": now.isoformat(timespec="seconds"), **env,
-        "steps": args.steps, "checkpoint_step": args.steps // 2, "model": args.model,
-        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "data": args.data,
-        "method": "A: N steps straight with a checkpoint at N/2; B: A again (run-to-run noise); C: A's N/2 "
-                  "checkpoint resumed to N. Differences over steps N/2+1..N and the final val loss; each run a "
-                  "fresh train_speedrun.py process.",
-        "runs": results,
-    }
-    if out_dir is None:
+    if path is None:
         log("no record written (smoke run without --out-dir)")
         return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{record_stem('resume', env['device'], args.smoke, now)}.json"
-    atomic_write_json(path, record)
     log(f"wrote {path}")
     if args.smoke and not all(r["resume_vs_straight"]["bitwise"] for r in results):
         print("error: on CPU a resumed run must be bitwise equal to a straight one, and it is not", file=sys.stderr)

@@ -26,6 +26,7 @@ def test_smoke_both_backends_resume_bitwise(tmp_path):
     [path] = tmp_path.glob("resume-smoke-*.json")
     rec = json.loads(path.read_text())
     assert rec["kind"] == "resume" and rec["smoke"] and rec["steps"] == 4 and rec["checkpoint_step"] == 2
+    assert rec["complete"] is True and rec["backends"] == ["torch", "triton"]
     assert rec["commit"] and rec["torch"] == torch.__version__
     assert [r["backend"] for r in rec["runs"]] == ["torch", "triton"]
     for r in rec["runs"]:
@@ -84,3 +85,21 @@ def test_gpu_triton_backend_is_bitwise_torch_backend_recorded(tmp_path):
     assert runs["triton"]["resume_vs_straight"]["bitwise"], runs["triton"]["resume_vs_straight"]
     for r in runs.values():
         assert all(math.isfinite(x) for x in r["losses"]["C"]) and len(r["losses"]["C"]) == 6
+
+
+def test_an_interrupted_run_keeps_the_backends_it_measured(tmp_path, monkeypatch):
+    """A time limit's SIGINT during the second backend: the first one's measurement is on disk, marked
+    incomplete, and the exit is 130 (measure() stands in: the plumbing, not the runs, is under test)."""
+    mod = load_script("bench/resume.py", "bench_resume")
+
+    def measure(args, backend, work):
+        if backend == "triton":
+            raise KeyboardInterrupt
+        return {"backend": backend, "resume_vs_straight": {"bitwise": True}}
+
+    monkeypatch.setattr(mod, "measure", measure)
+    assert mod.main(["--smoke", "--out-dir", str(tmp_path)]) == 130
+    [path] = tmp_path.glob("resume-smoke-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["complete"] is False and rec["backends"] == ["torch", "triton"]
+    assert rec["runs"] == [{"backend": "torch", "resume_vs_straight": {"bitwise": True}}]
