@@ -799,7 +799,7 @@ def main(argv=None) -> int:
         print("SMOKE RUN ON CPU through the Triton interpreter: NOT A TIMING. The numbers below only show")
         print("that every case, peer and record field works; never quote them. Run on a CUDA GPU to measure.")
         print("=" * 88)
-    device = (torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu"))
+    device = torch.device("cuda" if has_cuda else "cpu")
 
     ctx = Ctx(device=device, smoke=smoke, quick=args.quick, dtype_mode=args.dtype,
               peers=[p.strip() for p in args.peers.split(",") if p.strip()],
@@ -815,10 +815,14 @@ def main(argv=None) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record_stem('kernels', env['device'], smoke, now)}.json"
-    mm_peak = None
 
     def make_record(done: list[str]) -> dict:
-        """The record of the ops measured so far ("complete": false until all of them are)."""
+        """The record of the ops measured so far ("complete": false until all of them are); first sets each
+        row's % of the peaks (the matmul peak is measured by the first TFLOPS case)."""
+        mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
+        for r in ctx.results:
+            r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
+            r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
         return {
             "kind": "kernels", "smoke": smoke, "complete": done == ops, "ops_done": list(done),
             "date": now.isoformat(timespec="seconds"), "env": env,
@@ -849,13 +853,6 @@ def main(argv=None) -> int:
             "autotune": autotune_picks(),
         }
 
-    def annotate() -> None:  # % of the peaks: needs the matmul peak, measured by the first TFLOPS case
-        nonlocal mm_peak
-        mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
-        for r in ctx.results:
-            r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
-            r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
-
     torch.manual_seed(0)
     done = []
     for op in ops:
@@ -863,20 +860,18 @@ def main(argv=None) -> int:
         try:
             CASES[op](ctx)
         except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): keep what the earlier ops measured
-            if path is not None and done:
-                annotate()
-                atomic_write_json(path, make_record(done))
-                print(f"interrupted during {op}: wrote the ops measured so far ({', '.join(done)}) to {path}",
-                      file=sys.stderr)
-            else:
-                print(f"interrupted during {op}: no op finished, no record written", file=sys.stderr)
+            kept = "no op had finished"
+            if done:
+                kept = f"finished: {', '.join(done)}"
+                if path is not None:
+                    atomic_write_json(path, make_record(done))
+                    kept += f" (record: {path})"
+            print(f"interrupted during {op}; {kept}", file=sys.stderr)
             return 130
         done.append(op)
         print(f"  {op}: {time.perf_counter() - t0:.1f} s")
         if path is not None and done != ops:  # a partial record after every op: a killed run keeps them
-            annotate()
             atomic_write_json(path, make_record(done))
-    annotate()
     record = make_record(done)
     print_table(ctx.results, record["speedups"], peak, ctx.skipped)
     # Only our kernels decide the exit status; a peer that fails its check stays in the record, marked.

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = (torch.device("cuda", torch.cuda.current_device()) if has_cuda and not args.smoke else torch.device("cpu"))
+    device = torch.device("cuda" if has_cuda and not args.smoke else "cpu")
     env = env_info(device)
     now = datetime.datetime.now(datetime.timezone.utc)
     log(f"resume check on {env['device']}: {args.model}, {args.steps} steps, micro-batch {args.micro_batch} x "
