@@ -27,7 +27,7 @@ from data.fineweb import DEFAULT_OUT_DIR  # noqa: E402 (the default --data: wher
 from data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH  # noqa: E402
 from gpt2 import MODEL_SIZES  # noqa: E402
 from gpt2.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint  # noqa: E402
-from gpt2.ops import BACKENDS, use_cpu_interpreter  # noqa: E402
+from gpt2.ops import BACKENDS, TRITON_OPS, parse_op_list, use_cpu_interpreter  # noqa: E402
 
 
 
@@ -40,6 +40,7 @@ class Preset:
     # torch until the Triton kernels have GPU-validated records in bench/results (issue 9); opt in with
     # --backend triton, which already falls back per op where a kernel has not landed.
     backend: str = "torch"
+    torch_ops: str = ""  # under --backend triton, these ops (comma list, gpt2/ops.py names) stay torch
     compile: bool = True
     dtype: str = "bf16"
     model: str = "d12"
@@ -118,6 +119,7 @@ class Config:
     val_tokens: int
     target_val_loss: float
     backend: str
+    torch_ops: str
     compile: bool
     dtype: str
     memory_gib: float
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-tokens", type=int, help="val loss over the first N tokens of the val shard")
     p.add_argument("--target-val-loss", type=float, help="stop once val <= this (default 3.28)")
     p.add_argument("--backend", choices=BACKENDS, help="torch, or triton kernels (torch where not landed)")
+    p.add_argument("--torch-ops", metavar="OP[,OP...]",
+                   help=f"with --backend triton: keep these ops in torch ({', '.join(TRITON_OPS)})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16 autocast (fp32 masters) or fp32")
     p.add_argument("--memory-gib", type=float, help="cap the CUDA allocator at this many GiB (0 = no cap)")
@@ -197,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The rest (hardware, batching split, logging, target) may differ on resume.
 RUN_DEFINING = ("model", "total_batch_tokens", "seq_len", "lr", "final_lr_frac", "warmup_steps", "max_steps",
                 "weight_decay", "grad_clip", "beta1", "beta2", "data", "seed", "dtype", "init_from")
-HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "compile", "timing_warmup_steps", "device")
+HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "torch_ops", "compile", "timing_warmup_steps",
+            "device")
 
 
 def resolve_preset(name: str) -> str:
@@ -251,6 +256,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
             base = dict(load_checkpoint(resume_path)["run_config"])
         except (CheckpointError, KeyError) as e:
             raise UserError(f"--resume: {e}") from None
+        for name, value in asdict(PRESETS[base["gpu"]]).items():  # fields newer than the checkpoint: the preset's
+            base.setdefault(name, value)
         for name, value in explicit.items():
             if name in RUN_DEFINING and base.get(name) != value:
                 raise UserError(f"--resume: --{name.replace('_', '-')} {value} conflicts with the checkpoint's "
@@ -272,6 +279,15 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     # equals one of the automatic ones (the checkpoint does not say which it was).
     if "peak_tflops" not in explicit and merged["peak_tflops"] in automatic_peaks(merged["gpu"]):
         merged["peak_tflops"] = peak_tflops_for(merged["gpu"])
+    try:
+        merged["torch_ops"] = ",".join(parse_op_list(merged["torch_ops"]))
+    except ValueError as e:
+        raise UserError(f"--torch-ops: {e}") from None
+    if merged["backend"] == "torch" and merged["torch_ops"]:
+        if explicit.get("torch_ops"):
+            raise UserError(f"--torch-ops {merged['torch_ops']} applies to --backend triton (under --backend torch "
+                            f"every op is torch already): add --backend triton, or drop --torch-ops")
+        merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path

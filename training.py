@@ -34,7 +34,7 @@ import torch
 
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gpt2.ops import get_ops
+from gpt2.ops import get_ops, parse_op_list
 from kernels import tune
 from runinfo import atomic_write_json, atomic_write_text, env_info
 
@@ -176,6 +176,7 @@ def leaderboard_row(cfg, env: dict, result: dict) -> str:
     val, mfu = result["final_val_loss"], result["mfu_mean"]
     gpus = f"{result['world_size']}× " if result["world_size"] > 1 else ""
     return (f"| {result['date']} | {cfg.gpu} | {gpus}{env['device']} | {cfg.model} | {cfg.backend}"
+            f"{f' (torch: {cfg.torch_ops})' if cfg.torch_ops else ''}"
             f"{' +compile' if cfg.compile else ''} | {'n/a' if val is None else f'{val:.4f}'} "
             f"| {'yes' if result['target_reached'] else 'no'} | {result['steps_done']} "
             f"| {human_count(result['tokens_seen'])} | {result['train_time_s'] / 60:.2f} min "
@@ -243,7 +244,7 @@ class Trainer:
         self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
         self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
         torch.manual_seed(cfg.seed)
-        self.ops = get_ops(cfg.backend, self.device)
+        self.ops = get_ops(cfg.backend, self.device, parse_op_list(cfg.torch_ops))
         # Built on the CPU (same initial weights on every device and rank), then moved.
         self.model = build_model(cfg, self.ops).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model

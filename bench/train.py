@@ -13,6 +13,9 @@ What is measured (GPU). GPT-2 d12, T = 1024, bf16 autocast, for each micro-batch
       triton+compile  --backend triton --compile
   (b) torch+compile   --backend torch --compile           (SDPA + fused AdamW: the nanoGPT baseline)
   (c) torch           --backend torch --no-compile
+  --torch-ops OPS (repeatable) adds, per OPS, the triton configurations again with those ops kept in torch
+  (train_speedrun.py --torch-ops), named e.g. "triton+compile (torch: linear_cross_entropy)": the cost or gain of
+  each kernel in the whole step, timed in the same round-robin. They count as triton runs in the speedup.
 Each configuration is a real training_speedrun Trainer (train_speedrun._resolve on explicit flags, then
 training.Trainer), stepped with Trainer.train_step. One "step" = one optimizer step with gradient accumulation
 --grad-accum (default 1: tokens per step = micro_batch x T; the llm.c recipe accumulates to 2^19 tokens, which
@@ -130,9 +133,17 @@ def synthetic_data(tmp: Path, vocab_size: int, tokens: int) -> Path:
 
 # ---------------------------------------------------------------------------------------- trainers
 class Spec:
-    def __init__(self, name, backend, compile_, micro_batch, args, memory_gib=0.0, gpu=None):
+    def __init__(self, name, backend, compile_, micro_batch, args, memory_gib=0.0, gpu=None, torch_ops=""):
         self.name, self.backend, self.compile, self.micro_batch = name, backend, compile_, micro_batch
-        self.args, self.memory_gib, self.gpu = args, memory_gib, gpu or args.gpu
+        self.args, self.memory_gib, self.gpu, self.torch_ops = args, memory_gib, gpu or args.gpu, torch_ops
+
+
+def sweep_configs(backends: list[str], compiles: list[bool], torch_ops: list[str]) -> list[tuple]:
+    """(name, backend, compile, torch_ops) of every configuration the sweep times: CONFIGS filtered, then per
+    --torch-ops value a copy of the triton ones that keeps those ops in torch."""
+    base = [(n, b, c, "") for n, b, c in CONFIGS if b in backends and c in compiles]
+    variants = [(f"{n} (torch: {ops})", b, c, ops) for ops in torch_ops for n, b, c, _ in base if b == "triton"]
+    return base + variants
 
 
 def make_config(spec: Spec, data_dir: Path, out_dir: Path):
@@ -142,7 +153,7 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
     tokens = spec.micro_batch * a.seq_len
     argv = ["--gpu", spec.gpu, "--model", a.model, "--seq-len", str(a.seq_len), "--dtype", a.dtype,
             "--backend", spec.backend, "--compile" if spec.compile else "--no-compile",
-            "--micro-batch", str(spec.micro_batch), "--total-batch-tokens", str(tokens * a.grad_accum),
+            "--micro-batch", str(spec.micro_batch), *(["--torch-ops", spec.torch_ops] if spec.torch_ops else []), "--total-batch-tokens", str(tokens * a.grad_accum),
             "--memory-gib", str(spec.memory_gib), "--data", str(data_dir), "--out-dir", str(out_dir),
             "--val-tokens", str(tokens), "--timing-warmup-steps", "0", "--checkpoint-every", "0",
             "--hellaswag-every", "0", "--max-steps", "1000000", "--warmup-steps", "10"]
@@ -195,8 +206,8 @@ def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, 
     med = statistics.median(ms)
     tok_s = tokens_per_step / (med / 1e3)
     peak = cfg.peak_tflops
-    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "micro_batch": spec.micro_batch,
-            "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step, "fits": True,
+    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "torch_ops": spec.torch_ops,
+            "micro_batch": spec.micro_batch, "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step, "fits": True,
             "tokens_per_s": tok_s, "mfu": tok_s * tr.flops_per_token / (peak * 1e12) if peak else None,
             "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
             "step_ms_median": med, "step_ms_all": ms, "ops": tr.ops.placement,
@@ -205,8 +216,8 @@ def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, 
 
 
 def oom_record(spec: Spec, where: str) -> dict:
-    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "micro_batch": spec.micro_batch,
-            "fits": False, "oom_during": where, "tokens_per_s": None, "mfu": None, "peak_alloc_gib": None,
+    return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "torch_ops": spec.torch_ops,
+            "micro_batch": spec.micro_batch, "fits": False, "oom_during": where, "tokens_per_s": None, "mfu": None, "peak_alloc_gib": None,
             "peak_reserved_gib": None, "step_ms_median": None, "step_ms_all": []}
 
 
@@ -289,8 +300,9 @@ def speedups(runs: list[dict]) -> dict:
             "best_overall": {"ours": f"{ours_best['name']} mb={ours_best['micro_batch']}",
                              "baseline": f"torch+compile mb={base_best['micro_batch']}",
                              "speedup": ours_best["tokens_per_s"] / base_best["tokens_per_s"]},
-            "definition": "tokens_per_s of the best triton run (with or without compile) / tokens_per_s of "
-                          "torch+compile, at equal micro-batch; best_overall compares each side's best micro-batch",
+            "definition": "tokens_per_s of the best triton run (with or without compile, --torch-ops variants "
+                          "included) / tokens_per_s of torch+compile, at equal micro-batch; best_overall compares "
+                          "each side's best micro-batch",
             "missing": reasons}
 
 
@@ -601,6 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", default=None, help="comma list (default 8,16,32,64; smoke 2,4)")
     p.add_argument("--backend", choices=("torch", "triton"), action="append",
                    help="only these backends (repeatable; default all; smoke: torch)")
+    p.add_argument("--torch-ops", action="append", default=[], metavar="OP[,OP...]",
+                   help="also time the triton configurations with these ops kept in torch (repeatable, one variant "
+                        "each; names as in train_speedrun.py --torch-ops)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="only compiled (--compile) or only eager (--no-compile) configs (default both; smoke eager)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 20, >= 20; smoke 3)")
@@ -694,7 +709,17 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         mbs = []
-    configs = [c for c in CONFIGS if c[1] in backends and c[2] in compiles]
+    from gpt2.ops import parse_op_list
+
+    try:
+        torch_ops = [",".join(parse_op_list(ops)) for ops in args.torch_ops]
+    except ValueError as e:
+        print(f"error: --torch-ops: {e}", file=sys.stderr)
+        return 2
+    if torch_ops and "triton" not in backends:
+        print("error: --torch-ops makes variants of the triton configurations: add --backend triton", file=sys.stderr)
+        return 2
+    configs = sweep_configs(backends, compiles, torch_ops)
 
     from gpt2 import MODEL_SIZES
 
@@ -746,7 +771,8 @@ def main(argv=None) -> int:
         synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
         for mb in mbs:
             log(f"micro-batch {mb}:")
-            runs += sweep_group([Spec(n, b, c, mb, args) for n, b, c in configs], args, data_dir, tmp / "out", device)
+            runs += sweep_group([Spec(n, b, c, mb, args, torch_ops=ops) for n, b, c, ops in configs], args, data_dir,
+                                tmp / "out", device)
             save(complete=False)
         if args.cap_gib and not smoke:
             cap = cap_check(args, data_dir, tmp / "out", device)

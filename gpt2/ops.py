@@ -2,8 +2,9 @@
 
 `get_ops("torch")` gives the best plain PyTorch (SDPA, F.layer_norm, tanh-GELU, F.cross_entropy,
 fused AdamW on CUDA). `get_ops("triton")` takes each op from `kernels/<file>.py` when that kernel has
-landed and falls back to the torch op otherwise; `Ops.placement` records which one runs, and the
-trainer prints it at startup.
+landed and falls back to the torch op otherwise; `get_ops("triton", torch_ops=("attention",))` keeps the
+named ops in torch (the trainer's --torch-ops: a mix per op, where a kernel loses on some GPU).
+`Ops.placement` records which one runs, and the trainer prints it at startup.
 
 Signatures (the contract a kernel must match):
   attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal
@@ -155,15 +156,30 @@ def use_cpu_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def get_ops(backend: str = "torch", device: str | torch.device = "cpu") -> Ops:
-    """Resolve every op for `backend`; on CPU the Triton kernels run through the interpreter."""
+def parse_op_list(text: str) -> tuple[str, ...]:
+    """'linear_cross_entropy,attention' -> ('attention', 'linear_cross_entropy'): the named ops in the seam's
+    order, each once ('' -> ()). ValueError naming an unknown op and the known ones."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(TRITON_OPS))
+    if unknown:
+        raise ValueError(f"unknown op {unknown[0]!r}: choose from {', '.join(TRITON_OPS)}")
+    return tuple(n for n in TRITON_OPS if n in names)
+
+
+def get_ops(backend: str = "torch", device: str | torch.device = "cpu", torch_ops: tuple[str, ...] = ()) -> Ops:
+    """Resolve every op for `backend`; on CPU the Triton kernels run through the interpreter. Under "triton",
+    the ops named in `torch_ops` stay torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    parse_op_list(",".join(torch_ops))  # a typo must not silently run the kernel it meant to leave out
     impls, placement = dict(TORCH_OPS), {name: "torch" for name in TORCH_OPS}
     if backend == "triton":
         if torch.device(device).type != "cuda":
             use_cpu_interpreter()
         for name in TRITON_OPS:
+            if name in torch_ops:
+                placement[name] = "torch (--torch-ops)"
+                continue
             fn, where = _load_triton_op(name)
             if fn is not None:
                 impls[name] = fn

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from tests.helpers import load_script
+from tests.helpers import NEEDS_INTERPRETER, load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "train.py"
@@ -216,6 +216,45 @@ def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
     assert rec["complete"] is False and done == [2]
     assert [(r["name"], r["micro_batch"]) for r in rec["runs"]] == [("torch", 2)] and rec["runs"][0]["fits"]
     assert not list(tmp_path.glob("*.md"))  # the summary comes with the complete record only
+
+
+def test_torch_ops_variants_are_triton_configs_named_by_their_ops():
+    m = load_module()
+    got = m.sweep_configs(["torch", "triton"], [True, False], ["linear_cross_entropy", "attention,gelu"])
+    assert [c[:3] for c in got[:4]] == [tuple(c) for c in m.CONFIGS] and all(c[3] == "" for c in got[:4])
+    assert got[4:] == [("triton (torch: linear_cross_entropy)", "triton", False, "linear_cross_entropy"),
+                       ("triton+compile (torch: linear_cross_entropy)", "triton", True, "linear_cross_entropy"),
+                       ("triton (torch: attention,gelu)", "triton", False, "attention,gelu"),
+                       ("triton+compile (torch: attention,gelu)", "triton", True, "attention,gelu")]
+    assert m.sweep_configs(["torch"], [False], []) == [("torch", "torch", False, "")]
+
+
+@NEEDS_INTERPRETER
+def test_torch_ops_variant_runs_beside_pure_triton(tmp_path):
+    """--torch-ops times a triton configuration with those ops in torch in the same round-robin; its record says
+    which ops it kept, and it counts as a triton run."""
+    proc = bench("--smoke", "--backend", "triton", "--no-compile", "--torch-ops", "linear_cross_entropy,attention",
+                 "--micro-batches", "2", "--out-dir", str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(next(tmp_path.glob("train-*.json")).read_text())
+    pure, variant = rec["runs"]
+    assert (pure["name"], pure["torch_ops"]) == ("triton", "")
+    assert (variant["name"], variant["torch_ops"]) == ("triton (torch: attention,linear_cross_entropy)",
+                                                       "attention,linear_cross_entropy")
+    assert all(v.startswith("triton") for v in pure["ops"].values()), pure["ops"]
+    assert {k for k, v in variant["ops"].items() if v == "torch (--torch-ops)"} == {"attention", "linear_cross_entropy"}
+    assert variant["fits"] and len(variant["step_ms_all"]) == 3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--torch-ops", "gelu"], "error: --torch-ops makes variants of the triton configurations: add --backend triton"),
+    (["--backend", "triton", "--torch-ops", "gelo"], "error: --torch-ops: unknown op 'gelo': choose from attention"),
+])
+def test_bad_torch_ops_are_one_line(tmp_path, args, needle):
+    proc = bench("--smoke", *args, "--out-dir", str(tmp_path))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(needle), proc.stderr
+    assert not list(tmp_path.glob("train-*"))
 
 
 def test_no_sweep_needs_something_to_measure(tmp_path):

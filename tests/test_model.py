@@ -151,6 +151,23 @@ def test_ops_seam_backends():
         get_ops("cuda")
 
 
+def test_torch_ops_keep_the_named_ops_in_torch():
+    """--torch-ops: under the triton backend the named ops run their torch implementation, the rest Triton;
+    a misspelt op is an error, not a kernel silently left in."""
+    from gpt2.ops import TORCH_OPS, parse_op_list
+
+    ops = get_ops("triton", SEAM_DEVICE, torch_ops=("attention", "linear_cross_entropy"))
+    for name, where in ops.placement.items():
+        if name in ("attention", "linear_cross_entropy"):
+            assert where == "torch (--torch-ops)" and getattr(ops, name) is TORCH_OPS[name], (name, where)
+        else:
+            assert where.startswith("triton") and getattr(ops, name) is not TORCH_OPS[name], (name, where)
+    assert parse_op_list(" linear_cross_entropy,attention,attention, ") == ("attention", "linear_cross_entropy")
+    assert parse_op_list("") == ()
+    with pytest.raises(ValueError, match="unknown op 'atention': choose from attention, layer_norm"):
+        get_ops("triton", SEAM_DEVICE, torch_ops=("atention",))
+
+
 @pytest.mark.parametrize("triton_v,numpy_v,bad", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
                                                   ("3.7.0", "2.5.2", False), ("3.5.1", "2.4.0", True),
                                                   ("3.9.0", "2.4.6", False)])

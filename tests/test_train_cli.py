@@ -211,6 +211,41 @@ def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
     assert cfg.peak_tflops == 500.0
 
 
+def test_torch_ops_resolve_and_resume(tmp_path):
+    """--torch-ops is a hardware field: canonical order in the config, free to change on resume, cleared when a
+    resumed run switches to --backend torch; a checkpoint from before the field existed resumes with the
+    preset's value."""
+    resolve = train_speedrun.resolve_config
+    cfg, _ = resolve([*SMALL, "--backend", "triton", "--torch-ops", "linear_cross_entropy,attention",
+                      "--out-dir", str(tmp_path / "a")])
+    assert cfg.torch_ops == "attention,linear_cross_entropy"
+    (tmp_path / "a").mkdir()
+    save_checkpoint(tmp_path / "a", 10, {"run_config": asdict(cfg)})
+    resumed = lambda *flags: resolve(["--resume", "--out-dir", str(tmp_path / "a"), *flags])[0]  # noqa: E731
+    assert resumed().torch_ops == "attention,linear_cross_entropy"
+    assert resumed("--torch-ops", "gelu").torch_ops == "gelu"
+    assert (resumed("--backend", "torch").backend, resumed("--backend", "torch").torch_ops) == ("torch", "")
+    old = {k: v for k, v in asdict(cfg).items() if k != "torch_ops"}  # written before --torch-ops existed
+    (tmp_path / "old").mkdir()
+    save_checkpoint(tmp_path / "old", 10, {"run_config": old})
+    cfg, _ = resolve(["--resume", "--out-dir", str(tmp_path / "old")])
+    assert (cfg.backend, cfg.torch_ops) == ("triton", "")
+
+
+@NEEDS_INTERPRETER
+def test_torch_ops_run_in_torch_and_are_recorded(tmp_path):
+    """A triton run that keeps attention and the LM head in torch: the placement, the config and the
+    leaderboard row say so."""
+    proc = run_cli(*SMALL, *TINY, "--backend", "triton", "--torch-ops", "attention,linear_cross_entropy",
+                   "--max-steps", "1", "--val-every", "1", "--timing-warmup-steps", "0", "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["config"]["torch_ops"] == "attention,linear_cross_entropy"
+    assert {k for k, v in result["ops"].items() if v == "torch (--torch-ops)"} == {"attention", "linear_cross_entropy"}
+    assert all(v.startswith("triton") for k, v in result["ops"].items() if k not in ("attention", "linear_cross_entropy"))
+    assert "| triton (torch: attention,linear_cross_entropy) |" in (tmp_path / "leaderboard.md").read_text()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU presets resolve only on a GPU")
 def test_config_takes_the_running_gpus_peak():
     cfg, _ = train_speedrun.resolve_config(["--out-dir", "unused"])
@@ -365,6 +400,8 @@ def test_bad_shard_names_file(tmp_path):
     (["--gpu", "tpu"], "invalid choice"),
     (["--val-tokens", "100"], "less than one micro-batch"),
     (["--val-tokens", "1000000"], "lower --val-tokens"),
+    (["--backend", "triton", "--torch-ops", "attention,gelu2"], "--torch-ops: unknown op 'gelu2': choose from"),
+    (["--torch-ops", "attention"], "applies to --backend triton"),
 ])
 def test_bad_flag_values(tmp_path, args, needle):
     assert_user_error(run_cli(*SMALL, *args, "--out-dir", tmp_path / "o"), needle)
