@@ -44,6 +44,15 @@ Bytes (e = element bytes, BN/BV the tiles; `lce_bytes`)
   A materialized fp32 path instead moves >= 4 passes over N*V*4 bytes (write logits, softmax read and
   write, grad read) and holds N*V*4 (3.3 GB at N = 16K): here the extra memory is lse (4N), the scratch
   slots (programs x BLOCK x C x 4, ~18 MB per kernel on a 46-SM GPU) and dh split partials (S x N x C x 4).
+When the recompute pays (a roofline model, not a measurement: bench/kernels.py measures). torch.compile's path
+  keeps bf16 logits and moves about 6 passes over N*V*2 bytes (write the logits, read them for the logsumexp,
+  read them and write dlogits, read dlogits in each gradient GEMM). The 4NVC of recompute costs less than that
+  traffic iff 4NVC/F < 12NV/BW, i.e. C < 3F/BW (F tensor FLOP/s, BW DRAM bytes/s, each at its achieved rate).
+  At datasheet peaks 3F/BW is ~890 on an H100 SXM (989 TFLOPS, 3.35 TB/s): GPT-2's C = 768 is a predicted win.
+  On an RTX 4070 it is ~350 (58.3 TFLOPS, 504 GB/s): a predicted loss of (4C/F - 12/BW) * N * V, ~12 ms per
+  8 x 1024 micro-batch at peak rates (~5% of its step at 50% MFU), which the freed logits memory repays only
+  if it buys a larger micro-batch. Where a GPU record shows the loss, --torch-ops linear_cross_entropy keeps
+  the LM head in torch and the other kernels in Triton.
 
 Configs: CONFIGS[arch] is the per-architecture table; on a GPU each kernel's tiles are autotuned on first
 use per shape (kernels/tune.py: every TUNE_SPACE[arch][kernel] candidate timed on the real inputs, the pick
