@@ -153,10 +153,12 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
     tokens = spec.micro_batch * a.seq_len
     argv = ["--gpu", spec.gpu, "--model", a.model, "--seq-len", str(a.seq_len), "--dtype", a.dtype,
             "--backend", spec.backend, "--compile" if spec.compile else "--no-compile",
-            "--micro-batch", str(spec.micro_batch), *(["--torch-ops", spec.torch_ops] if spec.torch_ops else []), "--total-batch-tokens", str(tokens * a.grad_accum),
+            "--micro-batch", str(spec.micro_batch), "--total-batch-tokens", str(tokens * a.grad_accum),
             "--memory-gib", str(spec.memory_gib), "--data", str(data_dir), "--out-dir", str(out_dir),
             "--val-tokens", str(tokens), "--timing-warmup-steps", "0", "--checkpoint-every", "0",
             "--hellaswag-every", "0", "--max-steps", "1000000", "--warmup-steps", "10"]
+    if spec.torch_ops:
+        argv += ["--torch-ops", spec.torch_ops]
     if a.peak_tflops is not None:
         argv += ["--peak-tflops", str(a.peak_tflops)]
     cfg, _ = ts._resolve(ts.build_parser().parse_args(argv))
@@ -207,7 +209,8 @@ def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, 
     tok_s = tokens_per_step / (med / 1e3)
     peak = cfg.peak_tflops
     return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "torch_ops": spec.torch_ops,
-            "micro_batch": spec.micro_batch, "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step, "fits": True,
+            "micro_batch": spec.micro_batch, "grad_accum": cfg.grad_accum, "tokens_per_step": tokens_per_step,
+            "fits": True,
             "tokens_per_s": tok_s, "mfu": tok_s * tr.flops_per_token / (peak * 1e12) if peak else None,
             "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
             "step_ms_median": med, "step_ms_all": ms, "ops": tr.ops.placement,
@@ -217,8 +220,8 @@ def run_record(spec: Spec, cfg, tr, ms: list[float], peak_alloc, peak_reserved, 
 
 def oom_record(spec: Spec, where: str) -> dict:
     return {"name": spec.name, "backend": spec.backend, "compile": spec.compile, "torch_ops": spec.torch_ops,
-            "micro_batch": spec.micro_batch, "fits": False, "oom_during": where, "tokens_per_s": None, "mfu": None, "peak_alloc_gib": None,
-            "peak_reserved_gib": None, "step_ms_median": None, "step_ms_all": []}
+            "micro_batch": spec.micro_batch, "fits": False, "oom_during": where, "tokens_per_s": None, "mfu": None,
+            "peak_alloc_gib": None, "peak_reserved_gib": None, "step_ms_median": None, "step_ms_all": []}
 
 
 def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) -> list[dict]:
