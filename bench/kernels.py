@@ -859,13 +859,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             CASES[op](ctx)
-        except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): keep what the earlier ops measured
-            kept = "no op had finished"
+        except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): the record after the last finished
+            kept = "no op had finished"  # op is already on disk, without the rows of the interrupted one
             if done:
-                kept = f"finished: {', '.join(done)}"
-                if path is not None:
-                    atomic_write_json(path, make_record(done))
-                    kept += f" (record: {path})"
+                kept = f"finished: {', '.join(done)}" + (f" (record: {path})" if path is not None else "")
             print(f"interrupted during {op}; {kept}", file=sys.stderr)
             return 130
         done.append(op)

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.tune import Tuner, autotune_enabled, capturing
+from kernels.tune import Tuner, autotune_enabled, capturing, ce_tiles
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
@@ -706,8 +706,6 @@ if __name__ == "__main__":  # python -m kernels.cross_entropy [arch] [dtype]: th
     _dt = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
     for r in compile_configs(_arch, _dt, space=sys.argv[3:4] == ["space"]):
         mma = " ".join(r["mma"]) or "no mma"
-        c = r["config"]
-        tiles = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C") if k in c)
-        print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3} {tiles:>13} w{c['num_warps']}s{c['num_stages']}: shared "
+        print(f"{r['arch']} {r['dtype']:>8} {r['kernel']:>3} {ce_tiles(r['config']):>19}: shared "
               f"{r['shared']:>6}/{r['shared_limit']} B, {r['registers']} regs, spills {r['spill_stores']}/"
               f"{r['spill_loads']} B, {mma}")

@@ -216,6 +216,12 @@ def picks() -> dict[str, list[dict]]:
     return out
 
 
+def ce_tiles(c: dict) -> str:
+    """A cross-entropy config as BLOCK_NxBLOCK_VxBLOCK_K[xBLOCK_C]/w<warps>s<stages>."""
+    tiles = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C") if k in c)
+    return f"{tiles}/w{c['num_warps']}s{c['num_stages']}"
+
+
 def summary(picks_: dict[str, list[dict]]) -> str:
     """One line for logs: each pick as kernel[key]=tiles (how)."""
     items = []
@@ -223,7 +229,5 @@ def summary(picks_: dict[str, list[dict]]) -> str:
         items.append(f"attention.{d['kernel']}[D={d['D']}]={'x'.join(map(str, d['config'][:2]))}"
                      f"/w{d['config'][2]}s{d['config'][3]}")
     for d in picks_.get("cross_entropy", []):
-        c = d["config"]
-        tiles = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C") if k in c)
-        items.append(f"cross_entropy.{d['key']}={tiles}/w{c['num_warps']}s{c['num_stages']} ({d['how'].split()[0]})")
+        items.append(f"cross_entropy.{d['key']}={ce_tiles(d['config'])} ({d['how'].split()[0]})")
     return ", ".join(items)
