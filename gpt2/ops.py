@@ -57,12 +57,30 @@ def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+class TorchAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW that keeps the implementation it was built with (fused / foreach) across load_state_dict.
+
+    torch's load_state_dict takes every group setting from the saved dict, the implementation flags included: a
+    checkpoint written on CPU (foreach) or by the Triton FusedAdamW (no such keys) would turn a CUDA run's
+    fused=True into the slower foreach path on resume. Those flags describe this process, not the run's math."""
+
+    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_groups"]
+        if len(saved) == len(self.param_groups):  # else torch's own load raises its error
+            # Rewritten before the load: torch places each "step" tensor by the loaded group's fused/capturable.
+            saved = [{**sg, **{k: g[k] for k in self.IMPLEMENTATION if k in g}}
+                     for sg, g in zip(saved, self.param_groups)]
+        super().load_state_dict({**state_dict, "param_groups": saved})
+
+
 def torch_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
     params = [p for g in param_groups for p in g["params"]]
     on_cuda = all(p.is_cuda for p in params)
     # fused=True: one multi-tensor CUDA kernel. On CPU keep the default (foreach) path: deterministic
     # and fast enough for the tiny model.
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+    return TorchAdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
 
 
 TORCH_OPS: dict[str, Callable] = {

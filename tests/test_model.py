@@ -1,4 +1,5 @@
 """GPT-2 model: faithful to an unfused reference, padded vocab never leaks, d12 size, init, groups."""
+import copy
 import math
 
 import pytest
@@ -207,3 +208,42 @@ def test_triton_backend_model_matches_torch_backend():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torch_adamw_keeps_its_implementation_across_load_state_dict():
+    """A CUDA run's fused AdamW stays fused when it resumes a checkpoint from a foreach optimizer (one written on
+    CPU) or from FusedAdamW (the Triton backend, whose groups have no such keys): torch's own load_state_dict takes
+    the saved groups' flags and would fall back to foreach. The state itself still loads: one step after the load
+    equals a plain torch AdamW's from the same state. (torch's fused AdamW also runs on CPU.)"""
+    from gpt2.ops import TorchAdamW, torch_adamw
+    from kernels.adamw import FusedAdamW
+
+    assert isinstance(torch_adamw(tiny_model().param_groups(0.1), lr=1e-3), TorchAdamW)
+    idx = torch.randint(0, MODEL_SIZES["tiny"].vocab_size, (2, 16))
+
+    def stepped(make):
+        model = tiny_model()
+        opt = make(model.param_groups(0.1))
+        model(idx, idx).backward()
+        opt.step()
+        return model, opt.state_dict()
+
+    writers = {"foreach": lambda g: torch.optim.AdamW(g, lr=1e-3, betas=(0.9, 0.95), foreach=True),
+               "FusedAdamW": lambda g: FusedAdamW(g, lr=1e-3)}
+    for name, make in writers.items():
+        written, state = stepped(make)
+        runs = {}
+        for cls, flags in ((TorchAdamW, {"fused": True}), (torch.optim.AdamW, {"foreach": True})):
+            model = tiny_model()
+            model.load_state_dict(written.state_dict())
+            opt = cls(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), **flags)
+            opt.load_state_dict(copy.deepcopy(state))  # torch's load keeps the given tensors (same device/dtype)
+            model.zero_grad()
+            model(idx, idx).backward()
+            opt.step()
+            runs[cls] = (opt, model)
+        opt, model = runs[TorchAdamW]
+        assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups), name
+        assert all(s["step"].item() == 2 for s in opt.state.values()), name
+        for a, b in zip(model.parameters(), runs[torch.optim.AdamW][1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
