@@ -86,14 +86,23 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# Variants that share a preset's memory and kernels but not its clocks: the peak for MFU by device-name
-# substring (dense bf16, fp32 accumulate; NVIDIA datasheets' sparse figures halved). The SXM parts keep the
-# preset's 989.
-VARIANT_PEAK_TFLOPS = {"h100": [("pcie", 756.0), ("nvl", 835.0)], "h200": [("nvl", 835.0)]}
+# Variants that share a preset's memory class and kernels but not its SM count or clocks: the peak for MFU by
+# device-name substring (dense bf16, fp32 accumulate). Data-center parts: NVIDIA datasheets' sparse figures
+# halved; the SXM parts keep the preset's 989. GeForce parts: SMs x boost clock x 512 FLOP/clock/SM, the rate
+# behind the presets' 58.3 (4070: 46 SMs, 2.475 GHz) and 165.2 (4090: 128, 2.52).
+VARIANT_PEAK_TFLOPS = {
+    "rtx4070": [("4070 super", 71.0)],  # 56 SMs, 2.475 GHz
+    "rtx4070ti": [("4070 ti super", 88.2)],  # 66 SMs, 2.61 GHz
+    "rtx3090": [("3090 ti", 80.0)],  # 84 SMs, 1.86 GHz
+    "h100": [("h100 pcie", 756.0), ("h100 nvl", 835.0)],
+    "h200": [("h200 nvl", 835.0)],
+}
 
 # Substrings of torch.cuda.get_device_name(), most specific first.
 AUTO_NAMES = [("4070 ti", "rtx4070ti"), ("4070", "rtx4070"), ("4090", "rtx4090"), ("3090", "rtx3090"),
               ("a100", "a100"), ("h100", "h100"), ("h200", "h200")]
+# Parts whose name matches a desktop preset but whose memory and clocks do not (an RTX 4070 Laptop GPU has 8 GB).
+AUTO_REFUSED = ("laptop",)
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,10 @@ def resolve_preset(name: str) -> str:
     if not torch.cuda.is_available():
         return "cpu"
     gpu = torch.cuda.get_device_name().lower()
+    if any(word in gpu for word in AUTO_REFUSED):
+        raise UserError(f"--gpu auto has no preset for {torch.cuda.get_device_name()!r} (a laptop part: less memory "
+                        f"and lower clocks than the desktop card): pass the closest preset with your card's "
+                        f"figures, e.g. --gpu rtx4070 --micro-batch 4 --memory-gib 8 --peak-tflops 40")
     for needle, preset in AUTO_NAMES:
         if needle in gpu:
             return preset
@@ -219,15 +232,15 @@ def resolve_preset(name: str) -> str:
 
 
 def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None:
-    """The MFU peak of `preset` on this machine's GPU (or `device_name`): the variant's where the name says
-    PCIe/NVL (an H100 PCIe peaks at 756, not the SXM's 989), else the preset's."""
+    """The MFU peak of `preset` on this machine's GPU (or `device_name`): the variant's where the name says so
+    (an H100 PCIe peaks at 756, not the SXM's 989; an RTX 4070 SUPER at 71.0, not the 4070's 58.3), else the
+    preset's."""
     if device_name is None and preset in VARIANT_PEAK_TFLOPS and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
     name = (device_name or "").lower()
-    if preset in name:
-        for needle, peak in VARIANT_PEAK_TFLOPS.get(preset, []):
-            if needle in name:
-                return peak
+    for needle, peak in VARIANT_PEAK_TFLOPS.get(preset, []):
+        if needle in name:
+            return peak
     return PRESETS[preset].peak_tflops
 
 
