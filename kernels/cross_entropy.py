@@ -594,14 +594,30 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def linear_cross_entropy_reference(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
-                                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                                   compute_dtype: torch.dtype | None = None,
+                                   chunk_rows: int | None = None) -> torch.Tensor:
     """Plain PyTorch, materialized logits (gpt2/ops.py semantics). compute_dtype upcasts h and weight
-    first (fp64 for test references); otherwise the matmul runs in the input dtype, softmax in >= fp32."""
+    first (fp64 for test references); otherwise the matmul runs in the input dtype, softmax in >= fp32.
+
+    chunk_rows: the same loss summed over chunks of rows, each chunk's logits recomputed in the backward
+    (torch.utils.checkpoint), so memory holds one chunk's logits, not all N x V: the benchmark's reference at
+    GPT-2's size, where fp32 logits, their softmax and their grad take 3.3 GB each."""
     if compute_dtype is not None:
         h, weight = h.to(compute_dtype), weight.to(compute_dtype)
-    logits = F.linear(h, weight[:vocab_size])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    def loss(h, targets, weight, reduction="mean"):
+        logits = F.linear(h, weight[:vocab_size])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+    N = h.shape[0]
+    if chunk_rows is None or chunk_rows >= N:
+        return loss(h, targets, weight)
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(loss, h[i:i + chunk_rows], targets[i:i + chunk_rows], weight, "sum", use_reentrant=False)
+                for i in range(0, N, chunk_rows))
+    return total / (targets != ignore_index).sum()
 
 
 # ------------------------------------------------------------------------------------------ cost model

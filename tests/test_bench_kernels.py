@@ -201,6 +201,45 @@ def test_a_raising_implementation_is_recorded_and_only_ours_decides_the_exit(mon
     assert ctx.errors == ["toy 4x8: RuntimeError: peer kernel exploded"]
 
 
+def test_a_reference_out_of_memory_skips_the_shape_and_the_run_goes_on():
+    """No implementation can be checked without the reference: one "skipped" entry for the whole shape, naming
+    why, instead of the error ending the run (an RTX 4070 at a shape whose reference does not fit)."""
+    mod = load_script("bench/kernels.py", "bench_kernels")
+    ctx = mod.Ctx(device=torch.device("cpu"), smoke=True, quick=True, dtype_mode="fp32", peers=[], rows=[4], C=8)
+
+    def make_set(seed):
+        return [torch.randn(4, 8, requires_grad=True)], [torch.randn(4, 8)]
+
+    def too_big(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+
+    shape = {"rows": 4, "C": 8}
+    mod.bench_impls(ctx, "toy", shape, {"x": torch.float32}, make_set,
+                    {"triton": lambda x: x * 2, "torch": lambda x: x * 2}, nbytes=None, reference=too_big)
+    assert ctx.results == [] and ctx.errors == []
+    assert ctx.skipped == [{"op": "toy", "shape": shape, "impl": "all", "skipped":
+                            "the reference ran out of memory, nothing can be checked: "
+                            "OutOfMemoryError: CUDA out of memory. Tried to allocate 3.07 GiB"}]
+
+
+def test_slow_calls_still_get_min_samples(monkeypatch):
+    """do_bench times about rep / (one call) calls: rep grows with a slow call so that a row's quantiles come from
+    at least MIN_SAMPLES calls (the cross-entropy rows take > 100 ms a call on an RTX 4070), and stays as asked for
+    fast ones. do_bench and the CUDA sync are stand-ins here: this checks the arithmetic, not a GPU timing."""
+    import time
+
+    import triton.testing
+
+    mod = load_script("bench/kernels.py", "bench_kernels")
+    asked = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: asked.append(rep) or [1, 2, 3])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    ctx = mod.Ctx(device=torch.device("cpu"), smoke=False, quick=False, dtype_mode="fp32", peers=[], rows=[4], C=8)
+    assert mod.timer(ctx, lambda: None) == [1, 2, 3] and asked == [100]
+    mod.timer(ctx, lambda: time.sleep(0.03))
+    assert asked[1] >= (mod.MIN_SAMPLES + 1) * 30
+
+
 def test_a_raising_optimizer_costs_only_its_own_row(monkeypatch):
     """The adamw case catches what bench_impls catches: FusedAdamW raising is recorded (skipped + an error of
     ours) and torch's optimizers still get their rows, instead of the exception ending the run unrecorded."""
