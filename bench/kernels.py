@@ -642,7 +642,7 @@ def case_cross_entropy(ctx: Ctx) -> None:
     flops = {p: lce.lce_flops(N, vocab, C, part=p.replace("+", "_"), executed=False) for p in PASSES}
 
     def reference(h, w):
-        # fp32, over 8 row chunks recomputed in the backward: ~1 GB at N = 16K where the eager peer's forward +
+        # fp32, over 8 row chunks recomputed in the backward: ~1.5 GB at N = 16K where the eager peer's forward +
         # backward peaks near 10 GB (three fp32 N x V tensors), more than a 12 GB card has beside the rest.
         # Every implementation, eager torch included, is checked against it.
         return lce.linear_cross_entropy_reference(h, w, targets, -1, vocab, compute_dtype=torch.float32,
