@@ -192,6 +192,15 @@ def skip(ctx: Ctx, op: str, impl: str, reason: str, shape: dict | None = None) -
     print(f"  skipped {op} {impl}{f' {shape}' if shape else ''}: {reason}")
 
 
+def skip_and_free(ctx: Ctx, op: str, impl: str, reason: str, shape: dict) -> None:
+    """skip() after a failed run (out of memory, or raised): its memory back to the device first, so the next
+    implementation starts from the same free memory. Call it outside the except block, whose traceback holds
+    the failed run's tensors."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    skip(ctx, op, impl, reason, shape)
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:limit] if text else ''}"
@@ -248,9 +257,7 @@ def bench_impls(ctx: Ctx, op: str, shape: dict, dtypes: dict, make_set: Callable
         oom = f"the reference ran out of memory, nothing can be checked: {_first_line(e, 160)}"
     if oom:  # outside the except block, as below: the traceback's frames hold the graph
         del sets
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        skip(ctx, op, "all", oom, shape)
+        skip_and_free(ctx, op, "all", oom, shape)
         return
     for impl, fn in impls.items():
         oom = None
@@ -265,9 +272,7 @@ def bench_impls(ctx: Ctx, op: str, shape: dict, dtypes: dict, make_set: Callable
                 ctx.errors.append(f"{op} {shape_label(shape)}: {_first_line(e)}")
             oom = f"raised {_first_line(e)}"
         if oom:  # outside the except block: its traceback (holding the graphs) is gone, the memory free
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            skip(ctx, op, impl, oom, shape)
+            skip_and_free(ctx, op, impl, oom, shape)
     del sets
 
 
@@ -521,9 +526,7 @@ def case_adamw(ctx: Ctx) -> None:
                 ctx.errors.append(f"adamw {shape_label(shape)}: {_first_line(e)}")
             oom = f"raised {_first_line(e)}"
         if oom:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            skip(ctx, "adamw", impl, oom, shape)
+            skip_and_free(ctx, "adamw", impl, oom, shape)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
