@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -174,14 +174,19 @@ def use_cpu_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def parse_op_list(text: str) -> tuple[str, ...]:
-    """'linear_cross_entropy,attention' -> ('attention', 'linear_cross_entropy'): the named ops in the seam's
-    order, each once ('' -> ()). ValueError naming an unknown op and the known ones."""
-    names = {n.strip() for n in text.split(",") if n.strip()}
+def canonical_ops(names: Iterable[str]) -> tuple[str, ...]:
+    """The named ops in the seam's order, each once. ValueError naming an unknown op and the known ones: a typo
+    must not silently run the kernel it meant to leave out."""
+    names = set(names)
     unknown = sorted(names - set(TRITON_OPS))
     if unknown:
         raise ValueError(f"unknown op {unknown[0]!r}: choose from {', '.join(TRITON_OPS)}")
     return tuple(n for n in TRITON_OPS if n in names)
+
+
+def parse_op_list(text: str) -> tuple[str, ...]:
+    """'linear_cross_entropy,attention' -> ('attention', 'linear_cross_entropy') ('' -> ()), as canonical_ops."""
+    return canonical_ops(n.strip() for n in text.split(",") if n.strip())
 
 
 def get_ops(backend: str = "torch", device: str | torch.device = "cpu", torch_ops: tuple[str, ...] = ()) -> Ops:
@@ -189,7 +194,7 @@ def get_ops(backend: str = "torch", device: str | torch.device = "cpu", torch_op
     the ops named in `torch_ops` stay torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    parse_op_list(",".join(torch_ops))  # a typo must not silently run the kernel it meant to leave out
+    torch_ops = canonical_ops(torch_ops)
     impls, placement = dict(TORCH_OPS), {name: "torch" for name in TORCH_OPS}
     if backend == "triton":
         if torch.device(device).type != "cuda":
