@@ -168,36 +168,29 @@ def test_warmup_then_reset_equals_a_run_without_warmup(tmp_path):
     assert warm["final_val_loss"] == cold["final_val_loss"]
 
 
-def test_mfu_peak_follows_the_variant():
-    """MFU divides by the running GPU's peak: an H100 PCIe (756) or NVL (835) under the h100 preset would
-    otherwise be measured against the SXM's 989 and read 15-24% low, an RTX 4070 SUPER against the 4070's 58.3
-    and read 22% high."""
-    peak = train_speedrun.peak_tflops_for
-    assert peak("h100", "NVIDIA H100 80GB HBM3") == 989.0
-    assert peak("h100", "NVIDIA H100 PCIe") == 756.0 and peak("h100", "NVIDIA H100 NVL") == 835.0
-    assert peak("h200", "NVIDIA H200") == 989.0 and peak("h200", "NVIDIA H200 NVL") == 835.0
-    assert peak("rtx4070", "NVIDIA GeForce RTX 4070") == 58.3 and peak("cpu") is None
-    assert peak("rtx4070", "NVIDIA GeForce RTX 4070 SUPER") == 71.0
-    assert peak("rtx4070ti", "NVIDIA GeForce RTX 4070 Ti") == 80.2
-    assert peak("rtx4070ti", "NVIDIA GeForce RTX 4070 Ti SUPER") == 88.2
-    assert peak("rtx3090", "NVIDIA GeForce RTX 3090") == 71.0 and peak("rtx3090", "NVIDIA GeForce RTX 3090 Ti") == 80.0
-
-
 @pytest.mark.parametrize("device_name, preset, peak", [
     ("NVIDIA GeForce RTX 4070", "rtx4070", 58.3),
     ("NVIDIA GeForce RTX 4070 SUPER", "rtx4070", 71.0),
     ("NVIDIA GeForce RTX 4070 Ti", "rtx4070ti", 80.2),
     ("NVIDIA GeForce RTX 4070 Ti SUPER", "rtx4070ti", 88.2),
+    ("NVIDIA GeForce RTX 3090", "rtx3090", 71.0),
     ("NVIDIA GeForce RTX 3090 Ti", "rtx3090", 80.0),
+    ("NVIDIA H100 80GB HBM3", "h100", 989.0),
     ("NVIDIA H100 PCIe", "h100", 756.0),
+    ("NVIDIA H100 NVL", "h100", 835.0),
+    ("NVIDIA H200", "h200", 989.0),
+    ("NVIDIA H200 NVL", "h200", 835.0),
+    (None, "cpu", None),  # no CUDA
     ("NVIDIA GeForce RTX 4070 Laptop GPU", None, None),
     ("NVIDIA GeForce RTX 4080", None, None),
 ])
 def test_gpu_auto_picks_the_preset_and_peak_by_device_name(monkeypatch, tmp_path, device_name, preset, peak):
-    """Config resolution on a GPU, faked on CPU (it reads only is_available and the device name). A laptop part
-    matches a desktop name but not its memory or clocks, and a card without a preset is not guessed: both are
-    one error naming the flags to pass."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    """Config resolution on a GPU, faked on CPU (it reads only is_available and the device name). MFU divides by
+    the running GPU's peak: an H100 PCIe (756) or NVL (835) under the h100 preset would otherwise be measured
+    against the SXM's 989 and read 15-24% low, an RTX 4070 SUPER against the 4070's 58.3 and read 22% high. A
+    laptop part matches a desktop name but not its memory or clocks, and a card without a preset is not guessed:
+    both are one error naming the flags to pass."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device_name is not None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
     argv = ["--gpu", "auto", "--out-dir", str(tmp_path / "run")]
     if preset is None:
