@@ -35,12 +35,15 @@ reduction, at every C; gelu fwd/bwd (bf16, 4C wide); cross-entropy fwd / dh / dW
 as autocast casts them; dh writes bf16 or, when the vocab is split over programs, fp32 partials);
 AdamW update for fp32 params (what training uses), bf16 params + fp32 masters (round to nearest and
 stochastic rounding), and the clip kernels (grad sum of squares, norm finalize), with the real
-model's parameter count and groups. fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's
-"fp32" overrides) are not launched by any preset and stay checked by the kernels' own tests.
+model's parameter count and groups; for the speedrun model (issue 26) rmsnorm fwd / bwd / mix bwd / lambdas
+reduction for rms_norm (fp32 embeddings), add_rms_norm (bf16 branch + fp32 residual, with and without s's
+gradient) and mix_rms_norm (fp32 x, x0, lambdas), and relu2 fwd/bwd (bf16, 4C wide), at every C.
+fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's "fp32" overrides) are not launched by any
+preset and stay checked by the kernels' own tests.
 
 sm_86 (the rtx3090 preset) has no table entry of its own in any kernel: it gets what each kernel's
 own lookup gives a capability-8.6 device, which is what will run there -- attention and cross-entropy
-map 8.6 to their sm_89 tables (same 101,376 B per block), layernorm, gelu and adamw to their
+map 8.6 to their sm_89 tables (same 101,376 B per block), layernorm, gelu, adamw, rmsnorm and relu2 to their
 "default" tables. The sm_80 tables are not used for 8.6: they are sized for 166,912 B per block.
 
 Registers and spills: `ptxas -v` on the kernel's PTX, with the ptxas Triton itself picks for the
@@ -415,8 +418,52 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
                 opt.step()
 
 
+# ---- issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py) ------------------------------------------
+# The speedrun model (2024-11-10 record) at each case's training shape, with bf16 autocast's dtypes: fp32
+# embeddings into the first norm, bf16 branch outputs added to the fp32 residual stream, the fp32 stream and
+# x0 mixed by fp32 lambdas, ReLU^2 on c_fc's bf16 (B, T, 4C) output.
+
+
+def drive_rmsnorm(rec: Recorder, case: Case) -> None:
+    import torch
+
+    from kernels import rmsnorm as rn
+
+    B, T, C, f32 = case.batch, case.seq_len, case.n_embd, torch.float32
+    table = case.arch if case.arch in rn.CONFIGS else "default"  # rn.get_config's lookup
+    leaf = lambda dt: torch.empty(B, T, C, dtype=dt).requires_grad_()  # noqa: E731
+    grad = lambda: torch.empty(B, T, C, dtype=f32)  # noqa: E731  (y, s are fp32: their grads too)
+    with rec.intercept(rn), mock.patch.object(rn, "_arch", lambda device: case.arch):
+        with rec.variant(case, "rms_norm (the fp32 embeddings)", table):
+            x = leaf(f32)
+            torch.autograd.grad(rn.rms_norm(x), x, grad())
+        with rec.variant(case, "add_rms_norm (bf16 branch + fp32 residual; y and s used)", table):
+            x, r = leaf(case.low), leaf(f32)
+            torch.autograd.grad(rn.add_rms_norm(x, r), (x, r), (grad(), grad()))
+        with rec.variant(case, "add_rms_norm (final norm: s unused)", table):
+            x, r = leaf(case.low), leaf(f32)
+            torch.autograd.grad(rn.add_rms_norm(x, r)[0], (x, r), grad())
+        with rec.variant(case, "mix_rms_norm (fp32 stream x and x0, fp32 lambdas; y and s used)", table):
+            x, x0, lam = leaf(f32), leaf(f32), torch.empty(2, dtype=f32).requires_grad_()
+            torch.autograd.grad(rn.mix_rms_norm(x, x0, lam), (x, x0, lam), (grad(), grad()))
+
+
+def drive_relu2(rec: Recorder, case: Case) -> None:
+    import torch
+
+    from kernels import relu2 as r2
+
+    table = case.arch if case.arch in r2.CONFIGS else "default"  # r2.get_config's lookup
+    with rec.intercept(r2), mock.patch.object(r2, "_arch", lambda device: case.arch), \
+            rec.variant(case, "relu2 on c_fc's bf16 output (B, T, 4C)", table):
+        x = torch.empty(case.batch, case.seq_len, 4 * case.n_embd, dtype=case.low).requires_grad_()
+        torch.autograd.grad(r2.relu2(x), x, torch.empty_like(x))
+# ---- end of issue 26's speedrun ops ----------------------------------------------------------------------------
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
+DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2)  # issue 26's speedrun ops
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas

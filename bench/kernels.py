@@ -44,6 +44,13 @@ three elementwise ops above:
                  implementation) and peak extra memory (CUDA only: max_memory_allocated during the
                  pass minus what was allocated before it, i.e. beyond the inputs), with speed and
                  memory ratios vs each peer (torch.compile the one the goal names).
+  rmsnorm, add_rmsnorm, mix_rmsnorm, relu2
+                 issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py) at the d12 training shape of
+                 the rtx4070 preset: rows = 8*1024 (also under --quick), C = 768; relu2 on 4C = 3072. Peers:
+                 the 2024-11-10 record's PyTorch (F.rms_norm(x, (C,)) with its default eps; x + residual;
+                 l0 * x + l1 * x0 with fp32 scalars; F.relu(x).square()), eager and torch.compile'd. Autocast
+                 dtypes: rmsnorm fp32 (the embeddings), add_rmsnorm bf16 branch + fp32 stream, mix_rmsnorm fp32
+                 x, x0 and lambdas, relu2 bf16. GB/s from kernels/rmsnorm.py's / kernels/relu2.py's bytes_moved.
 """
 from __future__ import annotations
 
@@ -396,6 +403,90 @@ def case_gelu(ctx: Ctx) -> None:
                     peer_impls(ctx, ge.gelu, torch_gelu), nbytes)
 
 
+# ---- issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py): d12 training shapes --------------------
+# rows = 8 * 1024 (the rtx4070 preset's micro-batch x T; --quick too), C = 768, relu2 on the 4C = 3072 MLP hidden
+# layer. Peers: the record's own PyTorch (F.rms_norm with eps=None, F.relu(x).square()), eager and compiled.
+# Dtypes under autocast: the first norm sees the fp32 embeddings, add_rmsnorm a bf16 branch output + the fp32
+# residual stream, mix_rmsnorm the fp32 stream x and x0 with fp32 lambdas, relu2 c_fc's bf16 output.
+SPEEDRUN_ROWS = 8 * 1024
+
+
+def _speedrun_rows(ctx: Ctx) -> list[int]:
+    return ctx.rows if ctx.smoke else [SPEEDRUN_ROWS]
+
+
+def speedrun_torch_rms_norm(x):
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],))
+
+
+def speedrun_torch_add_rms_norm(x, residual):
+    s = x + residual
+    return torch.nn.functional.rms_norm(s, (s.shape[-1],)), s
+
+
+def speedrun_torch_mix_rms_norm(x, x0, lambdas):
+    s = lambdas[0] * x + lambdas[1] * x0  # the record's Block.forward
+    return torch.nn.functional.rms_norm(s, (s.shape[-1],)), s
+
+
+def speedrun_torch_relu2(x):
+    return torch.nn.functional.relu(x).square()
+
+
+def _rms_case(ctx: Ctx, op: str, kernel_op: str, xd: torch.dtype, od: torch.dtype | None) -> None:
+    """One RMSNorm variant: `kernel_op` names the kernels/rmsnorm.py function and its bytes_moved formula."""
+    from kernels import rmsnorm as rn
+
+    C, dev = ctx.C, ctx.device
+    yd = xd if od is None else torch.promote_types(xd, od)
+    ours = {"rms_norm": lambda x: rn.rms_norm(x), "add_rms_norm": lambda x, r: rn.add_rms_norm(x, r),
+            "mix_rms_norm": lambda x, x0, lam: rn.mix_rms_norm(x, x0, lam)}[kernel_op]
+    peer = {"rms_norm": speedrun_torch_rms_norm, "add_rms_norm": speedrun_torch_add_rms_norm,
+            "mix_rms_norm": speedrun_torch_mix_rms_norm}[kernel_op]
+    for rows in _speedrun_rows(ctx):
+        def make_set(seed, rows=rows):
+            g = torch.Generator(device=dev).manual_seed(seed)
+            inputs = [torch.randn(rows, C, device=dev, generator=g).to(xd).requires_grad_()]
+            if od is not None:
+                inputs.append(torch.randn(rows, C, device=dev, generator=g).to(od).requires_grad_())
+            if kernel_op == "mix_rms_norm":
+                inputs.append(torch.tensor([0.9, 0.3], device=dev).requires_grad_())  # fp32 model scalars
+            grads = [torch.randn(rows, C, device=dev, generator=g).to(yd) for _ in range(1 if od is None else 2)]
+            return inputs, grads
+
+        nbytes = {p: rn.bytes_moved(rows, C, p, x=xd, other=od, op=kernel_op) for p in PASSES}
+        dtypes = {"x": xd} if od is None else {"x": xd, ("residual" if kernel_op == "add_rms_norm" else "x0"): od}
+        bench_impls(ctx, op, {"rows": rows, "C": C}, dtypes, make_set, peer_impls(ctx, ours, peer), nbytes)
+
+
+def case_rmsnorm(ctx: Ctx) -> None:
+    _rms_case(ctx, "rmsnorm", "rms_norm", ctx.dtype("high"), None)  # the norm of the fp32 embeddings
+
+
+def case_add_rmsnorm(ctx: Ctx) -> None:
+    _rms_case(ctx, "add_rmsnorm", "add_rms_norm", ctx.dtype("low"), ctx.dtype("high"))
+
+
+def case_mix_rmsnorm(ctx: Ctx) -> None:
+    _rms_case(ctx, "mix_rmsnorm", "mix_rms_norm", ctx.dtype("high"), ctx.dtype("high"))
+
+
+def case_relu2(ctx: Ctx) -> None:
+    from kernels import relu2 as r2
+
+    H, dev, xd = 4 * ctx.C, ctx.device, ctx.dtype("low")  # ReLU^2 sits on the MLP's 4C-wide hidden layer
+    for rows in _speedrun_rows(ctx):
+        def make_set(seed, rows=rows):
+            g = torch.Generator(device=dev).manual_seed(seed)
+            x = torch.randn(rows, H, device=dev, generator=g).to(xd).requires_grad_()
+            return [x], [torch.randn(rows, H, device=dev, generator=g).to(xd)]
+
+        nbytes = {p: r2.bytes_moved(rows * H, p, dtype=xd) for p in PASSES}
+        bench_impls(ctx, "relu2", {"rows": rows, "C": H}, {"x": xd}, make_set,
+                    peer_impls(ctx, r2.relu2, speedrun_torch_relu2), nbytes)
+# ---- end of issue 26's speedrun ops ----------------------------------------------------------------------------
+
+
 def measure_matmul_peak(ctx: Ctx) -> dict:
     """The achievable matmul rate, once per run: bf16 torch.matmul 8192 x 8192 x 8192 (smoke: a small fp32
     one, only so the field exists). Attention and cross-entropy rows report their TFLOPS against it."""
@@ -665,6 +756,10 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "attention": case_attention,
     "cross_entropy": case_cross_entropy,
     # ---- later kernels register here, one entry each ----
+    "rmsnorm": case_rmsnorm,  # issue 26 (speedrun model): kernels/rmsnorm.py, kernels/relu2.py
+    "add_rmsnorm": case_add_rmsnorm,
+    "mix_rmsnorm": case_mix_rmsnorm,
+    "relu2": case_relu2,
 }
 
 

@@ -40,7 +40,8 @@ Bytes moved (bandwidth-bound: ~4 FLOPs per element forward, ~6-10 backward; form
   low-precision copy of ds in the same pass instead of a separate cast.
 
 Does fusing the x0 mix pay? (asked by issue 26; yes, by bytes, so mix_rms_norm exists.) Per block, per
-micro-batch, n = rows * C elements of the residual stream (fp32 under autocast, 4 B):
+micro-batch, n = rows * C elements of the residual stream (fp32 under autocast, 4 B; the record keeps it in
+bf16, which halves every figure below and leaves the ratios):
     unfused, eager:  fwd mix 3n (read x, x0; write s) + rms_norm 2n (read s; write y)        = 5n
                      bwd rms_norm 3n (dy, s -> g) + autograd's g + ds 3n + mix 8n (l0*g, l1*g:
                      2n each; sum(g*x), sum(g*x0): 2n each)                                  = 14n
@@ -52,8 +53,8 @@ It removes a write + read of s's gradient and a read of s in the backward, and a
 rows, C = 768, fp32 stream: n * 4 B = 25.2 MB) that is 101 MB (best unfused) to 226 MB (eager) per
 block, x 12 blocks = 1.2-2.7 GB per micro-batch: 2.4-5.4 ms at an RTX 4070's 504 GB/s, against
 ~280 ms of matmul work for the micro-batch (6.5 TFLOP at 40% of 58.3 TFLOPS): ~1-2% of a step. Small,
-but it is the same class of saving as add_rms_norm's, at no cost in memory (the backward saves x and
-x0, which autograd's unfused mix saves too, instead of s) -- so it is built. Not fused: the sum of
+but it is the same class of saving as add_rms_norm's, and it saves one (rows, C) tensor less for the
+backward (x and x0, which autograd's unfused mix saves too; not s) -- so it is built. Not fused: the sum of
 dx0 over the 12 blocks (x0 feeds every block; autograd adds the 12 gradients), the same either way.
 
 The ops are torch.library custom ops (namespace "tritonrun") with fake and autograd registrations,

@@ -33,6 +33,9 @@ EXPECTED_KERNELS = {
     "gelu._gelu_fwd_kernel", "gelu._gelu_bwd_kernel",
     "cross_entropy._lce_fwd_kernel", "cross_entropy._lce_bwd_dh_kernel", "cross_entropy._lce_bwd_dw_kernel",
     "adamw._adamw_kernel", "adamw._grad_sumsq_kernel", "adamw._finalize_norm_kernel",
+    # issue 26's speedrun ops
+    "rmsnorm._rms_fwd_kernel", "rmsnorm._rms_bwd_kernel", "rmsnorm._mix_rms_bwd_kernel", "rmsnorm._mix_dl_kernel",
+    "relu2._relu2_fwd_kernel", "relu2._relu2_bwd_kernel",
 }
 BF16_DOT_KERNELS = {
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
@@ -122,6 +125,10 @@ def test_autotune_spaces_and_layernorm_widths_recorded(records, arch):
             {(*(c.get(k) for k in keys), c["num_warps"], c["num_stages"]) for c in space}
     widths = {r["constexprs"]["BLOCK_N"] for r in rows if r["kernel"] == "layernorm._ln_fwd_kernel"}
     assert widths == {1024, 2048}
+    # issue 26: the speedrun ops' RMSNorm, each prologue (plain, add, mix) at both widths
+    rms = {(r["constexprs"]["PRE"], r["constexprs"]["BLOCK_N"]) for r in rows
+           if r["kernel"] == "rmsnorm._rms_fwd_kernel"}
+    assert rms == {(pre, n) for pre in (0, 1, 2) for n in (1024, 2048)}
 
 
 def test_markdown_section_from_record(records, tmp_path):

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "kernels.py"
 HAS_CUDA = torch.cuda.is_available()
 PASSES = ("fwd", "bwd", "fwd+bwd")
-ELEMENTWISE = ("layernorm", "add_layernorm", "gelu")
+SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")  # issue 26: kernels/rmsnorm.py, kernels/relu2.py
+ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS
 NEW_OPS = ("adamw", "attention", "cross_entropy")
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
@@ -107,6 +108,24 @@ def rows_of(rec, op):
 
 def skipped_of(rec, op):
     return {s["impl"]: s["skipped"] for s in rec["skipped"] if s["op"] == op}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the smoke fixture times gelu only")
+def test_speedrun_op_rows_use_the_kernel_files_bytes(smoke):
+    """Each speedrun op's GB/s numerator is its kernel file's bytes_moved for the row's shape and dtypes."""
+    from kernels import relu2, rmsnorm
+
+    dt = lambda r, k: getattr(torch, r["dtypes"][k]) if k in r["dtypes"] else None  # noqa: E731
+    for op in SPEEDRUN_OPS:
+        for r in rows_of(smoke[2], op):
+            rows, C = r["shape"]["rows"], r["shape"]["C"]
+            if op == "relu2":
+                want = relu2.bytes_moved(rows * C, r["pass"], dtype=dt(r, "x"))
+            else:
+                kernel_op = {"rmsnorm": "rms_norm", "add_rmsnorm": "add_rms_norm", "mix_rmsnorm": "mix_rms_norm"}[op]
+                other = dt(r, "residual") or dt(r, "x0")
+                want = rmsnorm.bytes_moved(rows, C, r["pass"], x=dt(r, "x"), other=other, op=kernel_op)
+            assert r["bytes"] == want, r
 
 
 def test_adamw_rows(new_ops_record):
