@@ -35,7 +35,8 @@ reduction, at every C; gelu fwd/bwd (bf16, 4C wide); cross-entropy fwd / dh / dW
 as autocast casts them; dh writes bf16 or, when the vocab is split over programs, fp32 partials);
 AdamW update for fp32 params (what training uses), bf16 params + fp32 masters (round to nearest and
 stochastic rounding), and the clip kernels (grad sum of squares, norm finalize), with the real
-model's parameter count and groups. fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's
+model's parameter count and groups; rope (the speedrun's QK-norm + RoPE, kernels/rope.py) fwd and bwd at
+d12 with the speedrun's 6 heads of 128 (bf16 q, k). fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's
 "fp32" overrides) are not launched by any preset and stay checked by the kernels' own tests.
 
 sm_86 (the rtx3090 preset) has no table entry of its own in any kernel: it gets what each kernel's
@@ -415,8 +416,38 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
                 opt.step()
 
 
+# ---- rope (issue 26: the speedrun model's QK-norm + RoPE, kernels/rope.py) ----
+SPEEDRUN_HEAD_DIM = 128  # modded-nanogpt's 2024-11-10 record: 6 heads of 128 at n_embd 768 (d12)
+
+
+def drive_rope(rec: Recorder, case: Case) -> None:
+    """qk_norm_rope forward + backward at the speedrun model's attention input: d12 only (the record's model is
+    d12-sized; the other GPT-2 sizes have no speedrun variant), H = 768 / 128 = 6, D = 128, bf16 q and k as the
+    c_q / c_k outputs (B, T, H, D), their grads as attention returns them ((B, H, T, D) views of (B, T, H, D)
+    memory), fp32 tables."""
+    import torch
+
+    from kernels import rope
+
+    if case.model != "d12":
+        return
+    B, T, D = case.batch, case.seq_len, SPEEDRUN_HEAD_DIM
+    H = case.n_embd // D
+    table = case.arch if case.arch in rope.CONFIGS else "default"  # rope.get_config's lookup
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rec.intercept(rope))
+        stack.enter_context(mock.patch.object(rope, "_arch", lambda device: case.arch))
+        stack.enter_context(mock.patch.object(rope, "_check", lambda *a: None))  # refuses CPU tensors
+        stack.enter_context(rec.variant(case, f"qk_norm_rope (speedrun) B={B} T={T} H={H} D={D}", table))
+        q, k = (torch.empty(B, T, H, D, dtype=case.low).requires_grad_() for _ in range(2))
+        cos, sin = torch.empty(T, D // 2), torch.empty(T, D // 2)
+        q2, k2 = rope.qk_norm_rope(q, k, cos, sin, 1e-6)
+        grads = [torch.empty(B, T, H, D, dtype=case.low).transpose(1, 2) for _ in range(2)]
+        torch.autograd.grad((q2, k2), (q, k), grads)
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
-           "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
+           "cross_entropy": drive_cross_entropy, "adamw": drive_adamw, "rope": drive_rope}
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas

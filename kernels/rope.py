@@ -30,25 +30,25 @@ by bytes moved"). d12 speedrun micro-batch: N = B*T*H = 8*1024*6 = 49,152 head r
     rstd is recomputed in the backward from the x it must read anyway (the row is in registers):
     saving it would add 8 B per row written and read, for nothing. The saved tensors are q and k
     themselves, as torch's F.rms_norm saves them: no more activation memory than the torch path.
-  inside attention's q/k loads: q2, k2 and dq2, dk2 never touch DRAM, which saves at most those same
-    ~127 MB (~0.25 ms per layer), but
-    - forward: K tiles are re-read by every query block (T/BLOCK_M = 8 at BLOCK_M = 128; 4.5 visits
-      per key block on average under the causal mask), so norm + rotation of K (~10 FLOPs/element, a
-      row reduction over D, two (BLOCK_N, D/2) fp32 table tiles) would be recomputed 4.5x inside the
-      tensor-core inner loop: 4.5*N*D*10 = 2.8 GFLOP on CUDA cores, plus the registers for the tables
-      in a loop that is already the register-limited part of the kernel at D = 128 on Ada;
-    - backward: the dK/dV kernel re-rotates Q at each of its query-block visits and the dQ kernel
-      re-rotates K at each key-block visit (the same recompute again, twice), and each kernel must
-      then push its dk / dq back through the rotation and the norm's Jacobian (a second row reduction)
-      before its store;
-    - the attention kernels are shared with the GPT-2 track (no q/k norm there), so every kernel would
-      gain a constexpr variant and its autotune space would double.
-  A step at d12 (6 * 124M matmul params * 8192 tokens = 6.1 TFLOP per micro-step, ~210 ms at 50% MFU on
-  a 4070) spends ~3 ms (~1.4%) in this pass: the most the fusion could win, against extra inner-loop
-  work and register pressure in the step's single most expensive kernel. The separate one-pass kernel
-  is chosen; its store already does the transpose, so it costs exactly 4 tensor passes forward and 6
-  backward, the bandwidth floor of an unfused op. (Torch eager runs rms_norm, then ~8 elementwise
-  kernels for the halves, the products and the cat, and then attention's layout copy.)
+  inside attention's q/k loads: q2, k2, dq2, dk2 never touch DRAM (attention reads raw q, k instead of q2,
+    k2: the same bytes), so by bytes alone the fusion wins, by those same ~127 MB per layer (~0.25 ms on a
+    4070). What it costs instead:
+    - forward: K tiles are re-read by every query block (T/BLOCK_M = 8 at BLOCK_M = 128; 4.5 visits per
+      key block on average under the causal mask), so K's norm (a row reduction over D) and rotation
+      (two (BLOCK_N, D/2) fp32 table tiles) are redone at each visit: 4.5*N*D*10 = 0.28 GFLOP, cheap in
+      FLOPs but on the critical path of the tensor-core inner loop, with extra live registers next to
+      the (BLOCK_M, 128) fp32 accumulator the loop already holds at D = 128;
+    - backward: the dK/dV kernel re-normalizes and re-rotates Q at each of its query-block visits and the
+      dQ kernel does the same to K at each key-block visit, and each must push its dk / dq back through
+      the rotation and the norm's Jacobian (a second row reduction) before its store;
+    - the attention kernels are shared with the GPT-2 track (no q/k norm there): every kernel would gain a
+      constexpr variant, its autotune space and its Ada fit checks would double.
+  A d12 micro-step (6 * 124M matmul params * 8192 tokens = 6.1 TFLOP, ~210 ms at 50% MFU on a 4070) spends
+  ~3 ms (~1.4%) in this pass: the most the fusion could win, before its inner-loop costs. The separate
+  one-pass kernel is chosen: its store already does the transpose, so it runs at the floor of an unfused
+  op, 4 tensor passes forward and 6 backward. (Torch eager: rms_norm, then ~8 elementwise kernels for the
+  halves, products and cat, then the layout copy.) If a GPU profile ever shows this pass above ~2% of a
+  step, the fusion is the next step, and this file's math is what it would inline.
 
 FLOPs: ~10 per element forward (square, sum, rsqrt scale, 4 mul + 2 add of the rotation), ~18 backward;
 far below any GPU's ridge point: bytes moved is the whole story.
@@ -221,11 +221,12 @@ class RopeConfig(NamedTuple):
     bwd_warps: int
 
 
-# arch -> [(largest BLOCK_H = next_power_of_2(D/2), config)], first match wins. Starting points chosen by
-# register budget: a tile is BLOCK_T x BLOCK_H fp32, the forward holds ~4 live (x1, x2, cos, sin), the
-# backward ~6 (+ dy1, dy2); at D = 128, BLOCK_T = 16 and 4 warps that is 8 registers per tile per thread
-# and 16-byte bf16 vector loads. NOT yet timed on a GPU: a GPU session should sweep these with
-# bench/kernels.py --op qk_norm_rope and edit the table. bench/ada.py compiles them for sm_89 (spill check).
+# arch -> [(largest BLOCK_H = next_power_of_2(D/2), config)], first match wins (D = 128: the 64 row).
+# Starting points chosen by register budget: a tile is BLOCK_T x BLOCK_H fp32; the forward holds ~4 live
+# (x1, x2, cos, sin), the backward ~6 (+ dy1, dy2). At D = 128 with 4 warps: forward BLOCK_T = 32 is 16
+# registers per tile per thread, backward BLOCK_T = 16 is 8, with 16-byte bf16 vector loads; compiled for
+# sm_89 that is 76 / 64 registers per thread, no spills (bench/ada.py). NOT yet timed on a GPU: a GPU
+# session should sweep these with bench/kernels.py --op qk_norm_rope and edit the table.
 # "interpreter" (TRITON_INTERPRET=1 on CPU): fewer, larger programs (each program is a Python call), but
 # BLOCK_T = 16 keeps the tests' T = 37 crossing two block boundaries with a partial last block.
 CONFIGS: dict[str, list[tuple[int, RopeConfig]]] = {

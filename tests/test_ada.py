@@ -33,6 +33,7 @@ EXPECTED_KERNELS = {
     "gelu._gelu_fwd_kernel", "gelu._gelu_bwd_kernel",
     "cross_entropy._lce_fwd_kernel", "cross_entropy._lce_bwd_dh_kernel", "cross_entropy._lce_bwd_dw_kernel",
     "adamw._adamw_kernel", "adamw._grad_sumsq_kernel", "adamw._finalize_norm_kernel",
+    "rope._qk_norm_rope_fwd_kernel", "rope._qk_norm_rope_bwd_kernel",
 }
 BF16_DOT_KERNELS = {
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
