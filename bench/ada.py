@@ -37,7 +37,8 @@ AdamW update for fp32 params (what training uses), bf16 params + fp32 masters (r
 stochastic rounding), and the clip kernels (grad sum of squares, norm finalize), with the real
 model's parameter count and groups; for the speedrun model (issue 26) rmsnorm fwd / bwd / mix bwd / lambdas
 reduction for rms_norm (fp32 embeddings), add_rms_norm (bf16 branch + fp32 residual, with and without s's
-gradient) and mix_rms_norm (fp32 x, x0, lambdas), and relu2 fwd/bwd (bf16, 4C wide), at every C.
+gradient) and mix_rms_norm (fp32 x, x0, lambdas), relu2 fwd/bwd (bf16, 4C wide), at every C; and rope (the
+speedrun's QK-norm + RoPE, kernels/rope.py) fwd and bwd at d12 with the speedrun's 6 heads of 128 (bf16 q, k).
 fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's "fp32" overrides) are not launched by any
 preset and stay checked by the kernels' own tests.
 
@@ -418,6 +419,37 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
                 opt.step()
 
 
+# ---- rope (issue 26: the speedrun model's QK-norm + RoPE, kernels/rope.py) ----
+SPEEDRUN_HEAD_DIM = 128  # modded-nanogpt's 2024-11-10 record: 6 heads of 128 at n_embd 768 (d12)
+
+
+def drive_rope(rec: Recorder, case: Case) -> None:
+    """qk_norm_rope forward + backward at the speedrun model's attention input: d12 only (the record's model is
+    d12-sized; the other GPT-2 sizes have no speedrun variant), H = 768 / 128 = 6, D = 128, bf16 q and k as the
+    c_q / c_k outputs (B, T, H, D), their grads as attention returns them ((B, H, T, D) views of (B, T, H, D)
+    memory), fp32 tables."""
+    import torch
+
+    from kernels import rope
+
+    if case.model != "d12":
+        return
+    B, T, D = case.batch, case.seq_len, SPEEDRUN_HEAD_DIM
+    H = case.n_embd // D
+    table = case.arch if case.arch in rope.CONFIGS else "default"  # rope.get_config's lookup
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rec.intercept(rope))
+        stack.enter_context(mock.patch.object(rope, "_arch", lambda device: case.arch))
+        stack.enter_context(mock.patch.object(rope, "_check", lambda *a: None))  # refuses CPU tensors
+        stack.enter_context(rec.variant(case, f"qk_norm_rope (speedrun) B={B} T={T} H={H} D={D}", table))
+        q, k = (torch.empty(B, T, H, D, dtype=case.low).requires_grad_() for _ in range(2))
+        cos, sin = torch.empty(T, D // 2), torch.empty(T, D // 2)
+        q2, k2 = rope.qk_norm_rope(q, k, cos, sin, 1e-6)
+        grads = [torch.empty(B, T, H, D, dtype=case.low).transpose(1, 2) for _ in range(2)]
+        torch.autograd.grad((q2, k2), (q, k), grads)
+
+
+
 # ---- issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py) ------------------------------------------
 # The speedrun model (2024-11-10 record) at each case's training shape, with bf16 autocast's dtypes: fp32
 # embeddings into the first norm, bf16 branch outputs added to the fp32 residual stream, the fp32 stream and
@@ -463,7 +495,7 @@ def drive_relu2(rec: Recorder, case: Case) -> None:
 
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
-DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2)  # issue 26's speedrun ops
+DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas

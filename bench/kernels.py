@@ -51,6 +51,12 @@ three elementwise ops above:
                  l0 * x + l1 * x0 with fp32 scalars; F.relu(x).square()), eager and torch.compile'd. Autocast
                  dtypes: rmsnorm fp32 (the embeddings), add_rmsnorm bf16 branch + fp32 stream, mix_rmsnorm fp32
                  x, x0 and lambdas, relu2 bf16. GB/s from kernels/rmsnorm.py's / kernels/relu2.py's bytes_moved.
+  qk_norm_rope   QK-norm + RoPE (kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
+                 H = 6, D = 128, bf16 q and k as the record's separate c_q / c_k outputs, (B, T, H, D), their
+                 gradients as attention returns them ((B, H, T, D) views of (B, T, H, D) memory), fp32
+                 rope_tables. Peers: kernels/rope.py's reference_qk_norm_rope(compute_dtype=None) (F.rms_norm,
+                 the rotation, transpose + contiguous: the torch path) eager and torch.compile'd. GB/s from
+                 kernels/rope.py's bytes_moved (fwd 4, bwd 6 tensor passes + the tables).
 """
 from __future__ import annotations
 
@@ -748,6 +754,35 @@ def case_cross_entropy(ctx: Ctx) -> None:
                 reference=reference, memory=True, max_sets=1)
 
 
+# ---- qk_norm_rope (issue 26: the speedrun's QK-norm + RoPE) ----
+
+
+def case_qk_norm_rope(ctx: Ctx) -> None:
+    from kernels import rope
+
+    dev, dt = ctx.device, ctx.dtype("low")  # bf16: c_q / c_k outputs under autocast
+    B, T, H, D = (1, 37, 2, 64) if ctx.smoke else (8, 1024, 6, 128)  # d12 speedrun micro-batch: 8 x 1024 tokens
+    cos, sin = rope.rope_tables(T, D, device=dev)
+    shape = {"B": B, "H": H, "T": T, "D": D}
+
+    def make_set(seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        q, k = (torch.randn(B, T, H, D, device=dev, generator=g).to(dt).requires_grad_() for _ in range(2))
+        # attention's dq, dk: (B, H, T, D) views of (B, T, H, D) memory
+        grads = [torch.randn(B, T, H, D, device=dev, generator=g).to(dt).transpose(1, 2) for _ in range(2)]
+        return [q, k], grads
+
+    def ours(q, k):
+        return rope.qk_norm_rope(q, k, cos, sin, 1e-6)
+
+    def torch_path(q, k):
+        return rope.reference_qk_norm_rope(q, k, cos, sin, 1e-6, compute_dtype=None)
+
+    nbytes = {p: rope.bytes_moved(B, T, H, D, p, dtype=dt) for p in PASSES}
+    bench_impls(ctx, "qk_norm_rope", shape, {"q": dt, "k": dt, "tables": torch.float32}, make_set,
+                peer_impls(ctx, ours, torch_path), nbytes)
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
@@ -755,6 +790,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "adamw": case_adamw,
     "attention": case_attention,
     "cross_entropy": case_cross_entropy,
+    "qk_norm_rope": case_qk_norm_rope,
     # ---- later kernels register here, one entry each ----
     "rmsnorm": case_rmsnorm,  # issue 26 (speedrun model): kernels/rmsnorm.py, kernels/relu2.py
     "add_rmsnorm": case_add_rmsnorm,

@@ -36,6 +36,7 @@ EXPECTED_KERNELS = {
     # issue 26's speedrun ops
     "rmsnorm._rms_fwd_kernel", "rmsnorm._rms_bwd_kernel", "rmsnorm._mix_rms_bwd_kernel", "rmsnorm._mix_dl_kernel",
     "relu2._relu2_fwd_kernel", "relu2._relu2_bwd_kernel",
+    "rope._qk_norm_rope_fwd_kernel", "rope._qk_norm_rope_bwd_kernel",
 }
 BF16_DOT_KERNELS = {
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
