@@ -49,11 +49,15 @@ a bf16 u; the norm as fp32 partials; then the update) would move ~24 B, ~4 ms: i
 (0.04 %). Foreach keeps the state as torch's own per-param "momentum_buffer" tensors (state_dict, load_state_dict
 and resume are torch.optim.Optimizer's, bitwise) in a handful of launches per group.
 
-DDP: orthogonalization is REPLICATED. DDP hands every rank the same all-reduced grads, every rank holds the same
-momentum buffers and runs the same Newton-Schulz on all matrices, so params stay identical with no communication in
-the optimizer. The record instead shards the matrices round-robin over ranks and all-reduces the bf16 updates: at
-world size W that divides the 1.63 TFLOP by W for one 170 MB all-reduce per step. On the project's target, one GPU,
-there is nothing to shard; on 8 GPUs replication costs < 0.4 % of the step.
+DDP: orthogonalization is SHARDED when torch.distributed is initialized with world size W > 1 (`shard=None`, the
+default; `shard=False` replicates). DDP hands every rank the same all-reduced grads, so every rank updates every
+momentum buffer (elementwise, cheap: the state stays whole on each rank and rank 0's state_dict is complete), then
+orthogonalizes only its share of each shape group, round-robin as the record does (matrix j of a group on rank
+j mod W), and one all_gather per shape group gives every rank every update, so params stay identical. That divides
+the 1.63 TFLOP of Newton-Schulz by W for all_gathers of ~170 MB of bf16 updates per step (the record all-reduces a
+zero-padded flat buffer of the same size instead). On CPU, where batched GEMMs round each matrix as alone, sharded
+and single-process runs agree to the bit (tests: 2 gloo ranks). On the project's target, one GPU, nothing is
+sharded; with W > 1, replication would cost < 0.4 % of a step, sharding saves most of that.
 """
 from __future__ import annotations
 
@@ -123,16 +127,17 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Orthogonalize G (rows, cols) or a stack of same-shape matrices (batch, rows, cols): ≈ U·Vᵀ of each, in `dtype`.
 
-    The norm is taken per matrix in fp32 (float64 for dtype=float64) (‖G‖_F·safety + eps) and X is rounded to `dtype` once, after the
-    division; the matmuls then run in `dtype` (bf16 by default, fp32 accumulation). Tall matrices are iterated
-    transposed (the Gram matrix is the small side's) and transposed back.
+    The norm ‖G‖_F·safety + eps is taken per matrix in fp32 (float64 for dtype=float64) and X is rounded to `dtype`
+    once, after the division; the matmuls then run in `dtype` (bf16 by default, fp32 accumulation). Tall matrices
+    are iterated transposed (the Gram matrix is the small side's) and transposed back.
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz takes a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     triples, safety = ns_coefficients(coefficients, steps)
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(dtype, torch.float32))
+    norm_dtype = torch.promote_types(dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     X = (X / (norm * safety + eps)).to(dtype).contiguous()
     addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
     for a, b, c in triples:
@@ -155,13 +160,17 @@ class Muon(torch.optim.Optimizer):
         ns_steps: Newton-Schulz steps (5).
         coefficients: "quintic" (the record's), "polar_express", or a list of ns_steps (a, b, c) triples.
         ns_dtype: the Newton-Schulz matmul dtype (bf16, the record's; fp32/fp64 for references and tests).
+        shard: split the orthogonalization over the torch.distributed ranks (None: when a process group of more
+            than one rank is initialized; True: require one; False: every rank computes everything). Every rank
+            must call step() at the same time, with the same params having grads.
 
     State per param: {"momentum_buffer"} in the grad's dtype, torch.optim.SGD's key. state_dict() and
     load_state_dict() are torch.optim.Optimizer's: a save/load round trip continues bitwise.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, coefficients: str | Sequence = "quintic", ns_dtype: torch.dtype = torch.bfloat16):
+                 ns_steps: int = 5, coefficients: str | Sequence = "quintic", ns_dtype: torch.dtype = torch.bfloat16,
+                 shard: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"Muon: lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -171,6 +180,7 @@ class Muon(torch.optim.Optimizer):
                         coefficients=coefficients)
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.shard = shard
         for gi, group in enumerate(self.param_groups):
             ns_coefficients(group["coefficients"], group["ns_steps"])
             for p in group["params"]:
@@ -206,21 +216,53 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 by_shape.setdefault((tuple(p.shape), p.device), []).append(i)
             lr = float(group["lr"])
+            world, rank = self._world()
             for (shape, _), idx in by_shape.items():
-                if group["nesterov"]:
-                    updates = torch._foreach_add([grads[i] for i in idx], [bufs[i] for i in idx], alpha=mu)
+                mine = idx[rank::world]  # round-robin: matrix j of the group on rank j mod world
+                if group["nesterov"] and mine:
+                    updates = list(torch._foreach_add([grads[i] for i in mine], [bufs[i] for i in mine], alpha=mu))
                 else:
-                    updates = [bufs[i] for i in idx]
+                    updates = [bufs[i] for i in mine]
+                if world > 1:  # every rank gathers the same number of matrices: pad with zeros (NS(0) = 0)
+                    per_rank = -(-len(idx) // world)
+                    updates += [torch.zeros_like(grads[idx[0]]) for _ in range(per_rank - len(mine))]
                 G = torch.stack(updates)
                 del updates
                 O = newton_schulz(G, steps=group["ns_steps"], coefficients=group["coefficients"],
                                   dtype=self.ns_dtype)
                 del G
+                if world > 1:  # rank-major blocks of per_rank (padding last in each) -> the group's order
+                    src = [(j % world) * per_rank + j // world for j in range(len(idx))]
+                    O = self._gather(O, world)[torch.tensor(src, device=O.device)]
                 scale = shape_scale(*shape)
                 if scale != 1.0:
                     O.mul_(scale)
                 torch._foreach_add_([params[i] for i in idx], list(O.unbind(0)), alpha=-lr)
         return loss
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank) to shard over; (1, 0) when not sharding."""
+        if self.shard is False:
+            return 1, 0
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.shard:
+                raise RuntimeError("Muon(shard=True) needs an initialized torch.distributed process group (run "
+                                   "under torchrun and call init_process_group first), or pass shard=None/False")
+            return 1, 0
+        return dist.get_world_size(), dist.get_rank()
+
+    @staticmethod
+    def _gather(O: torch.Tensor, world: int) -> torch.Tensor:
+        """All ranks' (per_rank, m, n) results stacked rank-major: (world·per_rank, m, n). Gathered as raw bytes,
+        so any dtype travels through any backend (gloo has no bf16 on some builds) and arrives bit for bit."""
+        import torch.distributed as dist
+
+        raw = O.contiguous().view(torch.uint8)
+        parts = [torch.empty_like(raw) for _ in range(world)]
+        dist.all_gather(parts, raw)
+        return torch.cat(parts).view(O.dtype)
 
 
 # ------------------------------------------------------------------------------------------ references

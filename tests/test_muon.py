@@ -10,19 +10,25 @@ the dtype times max|ref64|).
 """
 import copy
 import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from kernels import muon
+from tests.helpers import one_thread_env
 from kernels.muon import (POLAR_EXPRESS, QUINTIC, Muon, muon_momentum_at, newton_schulz, ns_coefficients,
                           polar_factor, reference_muon_step, reference_newton_schulz, reference_newton_schulz_fp64,
                           shape_scale, svd_newton_schulz)
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 SHAPES = [(37, 23), (23, 37), (31, 31), (5, 64)]  # tall, wide, square, very wide; none a power of two but one
-D12 = [(768, 768), (768, 3072), (3072, 768)]  # q/k/v/attn-proj, MLP proj (768x3072) and c_fc (3072x768)
+# q/k/v/attn-proj, and c_fc (3072x768), which Newton-Schulz runs transposed: the MLP proj's 768x3072 iteration
+D12 = [(768, 768), (3072, 768)]
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -164,16 +170,28 @@ def singular_values(X):
     return torch.linalg.eigvalsh(M @ M.T).clamp_min(0).sqrt()
 
 
+def polynomial(x, coefficients, steps=5):
+    """The scalar map Newton-Schulz applies to each normalised singular value x = σ/‖G‖_F."""
+    triples, safety = ns_coefficients(coefficients, steps)
+    x = x / safety
+    for a, b, c in triples:
+        x = a * x + b * x ** 3 + c * x ** 5
+    return x
+
+
 @pytest.fixture(scope="module", params=D12, ids=lambda s: f"{s[0]}x{s[1]}")
 def d12(request):
     """A random matrix of a d12 speedrun shape, its SVD, and the quintic / Polar Express outputs in bf16 (Muon's
-    path) and float64 (the same iteration without rounding)."""
+    path) and float64 (U·diag(p(x))·Vᵀ: the iteration without rounding, which test_fp64_iteration_equals_the_svd_form
+    ties to the matmul iteration; built from the SVD here because fp64 GEMMs at 3072 x 768 are slow on 2 cores)."""
     shape = request.param
     G = randn(*shape, seed=5)
     U, S, V = gram_svd(G)
     x = S / torch.linalg.norm(G.double())  # inputs to the polynomial
-    out = {(c, d): newton_schulz(G, coefficients=c, dtype=d) for c in ("quintic", "polar_express")
-           for d in (torch.bfloat16, torch.float64)}
+    out = {}
+    for c in ("quintic", "polar_express"):
+        out[(c, torch.bfloat16)] = newton_schulz(G, coefficients=c)
+        out[(c, torch.float64)] = (U * polynomial(x, c)) @ V.T
     return shape, G, U, x, V, out
 
 
@@ -347,3 +365,58 @@ def test_bf16_params_keep_a_bf16_state():
     for p in params:
         assert p.dtype == torch.bfloat16 and opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
         assert torch.isfinite(p.detach().float()).all()
+
+
+# ------------------------------------------------------------------------------------------ DDP: sharded
+REPO = Path(__file__).resolve().parents[1]
+SHARD_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    from kernels import muon
+    from tests.test_muon import make_params, run_ours
+
+    dist.init_process_group("gloo")
+    counted, plain = [], muon.newton_schulz
+
+    def counting(G, **kw):  # how many matrices this rank orthogonalizes, per call
+        counted.append(G.shape[0])
+        return plain(G, **kw)
+
+    muon.newton_schulz = counting
+    params = make_params()
+    opt = run_ours(params, 4, coefficients=sys.argv[3])
+    assert opt._world() == (2, dist.get_rank())
+    torch.save({"params": [p.detach() for p in params], "counted": counted,
+                "bufs": [opt.state[p]["momentum_buffer"] for p in params]},
+               f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("coefficients", ["quintic"])
+def test_sharded_over_two_gloo_ranks_equals_one_process(tmp_path, coefficients):
+    """torchrun, 2 gloo ranks on CPU, 4 steps over MUON_SHAPES (shape groups of 2, 2 and 1 matrices): each rank
+    orthogonalizes one matrix per group (the lone one on rank 0, a zero pad on rank 1), and both end with params
+    and momentum buffers identical to the bit to a single process's (on CPU a batched GEMM rounds each matrix as
+    alone)."""
+    script = tmp_path / "worker.py"
+    script.write_text(SHARD_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(REPO), str(tmp_path), coefficients]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    params = make_params()
+    opt = run_ours(params, 4, coefficients=coefficients, shard=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["counted"] == [1, 1, 1] * 4  # 3 shape groups per step, one matrix each (5 unsharded)
+        for p, q, b in zip(params, got["params"], got["bufs"]):
+            assert torch.equal(p.detach(), q) and torch.equal(opt.state[p]["momentum_buffer"], b)
+
+
+def test_shard_true_without_a_process_group_says_how_to_fix():
+    params = make_params()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        run_ours(params, 1, shard=True)
