@@ -57,6 +57,13 @@ three elementwise ops above:
                  rope_tables. Peers: kernels/rope.py's reference_qk_norm_rope(compute_dtype=None) (F.rms_norm,
                  the rotation, transpose + contiguous: the torch path) eager and torch.compile'd. GB/s from
                  kernels/rope.py's bytes_moved (fwd 4, bwd 6 tensor passes + the tables).
+  muon           one Muon step (lr 0.04, momentum 0.95, Nesterov, 5 bf16 quintic Newton-Schulz steps) over the
+                 d12 speedrun's 72 hidden matrices (48 x 768x768, 12 x 3072x768, 12 x 768x3072; 84,934,656 fp32
+                 params, random grads): kernels/muon.py's Muon (row "triton": the project's implementation, whose
+                 Newton-Schulz runs batched by shape on torch bf16 GEMMs; muon.py's docstring says why no Triton
+                 kernel) vs the record's per-tensor loop in plain torch, eager and with its Newton-Schulz
+                 torch.compile'd as the record does. One pass, "step"; TFLOPS from newton_schulz_flops (1.63 TFLOP
+                 per step at d12), the same for every implementation.
 """
 from __future__ import annotations
 
@@ -626,6 +633,84 @@ def case_adamw(ctx: Ctx) -> None:
             skip_and_free(ctx, "adamw", impl, oom, shape)
 
 
+# Muon at the 2024-11-10 record's settings (lr 0.04, momentum 0.95, Nesterov, 5 quintic steps in bf16) over the
+# d12 speedrun's hidden matrices: 12 layers x (4 x 768x768 q/k/v/proj, 3072x768 c_fc, 768x3072 proj) = 72 fp32
+# tensors, 84,934,656 params, random grads. The smoke run steps 2 layers at width 64 (12 tensors).
+MUON_HYPER = dict(lr=0.04, momentum=0.95)
+
+
+def case_muon(ctx: Ctx) -> None:
+    from kernels import muon as mu
+
+    name, layers, C = ("smoke", 2, 64) if ctx.smoke else ("d12", 12, 768)
+    shapes = [(C, C)] * 4 + [(4 * C, C), (C, 4 * C)]
+    shapes = shapes * layers
+    dev = ctx.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    params = [(0.02 * torch.randn(s, device=dev, generator=gen)).requires_grad_() for s in shapes]
+    init = [p.detach().clone() for p in params]
+    n = sum(p.numel() for p in params)
+    shape = {"model": name, "tensors": len(params), "params": n}
+    dtypes = {"param": torch.float32, "grad": torch.float32, "state": torch.float32, "newton_schulz": torch.bfloat16}
+    flops = float(sum(mu.newton_schulz_flops(*s) for s in shapes))  # Newton-Schulz matmuls, the same for all
+
+    def reset() -> None:
+        g = torch.Generator(device=dev).manual_seed(1)
+        with torch.no_grad():
+            for p, p0 in zip(params, init):
+                p.copy_(p0)
+                p.grad = 1e-3 * torch.randn(p.shape, device=dev, generator=g)
+
+    def ours():
+        return mu.Muon(params, **MUON_HYPER).step
+
+    def loop(orthogonalize):
+        def make():
+            bufs = [torch.zeros_like(p) for p in params]
+
+            @torch.no_grad()
+            def step():  # the record's per-tensor loop (one process: no sharding, no all-reduce)
+                mu.reference_muon_step(params, [p.grad for p in params], bufs, orthogonalize=orthogonalize,
+                                       nesterov=True, **MUON_HYPER)
+            return step
+        return make
+
+    impls = {"triton": ours, "torch": loop(mu.reference_newton_schulz)}
+    if "compile" in ctx.peers and not ctx.smoke:  # the record compiles its Newton-Schulz; CPU smoke runs skip it
+        impls["torch.compile"] = loop(torch.compile(mu.reference_newton_schulz))
+
+    def first_step(make):
+        reset()
+        step = make()
+        step()
+        with torch.no_grad():
+            got = [p.detach() - p0 for p, p0 in zip(params, init)]
+        return step, got
+
+    _, reference = first_step(impls["torch"])
+    for impl, make in impls.items():
+        failed = None
+        try:
+            step, got = first_step(make)
+            # Two bf16 Newton-Schulz iterations (ours: fp32 norm and addmm epilogues; the loop: the record's op by op
+            # bf16) each sit ~1-3 % of max|O| from the exact one (tests/test_muon.py holds the tight fp64 checks).
+            status = check_close(impl, got, reference, True, tol=8e-2)
+            del got
+            if status:
+                print(f"  CHECK FAILED muon {shape} {status}")
+            ctx.results.append(result_row("muon", shape, dtypes, "step", impl, timer(ctx, step), flops=flops,
+                                          check=status))
+            del step
+        except torch.cuda.OutOfMemoryError as e:
+            failed = f"out of memory: {_first_line(e, 160)}"
+        except Exception as e:  # one implementation's crash must not cost the others or the record
+            if impl == "triton":
+                ctx.errors.append(f"muon {shape_label(shape)}: {_first_line(e)}")
+            failed = f"raised {_first_line(e)}"
+        if failed:
+            skip_and_free(ctx, "muon", impl, failed, shape)
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * s + causal mask) v written out, softmax in fp32: the eager / torch.compile peer."""
     T, D = q.shape[-2], q.shape[-1]
@@ -791,6 +876,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "attention": case_attention,
     "cross_entropy": case_cross_entropy,
     "qk_norm_rope": case_qk_norm_rope,
+    "muon": case_muon,
     # ---- later kernels register here, one entry each ----
     "rmsnorm": case_rmsnorm,  # issue 26 (speedrun model): kernels/rmsnorm.py, kernels/relu2.py
     "add_rmsnorm": case_add_rmsnorm,
@@ -1003,7 +1089,9 @@ def main(argv=None) -> int:
             "flops_formula": {"attention": "kernels/attention.py attention_flops(B, H, T, D, causal=True): "
                                            "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
                               "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
-                                               "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)"},
+                                               "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
+                              "muon": "kernels/muon.py newton_schulz_flops(rows, cols, 5) summed over the matrices: "
+                                      "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each"},
             "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
                        "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
                        "its forward saved",

@@ -2,7 +2,7 @@
 case, peer, record field and the plot, says it is not a timing, and never writes into bench/results.
 
 The smoke run happens once per module (a fixture) and every test reads its record: on CPU it covers all
-cases, the elementwise ops and adamw / attention / cross_entropy, in one subprocess."""
+cases, the elementwise ops and adamw / attention / cross_entropy / muon, in one subprocess."""
 import importlib.util
 import json
 import os
@@ -21,7 +21,7 @@ HAS_CUDA = torch.cuda.is_available()
 PASSES = ("fwd", "bwd", "fwd+bwd")
 SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")  # issue 26: kernels/rmsnorm.py, kernels/relu2.py
 ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS + ("qk_norm_rope",)
-NEW_OPS = ("adamw", "attention", "cross_entropy")
+NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -51,7 +51,7 @@ def smoke(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def new_ops_record(smoke, tmp_path_factory):
-    """The record holding adamw / attention / cross_entropy rows: the smoke run's on CPU; on a GPU a quick
+    """The record holding adamw / attention / cross_entropy / muon rows: the smoke run's on CPU; on a GPU a quick
     real run of those three ops."""
     if not HAS_CUDA:
         return smoke[2]
@@ -139,6 +139,21 @@ def test_adamw_rows(new_ops_record):
         assert (r["pct_peak"] is None) is (not HAS_CUDA)
     (ratio,) = [s for s in new_ops_record["speedups"] if s["op"] == "adamw"]
     assert set(ratio["vs"]) == {"torch.fused", "torch.foreach"}
+
+
+def test_muon_rows(new_ops_record):
+    from kernels.muon import newton_schulz_flops
+
+    rows = rows_of(new_ops_record, "muon")
+    impls = {"triton", "torch"} | ({"torch.compile"} if HAS_CUDA else set())  # no compile in the CPU smoke run
+    assert {(r["pass"], r["impl"]) for r in rows} == {("step", i) for i in impls}
+    layers, C = (12, 768) if HAS_CUDA else (2, 64)  # the d12 speedrun's 72 hidden matrices; smoke: 2 layers of 64
+    flops = layers * (4 * newton_schulz_flops(C, C) + 2 * newton_schulz_flops(4 * C, C))
+    for r in rows:
+        assert r["shape"]["tensors"] == 6 * layers and r["shape"]["params"] == layers * 12 * C * C
+        assert r["flops"] == flops and r["tflops"] > 0 and r["bytes"] is None and r["peak_mb"] is None
+    (ratio,) = [s for s in new_ops_record["speedups"] if s["op"] == "muon"]
+    assert set(ratio["vs"]) == impls - {"triton"}
 
 
 def test_attention_rows(new_ops_record):
