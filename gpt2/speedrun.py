@@ -45,7 +45,7 @@ from gpt2.ops import Ops, get_ops
 
 # Source key: [script] = the record's embedded train_gpt2.py (class and field named); [README] = modded-nanogpt's
 # README record table; [measured] = checked here against torch.
-RECORD_VAL_LOSS = 3.2753  # [log] step:3000/3000 val_loss:3.2753
+RECORD_VAL_LOSS = 3.2753  # [log] step:3000/3000 val_loss:3.2753; first <= 3.28 there (3.2858 at step 2875)
 RECORD_NAME = "2024-11-10 U-net pattern skip connections & double lr (modded-nanogpt record #11)"
 
 
@@ -67,7 +67,7 @@ class SpeedrunConfig:
     value_lamb_init: float = 0.5  # v = (1 - lamb) v + lamb v1 [CausalSelfAttention.lamb]
     block_lambdas_init: tuple[float, float] = (1.0, 0.0)  # x = l0 x + l1 x0 [Block.lambdas]
     skip_weight_init: float = 1.0  # U-net skip weights [GPT.skip_weights = ones(decoder_layers)]
-    # ---- optimizers [script: optimizer1..4]; the record builds four, we group them in param_groups()
+    # ---- optimizers [script: optimizer1..4]; the record builds four, we group them in SpeedrunGPT.optimizer_groups()
     wte_lr: float = 0.6  # Adam on transformer.wte.weight [optimizer1]
     lm_head_lr: float = 0.008  # Adam on lm_head.weight [optimizer2]
     scalar_lr: float = 0.04  # Adam on block lambdas, attn lamb, skip_weights [optimizer4, "neither sensitive nor tuned"]
@@ -114,6 +114,11 @@ class SpeedrunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpeedrunConfig:
+        """The inverse of to_dict after a JSON round trip (lists back to the tuple fields)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # "d12" is the record; "tiny" is for CPU tests and smoke runs (2 blocks = 1 encoder + 1 decoder, head dim 32 as
@@ -266,7 +271,7 @@ class SpeedrunGPT(nn.Module):
         matmul -= (c.padded_vocab_size - c.vocab_size) * c.n_embd  # lm_head's padded rows
         return 6 * matmul + 6 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    def param_groups(self) -> dict[str, list[dict]]:
+    def optimizer_groups(self) -> dict[str, list[dict]]:
         """The record's optimizer split, every parameter exactly once:
           "adam": wte (lr 0.6), lm_head (lr 0.008), scalars = block lambdas, attn lamb, skip_weights (lr 0.04);
                   betas (0.9, 0.95), eps 1e-8, no weight decay (config.adam_betas, adam_eps, weight_decay)

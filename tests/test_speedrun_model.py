@@ -4,7 +4,9 @@ record's math, padded vocab never leaks, --backend triton against --backend torc
 
 Small configs keep the interpreter cheap: vocab 101 padded to 128, d 64, head dim 32 (the attention kernel's
 smallest), T 13 or 16 (not a multiple of the interpreter's attention blocks)."""
+import contextlib
 import dataclasses
+import json
 import math
 
 import pytest
@@ -14,6 +16,11 @@ import torch.nn.functional as F
 from gpt2.ops import SPEEDRUN_OPS, get_ops, torch_linear_cross_entropy
 from gpt2.speedrun import (SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables, speedrun_lr_multiplier,
                            speedrun_muon_momentum)
+from tests.helpers import HAS_CUDA
+
+# The triton backend runs on this machine's device: compiled kernels on CUDA, the interpreter on CPU (a process
+# with CUDA imports triton without the interpreter, so it cannot run the kernels on CPU tensors).
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # 4 blocks (2 encoder + 2 decoder: the mirror order of the U-net matters), softcap 5 so tanh bends the logits.
 SMALL = dataclasses.replace(SPEEDRUN_MODELS["tiny"], block_size=32, vocab_size=101, padded_vocab_size=128,
@@ -37,9 +44,10 @@ def randomized(model: SpeedrunGPT, seed: int = 0) -> SpeedrunGPT:
     return model
 
 
-def small_model(backend: str = "torch", seed: int = 0, config: SpeedrunConfig = SMALL) -> SpeedrunGPT:
+def small_model(backend: str = "torch", seed: int = 0, config: SpeedrunConfig = SMALL,
+                device: str = "cpu") -> SpeedrunGPT:
     torch.manual_seed(seed)
-    return randomized(SpeedrunGPT(config, get_ops(backend, "cpu")), seed)
+    return randomized(SpeedrunGPT(config, get_ops(backend, device)), seed).to(device)
 
 
 def reference(params: dict[str, torch.Tensor], c: SpeedrunConfig, idx: torch.Tensor, targets: torch.Tensor):
@@ -53,8 +61,8 @@ def reference(params: dict[str, torch.Tensor], c: SpeedrunConfig, idx: torch.Ten
     def rms(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
-    inv_freq = 1.0 / c.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / c.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64, device=idx.device) / D)
+    angle = torch.arange(T, dtype=torch.float64, device=idx.device)[:, None] * inv_freq[None, :]
     cos = angle.cos().float().double()[None, :, None, :]
     sin = angle.sin().float().double()[None, :, None, :]
 
@@ -62,7 +70,7 @@ def reference(params: dict[str, torch.Tensor], c: SpeedrunConfig, idx: torch.Ten
         x1, x2 = x[..., : D // 2], x[..., D // 2:]
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     x = rms(params["transformer.wte.weight"][idx])
     x0, v1, encoder_outputs = x, None, []
     for i in range(L):
@@ -136,7 +144,7 @@ def test_init_follows_the_record(d12):
 
 
 def test_optimizer_split_covers_every_parameter_once(d12):
-    groups = d12.param_groups()
+    groups = d12.optimizer_groups()
     c = d12.config
     named = {id(p): n for n, p in d12.named_parameters()}
     seen = [named[id(p)] for kind in ("adam", "muon") for g in groups[kind] for p in g["params"]]
@@ -184,6 +192,11 @@ def test_config_rejects_what_the_model_cannot_run(change, match):
         SpeedrunConfig(**change)
 
 
+def test_config_round_trips_through_json():
+    c = SPEEDRUN_MODELS["tiny"]
+    assert SpeedrunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
 def test_seq_len_over_context_is_rejected():
     with pytest.raises(ValueError, match="exceeds block_size"):
         small_model()(torch.zeros(1, 33, dtype=torch.long))
@@ -223,10 +236,10 @@ def test_forward_and_grads_match_the_fp64_reference():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_padded_rows_never_get_loss_or_grad(backend):
-    model = small_model(backend)
+    model = small_model(backend, device=DEVICE)
     c = model.config
-    idx = torch.randint(0, c.vocab_size, (2, 16))
-    targets = torch.randint(0, c.vocab_size, (2, 16))
+    idx = torch.randint(0, c.vocab_size, (2, 16), device=DEVICE)
+    targets = torch.randint(0, c.vocab_size, (2, 16), device=DEVICE)
     targets[0, 3] = -1  # ignored
     loss = model(idx, targets)
     loss.backward()
@@ -250,10 +263,10 @@ def test_torch_op_softcap():
 def test_triton_seam_keeps_softcap():
     """Under --backend triton the LM head op takes softcap: the kernel when it has the keyword, else the guard
     (kernel without softcap, torch with it). Either way the cap is applied."""
-    ops = get_ops("triton", "cpu")
+    ops = get_ops("triton", DEVICE)
     assert set(SPEEDRUN_OPS) <= set(ops.placement)
-    h, w = torch.randn(9, 32), torch.randn(128, 32)
-    t = torch.randint(0, 101, (9,))
+    h, w = torch.randn(9, 32, device=DEVICE), torch.randn(128, 32, device=DEVICE)
+    t = torch.randint(0, 101, (9,), device=DEVICE)
     for cap in (None, 3.0):
         got = ops.linear_cross_entropy(h, w, t, -1, 101, softcap=cap)
         want = torch_linear_cross_entropy(h.double(), w.double(), t, -1, 101, softcap=cap)
@@ -261,6 +274,10 @@ def test_triton_seam_keeps_softcap():
 
 
 # ---------------------------------------------------------------------------------- triton vs torch
+
+
+def autocast(device: str, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device, dtype)
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -273,47 +290,86 @@ def test_triton_backend_matches_torch_backend():
     scalars' grads (lambdas, lamb, skip_weights) are each one sum over B*T*C terms, and torch's error on a single
     such number is a lucky draw (measured 1e-10 .. 7e-7 on values ~0.05-4), so the rule takes them as one
     group: max error and max magnitude over all of them."""
-    ref_model = small_model("torch").double()
-    torch_model = small_model("torch")
-    triton_model = small_model("triton")
-    idx = torch.randint(0, SMALL.vocab_size, (3, 13))
-    targets = torch.randint(0, SMALL.vocab_size, (3, 13))
+    check_backends(SMALL, (3, 13), DEVICE, dtype=None, floor=2.0**-20)
+
+
+def check_backends(config: SpeedrunConfig, shape: tuple[int, int], device: str, dtype: torch.dtype | None,
+                   floor: float) -> None:
+    """Logits, loss and every grad of the triton model against the fp64 torch model, within twice the torch
+    model's own error plus floor * the largest magnitude (REFERENCE.md); dtype: the autocast dtype, or None."""
+    ref_model = small_model("torch", config=config, device=device).double()
+    torch_model = small_model("torch", config=config, device=device)
+    triton_model = small_model("triton", config=config, device=device)
+    idx = torch.randint(0, config.vocab_size, shape, device=device)
+    targets = torch.randint(0, config.vocab_size, shape, device=device)
     out = {}
     for name, model in (("ref", ref_model), ("torch", torch_model), ("triton", triton_model)):
-        logits = model(idx)
-        loss = model(idx, targets)
+        with autocast(device, None if name == "ref" else dtype):
+            logits = model(idx)
+            loss = model(idx, targets)
         loss.backward()
         grads = dict(model.named_parameters())
         scalars = torch.cat([grads.pop(n).grad.reshape(-1) for n in list(grads) if grads[n].dim() < 2])
         out[name] = {"logits": logits.detach(), "loss": loss.detach(), "scalar grads": scalars,
                      **{n: p.grad for n, p in grads.items()}}
-    assert len(out["ref"]) == 2 + 1 + 2 + 6 * SMALL.n_layer  # logits, loss, scalars, wte, lm_head, matrices
+    assert len(out["ref"]) == 2 + 1 + 2 + 6 * config.n_layer  # logits, loss, scalars, wte, lm_head, matrices
     for key, ref in out["ref"].items():
-        bound = 2 * max_err(out["torch"][key], ref) + 2.0**-20 * ref.abs().max().item()
+        bound = 2 * max_err(out["torch"][key], ref) + floor * ref.abs().max().item()
         assert max_err(out["triton"][key], ref) <= bound, key
 
 
-def test_20_steps_triton_backend_follows_torch_backend():
-    """The same 20 steps on both backends with torch.optim.Adam on every parameter (Muon, kernels/muon.py, is on
-    another branch; the --recipe integration redoes this with the record's optimizers)."""
-    config = dataclasses.replace(SMALL, n_layer=2)
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: bf16 autocast (the interpreter has no bf16)")
+def test_gpu_bf16_triton_backend_follows_the_low_precision_rule():
+    """The training dtype, head dim 128 as the record (6 heads of 128), T not a multiple of any block; the
+    bf16 floor of tests/helpers.py (one bf16 ulp at the top magnitude)."""
+    config = dataclasses.replace(SMALL, block_size=256, n_embd=256, n_head=2)
+    check_backends(config, (3, 211), "cuda", dtype=torch.bfloat16, floor=2.0**-7)
+
+
+def curve(backend: str, config: SpeedrunConfig, device: str, dtype: torch.dtype | None, steps: int = 20,
+          shape: tuple[int, int] = (2, 16)) -> list[float]:
+    """Losses of `steps` steps from the record's init (zero head and projections) on one fixed batch, with
+    torch.optim.Adam on every parameter: Muon (kernels/muon.py) is on another branch; the --recipe integration
+    redoes this with the record's optimizers."""
     gen = torch.Generator().manual_seed(1)
-    data = torch.randint(0, config.vocab_size, (2, 17), generator=gen)
+    data = torch.randint(0, config.vocab_size, (shape[0], shape[1] + 1), generator=gen).to(device)
     idx, targets = data[:, :-1], data[:, 1:]
-    curves = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        model = SpeedrunGPT(config, get_ops(backend, "cpu"))  # the record's init (zero head and projections)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-        losses = []
-        for _ in range(20):
+    torch.manual_seed(0)
+    model = SpeedrunGPT(config, get_ops(backend, device)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(steps):
+        with autocast(device, dtype):
             loss = model(idx, targets)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves[backend] = losses
-    assert curves["torch"][-1] < curves["torch"][0] - 1.0  # it learns, so the comparison means something
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a CUDA machine the kernels are compiled, not interpreted: "
+                                     "test_gpu_bf16_curves_follow_the_low_precision_rule runs instead")
+def test_20_steps_triton_backend_follows_torch_backend():
+    config = dataclasses.replace(SMALL, n_layer=2)
+    torch_losses, triton_losses = (curve(b, config, "cpu", None) for b in ("torch", "triton"))
+    assert torch_losses[-1] < torch_losses[0] - 1.0  # it learns, so the comparison means something
     # fp32 on both sides; only attention's summation order differs (the speedrun ops fall back to torch here
     # until their kernels land). Same bound as tests/test_kernels_model.py's GPT-2 curve.
-    assert curves["triton"] == pytest.approx(curves["torch"], rel=1e-5)
+    assert triton_losses == pytest.approx(torch_losses, rel=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the bf16 training curve (the interpreter has no bf16)")
+def test_gpu_bf16_curves_follow_the_low_precision_rule():
+    """tests/test_kernels_model.py's rule for curves: |triton_bf16 - ref| <= 2 |torch_bf16 - ref| + 2^-10 max|ref|,
+    ref the torch backend in fp32 with exact fp32 matmuls (the default precision, restored by conftest)."""
+    config = dataclasses.replace(SMALL, block_size=256, n_embd=256, n_head=2)
+    ref = curve("torch", config, "cuda", None, shape=(4, 128))
+    torch_bf16 = curve("torch", config, "cuda", torch.bfloat16, shape=(4, 128))
+    triton_bf16 = curve("triton", config, "cuda", torch.bfloat16, shape=(4, 128))
+    assert ref[-1] < ref[0] - 1.0
+
+    def dist(a, b):
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    assert dist(triton_bf16, ref) <= 2 * dist(torch_bf16, ref) + 2**-10 * max(abs(x) for x in ref)
