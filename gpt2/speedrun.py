@@ -27,6 +27,7 @@ qk_norm_rope, attention, linear_cross_entropy with softcap). The x0 mix and the 
 Precision: the record casts the whole model to bf16 and keeps only its CastedLinear weights (c_q ... lm_head) in
 fp32, cast to bf16 in each matmul. We keep every parameter in fp32 (master weights) and run under bf16 autocast,
 as the GPT-2 track does: the matmuls are bf16 as in the record; wte, the scalars and the residual stream stay fp32.
+Likewise the RoPE tables (bf16 in the record) and the softcap's tanh (on bf16 logits in the record) are fp32 here.
 
 Padded vocabulary (50257 -> 50304 rows of wte and lm_head, as the record): padded wte rows are zero and never
 looked up; padded lm_head rows are sliced off before the softmax (never receive loss or gradient, never sampled),
@@ -35,7 +36,6 @@ the normalizer and get pushed down); we keep the model's guarantee, a deliberate
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,8 +43,9 @@ import torch.nn as nn
 
 from gpt2.ops import Ops, get_ops
 
-# Source key: [script] = the record's embedded train_gpt2.py (class and field named); [README] = modded-nanogpt's
-# README record table; [measured] = checked here against torch.
+# Source key: [script] = the script embedded in the record's log (the class, field or call named); [log] = the
+# log's lines; [measured] = checked here against torch. The log: KellerJordan/modded-nanogpt,
+# records/track_1_short/2024-11-10_UNetDoubleLr/c87bb826-797b-4f37-98c7-d3a5dad2de74.txt.
 RECORD_VAL_LOSS = 3.2753  # [log] step:3000/3000 val_loss:3.2753; first <= 3.28 there (3.2858 at step 2875)
 RECORD_NAME = "2024-11-10 U-net pattern skip connections & double lr (modded-nanogpt record #11)"
 
@@ -67,16 +68,16 @@ class SpeedrunConfig:
     value_lamb_init: float = 0.5  # v = (1 - lamb) v + lamb v1 [CausalSelfAttention.lamb]
     block_lambdas_init: tuple[float, float] = (1.0, 0.0)  # x = l0 x + l1 x0 [Block.lambdas]
     skip_weight_init: float = 1.0  # U-net skip weights [GPT.skip_weights = ones(decoder_layers)]
-    # ---- optimizers [script: optimizer1..4]; the record builds four, we group them in SpeedrunGPT.optimizer_groups()
+    # ---- optimizers [script: optimizer1..4]; the record builds four, SpeedrunGPT.optimizer_groups() splits alike
     wte_lr: float = 0.6  # Adam on transformer.wte.weight [optimizer1]
     lm_head_lr: float = 0.008  # Adam on lm_head.weight [optimizer2]
-    scalar_lr: float = 0.04  # Adam on block lambdas, attn lamb, skip_weights [optimizer4, "neither sensitive nor tuned"]
+    scalar_lr: float = 0.04  # Adam: block lambdas, attn lamb, skip_weights [optimizer4: "neither sensitive nor tuned"]
     adam_betas: tuple[float, float] = (0.9, 0.95)  # all three Adams [betas=(0.9, 0.95)]
     adam_eps: float = 1e-8  # torch.optim.Adam's default (the record passes none)
     weight_decay: float = 0.0  # [Hyperparameters.weight_decay = 0]; plain Adam, no decay anywhere
     muon_lr: float = 0.04  # Muon on every 2-D matrix inside the blocks [optimizer3 = Muon(lr=0.04)]
     muon_momentum: float = 0.95  # [Muon(momentum=0.95)], reached after the warmup below
-    muon_momentum_warmup_start: float = 0.85  # momentum = (1-f) 0.85 + f 0.95, f = min(step / 500, 1) [loop]
+    muon_momentum_warmup_start: float = 0.85  # momentum = (1-f) 0.85 + f 0.95, f = min(step / 500, 1) [script]
     muon_momentum_warmup_steps: int = 500  # [frac = min(step/500, 1)]
     muon_nesterov: bool = True  # [Muon(nesterov=True) default]: update g + momentum * buf
     muon_ns_steps: int = 5  # Newton-Schulz iterations [backend_steps=5]
