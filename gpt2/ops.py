@@ -72,13 +72,14 @@ def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab
 
 
 def torch_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    # torch computes the statistic in fp32 for bf16/fp16 inputs and returns the input dtype.
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    # torch computes the statistic in fp32 for bf16/fp16 inputs. The cast keeps the input dtype where an
+    # autocast policy runs the norm in fp32 (the contract: outputs in the input dtype); a no-op otherwise.
+    return F.rms_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float):
     s = x + residual
-    return F.rms_norm(s, (s.shape[-1],), eps=eps), s
+    return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
 
 
 def torch_relu2(x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,7 @@ def torch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(x, (x.shape[-1],), eps=eps)
-        x1, x2 = x.chunk(2, dim=-1)
+        x1, x2 = F.rms_norm(x, (x.shape[-1],), eps=eps).chunk(2, dim=-1)
         y = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
         return y.to(x.dtype).transpose(1, 2)  # (B, H, T, D) view: SDPA and causal_attention take any strides
 
@@ -178,7 +178,8 @@ class Ops:
 
     def describe(self, names: Iterable[str] | None = None) -> str:
         """One line per op (the ops in `names` only, e.g. GPT2_OPS, when given): name and where it runs."""
-        shown = {k: v for k, v in self.placement.items() if names is None or k in set(names)}
+        names = set(self.placement if names is None else names)
+        shown = {k: v for k, v in self.placement.items() if k in names}
         width = max(len(k) for k in shown)
         return "\n".join(f"  {name:<{width}}  {where}" for name, where in shown.items())
 

@@ -251,6 +251,26 @@ def test_padded_rows_never_get_loss_or_grad(backend):
         assert model(idx).shape[-1] == c.vocab_size  # never sampled
 
 
+def test_torch_ops_keep_the_contract_dtypes_and_layouts():
+    """CONTRACT26: outputs in the input dtype (bf16 activations stay bf16, under autocast too); qk_norm_rope
+    takes (B, T, H, D) and returns (B, H, T, D); add_rms_norm returns (norm, sum)."""
+    ops = get_ops("torch")
+    q, k = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16), torch.randn(2, 5, 3, 8, dtype=torch.bfloat16)
+    cos, sin = rope_tables(5, 8, 10000.0)
+    for ctx in (contextlib.nullcontext(), torch.autocast("cpu", torch.bfloat16)):
+        with ctx:
+            q2, k2 = ops.qk_norm_rope(q, k, cos, sin, 1e-6)
+            assert q2.shape == k2.shape == (2, 3, 5, 8) and q2.dtype == k2.dtype == torch.bfloat16
+            assert ops.rms_norm(q, 1e-6).dtype == ops.relu2(q).dtype == torch.bfloat16
+            y, s = ops.add_rms_norm(q, k, 1e-6)
+            assert y.dtype == s.dtype == torch.bfloat16
+    x, r = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    y, s = ops.add_rms_norm(x, r, 1e-6)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, (x + r) / ((x + r).pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
+    torch.testing.assert_close(ops.relu2(x), x.clamp(min=0) ** 2)
+
+
 def test_torch_op_softcap():
     h, w = torch.randn(9, 16, dtype=torch.float64), torch.randn(24, 16, dtype=torch.float64)
     t = torch.randint(0, 20, (9,))
