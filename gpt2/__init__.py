@@ -1,5 +1,6 @@
-"""GPT-2: config, model and the ops seam that picks torch or Triton per op."""
+"""GPT-2 and the speedrun model: configs, models and the ops seam that picks torch or Triton per op."""
 from gpt2.config import GPTConfig, MODEL_SIZES
 from gpt2.model import GPT
+from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT
 
-__all__ = ["GPT", "GPTConfig", "MODEL_SIZES"]
+__all__ = ["GPT", "GPTConfig", "MODEL_SIZES", "SPEEDRUN_MODELS", "SpeedrunConfig", "SpeedrunGPT"]

@@ -6,19 +6,30 @@ landed and falls back to the torch op otherwise; `get_ops("triton", torch_ops=("
 named ops in torch (the trainer's --torch-ops: a mix per op, where a kernel loses on some GPU).
 `Ops.placement` records which one runs, and the trainer prints it at startup.
 
-Signatures (the contract a kernel must match):
-  attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal
+Signatures (the contract a kernel must match; the speedrun ops are issue 26's CONTRACT26.md):
+  attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal, scale 1/sqrt(D)
   layer_norm(x, weight, bias, eps) -> y           normalizes over the last dim
   add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
   gelu(x) -> y                                    tanh approximation
-  linear_cross_entropy(h, weight, targets, ignore_index, vocab_size) -> mean loss
+  linear_cross_entropy(h, weight, targets, ignore_index, vocab_size, softcap=None) -> mean loss
         h (N, C), weight (V_padded, C), targets (N,) int64; only the first vocab_size rows of
-        weight are classes (padded rows never receive loss)
+        weight are classes (padded rows never receive loss). softcap: logits z = softcap * tanh(z / softcap)
+        before the fp32 softmax when set (the speedrun model's 30), else plain logits.
   optimizer(param_groups, lr, betas, eps) -> torch.optim.Optimizer (AdamW; per-group weight_decay)
+  rms_norm(x, eps) -> y                           y = x / sqrt(mean(x^2, -1) + eps), no weight
+  add_rms_norm(x, residual, eps) -> (rms_norm(x + residual, eps), x + residual)
+  relu2(x) -> y                                   relu(x)^2
+  qk_norm_rope(q, k, cos, sin, eps) -> (q2, k2)   q, k: (B, T, H, D) (last dim contiguous); cos, sin: (T, D/2)
+        fp32. Per head vector: rms_norm over D, then rotary on halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
+        y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos; in the input dtype, returned as (B, H, T, D)
+        (the kernel writes them contiguous in that order; the torch op returns transposed views).
+
+GPT2_OPS and SPEEDRUN_OPS name the ops each model calls: the other ops' placement does not matter to a run.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -48,13 +59,44 @@ def torch_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257):
+def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
+                               softcap: float | None = None):
     # Materializes (N, V) logits: the memory the fused Triton kernel avoids.
     # The matmul runs over all padded rows (aligned shapes tile better); the padded columns are
     # sliced off before the softmax, so they never enter the normalizer nor receive gradient.
     logits = F.linear(h, weight)[:, :vocab_size]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32 softmax
+    if softcap is not None:  # tanh in fp32 too (the record rounds it in bf16; the kernel computes it in fp32)
+        logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def torch_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # torch computes the statistic in fp32 for bf16/fp16 inputs. The cast keeps the input dtype where an
+    # autocast policy runs the norm in fp32 (the contract: outputs in the input dtype); a no-op otherwise.
+    return F.rms_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float):
+    s = x + residual
+    return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
+
+
+def torch_relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def torch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+    """q, k (B, T, H, D) -> RMS-normed and rotated (B, H, T, D) views. cos, sin (T, D/2) broadcast over B and H;
+    the rotation runs in fp32 (promoted by cos/sin) and is cast back to the input dtype."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = F.rms_norm(x, (x.shape[-1],), eps=eps).chunk(2, dim=-1)
+        y = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return y.to(x.dtype).transpose(1, 2)  # (B, H, T, D) view: SDPA and causal_attention take any strides
+
+    return rotate(q), rotate(k)
 
 
 class TorchAdamW(torch.optim.AdamW):
@@ -90,6 +132,10 @@ TORCH_OPS: dict[str, Callable] = {
     "gelu": torch_gelu,
     "linear_cross_entropy": torch_linear_cross_entropy,
     "optimizer": torch_adamw,
+    "rms_norm": torch_rms_norm,
+    "add_rms_norm": torch_add_rms_norm,
+    "relu2": torch_relu2,
+    "qk_norm_rope": torch_qk_norm_rope,
 }
 
 # Where each op's Triton kernel lives: (module, attribute). A missing module means "not landed yet".
@@ -100,7 +146,17 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
     "gelu": ("kernels.gelu", "gelu"),
     "linear_cross_entropy": ("kernels.cross_entropy", "linear_cross_entropy"),
     "optimizer": ("kernels.adamw", "FusedAdamW"),
+    "rms_norm": ("kernels.rmsnorm", "rms_norm"),
+    "add_rms_norm": ("kernels.rmsnorm", "add_rms_norm"),
+    "relu2": ("kernels.relu2", "relu2"),
+    "qk_norm_rope": ("kernels.rope", "qk_norm_rope"),
 }
+
+# The ops each model calls (gpt2/model.py, gpt2/speedrun.py). The speedrun recipe's Adam groups may use
+# `optimizer` (AdamW with weight_decay 0 is Adam); its Muon is kernels/muon.py, outside the seam.
+GPT2_OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "linear_cross_entropy", "optimizer")
+SPEEDRUN_OPS = ("attention", "rms_norm", "add_rms_norm", "relu2", "qk_norm_rope", "linear_cross_entropy",
+                "optimizer")
 
 BACKENDS = ("torch", "triton")
 
@@ -114,11 +170,18 @@ class Ops:
     gelu: Callable
     linear_cross_entropy: Callable
     optimizer: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    relu2: Callable
+    qk_norm_rope: Callable
     placement: dict[str, str] = field(default_factory=dict)  # op -> "triton" | "torch" | "torch (why)"
 
-    def describe(self) -> str:
-        width = max(len(k) for k in self.placement)
-        return "\n".join(f"  {name:<{width}}  {where}" for name, where in self.placement.items())
+    def describe(self, names: Iterable[str] | None = None) -> str:
+        """One line per op (the ops in `names` only, e.g. GPT2_OPS, when given): name and where it runs."""
+        names = set(self.placement if names is None else names)
+        shown = {k: v for k, v in self.placement.items() if k in names}
+        width = max(len(k) for k in shown)
+        return "\n".join(f"  {name:<{width}}  {where}" for name, where in shown.items())
 
 
 def _load_triton_op(name: str) -> tuple[Callable | None, str]:
@@ -133,7 +196,24 @@ def _load_triton_op(name: str) -> tuple[Callable | None, str]:
         raise
     if not hasattr(module, attr):
         return None, f"torch (fallback: {module_name} has no {attr} yet)"
-    return getattr(module, attr), "triton"
+    fn = getattr(module, attr)
+    if name == "linear_cross_entropy" and "softcap" not in inspect.signature(fn).parameters:
+        return _softcap_in_torch(fn), "triton (softcap: torch; kernels.cross_entropy has no softcap yet)"
+    return fn, "triton"
+
+
+def _softcap_in_torch(kernel: Callable) -> Callable:
+    """A Triton linear_cross_entropy from before the softcap keyword: calls without softcap (GPT-2) still run
+    the kernel; calls with it (the speedrun model) run the torch op, which caps, instead of failing or
+    silently dropping the cap."""
+
+    def linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
+                             softcap: float | None = None):
+        if softcap is None:
+            return kernel(h, weight, targets, ignore_index, vocab_size)
+        return torch_linear_cross_entropy(h, weight, targets, ignore_index, vocab_size, softcap)
+
+    return linear_cross_entropy
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -206,7 +286,7 @@ def get_ops(backend: str = "torch", device: str | torch.device = "cpu", torch_op
             fn, where = _load_triton_op(name)
             if fn is not None:
                 impls[name] = fn
-                if os.environ.get("TRITON_INTERPRET") == "1":
-                    where = "triton (interpreter)"
+                if os.environ.get("TRITON_INTERPRET") == "1":  # "triton (interpreter)", "triton (interpreter; ...)"
+                    where = "triton (interpreter)" if where == "triton" else where.replace("(", "(interpreter; ", 1)
             placement[name] = where
     return Ops(backend=backend, placement=placement, **impls)

@@ -10,6 +10,7 @@ import torch
 
 import train_speedrun
 import training
+from gpt2.ops import GPT2_OPS
 from tests.helpers import HAS_CUDA
 
 CPU_ARGS = ["--gpu", "cpu", "--data", "sample", "--micro-batch", "1", "--seq-len", "16", "--total-batch-tokens",
@@ -43,7 +44,7 @@ def curve(args: list[str], exact_fp32: bool = False) -> tuple[list[float], list[
 def test_20_steps_triton_backend_follows_torch_backend():
     torch_losses, torch_norms, _ = curve([*CPU_ARGS, "--backend", "torch"])
     triton_losses, triton_norms, placement = curve([*CPU_ARGS, "--backend", "triton"])
-    assert all(where.startswith("triton") for where in placement.values()), placement
+    assert all(placement[name].startswith("triton") for name in GPT2_OPS), placement
     assert torch_losses[-1] < torch_losses[0] - 1.0  # it learns, so the comparison means something
     # fp32 kernels differ from torch only in summation order (~1e-7 relative per op, see each kernel's
     # tests); 20 steps of clipped AdamW grow that to ~5e-7 here. 1e-5 (~80 ulps) leaves room for other
@@ -63,7 +64,9 @@ def test_gpu_bf16_curves_follow_the_low_precision_rule():
     ref_losses, ref_norms, _ = curve([*CUDA_ARGS, "--backend", "torch", "--dtype", "fp32"], exact_fp32=True)
     torch_losses, torch_norms, _ = curve([*CUDA_ARGS, "--backend", "torch", "--dtype", "bf16"])
     triton_losses, triton_norms, placement = curve([*CUDA_ARGS, "--backend", "triton", "--dtype", "bf16"])
-    assert all(where == "triton" for where in placement.values()), placement
+    # "triton", or "triton (softcap: torch; ...)" for the LM head until its kernel takes softcap (GPT-2 has none)
+    assert all(placement[name].startswith("triton") and "interpreter" not in placement[name]
+               for name in GPT2_OPS), placement
     assert ref_losses[-1] < ref_losses[0] - 1.0  # it learns, so the comparison means something
     # Floor: 2^-10 of the largest value (about one fp16 ulp, an eighth of a bf16 ulp): slack for a curve
     # where torch's bf16 run happens to land very close to the reference.

@@ -155,13 +155,13 @@ def test_ops_seam_backends():
 def test_torch_ops_keep_the_named_ops_in_torch():
     """--torch-ops: under the triton backend the named ops run their torch implementation, the rest Triton;
     a misspelt op is an error, not a kernel silently left in."""
-    from gpt2.ops import TORCH_OPS, parse_op_list
+    from gpt2.ops import GPT2_OPS, TORCH_OPS, parse_op_list
 
     ops = get_ops("triton", SEAM_DEVICE, torch_ops=("attention", "linear_cross_entropy"))
     for name, where in ops.placement.items():
         if name in ("attention", "linear_cross_entropy"):
             assert where == "torch (--torch-ops)" and getattr(ops, name) is TORCH_OPS[name], (name, where)
-        else:
+        elif name in GPT2_OPS or "has not landed" not in where:  # issue 26's kernels may not have landed yet
             assert where.startswith("triton") and getattr(ops, name) is not TORCH_OPS[name], (name, where)
     assert parse_op_list(" linear_cross_entropy,attention,attention, ") == ("attention", "linear_cross_entropy")
     assert parse_op_list("") == ()

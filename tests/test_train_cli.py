@@ -15,6 +15,7 @@ import train_speedrun
 import training
 from data.shards import write_shard
 from gpt2.checkpoint import save_checkpoint
+from gpt2.ops import GPT2_OPS
 from tests.helpers import NEEDS_INTERPRETER, one_thread_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_compile_matches_eager(tmp_path, backend):
         result = json.loads((out / "result.json").read_text())
         assert result["config"]["compile"] == (flag == "--compile")
         if backend == "triton":
-            assert all(where.startswith("triton") for where in result["ops"].values()), result["ops"]
+            assert all(result["ops"][name].startswith("triton") for name in GPT2_OPS), result["ops"]
         assert result["autotune"] == {}  # the interpreter runs the tables: nothing to record
         losses[flag] = result["train_losses"] + [result["final_val_loss"]]
     assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
@@ -266,7 +267,7 @@ def test_torch_ops_run_in_torch_and_are_recorded(tmp_path):
     assert result["config"]["torch_ops"] == "attention,linear_cross_entropy"
     kept = {"attention", "linear_cross_entropy"}
     assert {k for k, v in result["ops"].items() if v == "torch (--torch-ops)"} == kept
-    assert all(v.startswith("triton") for k, v in result["ops"].items() if k not in kept)
+    assert all(result["ops"][k].startswith("triton") for k in GPT2_OPS if k not in kept)
     assert "| triton (torch: attention,linear_cross_entropy) |" in (tmp_path / "leaderboard.md").read_text()
 
 
