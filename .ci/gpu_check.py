@@ -43,6 +43,7 @@ import glob
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,9 +75,12 @@ KERNEL_TESTS = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests
 # sm_89 compile checks run on CPU (.ci/run)
 KERNEL_TESTS_K = "(bf16 or cuda or gpu or masters_match) and not every_autotune_candidate"
 MEMORY_SCRIPT = "bench/memory.py"
-# bench/memory.py --json: the fields read, first present wins (an assumption about a script written elsewhere)
-ESTIMATE_FIELDS = (("peak_reserved_bytes", 2**-30), ("peak_bytes", 2**-30), ("peak_reserved_gib", 1.0),
-                   ("peak_gib", 1.0))
+# bench/memory.py --json (written on another branch; these field names are an assumption, first present wins):
+# the estimate of peak reserved memory, compared with the measured peak reserved, and of peak live (allocated)
+# memory, compared with the measured peak allocated
+RESERVED_FIELDS = (("peak_reserved_estimate_bytes", 2**-30), ("peak_reserved_bytes", 2**-30),
+                   ("peak_reserved_estimate_gib", 1.0), ("peak_reserved_gib", 1.0))
+ALLOC_FIELDS = (("peak_bytes", 2**-30), ("peak_alloc_bytes", 2**-30), ("peak_gib", 1.0))
 
 
 def log(fh, msg: str) -> None:
@@ -213,18 +217,22 @@ def copy_record(src: Path | None, dst: Path) -> bool:
     return True
 
 
-def estimate_gib(est: dict) -> tuple[float | None, str | None]:
-    for key, scale in ESTIMATE_FIELDS:
-        if isinstance(est.get(key), (int, float)):
+def estimate_gib(est: dict, fields) -> tuple[float | None, str | None]:
+    for key, scale in fields:
+        if isinstance(est.get(key), (int, float)) and not isinstance(est.get(key), bool):
             return est[key] * scale, key
     return None, None
 
 
 def memory_comparison(estimate: dict, train: dict | None, backend: str = "triton", micro_batch: int = 8) -> dict:
     """bench/memory.py's estimate against the cap check's measured peaks for the same config (rtx4070 preset,
-    `backend`+compile, `micro_batch`) in bench/train.py's record."""
-    gib, key = estimate_gib(estimate)
-    out = {"estimate_gib": gib, "estimate_field": key, "backend": backend, "micro_batch": micro_batch,
+    `backend`+compile, `micro_batch`) in bench/train.py's record: reserved against reserved, live (allocated)
+    against allocated."""
+    reserved, reserved_key = estimate_gib(estimate, RESERVED_FIELDS)
+    alloc, alloc_key = estimate_gib(estimate, ALLOC_FIELDS)
+    out = {"backend": backend, "micro_batch": micro_batch,
+           "estimate_reserved_gib": reserved, "estimate_reserved_field": reserved_key,
+           "estimate_alloc_gib": alloc, "estimate_alloc_field": alloc_key,
            "measured_reserved_gib": None, "measured_alloc_gib": None}
     runs = ((train or {}).get("cap") or {}).get("runs") or []
     run = next((r for r in runs if r.get("backend") == backend and r.get("micro_batch") == micro_batch
@@ -232,22 +240,23 @@ def memory_comparison(estimate: dict, train: dict | None, backend: str = "triton
     if run is not None:
         out["measured_reserved_gib"] = run.get("peak_reserved_gib")
         out["measured_alloc_gib"] = run.get("peak_alloc_gib")
-        if gib is not None and run.get("peak_reserved_gib"):
-            out["estimate_over_measured_reserved"] = gib / run["peak_reserved_gib"]
+        for kind in ("reserved", "alloc"):
+            if out[f"estimate_{kind}_gib"] is not None and out[f"measured_{kind}_gib"]:
+                out[f"{kind}_estimate_over_measured"] = out[f"estimate_{kind}_gib"] / out[f"measured_{kind}_gib"]
     return out
 
 
 def describe_comparison(c: dict) -> str:
-    est = ("n/a (no known field)" if c["estimate_gib"] is None
-           else f"{c['estimate_gib']:.2f} GiB ({c['estimate_field']})")
-    if c["measured_reserved_gib"] is None:
-        meas = "no measured peak (no fitting cap-check run in train.json)"
-    else:
-        meas = (f"measured peak reserved {c['measured_reserved_gib']:.2f} GiB, allocated "
-                f"{c['measured_alloc_gib']:.2f} GiB")
-        if "estimate_over_measured_reserved" in c:
-            meas += f"; estimate / reserved = {c['estimate_over_measured_reserved']:.3f}"
-    return f"memory: rtx4070 {c['backend']}+compile mb {c['micro_batch']}: estimate {est}; {meas}"
+    def one(kind: str, label: str) -> str:
+        est, meas = c[f"estimate_{kind}_gib"], c[f"measured_{kind}_gib"]
+        text = f"{label}: estimate " + ("n/a" if est is None else f"{est:.2f} GiB ({c[f'estimate_{kind}_field']})")
+        text += " vs measured " + ("n/a" if meas is None else f"{meas:.2f} GiB")
+        ratio = c.get(f"{kind}_estimate_over_measured")
+        return text + ("" if ratio is None else f" (x{ratio:.3f})")
+
+    where = "" if c["measured_reserved_gib"] is not None else " (no fitting cap-check run in train.json)"
+    return (f"memory: rtx4070 {c['backend']}+compile mb {c['micro_batch']}{where}: {one('reserved', 'reserved')}; "
+            f"{one('alloc', 'allocated')}")
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -347,8 +356,11 @@ def run_check(out: Path, budget: float, steps: list[Step] = STEPS, py: str | Non
     env["PYTHONUNBUFFERED"] = "1"
     env["TRITONRUN_COMMIT"] = commit = commit_of(env)
     out.mkdir(parents=True, exist_ok=True)
+    # where the steps write before their records are copied to OUT_DIR: emptied first, so no earlier check's
+    # record is taken for this one's (and the canary's --out-dir holds no run)
     scratch = Path(env.get("TRITONRUN_CHECK_SCRATCH") or f"/tmp/tritonrun-check-{os.getpid()}")
-    scratch.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     record = {"kind": "gpu-check", "commit": commit, "budget_s": budget, "grace_s": GRACE, "python": py,
               "steps": [], "env": None, "memory": None, "complete": False}
 

@@ -109,7 +109,7 @@ case "${{1:-}}" in
       "peak_reserved_gib": 9.5, "peak_alloc_gib": 8.0}}]}}}}' > "$d/train-fake.json"
     echo "| markdown of the record |" > "$d/train-fake.md" ;;
   bench/memory.py)
-    echo '{{"peak_reserved_bytes": 10737418240}}' > "$(arg --json "$@")" ;;
+    echo '{{"peak_reserved_estimate_bytes": 10737418240, "peak_bytes": 9663676416}}' > "$(arg --json "$@")" ;;
   bench/kernels.py)
     d=$(arg --out-dir "$@"); mkdir -p "$d"
     echo '{{"kind": "kernels"}}' > "$d/kernels-fake.json"; echo '{{}}' > "$d/kernels-fake.png" ;;
@@ -203,7 +203,8 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
     if not memory:
         assert "skip memory: bench/memory.py does not exist in this tree" in log
     else:
-        assert "estimate 10.00 GiB (peak_reserved_bytes); measured peak reserved 9.50 GiB" in log
+        assert ("reserved: estimate 10.00 GiB (peak_reserved_estimate_bytes) vs measured 9.50 GiB (x1.053); "
+                "allocated: estimate 9.00 GiB (peak_bytes) vs measured 8.00 GiB (x1.125)") in log
 
 
 def test_budgeted_check_names_missing_packages_and_refuses_without_cuda(tmp_path):
@@ -254,19 +255,22 @@ def test_a_step_past_its_deadline_gets_sigint_and_keeps_its_records(tmp_path, mo
 
 
 def test_memory_estimate_against_the_measured_peak():
-    """bench/memory.py's JSON (assumed fields: peak_reserved_bytes, else peak_bytes, peak_reserved_gib, peak_gib)
+    """bench/memory.py's JSON (assumed fields, first present wins: reserved peak_reserved_estimate_bytes,
+    peak_reserved_bytes, peak_reserved_estimate_gib, peak_reserved_gib; live peak_bytes, peak_alloc_bytes, peak_gib)
     against the cap check's triton+compile run at micro-batch 8 in bench/train.py's record."""
     m = check_module()
     train = {"cap": {"runs": [{"backend": "torch", "micro_batch": 8, "fits": True, "peak_reserved_gib": 11.0,
                                "peak_alloc_gib": 10.0},
                               {"backend": "triton", "micro_batch": 8, "fits": True, "peak_reserved_gib": 8.0,
                                "peak_alloc_gib": 7.5}]}}
-    c = m.memory_comparison({"peak_bytes": 6 * 2**30}, train)
-    assert (c["estimate_gib"], c["estimate_field"], c["measured_reserved_gib"]) == (6.0, "peak_bytes", 8.0)
-    assert c["estimate_over_measured_reserved"] == 0.75
-    assert "estimate 6.00 GiB (peak_bytes); measured peak reserved 8.00 GiB, allocated 7.50 GiB" in \
-        m.describe_comparison(c)
+    c = m.memory_comparison({"peak_reserved_estimate_bytes": 6 * 2**30, "peak_bytes": 3 * 2**30}, train)
+    assert (c["estimate_reserved_gib"], c["estimate_reserved_field"], c["measured_reserved_gib"]) == \
+        (6.0, "peak_reserved_estimate_bytes", 8.0)
+    assert c["reserved_estimate_over_measured"] == 0.75 and c["alloc_estimate_over_measured"] == 0.4
+    assert m.describe_comparison(c) == (
+        "memory: rtx4070 triton+compile mb 8: reserved: estimate 6.00 GiB (peak_reserved_estimate_bytes) vs "
+        "measured 8.00 GiB (x0.750); allocated: estimate 3.00 GiB (peak_bytes) vs measured 7.50 GiB (x0.400)")
     c = m.memory_comparison({"peak_reserved_gib": 9.0}, None)
-    assert c["estimate_gib"] == 9.0 and c["measured_reserved_gib"] is None
-    assert "no measured peak" in m.describe_comparison(c)
-    assert m.memory_comparison({"other": 1}, train)["estimate_gib"] is None
+    assert c["estimate_reserved_gib"] == 9.0 and c["measured_reserved_gib"] is None and c["estimate_alloc_gib"] is None
+    assert "(no fitting cap-check run in train.json)" in m.describe_comparison(c)
+    assert m.memory_comparison({"fits": True}, train)["estimate_reserved_gib"] is None
