@@ -69,10 +69,11 @@ FIXES = {
     "xdist": ("pytest-xdist", "optional: pip install pytest-xdist (tests run in one process without it)"),
 }
 KERNEL_TESTS = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_layernorm.py",
-                "tests/test_gelu.py", "tests/test_adamw.py", "tests/test_kernels_model.py", "tests/test_loader.py"]
+                "tests/test_gelu.py", "tests/test_adamw.py", "tests/test_kernels_model.py", "tests/test_loader.py",
+                "tests/test_embedding.py"]
 # bf16 kernel tests (GPT-2 shapes among their cases; AdamW's bf16 masters case is masters_match), CUDA-only
-# tests (the loader, the CE peak memory, the model's bf16 curve); the autotune candidates are step 7; the static
-# sm_89 compile checks run on CPU (.ci/run)
+# tests (the loader, the CE peak memory, the model's bf16 curve, compiled gradients bitwise repeatable); the
+# autotune candidates are step 7; the static sm_89 compile checks run on CPU (.ci/run)
 KERNEL_TESTS_K = "(bf16 or cuda or gpu or masters_match) and not every_autotune_candidate"
 MEMORY_SCRIPT = "bench/memory.py"
 # bench/memory.py --json (written on another branch; these field names are an assumption, first present wins):

@@ -176,7 +176,8 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
     want = [".ci/gpu_probe.py",
             "-m pytest -q -rs -p no:cacheprovider -n 4 tests/test_attention.py tests/test_cross_entropy.py "
             "tests/test_layernorm.py tests/test_gelu.py tests/test_adamw.py tests/test_kernels_model.py "
-            "tests/test_loader.py -k (bf16 or cuda or gpu or masters_match) and not every_autotune_candidate",
+            "tests/test_loader.py tests/test_embedding.py -k (bf16 or cuda or gpu or masters_match) and not "
+            "every_autotune_candidate",
             "train_speedrun.py --gpu rtx4070 --backend triton --compile --data sample --total-batch-tokens 65536 "
             "--max-steps 6 --warmup-steps 2 --timing-warmup-steps 1 --val-every 1000 --val-tokens 8192 "
             f"--checkpoint-every 0 --hellaswag-every 0 --out-dir {scratch}/canary --peak-tflops 989.0",
