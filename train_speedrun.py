@@ -244,6 +244,32 @@ def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None
     return PRESETS[preset].peak_tflops
 
 
+def preset_of_device(device_name: str) -> str | None:
+    """The preset `--gpu auto` would pick for a device name (None: a laptop part, or no preset knows it)."""
+    name = device_name.lower()
+    if any(word in name for word in AUTO_REFUSED):
+        return None
+    return next((preset for needle, preset in AUTO_NAMES if needle in name), None)
+
+
+def mfu_peak_info(cfg: Config, device_name: str) -> dict | None:
+    """Which peak the run's MFU divides by, for the log and the record: the preset's (say rtx4070's 58.3, also
+    when an H200 runs --gpu rtx4070) or --peak-tflops, with the device that runs and, when that device is not the
+    preset's GPU, its own peak. None without a peak (the cpu preset)."""
+    if cfg.peak_tflops is None:
+        return None
+    source = "preset" if cfg.peak_tflops in automatic_peaks(cfg.gpu) else "--peak-tflops"
+    own_preset = preset_of_device(device_name)
+    own_peak = peak_tflops_for(own_preset, device_name) if own_preset else None
+    text = (f"MFU vs {cfg.gpu} peak {cfg.peak_tflops:g} TFLOPS (preset)" if source == "preset"
+            else f"MFU vs {cfg.peak_tflops:g} TFLOPS (--peak-tflops)") + f", device {device_name}"
+    if source == "preset" and own_preset != cfg.gpu:
+        text += (f": not this device's peak ({own_preset} {own_peak:g} TFLOPS: --peak-tflops {own_peak:g} measures "
+                 f"against it)" if own_peak else ": not this device's peak (pass --peak-tflops for it)")
+    return {"peak_tflops": cfg.peak_tflops, "source": source, "preset": cfg.gpu, "device": device_name,
+            "device_preset": own_preset, "device_peak_tflops": own_peak, "text": text}
+
+
 def automatic_peaks(preset: str) -> set[float | None]:
     """Every peak `peak_tflops_for` can pick for `preset`: the preset's own and its variants'."""
     return {PRESETS[preset].peak_tflops, *(peak for _, peak in VARIANT_PEAK_TFLOPS.get(preset, []))}

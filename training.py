@@ -157,6 +157,36 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (process RSS)
 
 
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """The CUDA caching allocator's peak reserved memory (what the card must hold: allocated + cached blocks +
+    fragmentation); None off CUDA."""
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+
+
+# The CUDA context (and what else the driver maps outside PyTorch's allocator): 0.3-0.5 GiB on current cards;
+# the high end is taken. A card of M GiB fits a run whose peak RESERVED memory plus this stays within M.
+CUDA_CONTEXT_GIB = 0.5
+
+
+def allocator_fraction(memory_gib: float, total_bytes: int) -> float:
+    """set_per_process_memory_fraction for a memory budget (--memory-gib) on a card of total_bytes: the budget
+    minus the context allowance, as a share of the card (1.0 without a budget). The fraction bounds only
+    PyTorch's allocator, so the context must come off it for a capped run to OOM where the real card would."""
+    if not memory_gib:
+        return 1.0
+    return max(0.0, min(1.0, (memory_gib - CUDA_CONTEXT_GIB) * 2**30 / total_bytes))
+
+
+def memory_fit(peak_reserved: float, memory_gib: float, total_gib: float) -> dict:
+    """Whether a run whose peak reserved memory is `peak_reserved` GiB fits a card of `memory_gib` (the budget,
+    e.g. rtx4070's 12; the smaller of it and the running card's total): reserved + CUDA_CONTEXT_GIB <= card."""
+    card = min(memory_gib, total_gib) if memory_gib else total_gib
+    need = peak_reserved + CUDA_CONTEXT_GIB
+    return {"rule": "peak reserved + context allowance <= card memory", "card_gib": card,
+            "context_allowance_gib": CUDA_CONTEXT_GIB, "peak_reserved_gib": peak_reserved, "needed_gib": need,
+            "headroom_gib": card - need, "fits": need <= card}
+
+
 LEADERBOARD_HEADER = ("| date | preset | device | model | backend | val loss | target | steps | tokens "
                       "| train time | tok/s | MFU | commit |\n|" + "---|" * 13)
 
@@ -237,8 +267,7 @@ class Trainer:
             # The cap is process-wide allocator state: set it either way, so a Trainer without one built after a
             # capped one in the same process (bench/train.py builds many) is not left capped.
             total = torch.cuda.get_device_properties(self.device).total_memory
-            fraction = min(1.0, cfg.memory_gib * 2**30 / total) if cfg.memory_gib else 1.0
-            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+            torch.cuda.set_per_process_memory_fraction(allocator_fraction(cfg.memory_gib, total), self.device)
         B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
         # The loaders first: they validate every shard header, so a bad file fails before the model is built.
         self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
@@ -394,6 +423,7 @@ def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
         "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,
         "final_val_loss": None, "tokens_per_s": 0.0, "mfu_mean": None, "peak_mem_gib": None,
         "peak_mem_kind": "cuda_max_allocated" if cfg.device == "cuda" else "process_max_rss",
+        "peak_reserved_gib": None, "memory_fit": None, "mfu_peak": None,
         "resumed_from": [], "hellaswag": [],
     }
 
@@ -435,6 +465,10 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
     }
     log.line("config:\n" + config_table(cfg, extra))
     log.line("ops:\n" + trainer.ops.describe())
+    from train_speedrun import mfu_peak_info
+
+    mfu_peak = mfu_peak_info(cfg, env["device"])
+    log.line(mfu_peak["text"] if mfu_peak else "MFU: n/a (no peak: pass --peak-tflops)")
 
     start_step, train_time = 0, 0.0
     if resume_from is not None:
@@ -449,6 +483,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         log.line(f"resumed from {resume_from} at step {start_step} (train time so far {train_time:.1f} s)")
     else:
         result = _new_result(cfg, env, trainer, dist)
+    result["mfu_peak"] = mfu_peak
     result_path = out_dir / "result.json"
     if dist.master:
         atomic_write_json(result_path, result)
@@ -508,7 +543,11 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         if picks:
             log.line(f"autotuned tiles: {tune.summary(picks)}")
     if trainer.device.type == "cuda":
+        # The warm-up ran the autotuners (their timing buffers: a 256 MB L2 flush among them): hand the cached
+        # blocks back before the reset, or peak reserved would start at the warm-up's pool.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(trainer.device)
+        total_gib = torch.cuda.get_device_properties(trainer.device).total_memory / 2**30
 
     bad_in_a_row = 0
     stopped_by = None
@@ -522,16 +561,20 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
             train_time += dt
             tok_s = tokens_per_step / dt
             mfu = tok_s * trainer.flops_per_token / (cfg.peak_tflops * 1e12 * dist.world_size) if cfg.peak_tflops else None
-            mem = peak_memory_gib(trainer.device)
+            mem, reserved = peak_memory_gib(trainer.device), peak_reserved_gib(trainer.device)
             result["steps"].append({"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr, "ms": dt * 1e3,
-                                    "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_gib": mem, "skipped": not applied})
+                                    "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_gib": mem,
+                                    "peak_reserved_gib": reserved, "skipped": not applied})
             result["train_losses"].append(loss)
             mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
             log.step(f"step {step + 1:5d}/{cfg.max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.3e} | "
-                     f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB",
+                     f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB"
+                     + ("" if reserved is None else f" (reserved {reserved:.2f})"),
                      postfix=f"loss {loss:.4f} {tok_s:,.0f} tok/s MFU {mfu_s}")
             result.update(steps_done=step + 1, tokens_seen=(step + 1) * tokens_per_step, train_time_s=train_time,
-                          peak_mem_gib=mem)
+                          peak_mem_gib=mem, peak_reserved_gib=reserved)
+            if reserved is not None:
+                result["memory_fit"] = memory_fit(reserved, cfg.memory_gib, total_gib)
             if applied:
                 bad_in_a_row = 0
             else:
@@ -594,6 +637,11 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         atomic_write_text(out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
     if not stopped_by and cfg.checkpoint_every:
         checkpoint(done)
+    fit = result.get("memory_fit")
+    if fit:
+        log.line(f"memory: peak allocated {result['peak_mem_gib']:.2f} GiB, reserved {fit['peak_reserved_gib']:.2f} "
+                 f"GiB + {fit['context_allowance_gib']} GiB context = {fit['needed_gib']:.2f} of {fit['card_gib']:.2f} "
+                 f"GiB: {'fits' if fit['fits'] else 'DOES NOT FIT'}")
     val_s = "n/a" if result["final_val_loss"] is None else f"{result['final_val_loss']:.4f}"
     log.line(f"done: {done} steps, {result['tokens_seen']:,} tokens, train time {result['train_time_s']:.2f} s, "
              f"final val {val_s}, target {'reached' if result['target_reached'] else 'not reached'}; "

@@ -4,14 +4,17 @@
     python bench/resume.py                         # GPU: d12, bf16, both backends; writes bench/results/resume-*.json
     python bench/resume.py --smoke --out-dir DIR   # CPU: tiny model, fp32; the CPU guarantee is bitwise
 
-Per backend, three fresh `train_speedrun.py` processes on the same data and seed:
+Per backend and compile mode (on a GPU both: --compile, the GPU presets' default, and --no-compile), three fresh
+`train_speedrun.py` processes on the same data and seed:
   A  N steps straight, checkpointing at step N/2;
   B  the same again: how far two uninterrupted runs of this GPU/software already differ (the noise floor);
   C  A's step-N/2 checkpoint alone in a new out dir, continued with --resume to step N.
 Recorded: the per-step train losses and grad norms of A, B and C, and for C-vs-A and B-vs-A over steps N/2+1..N the
 largest absolute and relative difference of the loss, of the grad norm, and of the final val loss, plus whether they
 are bitwise equal. Resume adds error of its own only if C-vs-A exceeds B-vs-A. README's "Long runs" section quotes
-the GPU record.
+the GPU record. Under --compile, Inductor would lower nn.Embedding's backward (wte, wpe) to a scatter-add run with
+atomics on CUDA; the model's lookups go through gpt2/embedding.py (an eager, deterministic backward) so that the
+Triton backend's compiled runs can be bitwise too. The compiled rows measure whether they are.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="default 1024 (smoke 64)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: the GPU preset's (on); smoke: off")
+                   help="only compiled (--compile) or only eager (--no-compile) runs (default on a GPU: both, the "
+                        "presets' compiled default first; smoke: eager)")
     p.add_argument("--data", default="sample", help="data dir or 'sample' (default: the built-in sample corpus)")
     p.add_argument("--gpu", default=None, help="preset (default auto; smoke cpu)")
     p.add_argument("--smoke", action="store_true", help="CPU run of the tiny model (the bitwise case)")
@@ -63,18 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.micro_batch = args.micro_batch or (4 if smoke else 8)
     args.seq_len = args.seq_len or (64 if smoke else 1024)
     args.gpu = args.gpu or ("cpu" if smoke else "auto")
-    if args.compile is None:
-        args.compile = not smoke
+    args.compile_modes = [args.compile] if args.compile is not None else ([False] if smoke else [True, False])
     if args.steps < 2 or args.steps % 2:
         p.error(f"--steps {args.steps}: needs an even number >= 2 (the checkpoint is taken at N/2)")
     return args
 
 
-def train_argv(args, backend: str, out_dir: Path) -> list[str]:
+def train_argv(args, backend: str, compile_: bool, out_dir: Path) -> list[str]:
     tokens = args.micro_batch * args.seq_len
     half = args.steps // 2
     return ["--gpu", args.gpu, "--model", args.model, "--data", args.data, "--backend", backend,
-            "--compile" if args.compile else "--no-compile", "--micro-batch", str(args.micro_batch),
+            "--compile" if compile_ else "--no-compile", "--micro-batch", str(args.micro_batch),
             "--seq-len", str(args.seq_len), "--total-batch-tokens", str(tokens * args.grad_accum),
             "--max-steps", str(args.steps), "--warmup-steps", str(max(1, half)), "--val-every", str(args.steps),
             "--val-tokens", str(tokens), "--checkpoint-every", str(half), "--keep-checkpoints", "0",
@@ -110,24 +113,25 @@ def compare(ref: dict, other: dict, first_step: int) -> dict:
     return out
 
 
-def measure(args, backend: str, work: Path) -> dict:
+def measure(args, backend: str, compile_: bool, work: Path) -> dict:
     half = args.steps // 2
-    a_dir, b_dir, c_dir = work / f"{backend}-A", work / f"{backend}-B", work / f"{backend}-C"
-    log(f"[{backend}] A: {args.steps} steps straight (checkpoint at {half})")
-    a = run_cli(train_argv(args, backend, a_dir))
-    log(f"[{backend}] B: the same again (noise floor)")
-    b = run_cli(train_argv(args, backend, b_dir))
+    tag = f"{backend}{'+compile' if compile_ else ''}"
+    a_dir, b_dir, c_dir = work / f"{tag}-A", work / f"{tag}-B", work / f"{tag}-C"
+    log(f"[{tag}] A: {args.steps} steps straight (checkpoint at {half})")
+    a = run_cli(train_argv(args, backend, compile_, a_dir))
+    log(f"[{tag}] B: the same again (noise floor)")
+    b = run_cli(train_argv(args, backend, compile_, b_dir))
     c_dir.mkdir(parents=True)
     shutil.copy2(a_dir / f"ckpt_{half:08d}.pt", c_dir / f"ckpt_{half:08d}.pt")
-    log(f"[{backend}] C: A's step-{half} checkpoint, --resume to {args.steps}")
+    log(f"[{tag}] C: A's step-{half} checkpoint, --resume to {args.steps}")
     c = run_cli(["--resume", "--out-dir", str(c_dir)])
     if len(c["train_losses"]) != args.steps or c["resumed_from"][0]["step"] != half:
         raise SystemExit(f"error: the resumed run did not continue from step {half} to {args.steps}")
     resumed, noise = compare(a, c, half), compare(a, b, half)
-    log(f"[{backend}] resume vs straight: loss max rel {resumed['loss']['max_rel']:.3g} "
+    log(f"[{tag}] resume vs straight: loss max rel {resumed['loss']['max_rel']:.3g} "
         f"(bitwise {resumed['bitwise']}); straight vs straight: {noise['loss']['max_rel']:.3g} "
         f"(bitwise {noise['bitwise']})")
-    return {"backend": backend, "compile": args.compile, "resume_vs_straight": resumed,
+    return {"backend": backend, "compile": compile_, "resume_vs_straight": resumed,
             "straight_vs_straight": noise, "resume_adds_error": resumed["loss"]["max_abs"] > noise["loss"]["max_abs"],
             "losses": {"A": a["train_losses"], "B": b["train_losses"], "C": c["train_losses"]},
             "grad_norms": {k: [s["grad_norm"] for s in r["steps"]] for k, r in (("A", a), ("B", b), ("C", c))},
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
     env = env_info(device)
     now = datetime.datetime.now(datetime.timezone.utc)
     log(f"resume check on {env['device']}: {args.model}, {args.steps} steps, micro-batch {args.micro_batch} x "
-        f"{args.seq_len} x {args.grad_accum}, compile {args.compile}, backends {', '.join(args.backend)}")
+        f"{args.seq_len} x {args.grad_accum}, compile {'/'.join(map(str, args.compile_modes))}, backends "
+        f"{', '.join(args.backend)}")
     path = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,11 +166,12 @@ def main(argv=None) -> int:
     def save() -> None:
         """The record of the backends measured so far ("complete": false until all are), rewritten after each."""
         atomic_write_json(path, {
-            "kind": "resume", "smoke": args.smoke, "complete": len(results) == len(args.backend),
+            "kind": "resume", "smoke": args.smoke,
+            "complete": len(results) == len(args.backend) * len(args.compile_modes),
             "date": now.isoformat(timespec="seconds"), **env,
             "steps": args.steps, "checkpoint_step": args.steps // 2, "model": args.model,
             "micro_batch": args.micro_batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
-            "data": args.data, "backends": list(args.backend),
+            "data": args.data, "backends": list(args.backend), "compile_modes": list(args.compile_modes),
             "method": "A: N steps straight with a checkpoint at N/2; B: A again (run-to-run noise); C: A's N/2 "
                       "checkpoint resumed to N. Differences over steps N/2+1..N and the final val loss; each run "
                       "a fresh train_speedrun.py process.",
@@ -174,14 +180,15 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="tritonrun-resume-"))
     try:
-        for backend in args.backend:
-            results.append(measure(args, backend, work))
-            if path is not None:
-                save()
+        for compile_ in args.compile_modes:
+            for backend in args.backend:
+                results.append(measure(args, backend, compile_, work))
+                if path is not None:
+                    save()
         if args.keep_runs is not None:
             shutil.copytree(work, args.keep_runs, dirs_exist_ok=True)
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): the backends measured so far are on disk
-        done = ", ".join(r["backend"] for r in results) or "none"
+        done = ", ".join(f"{r['backend']}{'+compile' if r.get('compile') else ''}" for r in results) or "none"
         print(f"interrupted: backends measured so far: {done}" + (f" (in {path})" if path and results else ""),
               file=sys.stderr)
         return 130

@@ -37,10 +37,13 @@ the process has picked by then ("autotune", kernels/tune.py picks(); tuning happ
 
 12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
-set_per_process_memory_fraction(12 GiB / total). Each runs alone, micro-batches from the preset's upward; peak
-allocated and reserved are recorded, allocated must stay <= 11 GiB, and the largest micro-batch that fits under
-the cap (no OOM and allocated within 11 GiB) is reported per backend. The cap emulates the card's budget on a larger GPU; it does not emulate the
-4070's own CUDA context or its speed.
+set_per_process_memory_fraction((12 GiB - the 0.5 GiB CUDA context allowance) / total): the fraction bounds only
+PyTorch's allocator, and the context lies outside it. Each runs alone, micro-batches from the preset's upward:
+--warmup untimed steps under the cap (compile and autotune, whose timing buffers are not the run's), then the
+cache is emptied and the peak statistics reset, and the timed steps' peak allocated and reserved are recorded
+(the warm-up's beside them). A micro-batch fits when it does not OOM and peak RESERVED + the context allowance
+<= the card (the cap, or the device's total when smaller: a real 4070 reports 11.99 GiB); the largest that fits
+is reported per backend. The cap emulates the card's budget on a larger GPU, not its speed.
 
 --profile: torch.profiler over one step of triton+compile and torch+compile (micro-batch --profile-micro-batch),
 CUDA kernel time bucketed by kernel name, first match wins, case-insensitive (see BUCKETS below); GPU user
@@ -86,7 +89,6 @@ DEFAULT_MICRO_BATCHES = (8, 16, 32, 64)
 # (name, backend, compile): (a) ours, (b) the baseline, (c) eager torch
 CONFIGS = [("triton", "triton", False), ("triton+compile", "triton", True),
            ("torch+compile", "torch", True), ("torch", "torch", False)]
-CAP_ALLOC_LIMIT_GIB = 11.0
 
 # Profile buckets: CUDA kernel name -> op kind, first match wins (re.search, case-insensitive). Inductor names its
 # kernels after the fused aten ops (triton_per_fused_native_layer_norm_..., triton_poi_fused_gelu_...), ours are
@@ -138,10 +140,12 @@ class Spec:
         self.args, self.memory_gib, self.gpu, self.torch_ops = args, memory_gib, gpu or args.gpu, torch_ops
 
 
-def sweep_configs(backends: list[str], compiles: list[bool], torch_ops: list[str]) -> list[tuple]:
-    """(name, backend, compile, torch_ops) of every configuration the sweep times: CONFIGS filtered, then per
-    --torch-ops value a copy of the triton ones that keeps those ops in torch."""
-    base = [(n, b, c, "") for n, b, c in CONFIGS if b in backends and c in compiles]
+def sweep_configs(backends: list[str], compiles: list[bool], torch_ops: list[str],
+                  names: list[str] | None = None) -> list[tuple]:
+    """(name, backend, compile, torch_ops) of every configuration the sweep times: CONFIGS filtered (by backend,
+    compile and, with --configs, name), then per --torch-ops value a copy of the triton ones that keeps those ops
+    in torch."""
+    base = [(n, b, c, "") for n, b, c in CONFIGS if b in backends and c in compiles and (names is None or n in names)]
     variants = [(f"{n} (torch: {ops})", b, c, ops) for ops in torch_ops for n, b, c, _ in base if b == "triton"]
     return base + variants
 
@@ -242,6 +246,44 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
         if spec.name in records:  # outside the except block: its traceback (holding the activations) is gone
             del tr
             free_memory(device)
+    free_memory(device)  # the warm-ups' cached blocks (the tuners' timing buffers) leave the reserved peaks
+    interrupted = False
+    try:
+        _time_round_robin(live, records, args, device)
+    except KeyboardInterrupt:  # a time limit's SIGINT: the steps timed so far become records, marked as such
+        interrupted = True
+    for e in [e for e in live if not e["ms"]]:
+        live.remove(e)
+    for e in live:
+        spec, cfg = e["spec"], e["cfg"]
+        pa, pr = (e["peak_alloc"], e["peak_reserved"]) if cuda(device) else (None, None)
+        records[spec.name] = run_record(spec, cfg, e["tr"], e["ms"], pa, pr,
+                                        spec.micro_batch * cfg.seq_len * cfg.grad_accum)
+        r = records[spec.name]
+        if interrupted:
+            r["interrupted"] = f"stopped by SIGINT after {len(e['ms'])} of {args.steps} timed steps"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        log(f"  {spec.name:15s} mb={spec.micro_batch:3d}  {r['step_ms_median']:9.2f} ms  "
+            f"{r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}" + ("  (interrupted)" if interrupted else ""))
+    live.clear()
+    e = tr = None  # the loops' last trainer too: its blocks would stay cached into the next group's peaks
+    done = [records[s.name] for s in specs if s.name in records]
+    if interrupted:
+        raise Interrupted(done)
+    free_memory(device, reset_compiled=True)
+    return done
+
+
+class Interrupted(Exception):
+    """SIGINT (KeyboardInterrupt) inside a measurement; `part` is what it had measured (runs, or the cap dict)."""
+
+    def __init__(self, part):
+        super().__init__("interrupted")
+        self.part = part
+
+
+def _time_round_robin(live: list[dict], records: dict, args, device) -> None:
+    """The timed steps of one group: blocks of --block steps per configuration in turn until each has --steps."""
     while any(len(e["ms"]) < args.steps for e in live):
         for e in list(live):
             if len(e["ms"]) >= args.steps:
@@ -264,18 +306,6 @@ def sweep_group(specs: list[Spec], args, data_dir: Path, out_dir: Path, device) 
                 live.remove(e)
                 e["tr"] = tr = None  # the round's list(live) still holds e: drop its weights, state and grads
                 free_memory(device)
-    for e in live:
-        spec, cfg = e["spec"], e["cfg"]
-        pa, pr = (e["peak_alloc"], e["peak_reserved"]) if cuda(device) else (None, None)
-        records[spec.name] = run_record(spec, cfg, e["tr"], e["ms"], pa, pr, spec.micro_batch * cfg.seq_len * cfg.grad_accum)
-        r = records[spec.name]
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        log(f"  {spec.name:15s} mb={spec.micro_batch:3d}  {r['step_ms_median']:9.2f} ms  "
-            f"{r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
-    live.clear()
-    e = tr = None  # the loops' last trainer too: its blocks would stay cached into the next group's peaks
-    free_memory(device, reset_compiled=True)
-    return [records[s.name] for s in specs if s.name in records]
 
 
 def speedups(runs: list[dict]) -> dict:
@@ -312,17 +342,38 @@ def speedups(runs: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------- cap
 def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
     from train_speedrun import PRESETS
+    from training import CUDA_CONTEXT_GIB, allocator_fraction
 
     preset = PRESETS["rtx4070"]
     total = torch.cuda.get_device_properties(device).total_memory
-    out = {"preset": "rtx4070", "cap_gib": args.cap_gib, "fraction": min(1.0, args.cap_gib * GIB / total),
-           "device_total_gib": total / GIB, "alloc_limit_gib": CAP_ALLOC_LIMIT_GIB, "steps": args.cap_steps,
-           "how": "Trainer(cfg.memory_gib=cap) -> set_per_process_memory_fraction(cap/total); each run alone; "
-                  "peaks over construction, warm-up and timed steps; largest_fitting: the largest micro-batch "
-                  "(doubling from the preset's) with no OOM and peak allocated <= alloc_limit_gib",
+    out = {"preset": "rtx4070", "cap_gib": args.cap_gib, "fraction": allocator_fraction(args.cap_gib, total),
+           "device_total_gib": total / GIB, "context_allowance_gib": CUDA_CONTEXT_GIB, "steps": args.cap_steps,
+           "warmup": args.warmup,
+           "how": "Trainer(cfg.memory_gib=cap) -> set_per_process_memory_fraction((cap - context allowance) / "
+                  "total); each run alone; --warmup untimed steps under the cap (compile, autotune: the tuners' "
+                  "timing buffers), then the cache emptied and the peak statistics reset, then the timed steps: "
+                  "peak_alloc_gib / peak_reserved_gib are theirs (steady state), warmup_peak_*_gib the warm-up's. "
+                  "fit: peak reserved + context allowance <= the card (min of cap and device total); "
+                  "largest_fitting: the largest micro-batch (doubling from the preset's) with no OOM and a fit",
            "runs": [], "largest_fitting": {}}
     backends = [(preset.backend, preset.compile)] + [(b, preset.compile) for b in ("torch", "triton")
                                                       if b != preset.backend]
+    try:
+        _cap_runs(out, backends, args, data_dir, out_dir, device, total, preset)
+    except KeyboardInterrupt:  # a time limit's SIGINT: the runs so far stay in the record
+        out["interrupted"] = "stopped by SIGINT"
+    preset_runs = [r for r in out["runs"] if r["micro_batch"] == preset.micro_batch and r["fits"]]
+    out["preset_pass"] = bool(preset_runs) and all(r["fits_card"] for r in preset_runs)
+    torch.cuda.set_per_process_memory_fraction(1.0, device)  # device is indexed: torch requires it here
+    if out.get("interrupted"):
+        raise Interrupted(out)
+    free_memory(device)
+    return out
+
+
+def _cap_runs(out: dict, backends, args, data_dir: Path, out_dir: Path, device, total: int, preset) -> None:
+    from training import CUDA_CONTEXT_GIB, memory_fit
+
     for backend, comp in backends:
         name = f"{backend}{'+compile' if comp else ''}"
         largest = None
@@ -333,33 +384,37 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             tr = None
             try:
-                cfg, tr = build_trainer(spec, data_dir, out_dir)
-                ms = [timed_step(tr, i) for i in range(args.warmup + args.cap_steps)][args.warmup:]
+                cfg, tr = build_trainer(spec, data_dir, out_dir, warmup=args.warmup)  # tunes here, under the cap
+                warm_alloc = torch.cuda.max_memory_allocated(device) / GIB
+                warm_reserved = torch.cuda.max_memory_reserved(device) / GIB
+                free_memory(device)  # the tuners' cached blocks go back before the peaks restart
+                torch.cuda.reset_peak_memory_stats(device)
+                ms = [timed_step(tr, args.warmup + i) for i in range(args.cap_steps)]
                 rec = run_record(spec, cfg, tr, ms, torch.cuda.max_memory_allocated(device) / GIB,
                                  torch.cuda.max_memory_reserved(device) / GIB, mb * cfg.seq_len * cfg.grad_accum)
                 rec.pop("step_ms_all")
+                rec["warmup_peak_alloc_gib"], rec["warmup_peak_reserved_gib"] = warm_alloc, warm_reserved
                 rec["mfu_note"] = "MFU against the rtx4070 preset's 58.3 TFLOPS peak but timed on " \
                                   "this device: meaningless as a 4070 figure"
-                rec["alloc_ok"] = rec["peak_alloc_gib"] <= CAP_ALLOC_LIMIT_GIB
-                if rec["alloc_ok"]:  # fitting = no OOM under the cap and allocated within the 11 GiB limit
+                rec["fit"] = memory_fit(rec["peak_reserved_gib"], args.cap_gib, total / GIB)
+                rec["fits_card"] = rec["fit"]["fits"]
+                if rec["fits_card"]:  # fitting = no OOM under the cap and reserved + context within the card
                     largest = mb
                 log(f"  cap {args.cap_gib} GiB {name} mb={mb}: peak alloc {rec['peak_alloc_gib']:.2f} GiB, "
-                    f"reserved {rec['peak_reserved_gib']:.2f} GiB, "
-                    f"{'PASS' if rec['alloc_ok'] else 'FAIL'} (alloc <= {CAP_ALLOC_LIMIT_GIB} GiB)")
+                    f"reserved {rec['peak_reserved_gib']:.2f} GiB (warm-up: {warm_reserved:.2f}), "
+                    f"{'FITS' if rec['fits_card'] else 'DOES NOT FIT'} (reserved + {CUDA_CONTEXT_GIB} GiB context "
+                    f"= {rec['fit']['needed_gib']:.2f} of {rec['fit']['card_gib']:.2f} GiB)")
             except torch.OutOfMemoryError:
                 rec = oom_record(spec, "under the cap")
+                rec["fits_card"] = False
                 log(f"  cap {args.cap_gib} GiB {name} mb={mb}: out of memory")
             del tr
             out["runs"].append(rec)
-            if not (rec["fits"] and rec["alloc_ok"]):
+            if not rec["fits_card"]:
                 break
             mb *= 2
+            out["largest_fitting"][name] = largest
         out["largest_fitting"][name] = largest
-    preset_runs = [r for r in out["runs"] if r["micro_batch"] == preset.micro_batch and r["fits"]]
-    out["preset_pass"] = bool(preset_runs) and all(r["alloc_ok"] for r in preset_runs)
-    torch.cuda.set_per_process_memory_fraction(1.0, device)  # device is indexed: torch requires it here
-    free_memory(device)
-    return out
 
 
 # ----------------------------------------------------------------------------------------- profile
@@ -439,8 +494,10 @@ def markdown(rec: dict) -> str:
         lines += ["No sweep in this record (--no-sweep): the cap check and/or profile only."]
     if rec.get("cap"):
         c = rec["cap"]
-        lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): preset passes alloc <= "
-                      f"{c['alloc_limit_gib']} GiB: {'yes' if c['preset_pass'] else 'NO'}; largest fitting "
+        rule = (f"peak reserved + {c['context_allowance_gib']} GiB context <= the card" if "context_allowance_gib"
+                in c else f"allocated <= {c.get('alloc_limit_gib')} GiB (an older record's rule)")
+        lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): preset fits ({rule}): "
+                      f"{'yes' if c['preset_pass'] else 'NO'}; largest fitting "
                       f"micro-batch: " + ", ".join(f"{k} {v}" for k, v in c["largest_fitting"].items())]
     if rec.get("profile"):
         p = rec["profile"]
@@ -619,6 +676,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-ops", action="append", default=[], metavar="OP[,OP...]",
                    help="also time the triton configurations with these ops kept in torch (repeatable, one variant "
                         "each; names as in train_speedrun.py --torch-ops)")
+    p.add_argument("--configs", default=None, metavar="NAME[,NAME...]",
+                   help=f"only these configurations (default all: {', '.join(n for n, _, _ in CONFIGS)}), e.g. "
+                        f"triton,triton+compile,torch+compile")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="only compiled (--compile) or only eager (--no-compile) configs (default both; smoke eager)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 20, >= 20; smoke 3)")
@@ -722,7 +782,15 @@ def main(argv=None) -> int:
     if torch_ops and "triton" not in backends:
         print("error: --torch-ops makes variants of the triton configurations: add --backend triton", file=sys.stderr)
         return 2
-    configs = sweep_configs(backends, compiles, torch_ops)
+    names = None
+    if args.configs is not None:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in [c[0] for c in CONFIGS]]
+        if unknown or not names:
+            print(f"error: --configs: unknown configuration {unknown[0] if unknown else repr(args.configs)}: choose "
+                  f"from {', '.join(n for n, _, _ in CONFIGS)}", file=sys.stderr)
+            return 2
+    configs = sweep_configs(backends, compiles, torch_ops, names)
 
     from gpt2 import MODEL_SIZES
 
@@ -772,16 +840,26 @@ def main(argv=None) -> int:
         biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
                       + ([args.profile_micro_batch] if args.profile else []))
         synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
-        for mb in mbs:
-            log(f"micro-batch {mb}:")
-            runs += sweep_group([Spec(n, b, c, mb, args, torch_ops=ops) for n, b, c, ops in configs], args, data_dir,
-                                tmp / "out", device)
+        try:
+            for mb in mbs:
+                log(f"micro-batch {mb}:")
+                runs += sweep_group([Spec(n, b, c, mb, args, torch_ops=ops) for n, b, c, ops in configs], args,
+                                    data_dir, tmp / "out", device)
+                save(complete=False)
+            if args.cap_gib and not smoke:
+                cap = cap_check(args, data_dir, tmp / "out", device)
+                save(complete=False)
+            if args.profile:
+                prof = profile_split(args, data_dir, tmp / "out", device)
+        except (Interrupted, KeyboardInterrupt) as e:  # e.g. .ci/gpu's deadline: keep what was measured
+            if isinstance(e, Interrupted) and isinstance(e.part, list):
+                runs += e.part
+            elif isinstance(e, Interrupted):
+                cap = e.part
             save(complete=False)
-        if args.cap_gib and not smoke:
-            cap = cap_check(args, data_dir, tmp / "out", device)
-            save(complete=False)
-        if args.profile:
-            prof = profile_split(args, data_dir, tmp / "out", device)
+            print(f"interrupted: the record so far{f' is in {path}' if path else ' was not written (no --out-dir)'} "
+                  f"(complete: false)", file=sys.stderr)
+            return 130
     save(complete=True)
     if smoke:
         log("SMOKE RUN: NOT A TIMING.")

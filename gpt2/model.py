@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.config import GPTConfig
+from gpt2.embedding import embedding
 from gpt2.ops import Ops, get_ops
 
 
@@ -130,7 +131,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         ops, tr, eps = self.ops, self.transformer, self.config.ln_eps
         pos = torch.arange(T, device=idx.device)
-        x = tr.wte(idx) + tr.wpe(pos)  # residual stream
+        # residual stream; the lookups' backward stays deterministic under torch.compile (gpt2/embedding.py)
+        x = embedding(idx, tr.wte.weight) + embedding(pos, tr.wpe.weight)
         h = tr.h
         y = ops.layer_norm(x, h[0].ln_1.weight, h[0].ln_1.bias, eps)
         for i, block in enumerate(h):

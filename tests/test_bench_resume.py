@@ -26,7 +26,7 @@ def test_smoke_both_backends_resume_bitwise(tmp_path):
     [path] = tmp_path.glob("resume-smoke-*.json")
     rec = json.loads(path.read_text())
     assert rec["kind"] == "resume" and rec["smoke"] and rec["steps"] == 4 and rec["checkpoint_step"] == 2
-    assert rec["complete"] is True and rec["backends"] == ["torch", "triton"]
+    assert rec["complete"] is True and rec["backends"] == ["torch", "triton"] and rec["compile_modes"] == [False]
     assert rec["commit"] and rec["torch"] == torch.__version__
     assert [r["backend"] for r in rec["runs"]] == ["torch", "triton"]
     for r in rec["runs"]:
@@ -67,23 +67,40 @@ def test_user_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_gpu_default_measures_compiled_and_eager():
+    """The GPU presets train compiled, so the GPU default measures --compile (first) and --no-compile, and each
+    run's train_speedrun.py command says which; --compile / --no-compile pick one."""
+    resume = load_script("bench/resume.py", "bench_resume")
+    args = resume.parse_args([])
+    assert args.compile_modes == [True, False]
+    assert "--compile" in resume.train_argv(args, "triton", True, REPO / "x")
+    assert "--no-compile" in resume.train_argv(args, "triton", False, REPO / "x")
+    assert resume.parse_args(["--no-compile"]).compile_modes == [False]
+    assert resume.parse_args(["--compile"]).compile_modes == [True]
+    assert resume.parse_args(["--smoke"]).compile_modes == [False]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the GPU case of resume exactness")
 def test_gpu_triton_backend_is_bitwise_torch_backend_recorded(tmp_path):
     """On a GPU the Triton backend has no atomics anywhere (attention, CE, LayerNorm reductions are
-    deterministic by construction; cuBLAS is run-to-run deterministic for fixed shapes), so its straight runs
-    and its resumed run must agree bitwise. The torch backend (SDPA's flash backward accumulates dQ with
-    atomics) is only measured: its figures go to the record, quoted in README from bench/results.
+    deterministic by construction; cuBLAS is run-to-run deterministic for fixed shapes), so its eager straight
+    runs and its resumed run must agree bitwise. The torch backend (SDPA's flash backward accumulates dQ with
+    atomics) and the compiled runs (Inductor's embedding backward is a scatter-add with atomics) are only
+    measured: their figures go to the record, quoted in README from bench/results.
     Attention's autotuned tile (which sets its summation order) is cached on disk by the first process to tune
     and read by the later ones; a Triton cache of this test's own keeps another xdist worker tuning the same
     key at the same time from writing a different pick between the runs."""
-    proc = bench("--model", "tiny", "--micro-batch", 4, "--seq-len", 128, "--steps", 6, "--no-compile",
+    proc = bench("--model", "tiny", "--micro-batch", 4, "--seq-len", 128, "--steps", 6,
                  "--out-dir", tmp_path, env={"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
     assert proc.returncode == 0, proc.stderr + proc.stdout
     [path] = tmp_path.glob("resume-*.json")
-    runs = {r["backend"]: r for r in json.loads(path.read_text())["runs"]}
+    rec = json.loads(path.read_text())
+    assert rec["complete"] and sorted((r["backend"], r["compile"]) for r in rec["runs"]) == [
+        ("torch", False), ("torch", True), ("triton", False), ("triton", True)]
+    runs = {r["backend"]: r for r in rec["runs"] if not r["compile"]}
     assert runs["triton"]["straight_vs_straight"]["bitwise"], runs["triton"]["straight_vs_straight"]
     assert runs["triton"]["resume_vs_straight"]["bitwise"], runs["triton"]["resume_vs_straight"]
-    for r in runs.values():
+    for r in rec["runs"]:
         assert all(math.isfinite(x) for x in r["losses"]["C"]) and len(r["losses"]["C"]) == 6
 
 
@@ -92,7 +109,7 @@ def test_an_interrupted_run_keeps_the_backends_it_measured(tmp_path, monkeypatch
     incomplete, and the exit is 130 (measure() stands in: the plumbing, not the runs, is under test)."""
     mod = load_script("bench/resume.py", "bench_resume")
 
-    def measure(args, backend, work):
+    def measure(args, backend, compile_, work):
         if backend == "triton":
             raise KeyboardInterrupt
         return {"backend": backend, "resume_vs_straight": {"bitwise": True}}

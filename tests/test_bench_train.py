@@ -210,13 +210,44 @@ def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
         return real(specs, *rest)
 
     monkeypatch.setattr(m, "sweep_group", sweep_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        m.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert m.main(["--smoke", "--out-dir", str(tmp_path)]) == 130  # SIGINT: exit 130, the record kept
     [path] = tmp_path.glob("train-*.json")
     rec = json.loads(path.read_text())
     assert rec["complete"] is False and done == [2]
     assert [(r["name"], r["micro_batch"]) for r in rec["runs"]] == [("torch", 2)] and rec["runs"][0]["fits"]
     assert not list(tmp_path.glob("*.md"))  # the summary comes with the complete record only
+
+
+def test_sigint_inside_a_group_keeps_its_timed_steps(tmp_path, monkeypatch):
+    """.ci/gpu's deadline (SIGINT) in the middle of a group's timed steps (one micro-batch is all the budgeted
+    check times): the steps timed so far become runs marked "interrupted", the record is written, exit 130."""
+    m = load_module()
+    real, calls = m.timed_step, []
+
+    def timed_then_stop(tr, step):
+        calls.append(step)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return real(tr, step)
+
+    monkeypatch.setattr(m, "timed_step", timed_then_stop)
+    assert m.main(["--smoke", "--micro-batches", "2", "--steps", "20", "--block", "2", "--backend", "torch",
+                   "--out-dir", str(tmp_path)]) == 130
+    rec = json.loads(next(tmp_path.glob("train-*.json")).read_text())
+    [run] = rec["runs"]
+    assert rec["complete"] is False and run["name"] == "torch" and len(run["step_ms_all"]) == 4
+    assert run["interrupted"] == "stopped by SIGINT after 4 of 20 timed steps"
+
+
+def test_configs_picks_configurations_by_name(tmp_path):
+    m = load_module()
+    got = m.sweep_configs(["torch", "triton"], [True, False], [], ["triton", "triton+compile", "torch+compile"])
+    assert [c[0] for c in got] == ["triton", "triton+compile", "torch+compile"]
+    proc = bench("--smoke", "--configs", "triton,torch+eager", "--out-dir", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --configs: unknown configuration torch+eager: choose from triton, triton+compile, torch+compile, "
+        "torch")
+    assert not list(tmp_path.iterdir())
 
 
 def test_torch_ops_variants_are_triton_configs_named_by_their_ops():
@@ -272,10 +303,11 @@ def test_markdown_of_a_cap_only_record(smoke):
     _, _, rec, _ = smoke
     mod = load_module()
     cap_only = {**rec, "runs": [], "speedup_vs_compiled_torch": mod.speedups([]),
-                "cap": {"cap_gib": 12.0, "alloc_limit_gib": 11.0, "preset_pass": True,
+                "cap": {"cap_gib": 12.0, "context_allowance_gib": 0.5, "preset_pass": True,
                         "largest_fitting": {"torch+compile": 16, "triton+compile": 32}}}
     md = mod.markdown(cap_only)
     assert "No sweep in this record" in md and "Speedup" not in md and "| config |" not in md
+    assert "preset fits (peak reserved + 0.5 GiB context <= the card): yes" in md
     assert "largest fitting micro-batch: torch+compile 16, triton+compile 32" in md
 
     buckets = [k for k, _ in mod.BUCKETS] + ["other"]

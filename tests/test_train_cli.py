@@ -64,7 +64,11 @@ def test_30_steps_loss_falls_and_records_are_complete(run30):
     for key in ("commit", "dirty", "python", "torch", "triton", "device"):
         assert key in result["env"]
     step = result["steps"][0]
-    assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib", "skipped"}
+    assert set(step) == {"step", "loss", "grad_norm", "lr", "ms", "tokens_per_s", "mfu", "peak_mem_gib",
+                         "peak_reserved_gib", "skipped"}
+    # on CPU: no reserved pool, no card to fit, no MFU peak (the cpu preset has none)
+    assert step["peak_reserved_gib"] is None and result["peak_reserved_gib"] is None
+    assert result["memory_fit"] is None and result["mfu_peak"] is None
     assert result["leaderboard_row"].startswith("| ") and result["leaderboard_row"].count("|") == 14
     assert "| 15.4K |" in result["leaderboard_row"]  # 30 x 512 tokens
     assert result["leaderboard_row"] in proc.stdout.splitlines()[-1]
@@ -83,6 +87,7 @@ def test_log_begins_with_version_device_and_config(run30):
     assert len(steps) == 30
     for field in ("loss", "norm", "lr", "ms", "tok/s", "MFU", "mem"):
         assert field in steps[0]
+    assert "MFU: n/a (no peak: pass --peak-tflops)" in lines
 
 
 def test_loss_plot_is_written(run30):
@@ -202,6 +207,50 @@ def test_gpu_auto_picks_the_preset_and_peak_by_device_name(monkeypatch, tmp_path
     assert (cfg.gpu, cfg.peak_tflops) == (preset, peak)
 
 
+@pytest.mark.parametrize("device_name,flags,text", [
+    ("NVIDIA H200", [], "MFU vs rtx4070 peak 58.3 TFLOPS (preset), device NVIDIA H200: not this device's peak "
+                        "(h200 989 TFLOPS: --peak-tflops 989 measures against it)"),
+    ("NVIDIA H200", ["--peak-tflops", "989"], "MFU vs 989 TFLOPS (--peak-tflops), device NVIDIA H200"),
+    ("NVIDIA GeForce RTX 4070", [], "MFU vs rtx4070 peak 58.3 TFLOPS (preset), device NVIDIA GeForce RTX 4070"),
+    ("NVIDIA GeForce RTX 4070 SUPER", [], "MFU vs rtx4070 peak 71 TFLOPS (preset), device NVIDIA GeForce RTX 4070 "
+                                          "SUPER"),
+    ("NVIDIA GeForce RTX 4080", [], "MFU vs rtx4070 peak 58.3 TFLOPS (preset), device NVIDIA GeForce RTX 4080: not "
+                                    "this device's peak (pass --peak-tflops for it)"),
+])
+def test_mfu_says_which_peak_it_is_of(monkeypatch, tmp_path, device_name, flags, text):
+    """`--gpu rtx4070` on a bigger GPU divides by the 4070's 58.3 TFLOPS: the log line and the record's mfu_peak
+    say whose peak it is, the device that ran, and that device's own peak (faked device name, on CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
+    cfg, _ = train_speedrun.resolve_config(["--gpu", "rtx4070", "--out-dir", str(tmp_path), *flags])
+    info = train_speedrun.mfu_peak_info(cfg, device_name)
+    assert info["text"] == text and info["peak_tflops"] == cfg.peak_tflops and info["device"] == device_name
+    assert info["source"] == ("--peak-tflops" if flags else "preset")
+    if device_name == "NVIDIA H200":
+        assert (info["device_preset"], info["device_peak_tflops"]) == ("h200", 989.0)
+
+
+def test_memory_fit_rule_and_cap_fraction(monkeypatch):
+    """Fit = peak RESERVED + the CUDA context allowance within the card (the budget, or the device when smaller);
+    the allocator cap leaves the context out of the budget, also on a real 4070 (11.99 GiB: the fraction used to
+    be 1.0 there, capping nothing). Peak reserved comes from the CUDA allocator (faked here)."""
+    ctx = training.CUDA_CONTEXT_GIB
+    assert ctx == 0.5
+    gib = 2**30
+    assert training.allocator_fraction(12, int(11.99 * gib)) == pytest.approx(11.5 / 11.99)
+    assert training.allocator_fraction(12, 141 * gib) == pytest.approx(11.5 / 141)
+    assert training.allocator_fraction(0, 141 * gib) == 1.0
+    fit = training.memory_fit(11.4, 12, 139.8)
+    assert fit["fits"] and fit["card_gib"] == 12 and fit["needed_gib"] == pytest.approx(11.9)
+    assert not training.memory_fit(11.6, 12, 139.8)["fits"]  # allocated may be far lower: reserved is what counts
+    assert training.memory_fit(11.45, 12, 11.99)["fits"] and not training.memory_fit(11.5, 12, 11.99)["fits"]
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * gib)
+    cuda = torch.device("cuda", 0)
+    assert training.peak_reserved_gib(cuda) == 3.0 and training.peak_memory_gib(cuda) == 2.0
+    assert training.peak_reserved_gib(torch.device("cpu")) is None
+
+
 def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
     """Config resolution on a GPU, faked on CPU (it reads only is_available and the device name): a run started
     on an H100 PCIe (peak 756) and resumed on an SXM part gets 989; `--resume --gpu auto` on the checkpoint's
@@ -285,7 +334,7 @@ def test_memory_cap_is_set_and_lifted_per_trainer():
     many in one process) lifts it instead of inheriting it."""
     total = torch.cuda.get_device_properties(0).total_memory
     try:
-        for gib, want in ((2.0, 2.0 * 2**30 / total), (0.0, 1.0)):
+        for gib, want in ((2.0, (2.0 - training.CUDA_CONTEXT_GIB) * 2**30 / total), (0.0, 1.0)):
             cfg, _ = train_speedrun.resolve_config(
                 ["--gpu", "auto", "--model", "tiny", "--data", "sample", "--micro-batch", "2", "--seq-len", "64",
                  "--total-batch-tokens", "128", "--val-tokens", "128", "--no-compile", "--memory-gib", str(gib),
