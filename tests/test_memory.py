@@ -319,3 +319,51 @@ def test_cpu_autocast_makes_the_casts_cuda_autocast_makes():
     r = subprocess.run([sys.executable, "-c", CUDA_AUTOCAST_CHECK, str(REPO)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "same casts" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_preset_micro_batch_follows_the_backend(monkeypatch):
+    """--backend triton with the fused LM head takes the preset's triton_micro_batch; the torch LM head (the torch
+    backend, or linear_cross_entropy kept in torch) the preset's micro_batch; an explicit --micro-batch wins.
+    (Config resolution on a GPU, faked on CPU: it reads only is_available and the device name.)"""
+    import train_speedrun
+    from train_speedrun import PRESETS, preset_micro_batch, resolve_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4070")
+
+    p = PRESETS["rtx4070"]
+    assert p.triton_micro_batch and p.triton_micro_batch > p.micro_batch
+    assert preset_micro_batch("rtx4070", "triton") == p.triton_micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "attention") == p.triton_micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy") == p.micro_batch
+    assert preset_micro_batch("rtx4070", "torch") == p.micro_batch
+    assert preset_micro_batch("cpu", "triton") == PRESETS["cpu"].micro_batch
+    base = ["--gpu", "rtx4070", "--out-dir", "unused"]
+    assert resolve_config(base)[0].micro_batch == p.micro_batch  # the preset's default backend: torch
+    assert resolve_config(base + ["--backend", "triton"])[0].micro_batch == p.triton_micro_batch
+    assert resolve_config(base + ["--backend", "triton", "--torch-ops", "linear_cross_entropy"])[0].micro_batch \
+        == p.micro_batch
+    assert resolve_config(base + ["--backend", "triton", "--micro-batch", "4"])[0].micro_batch == 4
+    assert train_speedrun.Preset.__dataclass_fields__["triton_micro_batch"].default is None
+
+
+def _newest_record(preset: str) -> dict | None:
+    paths = sorted((REPO / "bench" / "results").glob(f"memory-{preset}-*.json"))
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def test_gpu_presets_fit_by_their_memory_record():
+    """Each GPU preset's micro-batches are within what its committed memory record found to fit: micro_batch for
+    the torch LM head, triton_micro_batch for the fused one."""
+    from train_speedrun import PRESETS
+
+    assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
+    for name, p in PRESETS.items():
+        record = _newest_record(name)
+        if p.device != "cuda" or record is None:
+            continue
+        fit = record["max_micro_batch"]
+        assert p.micro_batch <= fit["torch"]["micro_batch"], name
+        if p.triton_micro_batch:
+            assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
+        assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
