@@ -77,11 +77,11 @@ PRESETS: dict[str, Preset] = {
     # bench/memory.py's estimate (bench/results/memory-<preset>-*.json; tests/test_memory.py checks it).
     "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16),
     "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16),
-    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2),
-    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0),
-    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0),
-    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0),
-    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0),
+    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32),
+    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32),
+    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64),
+    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128),
+    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256),
     "cpu": Preset(
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
         model="tiny", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
