@@ -367,3 +367,30 @@ def test_gpu_presets_fit_by_their_memory_record():
         if p.triton_micro_batch:
             assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
         assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
+
+
+def test_fakes_size_scratch_for_the_planned_gpu():
+    """Under kernels.target.planning_for, the cross-entropy fakes size the per-program fp32 scratch for the named
+    GPU's SM count and arch table: at GPT-2 shapes on the rtx4070 (46 SMs, sm_89 128-wide tiles) each backward
+    kernel's scratch is 46 x 128 x 768 x 4 B (~18 MB); on an H100 (132 SMs) the dh grid stops at its 128 row
+    blocks and the dW grid at 132 programs."""
+    from kernels.cross_entropy import linear_cross_entropy
+    from kernels.target import planning_for
+    from train_speedrun import PRESETS
+
+    assert {n for n, p in PRESETS.items() if p.device == "cuda"} == set(memory.GPUS)
+    N, C, Vp = 16 * 1024, 768, 50304
+    for gpu in ("rtx4070", "h100"):
+        ledger = memory.Ledger()
+        with planning_for(memory.GPUS[gpu]), memory.TrackingFakeMode(ledger):
+            h = torch.empty(N, C, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.empty(Vp, C, dtype=torch.bfloat16, requires_grad=True)
+            t = torch.empty(N, dtype=torch.long)
+            ledger.trace = []
+            linear_cross_entropy(h, w, t, -1, 50257).backward()
+        sms = memory.GPUS[gpu].sm_count
+        # one program per SM, at most one per tile: 128 row blocks (dh, one vocab split), 393 vocab blocks (dW)
+        dh_scratch, dw_scratch = min(128, sms) * 128 * C * 4, min(393, sms) * 128 * C * 4
+        inside = [n for n, _, where in ledger.trace if where.startswith("tritonrun.linear_cross_entropy_backward")]
+        assert inside == [N, N * C * 2, dh_scratch, Vp * C * 2, dw_scratch], gpu  # mask, dh, scratch, dW, scratch
+    assert dh_scratch == 50_331_648 and dw_scratch == 51_904_512  # H100: 128 and 132 programs
