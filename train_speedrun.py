@@ -67,17 +67,21 @@ class Preset:
     init_from: str | None = None  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
     hellaswag_every: int = 1000  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)
     hellaswag_path: str = str(HELLASWAG_PATH)  # written by `python data/hellaswag.py`
+    # micro-batch under --backend triton with the fused LM head (linear_cross_entropy not in --torch-ops): it keeps
+    # no (tokens x vocab) fp32 logits, so more sequences fit (see triton_micro_batch_for). None: micro_batch.
+    triton_micro_batch: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
-    # micro-batch sized for the memory with the torch LM head (fp32 logits materialized)
-    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3),
-    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2),
-    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2),
-    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0),
-    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0),
-    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0),
-    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0),
+    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one. Both fit by
+    # bench/memory.py's estimate (bench/results/memory-<preset>-*.json; tests/test_memory.py checks it).
+    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16),
+    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16),
+    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32),
+    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32),
+    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64),
+    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128),
+    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256),
     "cpu": Preset(
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
         model="tiny", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
@@ -275,6 +279,15 @@ def automatic_peaks(preset: str) -> set[float | None]:
     return {PRESETS[preset].peak_tflops, *(peak for _, peak in VARIANT_PEAK_TFLOPS.get(preset, []))}
 
 
+def preset_micro_batch(preset: str, backend: str, torch_ops: str = "") -> int:
+    """The preset's micro-batch for this backend: triton_micro_batch when the fused LM head runs (--backend triton,
+    linear_cross_entropy not in --torch-ops), else micro_batch. Both from bench/memory.py's estimate
+    (bench/results/memory-<preset>-*.json): the reserved peak of an eager step within the card's memory - 1 GiB."""
+    p = PRESETS[preset]
+    fused_head = backend == "triton" and "linear_cross_entropy" not in parse_op_list(torch_ops)
+    return p.triton_micro_batch if fused_head and p.triton_micro_batch else p.micro_batch
+
+
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
     """(config, checkpoint to resume from or None). Preset < checkpoint (with --resume) < explicit flags."""
     args = build_parser().parse_args(argv)
@@ -284,6 +297,7 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
 def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "download", "eval_only")}
     resume_path = None
+    preset_hardware = True  # the hardware fields are the preset's (not a resumed run's own)
     if args.resume:
         if "out_dir" not in explicit:
             raise UserError("--resume needs the run's --out-dir")
@@ -302,7 +316,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
                 raise UserError(f"--resume: --{name.replace('_', '-')} {value} conflicts with the checkpoint's "
                                 f"{base.get(name)} ({resume_path.name}); drop the flag, or start a new --out-dir")
         # other hardware: take its preset's fields (`--gpu auto` on the checkpoint's own GPU is not other hardware)
-        if "gpu" in explicit and resolve_preset(explicit["gpu"]) != base["gpu"]:
+        preset_hardware = "gpu" in explicit and resolve_preset(explicit["gpu"]) != base["gpu"]
+        if preset_hardware:
             preset = asdict(PRESETS[resolve_preset(explicit["gpu"])])
             base.update({k: preset[k] for k in HARDWARE})
         merged = {**base, **explicit}
@@ -327,6 +342,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
             raise UserError(f"--torch-ops {merged['torch_ops']} applies to --backend triton (under --backend torch "
                             f"every op is torch already): add --backend triton, or drop --torch-ops")
         merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
+    if preset_hardware and "micro_batch" not in explicit:  # the preset's, for the backend that runs
+        merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"])
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path

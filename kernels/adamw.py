@@ -47,6 +47,9 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+
+from kernels.target import planned as planned_target
 
 # ------------------------------------------------------------------------------------------ configs
 # Launch configs keyed by arch; elementwise and memory bound, so BLOCK only needs to be big enough to give each
@@ -72,6 +75,9 @@ N_HYPER = len(_HYPER)
 
 
 def _arch(device: torch.device) -> str:
+    target = planned_target()
+    if target is not None:  # a memory estimate under FakeTensorMode (kernels/target.py)
+        return target.arch
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "interpreter"
     if device.type != "cuda":
@@ -417,6 +423,8 @@ class FusedAdamW(torch.optim.Optimizer):
     def _pointer_table(self, bucket: _Bucket, count_steps: bool) -> tuple[np.ndarray, list, bool]:
         """Host int64 [param ptrs..., grad ptrs...] (both 0 where grad is None); advances step counts if asked."""
         params = bucket.params
+        if any(is_fake(p) for p in params):  # FakeTensorMode (a memory estimate): no addresses, nothing launched
+            return np.zeros(2 * len(params), dtype=np.int64), [], True
         p_ptrs = [p.data_ptr() for p in params]
         if p_ptrs != bucket.checked_ptrs:  # a param's storage moved: check it still fits the packed layout
             for p in params:
@@ -495,7 +503,7 @@ class FusedAdamW(torch.optim.Optimizer):
         # the low word makes each step's random bits new; it is data, not a specialization (do_not_specialize).
         seed = ((self.seed + 1) << 32) | (int(bucket.steps.max()) & 0xFFFFFFFF)
         master = bucket.master if bucket.master is not None else bucket.exp_avg
-        if bucket.n_chunks:
+        if bucket.n_chunks and not is_fake(master):  # under FakeTensorMode: the buffers above, no launch
             _adamw_kernel[(bucket.n_chunks,)](
                 step_ptrs, step_scalars, bucket.tensor_info, bucket.chunk_info,
                 bucket.exp_avg, bucket.exp_avg_sq, master, scale, k, seed,
@@ -529,14 +537,15 @@ class FusedAdamW(torch.optim.Optimizer):
         for b in buckets:
             ptrs, keep, aligned = self._pointer_table(b, count_steps=False)
             table = torch.from_numpy(ptrs).to(device, non_blocking=True)
-            if b.n_chunks:
+            if b.n_chunks and not is_fake(partials):
                 _grad_sumsq_kernel[(b.n_chunks,)](
                     table, b.tensor_info, b.chunk_info, partials[base:], len(b.params),
                     KIND=_KINDS[b.dtype], ALIGNED=aligned, BLOCK=b.block, num_warps=b.num_warps)
             base += b.n_chunks
             del keep
         out = torch.empty(2, dtype=torch.float32, device=device)
-        _finalize_norm_kernel[(1,)](partials, partials.numel(), out, float(max_norm), BLOCK=FINALIZE_BLOCK)
+        if not is_fake(out):
+            _finalize_norm_kernel[(1,)](partials, partials.numel(), out, float(max_norm), BLOCK=FINALIZE_BLOCK)
         norm = out[1]
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(f"the total norm of gradients is non-finite ({norm.item()}), so it cannot be clipped")

@@ -585,8 +585,16 @@ def causal_attention_backward_op(
 
 @causal_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, scale):
+    # What _backward allocates, in its order (a memory estimate under FakeTensorMode sees the peak inside the op):
+    # dq, dk, dv, do in q's dtype when it differs, the fp32 delta rows (B, H, T).
     B, H, T, D = q.shape
-    return tuple(q.new_empty((B, T, H, D)).transpose(1, 2) for _ in range(3))
+    grads = tuple(q.new_empty((B, T, H, D)).transpose(1, 2) for _ in range(3))
+    if T == 0 or B * H == 0:
+        return grads
+    do_cast = do.new_empty(do.shape, dtype=q.dtype) if do.dtype != q.dtype else None
+    delta = q.new_empty((B, H, T), dtype=torch.float32)
+    del do_cast, delta
+    return grads
 
 
 def _setup_context(ctx, inputs, output):

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.target import planned as planned_target
 from kernels.tune import Tuner, autotune_enabled, capturing, ce_tiles
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -418,6 +419,39 @@ def _splits(n_row_blocks: int, n_vocab_blocks: int, waves: int, sm_count: int, m
     return -(-n_vocab_blocks // per), per  # no empty split
 
 
+# Grid sizing shared by the launchers and the fake implementations (register_fake below), so that a memory estimate
+# under FakeTensorMode allocates exactly the scratch a real launch does.
+def _fwd_grid(N: int, vocab_size: int, cfg: dict, sm_count: int) -> tuple[int, int, int]:
+    """(row blocks, vocab splits, vocab blocks per split) of the forward kernel; partials are (splits, N) fp32."""
+    n_rb = triton.cdiv(N, cfg["BLOCK_N"])
+    return (n_rb, *_splits(n_rb, triton.cdiv(vocab_size, cfg["BLOCK_V"]), cfg["waves"], sm_count))
+
+
+def _dh_grid(N: int, C: int, vocab_size: int, cfg: dict, sm_count: int) -> tuple[int, int, int, int]:
+    """(row blocks, vocab splits, blocks per split, programs) of the dh kernel. Scratch: (programs, BLOCK_N, C)
+    fp32; with splits > 1 the output is (splits, N, C) fp32 partials, at most _DH_PARTIAL_BYTES of them."""
+    n_rb = triton.cdiv(N, cfg["BLOCK_N"])
+    S, per = _splits(n_rb, triton.cdiv(vocab_size, cfg["BLOCK_V"]), cfg["waves"], sm_count,
+                     max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
+    return n_rb, S, per, min(n_rb * S, cfg["programs_per_sm"] * sm_count)
+
+
+def _dw_grid(V_padded: int, cfg: dict, sm_count: int) -> tuple[int, int]:
+    """(vocab blocks, programs) of the dweight kernel. Scratch: (programs, BLOCK_V, C) fp32."""
+    n_vb = triton.cdiv(V_padded, cfg["BLOCK_V"])
+    return n_vb, min(n_vb, cfg["programs_per_sm"] * sm_count)
+
+
+def _planned_configs(device: torch.device, dtype: torch.dtype) -> tuple[dict[str, dict], int]:
+    """(table configs, SM count) a fake implementation sizes for: the GPU named by kernels.target.planning_for, or
+    the device's own. The table entry, not an autotuned pick (a fake cannot time): a pick with other tiles changes
+    the scratch by at most a factor of two (BLOCK 64 vs 128), a few MB at GPT-2 shapes."""
+    planned = planned_target()
+    if planned is not None:
+        return get_config(device, dtype, arch=planned.arch), planned.sm_count
+    return get_config(device, dtype), _sm_count(device)
+
+
 _TUNER = Tuner("lce", __file__)
 
 
@@ -466,8 +500,7 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
 
     def launch(cfg):
         BN, BV = cfg["BLOCK_N"], cfg["BLOCK_V"]
-        n_rb = triton.cdiv(N, BN)
-        S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), cfg["waves"], sm)
+        n_rb, S, per = _fwd_grid(N, vocab_size, cfg, sm)
         lse_part = _empty((S, N), torch.float32, dev)
         tgt_part = _empty((S, N), torch.float32, dev)
         _lce_fwd_kernel[(n_rb, S)](
@@ -505,13 +538,10 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
 
     def launch_dh(dcfg):  # persistent programs over (row block, vocab split) tiles
         BN, BV = dcfg["BLOCK_N"], dcfg["BLOCK_V"]
-        n_rb = triton.cdiv(N, BN)
         # each extra split costs an (N, C) fp32 partial: at most _DH_PARTIAL_BYTES of them
-        S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), dcfg["waves"], sm,
-                         max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
+        n_rb, S, per, progs = _dh_grid(N, C, vocab_size, dcfg, sm)
         out = _empty((N, C), h.dtype, dev) if S == 1 else _empty((S, N, C), torch.float32, dev)
         tiles = n_rb * S
-        progs = min(tiles, dcfg["programs_per_sm"] * sm)
         scratch = _empty((progs, BN, C), torch.float32, dev)
         _lce_bwd_dh_kernel[(progs,)](
             h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
@@ -523,8 +553,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
     def launch_dw(wcfg):  # persistent programs over vocab blocks of all V_padded rows
         BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
         dw = _empty((V_padded, C), weight.dtype, dev)
-        n_vb = triton.cdiv(V_padded, BV)
-        progs = min(n_vb, wcfg["programs_per_sm"] * sm)
+        n_vb, progs = _dw_grid(V_padded, wcfg, sm)
         scratch = _empty((progs, BV, C), torch.float32, dev)
         _lce_bwd_dw_kernel[(progs,)](
             h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
@@ -549,7 +578,28 @@ def _lce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore
 
 @_lce_op.register_fake
 def _(h, weight, targets, ignore_index, vocab_size):
-    return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+    # What lce_forward allocates, in its order (a memory estimate under FakeTensorMode sees the peak inside the
+    # op): the valid-row mask, the (splits, N) fp32 partials (with one split, the lse is the partial's row).
+    N = h.shape[0]
+    valid = targets.new_empty((N,), dtype=torch.bool)
+    if N == 0:
+        return h.new_empty((), dtype=torch.float32), h.new_empty((0,), dtype=torch.float32)
+    cfgs, sm = _planned_configs(h.device, h.dtype)
+    _, S, _ = _fwd_grid(N, vocab_size, cfgs["fwd"], sm)
+    lse = h.new_empty((N,), dtype=torch.float32)
+    tgt_part = h.new_empty((S, N), dtype=torch.float32)
+    if S > 1:
+        lse_part = h.new_empty((S, N), dtype=torch.float32)
+        del lse_part
+    diff = h.new_empty((N,), dtype=torch.float32)  # lse - tgt
+    row_loss = h.new_empty((N,), dtype=torch.float32)  # where(valid, lse - tgt, 0)
+    del diff
+    below, above = valid.new_empty((N,)), valid.new_empty((N,))  # the out-of-range target check
+    either = valid.new_empty((N,))
+    del below, above
+    bad = valid.new_empty((N,))
+    del valid, tgt_part, row_loss, either, bad
+    return h.new_empty((), dtype=torch.float32), lse
 
 
 @torch.library.custom_op("tritonrun::linear_cross_entropy_backward", mutates_args=())
@@ -560,7 +610,31 @@ def _lce_backward_op(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Ten
 
 @_lce_backward_op.register_fake
 def _(grad_loss, h, weight, targets, lse, ignore_index, vocab_size):
-    return h.new_empty(h.shape), weight.new_empty(weight.shape)  # the real grads are always contiguous
+    # What lce_backward allocates, in its order: dh (or its (splits, N, C) fp32 partials) with the dh kernel's
+    # per-program fp32 scratch, then dweight with the dW kernel's scratch; the real grads are always contiguous.
+    N, C = h.shape
+    if N == 0:
+        return h.new_empty(h.shape), weight.new_empty(weight.shape)
+    valid = targets.new_empty((N,), dtype=torch.bool)  # counted for n_valid
+    del valid
+    cfgs, sm = _planned_configs(h.device, h.dtype)
+    dcfg, wcfg = cfgs["dh"], cfgs["dw"]
+    _, S, _, progs = _dh_grid(N, C, vocab_size, dcfg, sm)
+    out = h.new_empty((N, C)) if S == 1 else h.new_empty((S, N, C), dtype=torch.float32)
+    scratch = h.new_empty((progs, dcfg["BLOCK_N"], C), dtype=torch.float32)
+    del scratch
+    if S > 1:  # the host's fixed-order sum of the partials (fp32), then the cast
+        summed = h.new_empty((N, C), dtype=torch.float32)
+        dh = h.new_empty((N, C))
+        del summed
+    else:
+        dh = out
+    del out
+    dw = weight.new_empty(weight.shape)
+    _, progs = _dw_grid(weight.shape[0], wcfg, sm)
+    scratch = h.new_empty((progs, wcfg["BLOCK_V"], C), dtype=torch.float32)
+    del scratch
+    return dh, dw
 
 
 def _setup_context(ctx, inputs, output):

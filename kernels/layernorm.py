@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.target import planned as planned_target
+
 MAX_C = 8192  # one row lives in registers: BLOCK_N = next_power_of_2(C) <= 8192
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -221,12 +223,14 @@ def _device_arch_and_sms(device: torch.device) -> tuple[str, int]:
     return f"sm_{major}{minor}", sms
 
 
-def get_config(C: int, device: torch.device) -> tuple[int, LNConfig, int]:
-    """(BLOCK_N, config, SM count) for width C on `device`."""
+def get_config(C: int, device: torch.device, planned: bool = False) -> tuple[int, LNConfig, int]:
+    """(BLOCK_N, config, SM count) for width C on `device`; with `planned`, for the GPU a fake implementation
+    plans for (kernels.target.planning_for) when one is named."""
     if not 0 < C <= MAX_C:
         raise ValueError(f"layer_norm: C={C} is outside 1..{MAX_C} (one row must fit in one program)")
     block_n = triton.next_power_of_2(C)
-    arch, sms = _device_arch_and_sms(device)
+    target = planned_target() if planned else None
+    arch, sms = (target.arch, target.sm_count) if target is not None else _device_arch_and_sms(device)
     table = CONFIGS.get(arch, CONFIGS["default"])
     config = next(cfg for max_n, cfg in table if block_n <= max_n)
     return block_n, config, sms
@@ -291,6 +295,11 @@ def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     return y, (s.view(x.shape) if residual is not None else None), mean.view(rows_shape), rstd.view(rows_shape)
 
 
+def _bwd_programs(n_rows: int, cfg: LNConfig, sms: int) -> int:
+    """Backward grid: a few programs per SM, each with a (C,) fp32 dweight and dbias partial row."""
+    return max(1, min(triton.cdiv(n_rows, cfg.bwd_rows), sms * cfg.bwd_programs_per_sm))
+
+
 def _backward(dy: torch.Tensor, ds_in: torch.Tensor | None, xs: torch.Tensor, weight: torch.Tensor,
               mean: torch.Tensor, rstd: torch.Tensor, lowp_dtype: torch.dtype):
     """Returns dxs (xs's dtype), dxs in lowp_dtype (empty when that equals xs's dtype), dweight, dbias."""
@@ -304,7 +313,7 @@ def _backward(dy: torch.Tensor, ds_in: torch.Tensor | None, xs: torch.Tensor, we
     dw = _alloc((C,), weight.dtype, dev)
     db = _alloc((C,), weight.dtype, dev)
     block_n, cfg, sms = get_config(C, dev)
-    programs = max(1, min(triton.cdiv(n_rows, cfg.bwd_rows), sms * cfg.bwd_programs_per_sm))
+    programs = _bwd_programs(n_rows, cfg, sms)
     rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
     dw_partial = _alloc((programs, C), torch.float32, dev)
     db_partial = _alloc((programs, C), torch.float32, dev)
@@ -358,8 +367,17 @@ def _(x, residual, weight, bias, eps):
 
 @_layer_norm_bwd.register_fake
 def _(dy, ds_in, xs, weight, mean, rstd, lowp_dtype):
+    # What _backward allocates (a memory estimate under FakeTensorMode sees the peak inside the op): row-major
+    # copies of non-contiguous inputs, the outputs, and the per-program fp32 dweight/dbias partials.
+    C = xs.shape[-1]
+    n_rows = xs.numel() // max(1, C)
+    copies = [t.new_empty(t.shape) for t in (xs, dy, ds_in) if t is not None and not t.is_contiguous()]
     lowp = xs.new_empty(xs.shape if lowp_dtype != xs.dtype else (0,), dtype=lowp_dtype)
-    return xs.new_empty(xs.shape), lowp, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    dx, dw, db = xs.new_empty(xs.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    _, cfg, sms = get_config(C, xs.device, planned=True)
+    partials = [xs.new_empty((_bwd_programs(n_rows, cfg, sms), C), dtype=torch.float32) for _ in range(2)]
+    del copies, partials
+    return dx, lowp, dw, db
 
 
 def _ln_setup(ctx, inputs, output):

@@ -1,0 +1,512 @@
+#!/usr/bin/env python
+"""Peak memory of one whole training step, estimated without a GPU.
+
+    python bench/memory.py --gpu rtx4070                                  # both backends at the preset's micro-batch
+    python bench/memory.py --gpu rtx4070 --backend triton --micro-batch 16 --json est.json
+    python bench/memory.py --gpu rtx4070 --micro-batch 16,8 --max --record  # bench/results/memory-rtx4070-<date>.json
+
+What runs. The real GPT-2 (gpt2/model.py) with the preset's model, T and the backend's ops (gpt2/ops.py), and the
+real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's FakeTensorMode: every tensor has
+a shape, dtype and storage but no data, so nothing is computed and a d12 step at any micro-batch takes seconds.
+One warm-up step (with one micro-batch) creates the optimizer state, then the measured step runs what
+Trainer.train_step runs: min(2, grad accumulation) micro-batches of forward under bf16 autocast and backward
+(the second one adds into existing grads, as every micro-batch after the first does), the global grad-norm clip
+(the fused one of FusedAdamW, or torch's foreach clip), the optimizer step and zero_grad. The Triton ops' fake
+implementations (register_fake in kernels/*.py; FusedAdamW allocates its buffers and skips the launch) allocate
+what their real launches allocate, scratch included, sized for the preset's GPU (SM count, arch config table:
+kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's activations
+differ (often lower); the record says "mode": "eager".
+
+Fake device. The step runs on fake *CPU* tensors under CPU bf16 autocast, not on a fake CUDA device: in a CPU-only
+torch build, autograd on fake CUDA tensors aborts the process (no CUDA device guard; "PyTorch is not linked with
+support for cuda devices"). For this model CPU and CUDA autocast make the same casts (matmuls, linear and SDPA in
+bf16; the fp32 residual stream keeps layer norms in fp32; the torch LM head upcasts its logits itself):
+tests/test_memory.py checks op for op on a fake CUDA forward, which works. The torch attention runs SDPA's CPU
+flash kernel under fake tensors, which saves what CUDA's flash kernel saves (output and an fp32 logsumexp).
+
+Tracker. A small dispatch-level ledger: every op's output storage is registered once (views share it), counted
+while its Python storage object lives (rounded up to 512 B, the CUDA caching allocator's block size), and the
+peak of the live sum is kept with the list of storages live at it. At the end each of those is put in one
+category: parameters, grads (the .grad tensors after a backward), optimizer state (tensors the optimizer holds
+after its step), activations (allocated in a forward and still alive when its backward starts: saved tensors,
+autocast's bf16 weight copies, the batch), temporaries (the rest). Under FakeTensorMode the ledger is fed from
+the fake mode itself, so it also sees what the fake implementations allocate inside an op; on real tensors it is
+fed by a TorchDispatchMode (tests/test_memory.py checks it against the CPU allocator's own events on a tiny model).
+Not seen: memory a library kernel allocates internally without a tensor (cuBLAS workspace, FlashAttention-2's
+fp32 dq accumulator, B*T*C*4 bytes for one backward call), autotune benchmarking buffers (tuned before the peak).
+
+Fit. peak_reserved_estimate_bytes = peak_bytes x (1 + FRAGMENTATION) for what the caching allocator reserves
+beyond live tensors (block rounding, segments split by earlier sizes); the CUDA context (CONTEXT_ALLOWANCE, CUDA
+runtime, cuBLAS handles, loaded kernels) lives outside the allocator. A micro-batch fits when the reserved
+estimate is within budget_bytes = the preset's memory minus 1 GiB (12 GB card: 11 GiB), which leaves the context
+allowance and 0.5 GiB for the display and the card's own reservations (a "12 GB" RTX 4070 reports 11.99 GiB).
+Both allowances are assumptions until the budgeted GPU check (.ci/gpu) prints this estimate against a measured
+peak. --max: the largest micro-batch dividing total_batch_tokens / T whose estimate fits (the estimate grows
+with the micro-batch; the search checks that it does).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repo root first: `import kernels`, `import gpt2` are the repo's
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import weakref  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
+
+from kernels.target import Target, planning_for  # noqa: E402  (imports no triton)
+from runinfo import atomic_write_json, env_info  # noqa: E402
+
+GIB = 2**30
+CATEGORIES = ("parameters", "grads", "optimizer_state", "activations", "temporaries")
+CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to a multiple of this
+CONTEXT_ALLOWANCE = GIB // 2  # CUDA context + cuBLAS/Triton modules, outside the allocator (0.3-0.5 GiB measured
+#                               on consumer cards by others; the upper end)
+FRAGMENTATION = 0.10  # reserved over allocated at the peak: the caching allocator's rounding and split segments
+BUDGET_MARGIN = GIB  # budget = preset memory - this: the context allowance plus 0.5 GiB of headroom
+
+# The GPU behind each preset, as the kernels' fakes need it: config-table key and SM count (REFERENCE.md, NVIDIA
+# datasheets). sm_86 (RTX 3090) uses the sm_89 tables, as the kernels' arch_key does.
+GPUS: dict[str, Target] = {
+    "rtx4070": Target("rtx4070", "sm_89", 46),
+    "rtx4070ti": Target("rtx4070ti", "sm_89", 60),
+    "rtx4090": Target("rtx4090", "sm_89", 128),
+    "rtx3090": Target("rtx3090", "sm_89", 82),
+    "a100": Target("a100", "sm_80", 108),
+    "h100": Target("h100", "sm_90", 132),
+    "h200": Target("h200", "sm_90", 132),
+}
+
+
+class UserError(Exception):
+    """A mistake on the command line: one `error:` line, exit 2."""
+
+
+# ------------------------------------------------------------------------------------------ tracker
+@dataclass(eq=False)
+class _Entry:
+    serial: int
+    nbytes: int
+    phase: str  # "setup", "forward", "backward", "optimizer", "batch"
+    ref: object = None  # weakref to the storage (keeps the callback alive)
+
+
+@dataclass
+class Ledger:
+    """Live tensor storage bytes over time, its peak and what was live at the peak (see the module docstring)."""
+
+    granularity: int = 1  # round each storage up to a multiple of this (CUDA_BLOCK for a CUDA estimate)
+    phase: str = "setup"
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    peak_phase: str = "setup"
+    peak_op: str = ""
+    allocations: int = 0
+    _entries: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    _live: dict = field(default_factory=dict)  # serial -> _Entry
+    _peak_live: list = field(default_factory=list)
+    _serial: int = 0
+    roles: dict = field(default_factory=lambda: {c: set() for c in CATEGORIES})  # category -> serials
+    inside: str = ""  # the custom op (tritonrun::...) whose fake implementation is running, if any
+    trace: list | None = None  # when a list: (bytes, op, inside) of every new storage, in order
+
+    def _free(self, serial: int) -> None:
+        entry = self._live.pop(serial, None)
+        if entry is not None:
+            self.live_bytes -= entry.nbytes
+
+    def see(self, tensors, op: str = "") -> None:
+        """Register the storages of `tensors` not seen yet; update the peak."""
+        grew = False
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage in self._entries:
+                continue
+            n = -(-storage.nbytes() // self.granularity) * self.granularity
+            self._serial += 1
+            entry = _Entry(self._serial, n, self.phase)
+            serial, free = entry.serial, self._free
+            entry.ref = weakref.ref(storage, lambda _, s=serial, f=free: f(s))
+            self._entries[storage] = entry
+            self._live[serial] = entry
+            self.live_bytes += n
+            self.allocations += 1
+            if self.trace is not None:
+                self.trace.append((n, op, self.inside))
+            grew = True
+        if grew and self.live_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_phase, self.peak_op = self.live_bytes, self.phase, op
+            self._peak_live = list(self._live.values())
+
+    def reset_peak(self) -> None:
+        self.peak_bytes, self.peak_phase, self.peak_op = self.live_bytes, self.phase, "reset"
+        self._peak_live = list(self._live.values())
+
+    def serial_of(self, t: torch.Tensor) -> int | None:
+        entry = self._entries.get(t.untyped_storage())
+        return entry.serial if entry is not None else None
+
+    def mark(self, category: str, tensors) -> None:
+        """These tensors' storages belong to `category` (registered first if not seen yet)."""
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.see(tensors, op=f"mark {category}")
+        self.roles[category].update(self.serial_of(t) for t in tensors)
+
+    def mark_live(self, category: str, phases: tuple[str, ...]) -> None:
+        """Every storage live now that was allocated in one of `phases` belongs to `category`."""
+        self.roles[category].update(e.serial for e in self._live.values() if e.phase in phases)
+
+    def split(self, entries=None) -> dict[str, int]:
+        """Bytes per category of `entries` (default: those live at the peak); first matching role wins."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for e in self._peak_live if entries is None else entries:
+            out[next((c for c in CATEGORIES[:-1] if e.serial in self.roles[c]), "temporaries")] += e.nbytes
+        return out
+
+
+class TrackingMode(TorchDispatchMode):
+    """Feeds a Ledger from real tensors: every op's outputs."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__()
+        self.ledger = ledger
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ledger.see(tree_leaves(out), str(func))
+        return out
+
+
+class TrackingFakeMode(FakeTensorMode):
+    """FakeTensorMode that feeds a Ledger: it also sees the ops a fake implementation runs inside a custom op
+    (their scratch), which a TorchDispatchMode stacked above the fake mode would not."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__(allow_non_fake_inputs=True)
+        self.ledger = ledger
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outer = self.ledger.inside
+        if not outer and func.namespace == "tritonrun":
+            self.ledger.inside = str(func)
+        try:
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        finally:
+            self.ledger.inside = outer
+        self.ledger.see(tree_leaves(out), str(func))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the step
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor the optimizer holds (state, FusedAdamW's flat buffers and tables), found by walking it."""
+    found, seen = [], set()
+
+    def walk(obj, depth=0):
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(k, depth + 1)
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+            walk(vars(obj), depth + 1)
+
+    walk(optimizer.state)
+    walk(getattr(optimizer, "_buckets", None))
+    return found
+
+
+def build_optimizer(model, ops, weight_decay: float = 0.1):
+    """The optimizer training.Trainer builds (ops.optimizer), with torch's fused AdamW where torch_adamw would pick
+    it on CUDA (it picks foreach for CPU params, and these fake params are CPU ones)."""
+    from gpt2.ops import TorchAdamW, torch_adamw
+
+    groups = model.param_groups(weight_decay)
+    if ops.optimizer is torch_adamw:
+        return TorchAdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return ops.optimizer(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+
+
+def training_step(model, optimizer, batches, ledger: Ledger, autocast, grad_clip: float = 1.0) -> None:
+    """Trainer.train_step's work on `batches` (one (x, y) per micro-batch), phases marked in the ledger. The loss
+    and norm are not read back to the host (a fake tensor has no value)."""
+    params = list(model.parameters())
+    ledger.phase = "optimizer"
+    loss_sum = torch.zeros((), device=params[0].device)
+    for x, y in batches:
+        ledger.phase = "batch"
+        ledger.mark("activations", [x, y])
+        ledger.phase = "forward"
+        with autocast:
+            loss = model(x, y) / len(batches)
+        ledger.mark_live("activations", ("forward",))  # alive when backward starts: saved for it
+        ledger.phase = "backward"
+        loss.backward()
+        ledger.phase = "optimizer"
+        loss_sum += loss.detach()
+        del loss
+        ledger.mark("grads", [p.grad for p in params if p.grad is not None])
+    if grad_clip > 0 and hasattr(optimizer, "clip_grad_norm_"):
+        norm = optimizer.clip_grad_norm_(grad_clip)
+    elif grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    torch.stack([loss_sum, norm.float()])  # what the trainer reads back (host copy left out)
+    optimizer.step()
+    ledger.mark("optimizer_state", optimizer_tensors(optimizer))
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_batches(n: int, B: int, T: int, vocab: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randint(0, vocab, (B, T), device=device), torch.randint(0, vocab, (B, T), device=device))
+            for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ estimate
+@dataclass(frozen=True)
+class Setup:
+    preset: str
+    model: str
+    seq_len: int
+    total_batch_tokens: int
+    memory_gib: float
+    target: Target
+    budget_gib: float | None = None  # --budget-gib: instead of memory_gib - 1
+
+    @property
+    def budget_bytes(self) -> int:
+        if self.budget_gib is not None:
+            return int(self.budget_gib * GIB)
+        return int(self.memory_gib * GIB) - BUDGET_MARGIN
+
+    def micro_batches(self) -> list[int]:
+        """Micro-batches the trainer accepts: divisors of total_batch_tokens / seq_len."""
+        n = self.total_batch_tokens // self.seq_len
+        return [b for b in range(1, n + 1) if n % b == 0]
+
+
+def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
+    """One fake training step of `setup` with `backend` at `micro_batch`; the record entry (see --json)."""
+    from gpt2 import GPT, MODEL_SIZES
+    from gpt2.ops import get_ops
+
+    t0 = time.perf_counter()
+    ledger = Ledger(granularity=CUDA_BLOCK)
+    config = MODEL_SIZES[setup.model]
+    grad_accum = setup.total_batch_tokens // (micro_batch * setup.seq_len)
+    # device "cuda": the ops are resolved as for a GPU run (no interpreter); the tensors are fake CPU ones
+    ops = get_ops(backend, "cuda")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with planning_for(setup.target), TrackingFakeMode(ledger):
+        model = GPT(config, ops)
+        ledger.mark("parameters", list(model.parameters()))
+        ledger.mark("parameters", list(model.buffers()))
+        optimizer = build_optimizer(model, ops)
+        warm = make_batches(1, micro_batch, setup.seq_len, config.vocab_size, "cpu")
+        training_step(model, optimizer, warm, ledger, autocast)  # creates the optimizer state
+        del warm
+        ledger.reset_peak()
+        batches = make_batches(min(2, max(1, grad_accum)), micro_batch, setup.seq_len, config.vocab_size, "cpu")
+        training_step(model, optimizer, batches, ledger, autocast)
+        del batches
+        after_step = ledger.live_bytes
+        del model, optimizer
+    split = ledger.split()
+    peak = ledger.peak_bytes
+    reserved = math.ceil(peak * (1 + FRAGMENTATION))
+    return {
+        "preset": setup.preset, "backend": backend, "micro_batch": micro_batch, "seq_len": setup.seq_len,
+        "model": setup.model, "grad_accum": grad_accum, "micro_batches_simulated": min(2, max(1, grad_accum)),
+        "peak_bytes": peak, "peak_gib": round(peak / GIB, 3),
+        "peak_reserved_estimate_bytes": reserved, "peak_reserved_estimate_gib": round(reserved / GIB, 3),
+        "context_allowance_bytes": CONTEXT_ALLOWANCE, "budget_bytes": setup.budget_bytes,
+        "fits": reserved <= setup.budget_bytes,
+        "split_bytes": split, "split_gib": {k: round(v / GIB, 3) for k, v in split.items()},
+        "peak_phase": ledger.peak_phase, "peak_op": ledger.peak_op,
+        "resident_after_step_bytes": after_step, "allocations": ledger.allocations,
+        "ops": ops.placement, "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[int, bool]]]:
+    """The largest candidate c with fits_at(c), assuming fits is monotone (true up to a point, then false):
+    binary search, then the step above the answer is checked to fail. Returns (c or None, [(c, fits)...])."""
+    tried: dict[int, bool] = {}
+
+    def probe(i):
+        if candidates[i] not in tried:
+            tried[candidates[i]] = fits_at(candidates[i])
+        return tried[candidates[i]]
+
+    lo, hi = -1, len(candidates)  # invariant: candidates[lo] fits (or lo = -1), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo >= 0 and lo + 1 < len(candidates):
+        probe(lo + 1)
+    return (candidates[lo] if lo >= 0 else None), sorted(tried.items())
+
+
+# ------------------------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train_speedrun import PRESETS
+
+    gpus = [name for name, p in PRESETS.items() if p.device == "cuda"]
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", required=True, choices=gpus, help="preset whose shapes and memory budget to use")
+    p.add_argument("--backend", choices=["torch", "triton", "both"], default="both",
+                   help="ops to estimate (default both: triton first, then torch)")
+    p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: the preset's)")
+    p.add_argument("--max", action="store_true", help="also find the largest micro-batch that fits the budget")
+    p.add_argument("--model", help="model size instead of the preset's (d12, d24, ...)")
+    p.add_argument("--seq-len", type=int, help="sequence length instead of the preset's")
+    p.add_argument("--budget-gib", type=float, help="reserved-memory budget instead of the preset's memory - 1 GiB")
+    p.add_argument("--json", metavar="PATH", help="write the record here")
+    p.add_argument("--record", action="store_true",
+                   help="write the record to bench/results/memory-<preset>-<YYYYmmdd>.json")
+    return p
+
+
+def parse_micro_batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--micro-batch {text!r}: expected positive integers, e.g. 8 or 16,8") from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"--micro-batch {text!r}: expected positive integers, e.g. 8 or 16,8")
+    return values
+
+
+def resolve(args) -> tuple[Setup, list[str], list[int]]:
+    from gpt2 import MODEL_SIZES
+    from train_speedrun import PRESETS
+
+    preset = PRESETS[args.gpu]
+    model = args.model or preset.model
+    if model not in MODEL_SIZES:
+        raise UserError(f"--model {model!r}: choose from {', '.join(MODEL_SIZES)}")
+    seq_len = args.seq_len or preset.seq_len
+    if seq_len <= 0 or seq_len > MODEL_SIZES[model].block_size:
+        raise UserError(f"--seq-len {seq_len}: must be in 1..{MODEL_SIZES[model].block_size} for {model}")
+    if preset.total_batch_tokens % seq_len:
+        raise UserError(f"--seq-len {seq_len} does not divide the preset's total batch of "
+                        f"{preset.total_batch_tokens} tokens: pick a power of two")
+    if args.budget_gib is not None and args.budget_gib <= 0:
+        raise UserError(f"--budget-gib {args.budget_gib:g}: must be positive")
+    setup = Setup(args.gpu, model, seq_len, preset.total_batch_tokens, preset.memory_gib, GPUS[args.gpu],
+                  args.budget_gib)
+    backends = ["triton", "torch"] if args.backend == "both" else [args.backend]
+    micro_batches = parse_micro_batches(args.micro_batch) if args.micro_batch else ([] if args.max else
+                                                                                    [preset.micro_batch])
+    allowed = setup.micro_batches()
+    for b in micro_batches:
+        if b not in allowed:
+            raise UserError(f"--micro-batch {b} does not divide {setup.total_batch_tokens} tokens / T={seq_len} "
+                            f"into whole micro-batches: choose from {', '.join(map(str, allowed))}")
+    return setup, backends, micro_batches
+
+
+def line(e: dict) -> str:
+    s = e["split_gib"]
+    return (f"{e['backend']:<6} B={e['micro_batch']:<4} peak {e['peak_gib']:6.2f} GiB  reserved est. "
+            f"{e['peak_reserved_estimate_gib']:6.2f} GiB  {'fits' if e['fits'] else 'DOES NOT FIT':<12} | "
+            f"params {s['parameters']:.2f}  grads {s['grads']:.2f}  optim {s['optimizer_state']:.2f}  "
+            f"act {s['activations']:.2f}  temp {s['temporaries']:.2f}  (peak in {e['peak_phase']}, "
+            f"{e['seconds']:.1f} s)")
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        setup, backends, micro_batches = resolve(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    budget = setup.budget_bytes
+    print(f"memory estimate: preset {setup.preset} ({setup.target.arch}, {setup.target.sm_count} SMs), model "
+          f"{setup.model}, T={setup.seq_len}, bf16 autocast, eager; budget {budget / GIB:.2f} GiB reserved "
+          f"({'--budget-gib' if setup.budget_gib is not None else f'card {setup.memory_gib:g} GiB - 1'}), "
+          f"+{FRAGMENTATION:.0%} fragmentation, context "
+          f"{CONTEXT_ALLOWANCE / GIB:.1f} GiB outside", flush=True)
+    estimates: list[dict] = []
+    cache: dict[tuple[str, int], dict] = {}
+
+    def get(backend, b):
+        if (backend, b) not in cache:
+            cache[backend, b] = estimate(setup, backend, b)
+            print("  " + line(cache[backend, b]), flush=True)
+        return cache[backend, b]
+
+    for backend in backends:
+        for b in micro_batches:
+            estimates.append(get(backend, b))
+    maxima = {}
+    for backend in backends if args.max else []:
+        best, tried = search_max(lambda b: get(backend, b)["fits"], setup.micro_batches())
+        peaks = [get(backend, b)["peak_bytes"] for b, _ in tried]
+        monotone = all(a < c for a, c in zip(peaks, peaks[1:]))
+        maxima[backend] = {"micro_batch": best, "tried": [{"micro_batch": b, "fits": f} for b, f in tried],
+                           "peak_grows_with_micro_batch": monotone}
+        print(f"  {backend}: largest micro-batch within {budget / GIB:.2f} GiB reserved: {best}"
+              f"{'' if monotone else ' (WARNING: the estimate did not grow with the micro-batch)'}", flush=True)
+        if best is not None and not micro_batches:
+            estimates.append(get(backend, best))
+    primary = estimates[0] if estimates else get(backends[0], setup.micro_batches()[0])
+    record = {
+        "record": "tritonrun.memory", "version": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "env": env_info(torch.device("cpu")),
+        **{k: primary[k] for k in ("preset", "backend", "micro_batch", "peak_bytes", "peak_reserved_estimate_bytes",
+                                   "context_allowance_bytes", "budget_bytes", "fits", "split_bytes")},
+        "method": ("FakeTensorMode (fake CPU tensors, CPU bf16 autocast), real model and optimizer, warm-up step "
+                   "then one measured step; ledger of live tensor storages rounded to 512 B"),
+        "mode": "eager", "dtype": "bf16 autocast", "model": setup.model, "seq_len": setup.seq_len,
+        "total_batch_tokens": setup.total_batch_tokens,
+        "gpu": {"name": setup.target.name, "arch": setup.target.arch, "sm_count": setup.target.sm_count,
+                "memory_gib": setup.memory_gib},
+        "fragmentation_allowance": FRAGMENTATION, "budget_margin_bytes": BUDGET_MARGIN,
+        "fit_rule": "peak_reserved_estimate_bytes = ceil(peak_bytes * (1 + fragmentation_allowance)) <= "
+                    "budget_bytes = memory_gib GiB - budget_margin_bytes (context_allowance_bytes lies outside)",
+        "estimates": estimates, "max_micro_batch": maxima,
+    }
+    path = Path(args.json) if args.json else None
+    if args.record:
+        path = REPO / "bench" / "results" / f"memory-{setup.preset}-{datetime.date.today():%Y%m%d}.json"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
