@@ -6,7 +6,8 @@
 A preset (--gpu) sets micro-batch, dtype, backend, compile, memory budget and the peak FLOPs used for
 MFU; every field can be overridden by its long flag. The clock excludes validation and an untimed
 warm-up (compile, autotune) that runs real steps and then restores the initial weights, optimizer
-state and data position. The out dir gets train.log, result.json, leaderboard.md and loss.png.
+state and data position. The out dir gets train.log, result.json, leaderboard.md (finished runs),
+loss.png and checkpoints (the last at the end); a run holds a lock on it while it lives.
 """
 from __future__ import annotations
 
@@ -283,20 +284,22 @@ def newest_loadable_checkpoint(out_dir: Path) -> tuple[Path, dict]:
                             f"start it again with a new --out-dir")
         raise UserError(f"--resume: no complete checkpoint (ckpt_*.pt) in {out_dir}; "
                         f"drop --resume to start a new run there")
-    broken = []
+    broken = []  # (path, why it does not load), newest first
     for path in reversed(found):
         try:
             ckpt = load_checkpoint(path)
-            ckpt["run_config"]
-        except (CheckpointError, KeyError) as e:
-            broken.append((path, e if isinstance(e, CheckpointError) else f"{path}: no run_config"))
+        except CheckpointError as e:
+            broken.append((path, str(e).removeprefix(f"{path}: ")))
+            continue
+        if "run_config" not in ckpt:
+            broken.append((path, "no run_config: not a training checkpoint"))
             continue
         if broken:
-            print(f"warning: --resume: {broken[0][0]} does not load ({str(broken[0][1]).split(': ', 1)[-1]}); "
-                  f"resuming from {path}, the newest checkpoint that does", file=sys.stderr, flush=True)
+            print(f"warning: --resume: {broken[0][0]} does not load ({broken[0][1]}); resuming from {path}, the "
+                  f"newest checkpoint that does", file=sys.stderr, flush=True)
         return path, ckpt
-    raise UserError(f"--resume: no checkpoint in {out_dir} loads ({broken[0][1]}): start it again with a new "
-                    f"--out-dir")
+    raise UserError(f"--resume: no checkpoint in {out_dir} loads (the newest, {broken[0][0]}: {broken[0][1]}): "
+                    f"start it again with a new --out-dir")
 
 
 def check_not_finished(out_dir: Path, ckpt: dict, base: dict, explicit: dict) -> bool:
