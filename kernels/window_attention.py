@@ -25,12 +25,15 @@ range whose ends only grow with i. So the keys a query block [m0, m1) can reach 
 [n0, min(doc_end(n1 - 1), n1 - 1 + window)). The launcher turns these into per-program block ranges
 (`kv_block_ranges`, `q_block_ranges`, int32 (n_blocks, 4) = [lo, full_lo, full_hi, hi] in units of the
 streamed block, on the GPU with a few small torch ops from cu_seqlens: searchsorted + elementwise, no
-host sync). Each program walks three loops over the streamed blocks of the BLOCK-aligned grid:
-[lo, full_lo) masked, [full_lo, full_hi) FULL (every (row, key) pair of the tile is allowed: no mask,
-no bound checks), [full_hi, hi) masked. Full is exact: a tile is full iff its last row's document starts
-at or before its first key, its last row is less than `window` past its first key and its last key is
-at or before its first row (the program's own rows clamped to T; streamed positions >= T count as not
-allowed, so tiles crossing T are masked). Every visited tile holds at least one allowed pair. The masks
+host sync). Tiles are aligned to the streamed block's grid; each program walks them in two kinds of
+loop: FULL tiles (every (row, key) pair allowed: no mask, no bound checks, the dense kernel's inner loop),
+blocks full_lo..full_hi-1, and masked tiles, the head run lo..full_lo-1 and the tail run full_hi..hi-1
+(the forward walks both masked runs in one loop after the full ones: a third loop cost it 34 registers
+on sm_89; dK/dV and dQ walk head, full, tail). Full is exact: a tile is full iff its last row's document
+starts at or before its first key, its last row is less than `window` past its first key and its last key
+is at or before its first row (the program's own rows clamped to T; streamed positions >= T count as not
+allowed, so tiles crossing T are masked). Every visited tile holds at least one allowed pair
+(tests/test_window_attention.py checks both against brute force on random boundaries). The masks
 need doc_start per position: DOC_START, int32 (T,), also from searchsorted.
 
 Algorithm (FlashAttention-2, as kernels/attention.py, reusing its delta kernel).
@@ -47,32 +50,42 @@ FLOPs per tile (QK^T and PV); the backward executes 4 matmuls per dK/dV tile and
 recomputed in both, the price of no atomics). Model FLOPs (`window_attention_flops`, what the benchmark
 divides by): 4 * D per allowed (i, j) pair forward, 2.5x that backward (FA2's convention, as
 attention_flops; dense causal counts T^2 / 2 pairs, the same convention).
-  T = 65,536 (one document: the worst case; documents only remove pairs), window = 1,792, D = 128,
-  sm_89 forward tiles 128 x 64, per token per head, forward:
-    dense causal (attention_flops):     4 * D * T / 2           = 16,777,216 FLOPs
-    window, allowed pairs (model):      4 * D * 1,767.5 (mean)  =    904,960        18.5x fewer
-    window, executed tiles (this code): 4 * D * 1,887.0 (mean)  =    966,144        17.4x fewer
-  (1,887.0 = 30.5 tiles of 64 keys per 128-row query block on average beyond the first few blocks:
-  window + BLOCK_M - 1 keys rounded out to the 64-key grid; `executed_flops` computes it exactly.)
-  The dK/dV (32 x 64 tiles) and dQ (64 x 32) kernels execute 1,823.9 and 1,855.8 keys per query.
-  The goal of issue 27 (at least 10x fewer attention FLOPs than dense causal at T = 64K) holds in both
-  counts, forward and backward.
-  bytes  forward: q, o once; k and v once per query block that reaches them (about
-         (window + BLOCK_M) / BLOCK_M re-reads, mostly L2 hits: the reachable window of 1,792 keys at
-         D = 128 bf16 is 0.9 MB of K+V per head); lse 4T; DOC_START 4T and 16 B per program.
-         Backward: the same pattern per kernel, plus delta (o, dO once).
+  T = 65,536 (one document: the worst case; documents only remove pairs), window = 1,792, D = 128, per token
+  per head, with the sm_89 tiles (`python -m kernels.window_attention` prints this; `executed_flops`):
+                                         keys per query   FLOPs per token   vs dense causal (T/2 keys)
+    dense causal forward                        32,768         16,777,216        1x
+    window forward, allowed pairs (model)      1,767.5            904,967     18.5x fewer
+    window forward executed, 128 x 64 tiles    1,893.8            969,600     17.3x fewer
+    dK/dV executed, 32 x 64 tiles (4 matmuls)  1,830.6          1,874,560     17.9x fewer
+    dQ executed, 64 x 32 tiles (3 matmuls)     1,830.6          1,405,920     17.9x fewer
+  The forward visits (window + BLOCK_M - 1) keys per query rounded out to the BLOCK_N grid: ~29.6 tiles of
+  64 keys per 128-row block, of which all but 2-3 are full. Issue 27's goal (>= 10x fewer attention FLOPs
+  than dense causal at T = 64K, window 1,792) holds for the model count and for every executed kernel.
+  At T = 16,384 the same window gives 4.5x (forward, executed): the saving grows with T / window.
+  bytes (DRAM minimum, s = bytes per element): forward 4*T*D*s (q, k, v read, o written) + 4T (lse) + 4T
+  (DOC_START); K and V tiles are re-read by the (window + BLOCK_M) / BLOCK_M query blocks that reach them,
+  from L2 (the window's K+V, 1,792 x 128 x 2 x 2 B = 0.9 MB per head, stays resident in Ada's 36 MB L2).
+  Backward: delta 2*T*D*s; dK/dV reads q, dO, lse, delta per reaching query block, k, v once, writes dk, dv;
+  dQ reads q, dO once and k, v per reachable key block, writes dq: 10*T*D*s + 16T minimum in all.
 
-Why it is fast. The work is proportional to T x (window + BLOCK) instead of T^2 / 2; full tiles (all but
-about 2 per program: 28 of 30 at window 1,792) run exactly the dense kernel's unmasked inner loop; masked
-tiles cost two integer compares per element; no host sync (ranges are device tensors), no recompilation
-when the window changes, no atomics.
+Why it is fast. Work is T x (window + BLOCK) instead of T^2 / 2; full tiles (~27 of the ~30 forward tiles
+per program at window 1,792) run exactly the dense kernel's unmasked inner loop; masked tiles add two
+integer compares per element; no host sync (the ranges are device tensors), no recompilation when the window
+changes, no atomics; the per-block ranges are 16 B per program, read once.
 
-Configs. `CONFIGS[arch][kernel][D] = (BLOCK_M, BLOCK_N, num_warps, num_stages)`: sm_89 first (101,376 B
-of shared memory per block), then sm_80 and sm_90. Fixed tables, no autotuner: the block ranges depend
-on the block sizes, so they are computed for the one config that runs. Shared memory / registers / spills
-for sm_89 at the issue's shape (T = 65,536 / 16,384, 6 heads of 128, bf16) are checked by bench/ada.py
-(driver `window_attention`, tests/test_ada.py -k window). Blocks need no divisibility relation (tiles
-are aligned to each kernel's own grid).
+Configs. `CONFIGS[arch][kernel][D] = (BLOCK_M, BLOCK_N, num_warps, num_stages)`, fixed tables, no autotuner
+(the block ranges depend on the block sizes, so they are computed for the one config that runs); blocks need
+no divisibility relation (each kernel aligns tiles to its own grid). Compiled without a GPU by bench/ada.py
+(triton 3.9, its bundled ptxas) at the issue's shape, T = 65,536 / 16,384, 6 heads of 128, bf16:
+    arch   kernel     D=128 tile (M x N, warps, stages)   shared B   regs   spills   tensor cores
+    sm_89  fwd        128 x 64, 8, 2                        65,536    228        0   mma.sync m16n8k16
+    sm_89  bwd_dkdv    32 x 64, 8, 2                        53,632    199        0   mma.sync m16n8k16
+    sm_89  bwd_dq      64 x 32, 8, 2                        53,248    167        0   mma.sync m16n8k16
+    sm_80  fwd        128 x 64, 8, 2                        65,536    206        0   mma.sync
+    sm_90  fwd        128 x 64, 8, 3                       131,072    220        0   wgmma
+(sm_89: 101,376 B of shared memory per block, 255 registers; 8 warps x ~200-228 registers holds one block
+of 8 warps per SM, as the dense kernel. D = 64 tiles are the dense kernel's table entries, also spill-free.)
+tests/test_ada.py checks every entry the driver launches (sm_89, sm_80, sm_90).
 """
 from __future__ import annotations
 
@@ -101,7 +114,7 @@ CONFIGS: dict[str, dict[str, dict[int, tuple[int, int, int, int]]]] = {
         "bwd_dq": {64: (128, 32, 8, 3), 128: (64, 32, 8, 2)},
     },
     "sm_80": {
-        "fwd": {64: (128, 64, 8, 4), 128: (128, 32, 8, 2)},  # 128 x 64 at D = 128 spills 180 B here
+        "fwd": {64: (128, 64, 8, 4), 128: (128, 64, 8, 2)},
         "bwd_dkdv": {64: (32, 128, 8, 4), 128: (32, 64, 8, 3)},
         "bwd_dq": {64: (128, 32, 8, 4), 128: (64, 32, 8, 3)},
     },
@@ -126,14 +139,17 @@ def _interpreting() -> bool:
 def _fwd_inner(
     acc, l_i, m_i, q,  # running state and the (BLOCK_M, D) query tile
     K, V, stride_kt, stride_kd, stride_vt, stride_vd,  # this head's K, V, (T, D)
-    offs_m, row_lo, T, qk_scale, lo, hi,  # row_lo: first allowed key per row; [lo, hi): key blocks
+    offs_m, row_lo, T, qk_scale, first, count, split, jump,  # row_lo: first allowed key per row
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key blocks lo..hi-1 of the BLOCK_N grid. MASKED: keys bound-checked on load,
-    scores outside [row_lo, row] set to -inf; else every pair is allowed (a full tile)."""
+    """Online softmax over `count` key blocks of the BLOCK_N grid: first, first + 1, ..., skipping `jump`
+    blocks after the first `split` (so one loop walks both masked runs, the head and the tail: a third loop
+    costs the forward 34 more registers on sm_89, 221 -> 255). MASKED: keys bound-checked on load, scores
+    outside [row_lo, row] set to -inf; else every pair is allowed (a full tile)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for nb in range(lo, hi):
+    for i in range(0, count):
+        nb = first + i + tl.where(i >= split, jump, 0)
         kpos = nb * BLOCK_N + offs_n
         kT_ptrs = K + offs_d[:, None] * stride_kd + kpos[None, :] * stride_kt  # (D, BLOCK_N)
         v_ptrs = V + kpos[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
@@ -143,12 +159,12 @@ def _fwd_inner(
         else:
             kT = tl.load(kT_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, log2 units
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32, unscaled
         if MASKED:
             allowed = (kpos[None, :] >= row_lo[:, None]) & (kpos[None, :] <= offs_m[:, None])
             s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: m_i starts at -1e30
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units; finite: m_i starts at -1e30
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -195,12 +211,15 @@ def _wattn_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # The full tiles first (unmasked), then the masked ones: the head run lo..full_lo-1 and the tail run
+    # full_hi..hi-1 in one loop (the order of the tiles does not change the math, only the rounding).
+    n_full = full_hi - full_lo
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, row_lo, T, qk_scale, lo, full_lo, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                               offs_m, row_lo, T, qk_scale, full_lo, n_full, n_full, 0,
+                               HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, row_lo, T, qk_scale, full_lo, full_hi, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, row_lo, T, qk_scale, full_hi, hi, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                               offs_m, row_lo, T, qk_scale, lo, (full_lo - lo) + (hi - full_hi), full_lo - lo, n_full,
+                               HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
     # Every real row sees its own key (window >= 1), so l_i >= 1 there; padded rows (not stored) may have
     # seen nothing: give them l = 1, not 0/0.
     l_i = tl.where(row_ok, l_i, 1.0)
