@@ -510,6 +510,7 @@ def _check(q, k, v, cu_seqlens, window) -> None:
 
 def _forward(q, k, v, cu_seqlens, window: int, scale: float):
     B, H, T, D = q.shape
+    window = min(window, max(T, 1))  # the same mask (i - j <= T - 1), and the kernels' int32 stays int32
     o = _heads_view(B, H, T, D, q.dtype, q.device)
     lse = _new_output((B, H, T), torch.float32, q.device)
     if T == 0 or B * H == 0:
@@ -524,6 +525,7 @@ def _forward(q, k, v, cu_seqlens, window: int, scale: float):
 
 def _backward(do, q, k, v, o, lse, cu_seqlens, window: int, scale: float):
     B, H, T, D = q.shape
+    window = min(window, max(T, 1))
     dq = _heads_view(B, H, T, D, q.dtype, q.device)
     dk = _heads_view(B, H, T, D, q.dtype, q.device)
     dv = _heads_view(B, H, T, D, q.dtype, q.device)

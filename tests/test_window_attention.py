@@ -187,6 +187,34 @@ def test_model_layout_views_and_scale(poison):
     assert o.transpose(1, 2).is_contiguous()
 
 
+def test_torch_compile_traces_through(poison):
+    """The custom ops inside torch.compile(fullgraph=True): the window and cu_seqlens pass through as op
+    arguments; forward and backward match eager."""
+    q, k, v, _ = make_inputs(1, 2, 23, 64, torch.float32, seed=8)
+    cu = cu_tensor([0, 9, 10, 23])
+
+    def loss_fn(q, k, v):
+        return (window_attention(q * 1.5, k, v, cu, 4) ** 2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    eager = loss_fn(*leaves[0])
+    eager.backward()
+    comp = compiled(*leaves[1])
+    comp.backward()
+    assert torch.allclose(comp, eager, rtol=1e-6)
+    for a, b in zip(leaves[0], leaves[1]):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_huge_window_is_clamped(poison):
+    """A window far past T (even past int32) is the same mask as window = T, and computes it."""
+    q, k, v, do = make_inputs(1, 1, 33, 64, torch.float32, seed=12)
+    cu = cu_tensor([0, 20, 33])
+    for a, b in zip(run_kernel(q, k, v, do, cu, 33), run_kernel(q, k, v, do, cu, 2 ** 40)):
+        assert torch.equal(a, b)
+
+
 def test_rejects_bad_inputs():
     q = torch.zeros(1, 1, 8, 64, device=DEVICE)
     cu = cu_tensor([0, 8])
