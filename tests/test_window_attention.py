@@ -378,6 +378,23 @@ def test_window_change_does_not_recompile_on_gpu(poison):
     assert cache_entries() == before
 
 
+@requires_cuda
+def test_no_host_sync_on_gpu():
+    """The block ranges and document starts are computed on the device: forward and backward never wait for it
+    (torch's sync debug mode turns any synchronizing call into an error)."""
+    q, k, v, do = make_inputs(1, 6, 2048, 128, torch.bfloat16, seed=6)
+    cu = cu_tensor(random_cuts(2048, 5, 6))
+    q.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = window_attention(q, k, v, cu, 300)
+        (dq,) = torch.autograd.grad(o, q, do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(dq).all()
+
+
 def test_opcheck(poison):
     """torch.library's own check of the custom ops: schema, fake (meta) kernels, autograd registration."""
     q, k, v, _ = make_inputs(1, 2, 19, 64, torch.float32, seed=9)
