@@ -39,7 +39,10 @@ stochastic rounding), and the clip kernels (grad sum of squares, norm finalize),
 model's parameter count and groups; for the speedrun model (issue 26) rmsnorm fwd / bwd / mix bwd / lambdas
 reduction for rms_norm (fp32 embeddings), add_rms_norm (bf16 branch + fp32 residual, with and without s's
 gradient) and mix_rms_norm (fp32 x, x0, lambdas), relu2 fwd/bwd (bf16, 4C wide), at every C; and rope (the
-speedrun's QK-norm + RoPE, kernels/rope.py) fwd and bwd at d12 with the speedrun's 6 heads of 128 (bf16 q, k).
+speedrun's QK-norm + RoPE, kernels/rope.py) fwd and bwd at d12 with the speedrun's 6 heads of 128 (bf16 q, k);
+window_attention (issue 27, kernels/window_attention.py) fwd / bwd dK,dV / bwd dQ (+ attention's delta kernel)
+at d12 with 6 heads of 128, B = 1 packed sequence of T = 65,536 and 16,384, windows 64 and 1,792 (one record
+per kernel: the window is not specialized on).
 fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's "fp32" overrides) are not launched by any
 preset and stay checked by the kernels' own tests.
 
@@ -494,9 +497,44 @@ def drive_relu2(rec: Recorder, case: Case) -> None:
 # ---- end of issue 26's speedrun ops ----------------------------------------------------------------------------
 
 
+# ---- window_attention (issue 27: document-masked sliding-window attention, kernels/window_attention.py) ----
+WINDOW_SEQ_LENS = (65_536, 16_384)  # the issue's packed sequence (one per micro-batch, B = 1) and a quarter of it
+WINDOW_SIZES = (64, 1_792)  # the 2024-11-24 record's window schedule ends: both must be ONE compiled kernel
+
+
+def drive_window_attention(rec: Recorder, case: Case) -> None:
+    """window_attention forward + backward at the speedrun's attention shape, independent of the preset's
+    seq_len: B = 1 packed sequence of T in WINDOW_SEQ_LENS tokens, 6 heads of 128 (d12 only, as rope), bf16
+    q, k, v as (B, H, T, D) views of (B, T, H, D) memory, 40 documents, each window of WINDOW_SIZES. The
+    window is a runtime argument: the launches of both windows must merge into one record per kernel."""
+    import torch
+
+    from kernels import window_attention as wa
+
+    if case.model != "d12":
+        return
+    D = SPEEDRUN_HEAD_DIM
+    H = case.n_embd // D
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rec.intercept(wa))
+        stack.enter_context(_device_capability(case))
+        stack.enter_context(mock.patch.object(wa, "_check", lambda *a: None))  # refuses CPU tensors
+        for T in WINDOW_SEQ_LENS:
+            cu = torch.linspace(0, T, 41).round().to(torch.int32)
+            for window in WINDOW_SIZES:
+                with rec.variant(case, f"window attention B=1 H={H} T={T} D={D} window={window}",
+                                 wa.arch_key(case.cc)):
+                    q, k, v = (torch.empty(1, T, H, D, dtype=case.low).transpose(1, 2).requires_grad_()
+                               for _ in range(3))
+                    o = wa.window_attention(q, k, v, cu, window)
+                    torch.autograd.grad(o, (q, k, v), torch.empty(1, T, H, D, dtype=case.low).transpose(1, 2))
+# ---- end of window_attention ----------------------------------------------------------------------------------
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
 DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
+DRIVERS.update(window_attention=drive_window_attention)  # issue 27
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas

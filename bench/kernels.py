@@ -64,6 +64,18 @@ three elementwise ops above:
                  kernel) vs the record's per-tensor loop in plain torch, eager and with its Newton-Schulz
                  torch.compile'd as the record does. One pass, "step"; TFLOPS from newton_schulz_flops (1.63 TFLOP
                  per step at d12), the same for every implementation.
+  window_attention
+                 issue 27's document-masked sliding-window attention (kernels/window_attention.py): B = 1 packed
+                 sequence of T = 65,536 (--quick: 16,384), H = 6, D = 128, bf16 in the model's layout, synthetic
+                 documents (lengths uniform in [1, 2000), fixed seed), windows 64 / 256 / 1,024 / 1,792 / 4,096
+                 (--quick: 64, 1,792): one row group per window, so time grows with the window at fixed T. Peers:
+                 FlexAttention (torch.nn.attention.flex_attention, torch.compile'd) with the same mask, its block
+                 mask built outside the timed call, which also checks ours (skipped with the reason where it
+                 cannot run); dense causal SDPA ("sdpa.causal_dense": no document mask, no window, the cost
+                 without sparsity, checked only against itself); the eager dense-masked math where T <= 4,096
+                 (the smoke run: T = 64, windows 4 and 16, FlexAttention skipped on CPU). TFLOPS from
+                 window_attention_flops (allowed pairs) for ours and FlexAttention, attention_flops (causal half)
+                 for dense SDPA: each row's own work.
 """
 from __future__ import annotations
 
@@ -868,6 +880,110 @@ def case_qk_norm_rope(ctx: Ctx) -> None:
                 peer_impls(ctx, ours, torch_path), nbytes)
 
 
+# ---- window_attention (issue 27: document-masked sliding-window attention, kernels/window_attention.py) ----
+WINDOW_T, WINDOW_T_QUICK = 65_536, 16_384  # the speedrun's packed sequence (B = 1), and --quick's
+WINDOWS, WINDOWS_QUICK = (64, 256, 1024, 1_792, 4_096), (64, 1_792)  # the record's schedule spans 64 -> 1,792
+WINDOW_MEAN_DOC = 1_000  # tokens: synthetic documents, lengths uniform in [1, 2 * mean) (fixed seed)
+WINDOW_DENSE_REFERENCE_MAX_T = 4_096  # the eager dense-masked peer materializes (H, T, T) scores
+
+
+def window_docs(T: int, mean: int, seed: int = 0) -> list[int]:
+    """Document boundaries cu_seqlens (0 first, T last) of random lengths, uniform in [1, 2 * mean)."""
+    import random
+
+    rng, cuts = random.Random(seed), [0]
+    while cuts[-1] < T:
+        cuts.append(min(T, cuts[-1] + rng.randrange(1, 2 * mean)))
+    return cuts
+
+
+def flex_window_peer(cu: torch.Tensor, T: int, window: int, device) -> Callable:
+    """torch.compile'd FlexAttention with the same mask (same document, 0 <= q - kv < window); its block mask is
+    built once here, outside the timed call (as a trainer would build it once per step)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.searchsorted(cu, torch.arange(T, device=device, dtype=torch.int32), right=True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
+def case_window_attention(ctx: Ctx) -> None:
+    """At fixed T, for each window: ours against compiled FlexAttention with the same mask (and, at small T,
+    the eager dense-masked math), plus dense causal SDPA (no document mask, no window: what attention costs
+    without the sparsity; its rows are checked against nothing but themselves, they compute other math)."""
+    import torch.nn.functional as F
+
+    from kernels import window_attention as wa
+
+    dev, dt = ctx.device, ctx.dtype("low")
+    B, H, D = 1, (1 if ctx.smoke else 6), (64 if ctx.smoke else 128)
+    T = 64 if ctx.smoke else (WINDOW_T_QUICK if ctx.quick else WINDOW_T)
+    windows = (4, 16) if ctx.smoke else (WINDOWS_QUICK if ctx.quick else WINDOWS)
+    cuts = window_docs(T, 24 if ctx.smoke else WINDOW_MEAN_DOC)
+    cu = torch.tensor(cuts, dtype=torch.int32, device=dev)
+    lengths = [b - a for a, b in zip(cuts, cuts[1:])]
+    dtypes = {"q": dt, "k": dt, "v": dt}
+    measure_matmul_peak(ctx)
+
+    def make_set(seed):  # the model's layout: (B, T, H, D) memory viewed as (B, H, T, D)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        qkv = [torch.randn(B, T, H, D, device=dev, generator=g).to(dt).transpose(1, 2).requires_grad_()
+               for _ in range(3)]
+        return qkv, [torch.randn(B, T, H, D, device=dev, generator=g).to(dt).transpose(1, 2)]
+
+    for window in windows:
+        shape = {"B": B, "H": H, "T": T, "D": D, "window": window, "docs": len(lengths)}
+        impls = {"triton": lambda q, k, v, w=window: wa.window_attention(q, k, v, cu, w)}
+        reference = None
+        if T <= WINDOW_DENSE_REFERENCE_MAX_T:
+            impls["torch"] = lambda q, k, v, w=window: wa.window_attention_reference(q, k, v, cu, w)
+            reference = lambda q, k, v, w=window: wa.window_attention_reference(  # noqa: E731
+                q.float(), k.float(), v.float(), cu, w).to(q.dtype)
+        else:
+            skip(ctx, "window_attention", "torch", f"the eager dense-masked math needs (H, T, T) scores: "
+                 f"T = {T} > {WINDOW_DENSE_REFERENCE_MAX_T}", shape)
+        if dev.type != "cuda":
+            skip(ctx, "window_attention", "flex_attention.compile", "smoke run on CPU: FlexAttention is timed "
+                 "on a CUDA GPU only", shape)
+        else:
+            try:
+                flex = flex_window_peer(cu, T, window, dev)
+                why = try_peer(flex, *make_set(0))
+            except Exception as e:  # noqa: BLE001 - not installed / not supported here: recorded with the reason
+                why = _first_line(e)
+            if why is None:
+                impls["flex_attention.compile"] = flex
+                reference = reference or flex  # an independent implementation of the same mask checks ours
+            else:
+                skip(ctx, "window_attention", "flex_attention.compile", why, shape)
+        if reference is None:  # nothing independent can run at this T: ours is recorded, marked unchecked
+            print(f"  window_attention {shape}: no reference can run (no FlexAttention, T too long for the "
+                  "dense math): ours unchecked")
+            reference = impls["triton"]
+        flops = {p: wa.window_attention_flops(B, H, lengths, D, window, mode=p.replace("+", "_")) for p in PASSES}
+        bench_impls(ctx, "window_attention", shape, dtypes, make_set, impls, None, flops=flops, reference=reference,
+                    max_sets=2)
+
+        def dense(q, k, v):  # dense causal SDPA over all T (the cost without sparsity); checked against itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        flops = {p: attention_flops_dense(B, H, T, D, p) for p in PASSES}
+        bench_impls(ctx, "window_attention", shape, dtypes, make_set, {"sdpa.causal_dense": dense}, None,
+                    flops=flops, reference=dense, max_sets=2)
+
+
+def attention_flops_dense(B: int, H: int, T: int, D: int, pass_: str) -> float:
+    from kernels.attention import attention_flops
+
+    return attention_flops(B, H, T, D, causal=True, mode=pass_.replace("+", "_"))
+# ---- end of window_attention ----------------------------------------------------------------------------------
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
@@ -882,6 +998,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "add_rmsnorm": case_add_rmsnorm,
     "mix_rmsnorm": case_mix_rmsnorm,
     "relu2": case_relu2,
+    "window_attention": case_window_attention,  # issue 27: kernels/window_attention.py
 }
 
 
@@ -924,7 +1041,8 @@ def shape_label(shape: dict) -> str:
     if "model" in shape:
         return f"{shape['model']} {shape['tensors']}t"
     if "B" in shape:
-        return f"{shape['B']}x{shape['H']}x{shape['T']}x{shape['D']}"
+        window = f" w{shape['window']}" if "window" in shape else ""
+        return f"{shape['B']}x{shape['H']}x{shape['T']}x{shape['D']}{window}"
     if "V" in shape:
         return f"{shape['rows']}x{shape['C']}>{shape['V']}"
     return f"{shape['rows']}x{shape['C']}"
@@ -1091,7 +1209,10 @@ def main(argv=None) -> int:
                               "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
                                                "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
                               "muon": "kernels/muon.py newton_schulz_flops(rows, cols, 5) summed over the matrices: "
-                                      "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each"},
+                                      "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each",
+                              "window_attention": "kernels/window_attention.py window_attention_flops: 4*D per "
+                                                  "allowed (q, kv) pair fwd, bwd 2.5x, fwd+bwd 3.5x; the "
+                                                  "sdpa.causal_dense rows: attention_flops(causal=True)"},
             "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
                        "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
                        "its forward saved",

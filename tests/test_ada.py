@@ -37,10 +37,14 @@ EXPECTED_KERNELS = {
     "rmsnorm._rms_fwd_kernel", "rmsnorm._rms_bwd_kernel", "rmsnorm._mix_rms_bwd_kernel", "rmsnorm._mix_dl_kernel",
     "relu2._relu2_fwd_kernel", "relu2._relu2_bwd_kernel",
     "rope._qk_norm_rope_fwd_kernel", "rope._qk_norm_rope_bwd_kernel",
+    # issue 27's window attention
+    "window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq",
 }
+WINDOW_KERNELS = {"window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq"}
 BF16_DOT_KERNELS = {
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
     "cross_entropy._lce_fwd_kernel", "cross_entropy._lce_bwd_dh_kernel", "cross_entropy._lce_bwd_dw_kernel",
+    *WINDOW_KERNELS,
 }
 
 
@@ -130,6 +134,29 @@ def test_autotune_spaces_and_layernorm_widths_recorded(records, arch):
     rms = {(r["constexprs"]["PRE"], r["constexprs"]["BLOCK_N"]) for r in rows
            if r["kernel"] == "rmsnorm._rms_fwd_kernel"}
     assert rms == {(pre, n) for pre in (0, 1, 2) for n in (1024, 2048)}
+
+
+@pytest.mark.parametrize("arch", CHECKED_ARCHS)
+def test_window_attention_one_kernel_for_every_window(records, arch):
+    """issue 27: window_attention at T = 65,536 and 16,384, windows 64 and 1,792, 6 heads of 128: each kernel is
+    ONE compiled launch (its table config) used by all four -- the window is a runtime argument, never a
+    specialization -- and it fits (test_every_launch_fits checks the numbers)."""
+    from kernels import window_attention as wa
+
+    rows = [r for r in records if r["arch"] == arch and r["kernel"] in WINDOW_KERNELS]
+    assert {r["kernel"] for r in rows} == WINDOW_KERNELS
+    cc = ada.ARCHS[arch].cc
+    table = wa.CONFIGS[wa.arch_key((cc // 10, cc % 10))]
+    for r in rows:
+        kind = r["kernel"].split("._wattn_")[1]
+        assert sum(x["kernel"] == r["kernel"] for x in rows) == 1, f"{_what(r)}: more than one specialization"
+        cfg = table[kind][ada.SPEEDRUN_HEAD_DIM]
+        assert (r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["num_warps"], r["num_stages"]) == cfg
+        assert r["signature"]["window"] == "i32", r["signature"]  # no "=1", no "/16": not specialized
+        variants = {u.split(": ", 1)[1] for u in r["used_by"]}
+        assert variants == {f"window attention B=1 H=6 T={T} D=128 window={w}"
+                            for T in ada.WINDOW_SEQ_LENS for w in ada.WINDOW_SIZES}
+    assert wa.SHARED_LIMIT[arch] == ada.ARCHS[arch].shared_per_block
 
 
 def test_markdown_section_from_record(records, tmp_path):

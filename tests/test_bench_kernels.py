@@ -22,6 +22,7 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")  # issue 26: kernels/rmsnorm.py, kernels/relu2.py
 ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS + ("qk_norm_rope",)
 NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
+WINDOW_OP = "window_attention"  # issue 27: kernels/window_attention.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -74,7 +75,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
-    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS})
+    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP})
     assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
@@ -310,3 +311,45 @@ def test_an_interrupted_run_keeps_the_ops_it_finished(tmp_path, monkeypatch):
                                                                                             "layernorm"]
     assert {r["op"] for r in rec["results"]} == {"gelu"} and all(r["check"] == "ok" for r in rec["results"])
     assert {s["op"] for s in rec["speedups"]} == {"gelu"}
+
+
+@pytest.fixture(scope="module")
+def window_record(tmp_path_factory):
+    """A run of the window_attention case alone: the smoke run's shapes on CPU, the --quick ones on a GPU."""
+    return run_and_load(tmp_path_factory.mktemp("window"), "--op", WINDOW_OP)[2]
+
+
+def test_window_attention_rows(window_record):
+    """One row group per window at one fixed T (time vs window): ours, FlexAttention with the same mask (or its
+    skip reason: always skipped on CPU), dense causal SDPA, and the eager dense-masked math only where T is
+    small; TFLOPS from each row's own work (allowed pairs for the masked ones, the causal half for SDPA)."""
+    from kernels import window_attention as wa
+
+    bk = load_script("bench/kernels.py", "bench_kernels_window")
+    rec = window_record
+    rows = rows_of(rec, WINDOW_OP)
+    skipped = skipped_of(rec, WINDOW_OP)
+    impls = {r["impl"] for r in rows}
+    assert {"triton", "sdpa.causal_dense"} <= impls
+    assert ("flex_attention.compile" in impls) != ("flex_attention.compile" in skipped)
+    assert HAS_CUDA or skipped["flex_attention.compile"].startswith("smoke run on CPU")
+    shapes = {json.dumps(r["shape"], sort_keys=True) for r in rows}
+    windows = sorted(json.loads(s)["window"] for s in shapes)
+    assert windows == sorted(bk.WINDOWS_QUICK if HAS_CUDA else (4, 16))
+    assert len({(json.loads(s)["T"], json.loads(s)["D"]) for s in shapes}) == 1  # fixed T and D
+    T = json.loads(next(iter(shapes)))["T"]
+    assert ("torch" in impls) == (T <= bk.WINDOW_DENSE_REFERENCE_MAX_T)
+    cuts = bk.window_docs(T, 24 if not HAS_CUDA else bk.WINDOW_MEAN_DOC)
+    lengths = [b - a for a, b in zip(cuts, cuts[1:])]
+    for r in rows:
+        s = r["shape"]
+        assert s["docs"] == len(lengths) and {(i, p) for i in impls for p in PASSES} >= {(r["impl"], r["pass"])}
+        mode = r["pass"].replace("+", "_")
+        want = (bk.attention_flops_dense(s["B"], s["H"], T, s["D"], r["pass"]) if r["impl"] == "sdpa.causal_dense"
+                else wa.window_attention_flops(s["B"], s["H"], lengths, s["D"], s["window"], mode))
+        assert r["flops"] == pytest.approx(want) and r["tflops"] > 0
+    for w in windows:  # every implementation ran every pass at every window
+        got = {(r["impl"], r["pass"]) for r in rows if r["shape"]["window"] == w}
+        assert got == {(i, p) for i in impls for p in PASSES}
+    for s in (s for s in rec["speedups"] if s["op"] == WINDOW_OP):
+        assert set(s["vs"]) == impls - {"triton"} and s["best_sdpa"] == "sdpa.causal_dense"
