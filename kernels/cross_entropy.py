@@ -23,9 +23,37 @@ Algorithm (the Cut-Cross-Entropy trade: recompute the logits instead of storing 
             recompute the tile, dW[cols, c] += dlogits^T @ h[rows, c].
             The fp32 running sums of a tile live in a per-program scratch slot (BLOCK, C) fp32 that only
             that program touches (read-modify-write, ordered by a CTA barrier); the last step stores the
-            output dtype. Scratch is programs x BLOCK x C x 4 B (a few tens of MB; L2-sized), independent
+            output dtype. Scratch is programs x 64 x C x 4 B with the tables' tiles (below), independent
             of V and N. Vocab splits of dh (more programs when N is small) write fp32 partials (S, N, C)
-            that the host sums in a fixed order.
+            that the host sums in a fixed order. `backward_workspace` gives these shapes (the launcher
+            sizes its buffers through the same _dh_plan / _dw_plan).
+Scratch traffic (issue 24 d; N = 8x1024 and 64x1024 rows, C = 768, V = 50257, padded 50304)
+  Per vocab step a dh program runs 2*BN*BV*C FLOPs of dlogits @ W plus 2*BN*BV*C of logits recompute and
+  read-modify-writes its fp32 slot, BN*C*4*2 B: 4*BN*BV*C / (8*BN*C) = BV/2 FLOPs per scratch byte (BV/4
+  counting the gradient dot alone), whatever BN. dW is the same with rows and columns swapped: BN/2. Per
+  pass that is ceil(V/BV)*N*C*8 B for dh and ceil(N/BN)*V_padded*C*8 B for dW, against 4*N*V*C FLOPs each:
+                      tiles  FLOP/B  scratch per pass (N 8K / 64K)  slots (46 / 132 SMs)
+    before   128 x 128 both      64     19.8 GB / 158 GB             18 MB / 52 MB
+    now      dh  64 x 256       128      9.9 GB / 79 GB               9 MB / 26 MB
+             dW 256 x  64       128      9.9 GB / 79 GB               9 MB / 26 MB
+  Ridge points (REFERENCE.md): RTX 4070 ~116 FLOP/B, H100 ~295. Before, each kernel was bandwidth-bound
+  wherever its slots missed L2: at N = 8K a kernel's 1.26 TFLOP takes 21.7 ms on a 4070 at peak against
+  39 ms for 19.8 GB at 504 GB/s (1.8x), and 1.3 ms on an H100 against 5.9 ms at 3.35 TB/s (4.6x) -- and
+  there the 52 MB of slots, each touched every step, exceed the 50 MB L2, so they did miss. Now: on a 4070
+  the kernels are compute-bound even if every scratch byte went to DRAM (128 > 116: 19.7 ms of traffic
+  under 21.7 ms of math) and the 9 MB of slots sit well inside its 36 MB L2; on an H100/H200 the 26 MB of
+  slots fit its L2, and the traffic (2.95 ms if it were all DRAM) halves, but 128 < 295: there the
+  kernels stay compute-bound only as far as L2 serves ~6 TB/s (REFERENCE.md has no L2 bandwidth; a GPU
+  record must tell). Other ways considered: a dh accumulator held in registers across the vocab loop (one
+  C-chunk per pass, C/BLOCK_C = 12 logits recomputes: 13x the dh FLOPs), or two vocab blocks' dlogits
+  held for one RMW (the 128 x 128 backward already takes 232-248 of 255 registers on sm_89: a second
+  dlogits tile spills); the tall-skinny tiles give the same FLOPs per scratch byte as the latter with the
+  register footprint of 128 x 128 (64 x 256 fp32 logits = 128 x 128), at the cost of half the weight-tile
+  reuse in dh (h-tile reuse in dW), which stays in L2: the programs walk the vocab in step. The old
+  128 x 128 tiles stay in TUNE_SPACE, so on a GPU the autotuner times both: `python bench/kernels.py --op
+  cross_entropy --quick` records the ms of every candidate (the record's "autotune" field, cross_entropy
+  dh/... and dw/... keys: 64x256 vs 128x128 side by side) and the cross_entropy triton "bwd" row (rows
+  16384); that record confirms or refutes this on the GPU it runs on.
 
 FLOPs (N rows, V = vocab_size, C width; `lce_flops`)
   forward 2NVC;  backward 8NVC = dh kernel (2NVC recompute + 2NVC dlogits@W)
@@ -40,10 +68,11 @@ Bytes (e = element bytes, BN/BV the tiles; `lce_bytes`)
     forward   ceil(N/BN)*V*C*e + ceil(V/BV)*N*C*e
     dh        2*ceil(N/BN)*V*C*e + ceil(V/BV)*N*C*e + 8*ceil(V/BV)*N*C   (last: fp32 scratch RMW)
     dW        2*ceil(V_padded/BV)*N*C*e + ceil(N/BN)*V_padded*C*e + 8*ceil(N/BN)*V_padded*C
-  i.e. ~BN/2 FLOPs per weight byte and ~BV/4 per scratch byte: compute-bound at 128 x 128 tiles.
+  i.e. in dh BN FLOPs per weight-tile byte (each tile read twice) and BV/2 per scratch byte (see Scratch
+  traffic above; `scratch_flops_per_byte`); dW the same with BN and BV swapped.
   A materialized fp32 path instead moves >= 4 passes over N*V*4 bytes (write logits, softmax read and
   write, grad read) and holds N*V*4 (3.3 GB at N = 16K): here the extra memory is lse (4N), the scratch
-  slots (programs x BLOCK x C x 4, ~18 MB per kernel on a 46-SM GPU) and dh split partials (S x N x C x 4).
+  slots (programs x 64 x C x 4, ~9 MB per kernel on a 46-SM GPU) and dh split partials (S x N x C x 4).
 When the recompute pays (a roofline model, not a measurement: bench/kernels.py measures). torch.compile's path
   keeps bf16 logits and moves about 6 passes over N*V*2 bytes (write the logits, read them for the logsumexp,
   read them and write dlogits, read dlogits in each gradient GEMM). The 4NVC of recompute costs less than that
@@ -71,6 +100,7 @@ F.cross_entropy on materialized eval logits is a bottleneck.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -94,35 +124,43 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 # spills); `python -m kernels.cross_entropy sm_80|sm_89|sm_90 bfloat16|float32 [space]` prints the table
 # (and the autotune space). All are compile-checked starting points (spill-free under Triton 3.6 and
 # 3.9), not yet timed on a GPU; on one, the autotuner picks among TUNE_SPACE (below).
+def _fwd_cfg(bn, bv, bk, warps, stages):
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages, waves=2)
+
+
+def _bwd_cfg(bn, bv, bk, bc, warps, stages, programs_per_sm=1, dh=False):
+    cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, BLOCK_C=bc, num_warps=warps, num_stages=stages)
+    return {**cfg, **({"waves": 2} if dh else {}), "programs_per_sm": programs_per_sm}
+
+
 _FP32_IEEE = {
     "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2),
     "dh": dict(BLOCK_N=64, BLOCK_V=32, BLOCK_K=32, BLOCK_C=32, num_warps=8, num_stages=2),
     "dw": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, BLOCK_C=32, num_warps=8, num_stages=2),
 }
+# Backward tiles are tall-skinny by the scratch arithmetic in the module docstring: dh folds BLOCK_V vocab
+# columns, dW folds BLOCK_N rows, into each fp32 scratch read-modify-write, so those are 256 and the other
+# side 64 (FLOPs per scratch byte 128, scratch 64 x C x 4 B per program); 128 x 128 (64 FLOP/B, twice the
+# scratch) stays in TUNE_SPACE for the autotuner to time against them.
 CONFIGS: dict[str, dict[str, dict]] = {
     "sm_80": {  # A100: 163 KB shared per block
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=2),
         # BLOCK_K 32 in the backward: at 64, Triton 3.6's ptxas spills 28-32 B (3.9's does not)
-        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
-                   waves=2, programs_per_sm=1),
-        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
-                   programs_per_sm=1),
+        "dh": _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+        "dw": _bwd_cfg(256, 64, 32, 64, 8, 3),
         "fp32": _FP32_IEEE,
     },
     "sm_89": {  # Ada (RTX 40xx; also sm_86 and consumer Blackwell): 101,376 B shared per block
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4, waves=2),
-        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
-                   waves=2, programs_per_sm=1),
-        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, BLOCK_C=64, num_warps=8, num_stages=3,
-                   programs_per_sm=1),
+        # 2 stages: 81,920 B of shared memory (3 stages would need 114,688 B); 228 / 240 registers, no spills
+        "dh": _bwd_cfg(64, 256, 32, 64, 8, 2, dh=True),
+        "dw": _bwd_cfg(256, 64, 32, 64, 8, 2),
         "fp32": _FP32_IEEE,
     },
     "sm_90": {  # H100: 227 KB shared per block; tl.dot lowers to wgmma
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4, waves=2),
-        "dh": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
-                   waves=2, programs_per_sm=1),
-        "dw": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_C=64, num_warps=8, num_stages=3,
-                   programs_per_sm=1),
+        "dh": _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+        "dw": _bwd_cfg(256, 64, 32, 64, 8, 3),
         "fp32": _FP32_IEEE,
     },
     # TRITON_INTERPRET=1 on CPU: numpy executes each tile op, so cost is per loop iteration -- the largest
@@ -142,37 +180,28 @@ CONFIGS: dict[str, dict[str, dict]] = {
 # and 3.9 (test_cross_entropy.py::test_sm89_configs_fit and test_ada.py compile every one). Smaller
 # tiles / 4 warps: more programs per SM; a wider gradient reduction (BLOCK_V for dh, BLOCK_N for dW):
 # fewer fp32 scratch read-modify-writes per FLOP; BLOCK_K 32 vs 64: pipeline depth vs shared memory.
-def _fwd_cfg(bn, bv, bk, warps, stages):
-    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages, waves=2)
-
-
-def _bwd_cfg(bn, bv, bk, bc, warps, stages, programs_per_sm=1, dh=False):
-    cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, BLOCK_C=bc, num_warps=warps, num_stages=stages)
-    return {**cfg, **({"waves": 2} if dh else {}), "programs_per_sm": programs_per_sm}
-
-
 TUNE_SPACE: dict[str, dict[str, list[dict]]] = {
     "sm_80": {
         "fwd": [CONFIGS["sm_80"]["fwd"], _fwd_cfg(128, 128, 32, 8, 4), _fwd_cfg(64, 128, 32, 4, 4),
                 _fwd_cfg(64, 256, 32, 8, 3)],
-        "dh": [CONFIGS["sm_80"]["dh"], _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+        "dh": [CONFIGS["sm_80"]["dh"], _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True),
                _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True)],
-        "dw": [CONFIGS["sm_80"]["dw"], _bwd_cfg(256, 64, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3)],
+        "dw": [CONFIGS["sm_80"]["dw"], _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3)],
     },
     "sm_89": {
         # (fwd 128x128 and 64x128 at BLOCK_K 64 spill 32-40 B under Triton 3.6's ptxas: left out)
         "fwd": [CONFIGS["sm_89"]["fwd"], _fwd_cfg(64, 128, 32, 4, 4), _fwd_cfg(64, 256, 32, 8, 3)],
-        "dh": [CONFIGS["sm_89"]["dh"], _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True),
-               _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True), _bwd_cfg(64, 128, 64, 64, 4, 3, dh=True)],
-        "dw": [CONFIGS["sm_89"]["dw"], _bwd_cfg(128, 64, 32, 64, 4, 3), _bwd_cfg(128, 128, 64, 64, 8, 3),
-               _bwd_cfg(128, 64, 64, 64, 4, 3)],
+        "dh": [CONFIGS["sm_89"]["dh"], _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True),
+               _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True), _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True)],
+        "dw": [CONFIGS["sm_89"]["dw"], _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3),
+               _bwd_cfg(128, 128, 64, 64, 8, 3)],
     },
     "sm_90": {
         "fwd": [CONFIGS["sm_90"]["fwd"], _fwd_cfg(128, 256, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3),
                 _fwd_cfg(128, 128, 32, 8, 4), _fwd_cfg(64, 128, 32, 4, 4)],
-        "dh": [CONFIGS["sm_90"]["dh"], _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
+        "dh": [CONFIGS["sm_90"]["dh"], _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True),
                _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True), _bwd_cfg(64, 128, 32, 64, 4, 3, 2, dh=True)],
-        "dw": [CONFIGS["sm_90"]["dw"], _bwd_cfg(256, 128, 32, 64, 8, 2), _bwd_cfg(256, 64, 32, 64, 8, 3),
+        "dw": [CONFIGS["sm_90"]["dw"], _bwd_cfg(128, 128, 64, 64, 8, 3), _bwd_cfg(256, 128, 32, 64, 8, 2),
                _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3, 2)],
     },
 }
@@ -418,6 +447,55 @@ def _splits(n_row_blocks: int, n_vocab_blocks: int, waves: int, sm_count: int, m
     return -(-n_vocab_blocks // per), per  # no empty split
 
 
+def _dh_plan(N: int, C: int, vocab_size: int, cfg: dict, sm_count: int) -> dict:
+    """Grid and fp32 workspace of the dh kernel: persistent programs over (row block, vocab split) tiles; each
+    program owns a (BLOCK_N, C) scratch slot; vocab splits (S > 1, when the row blocks alone underfill the GPU)
+    write (S, N, C) partials, at most _DH_PARTIAL_BYTES of them."""
+    n_rb = triton.cdiv(N, cfg["BLOCK_N"])
+    S, per = _splits(n_rb, triton.cdiv(vocab_size, cfg["BLOCK_V"]), cfg["waves"], sm_count,
+                     max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
+    programs = min(n_rb * S, cfg["programs_per_sm"] * sm_count)
+    return dict(row_blocks=n_rb, splits=S, blocks_per_split=per, tiles=n_rb * S, programs=programs,
+                scratch=(programs, cfg["BLOCK_N"], C), partials=(S, N, C) if S > 1 else None)
+
+
+def _dw_plan(C: int, V_padded: int, cfg: dict, sm_count: int) -> dict:
+    """Grid and fp32 workspace of the dW kernel: persistent programs over vocab blocks, a (BLOCK_V, C) slot each."""
+    n_vb = triton.cdiv(V_padded, cfg["BLOCK_V"])
+    programs = min(n_vb, cfg["programs_per_sm"] * sm_count)
+    return dict(vocab_blocks=n_vb, programs=programs, scratch=(programs, cfg["BLOCK_V"], C))
+
+
+def backward_workspace(N: int, C: int, vocab_size: int, V_padded: int, sm_count: int,
+                       config: dict | None = None, arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16
+                       ) -> dict[str, list[tuple[int, ...]]]:
+    """The fp32 buffers each backward kernel allocates beside its output, as shapes: {"dh": [scratch,
+    (partials)], "dw": [scratch]}, for `config` ({"dh", "dw"}; default: `arch`'s table for `dtype`) on a GPU with
+    `sm_count` SMs. The launcher sizes its buffers with the same plans (_dh_plan, _dw_plan), so a fake
+    implementation can allocate exactly these. The two kernels run one after the other: dh's buffers are freed
+    before dW's are allocated."""
+    cfg = config or get_config(torch.device("cuda"), dtype, arch)
+    dh = _dh_plan(N, C, vocab_size, cfg["dh"], sm_count)
+    return {"dh": [dh["scratch"]] + ([dh["partials"]] if dh["partials"] else []),
+            "dw": [_dw_plan(C, V_padded, cfg["dw"], sm_count)["scratch"]]}
+
+
+def backward_workspace_bytes(N: int, C: int, vocab_size: int, V_padded: int, sm_count: int, arch: str = "sm_89",
+                             dtype: torch.dtype = torch.bfloat16, tuned: bool = True) -> int:
+    """Peak fp32 workspace of the backward in bytes: the larger of the two kernels' buffers, over the table's
+    config and (tuned=True, 16-bit inputs) every TUNE_SPACE candidate the autotuner may pick or time."""
+    table = get_config(torch.device("cuda"), dtype, arch)
+    configs = [table]
+    if tuned and dtype != torch.float32 and arch in TUNE_SPACE:
+        space = TUNE_SPACE[arch]
+        configs += [{**table, "dh": dh} for dh in space["dh"]] + [{**table, "dw": dw} for dw in space["dw"]]
+    best = 0
+    for cfg in configs:
+        shapes = backward_workspace(N, C, vocab_size, V_padded, sm_count, cfg)
+        best = max(best, *(sum(4 * math.prod(s) for s in bufs) for bufs in shapes.values()))
+    return best
+
+
 _TUNER = Tuner("lce", __file__)
 
 
@@ -504,33 +582,26 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
         return h.new_zeros((0, C)), torch.zeros_like(weight)
 
     def launch_dh(dcfg):  # persistent programs over (row block, vocab split) tiles
-        BN, BV = dcfg["BLOCK_N"], dcfg["BLOCK_V"]
-        n_rb = triton.cdiv(N, BN)
-        # each extra split costs an (N, C) fp32 partial: at most _DH_PARTIAL_BYTES of them
-        S, per = _splits(n_rb, triton.cdiv(vocab_size, BV), dcfg["waves"], sm,
-                         max_splits=max(1, _DH_PARTIAL_BYTES // max(1, N * C * 4)))
-        out = _empty((N, C), h.dtype, dev) if S == 1 else _empty((S, N, C), torch.float32, dev)
-        tiles = n_rb * S
-        progs = min(tiles, dcfg["programs_per_sm"] * sm)
-        scratch = _empty((progs, BN, C), torch.float32, dev)
-        _lce_bwd_dh_kernel[(progs,)](
+        plan = _dh_plan(N, C, vocab_size, dcfg, sm)
+        S = plan["splits"]
+        out = _empty((N, C), h.dtype, dev) if S == 1 else _empty(plan["partials"], torch.float32, dev)
+        scratch = _empty(plan["scratch"], torch.float32, dev)
+        _lce_bwd_dh_kernel[(plan["programs"],)](
             h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
-            h.stride(0), weight.stride(0), n_rb, tiles, per,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"], DOT_PRECISION=prec,
-            num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
+            h.stride(0), weight.stride(0), plan["row_blocks"], plan["tiles"], plan["blocks_per_split"],
+            BLOCK_N=dcfg["BLOCK_N"], BLOCK_V=dcfg["BLOCK_V"], BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"],
+            DOT_PRECISION=prec, num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
         return out if S == 1 else out.sum(0).to(h.dtype)  # split partials: fixed order, deterministic
 
     def launch_dw(wcfg):  # persistent programs over vocab blocks of all V_padded rows
-        BN, BV = wcfg["BLOCK_N"], wcfg["BLOCK_V"]
+        plan = _dw_plan(C, V_padded, wcfg, sm)
         dw = _empty((V_padded, C), weight.dtype, dev)
-        n_vb = triton.cdiv(V_padded, BV)
-        progs = min(n_vb, wcfg["programs_per_sm"] * sm)
-        scratch = _empty((progs, BV, C), torch.float32, dev)
-        _lce_bwd_dw_kernel[(progs,)](
+        scratch = _empty(plan["scratch"], torch.float32, dev)
+        _lce_bwd_dw_kernel[(plan["programs"],)](
             h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
-            h.stride(0), weight.stride(0), n_vb,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"], DOT_PRECISION=prec,
-            num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+            h.stride(0), weight.stride(0), plan["vocab_blocks"],
+            BLOCK_N=wcfg["BLOCK_N"], BLOCK_V=wcfg["BLOCK_V"], BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"],
+            DOT_PRECISION=prec, num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
         return dw
 
     dh = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
@@ -650,6 +721,13 @@ def lce_bytes(N: int, V: int, C: int, elem_bytes: int = 2, part: str = "fwd_bwd"
                   + 8 * cd(N, dw["BLOCK_N"]) * Vp * C + Vp * C * e)
         bwd = bwd_dh + bwd_dw + 24 * N
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[part]
+
+
+def scratch_flops_per_byte(blocks: dict) -> dict[str, float]:
+    """FLOPs (recompute + gradient dot) per byte of fp32 scratch read-modify-write of each backward kernel with
+    `blocks` ({"dh", "dw"} tiles): BLOCK_V/2 for dh, BLOCK_N/2 for dW. Compare with the GPU's ridge point
+    (FLOP per DRAM byte, REFERENCE.md) for the case where the scratch slots miss L2."""
+    return {"dh": 4 * blocks["dh"]["BLOCK_V"] / 8, "dw": 4 * blocks["dw"]["BLOCK_N"] / 8}
 
 
 # ------------------------------------------------------------------------------------------ AOT check

@@ -477,6 +477,44 @@ def test_cost_model():
     assert dram < l2 < ce.lce_flops(N, V, C) / 16  # on-chip traffic well under 1 B per 16 FLOPs
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
+def test_backward_scratch_is_not_bandwidth_bound(arch):
+    """Issue 24 d: each backward table config folds >= 116 FLOPs (the RTX 4070's ridge point) into every fp32
+    scratch byte it read-modify-writes, so the scratch cannot make the kernels DRAM-bound there even when it
+    misses L2; and its slots at GPT-2's d12 micro-batch fit in half the 4070's 36 MB L2 (46 SMs) and the H100's
+    50 MB (132 SMs)."""
+    table = ce.get_config(torch.device("cuda"), torch.bfloat16, arch)
+    assert min(ce.scratch_flops_per_byte(table).values()) >= 116
+    for sms, l2 in ((46, 36e6), (132, 50e6)):
+        for bufs in ce.backward_workspace(8 * 1024, 768, 50257, 50304, sms, table).values():
+            assert bufs[0][0] <= sms and 4 * bufs[0][0] * bufs[0][1] * bufs[0][2] <= l2 / (2 if sms == 46 else 1)
+
+
+@pytest.mark.parametrize("N,sm_count", [(37, 3), (200, 2), (19, 64)])
+def test_backward_workspace_is_what_the_launcher_allocates(monkeypatch, N, sm_count):
+    """backward_workspace (what a fake implementation allocates for memory estimates) names exactly the fp32
+    buffers lce_backward allocates: the per-program scratch slots and, with vocab splits, the dh partials."""
+    Vp, V, C = 300, 290, 40
+    h, w, t = make_inputs(N, Vp, V, C, torch.float16, seed=12)
+    cfg = ce.get_config(torch.device(DEV), torch.float16)
+    _, lse = ce.lce_forward(h, w, t, -1, V, config=cfg, sm_count=sm_count)
+    seen = []
+
+    def spy(shape, dtype, device):
+        if dtype == torch.float32:
+            seen.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ce, "_empty", spy)
+    ce.lce_backward(torch.tensor(1.0, device=DEV), h, w, t, lse, -1, V, config=cfg, sm_count=sm_count)
+    plan = ce.backward_workspace(N, C, V, Vp, sm_count, cfg)
+    want = plan["dh"][1:] + plan["dh"][:1] + plan["dw"]  # the launcher allocates partials, then scratch
+    assert seen == [tuple(s) for s in want]
+    assert ce.backward_workspace_bytes(N, C, V, Vp, sm_count, "sm_89", tuned=False) == max(
+        sum(4 * torch.Size(s).numel() for s in bufs)
+        for bufs in ce.backward_workspace(N, C, V, Vp, sm_count, arch="sm_89").values())
+
+
 def _compile_report(arch: str, dtype: str) -> list[dict]:
     """compile_configs must run with TRITON_INTERPRET unset (real JITFunctions): a subprocess."""
     code = ("import json, torch, kernels.cross_entropy as ce; "
