@@ -108,7 +108,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.tune import Tuner, autotune_enabled, capturing, ce_tiles
+from kernels.tune import Tuner, autotune_enabled, ce_tiles, pick_unless_capturing
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
@@ -506,12 +506,9 @@ def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, l
         return get_config(h.device, h.dtype)[kind]
     key = (kind, str(h.dtype).removeprefix("torch."), _row_bucket(h.shape[0]), h.shape[1], vocab_size,
            weight.shape[0])
-    known = _TUNER.known(h.device, key)  # every call after the first: one dict lookup
-    if known is not None:
-        return known
-    if capturing(h.device):  # a CUDA graph is being captured and nothing may be timed: the table
-        return get_config(h.device, h.dtype)[kind]
-    return _TUNER.pick(h.device, key, TUNE_SPACE[arch_key(h.device)][kind], launch)
+    # every call after the first: one dict lookup; under CUDA-graph capture with no pick yet: the table
+    return pick_unless_capturing(h.device, _TUNER.known(h.device, key), get_config(h.device, h.dtype)[kind],
+                                 lambda: _TUNER.pick(h.device, key, TUNE_SPACE[arch_key(h.device)][kind], launch))
 
 
 def _autotuning(h: torch.Tensor) -> bool:

@@ -306,20 +306,21 @@ def test_tuner_drives_the_real_launches(monkeypatch, pretend_rtx4070):
 
 def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, pretend_rtx4070):
     """Under CUDA graph capture nothing may be timed: before any pick the table's tiles run; a pick made
-    earlier in the process is reused (the graph then replays what eager ran)."""
+    earlier in the process is reused (the graph then replays what eager ran). The policy is kernels/tune.py's
+    pick_unless_capturing, which attention's autotuner shares (tests/test_attention.py has the same test)."""
     tune = pretend_rtx4070
     h, w, t = make_inputs(37, 300, 290, 40, torch.float16, seed=6)
     space = ce.TUNE_SPACE["sm_89"]
     table = {kind: ce.get_config(torch.device("cpu"), torch.float16)[kind] for kind in space}
-    monkeypatch.setattr(ce, "capturing", lambda device: True)
+    monkeypatch.setattr(tune, "capturing", lambda device: True)
     monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("timed during capture"))
     assert {kind: ce._choose(kind, h, w, 290, None) for kind in space} == table
-    monkeypatch.setattr(ce, "capturing", lambda device: False)
+    monkeypatch.setattr(tune, "capturing", lambda device: False)
     clock = iter(range(100, 0, -1))  # each later candidate "faster": the last one wins
     monkeypatch.setattr(tune, "time_ms", lambda fn: float(next(clock)))
     picks = {kind: ce._choose(kind, h, w, 290, lambda cfg: None) for kind in space}
     assert picks == {kind: c[-1] for kind, c in space.items()}
-    monkeypatch.setattr(ce, "capturing", lambda device: True)
+    monkeypatch.setattr(tune, "capturing", lambda device: True)
     monkeypatch.setattr(tune, "time_ms", lambda fn: pytest.fail("timed during capture"))
     assert {kind: ce._choose(kind, h, w, 290, None) for kind in space} == picks
 
