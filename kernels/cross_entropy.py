@@ -3,6 +3,17 @@
     loss = mean over rows i with targets[i] != ignore_index of  lse_i - z_i[targets[i]],
     z_i = h_i @ weight[:vocab_size].T,   lse_i = log sum_v exp(z_iv)
 
+Logit softcap (keyword softcap, default None; modded-nanogpt's speedrun caps its logits at 30):
+    z_i = softcap * tanh((h_i @ weight[:vocab_size].T) / softcap),  d z / d z_raw = 1 - tanh^2
+applied in fp32 to each recomputed logits tile, in the forward and in both backward kernels (the chain rule's
+factor multiplies the dlogits tile before its gradient dot); still one online logsumexp, no logits in memory.
+SOFTCAP is a tl.constexpr (0.0 for None), so softcap=None compiles exactly today's kernels (same code, same
+registers) and each cap value its own variant. Costs N*V tanh (an exp2 and a division) per kernel.
+The max: softcapped logits are bounded by softcap, so for softcap <= 32 the forward uses softcap as a fixed
+logsumexp max (no running max, no rescaling of the running sum): each exp2 term is >= e^(-2 softcap) >= 2^-93,
+a normal fp32 number, and <= 1, so the sum neither underflows nor overflows. Larger caps keep the running max
+(e^(-2 softcap) would reach fp32's subnormals near softcap 44).
+
 Layouts: h (N, C), weight (V_padded, C) (the tied wte; rows >= vocab_size are padding: never loaded,
 never in the normalizer, exactly zero gradient), targets (N,) int64. The loss is a 0-d fp32 tensor.
 h and weight share one dtype (fp32, fp16 or bf16; under autocast both are cast to the autocast dtype,
@@ -102,6 +113,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +124,8 @@ from kernels.tune import Tuner, autotune_enabled, ce_tiles, pick_unless_capturin
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
+# Largest softcap whose cap is the forward's fixed logsumexp max (see _lce_fwd_kernel); larger caps keep a running max
+_FIXED_MAX_SOFTCAP = tl.constexpr(32.0)
 
 # ------------------------------------------------------------------------------------------ configs
 # Per-architecture tile shapes, as data. BLOCK_N rows x BLOCK_V vocab entries per logits tile, BLOCK_K the
@@ -152,7 +166,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
     },
     "sm_89": {  # Ada (RTX 40xx; also sm_86 and consumer Blackwell): 101,376 B shared per block
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4, waves=2),
-        # 2 stages: 81,920 B of shared memory (3 stages would need 114,688 B); 228 / 240 registers, no spills
+        # 2 stages: 81,920 B of shared memory (3 would need 114,688 B); 228 / 240 registers (softcap: 229 / 233)
         "dh": _bwd_cfg(64, 256, 32, 64, 8, 2, dh=True),
         "dw": _bwd_cfg(256, 64, 32, 64, 8, 2),
         "fp32": _FP32_IEEE,
@@ -160,7 +174,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
     "sm_90": {  # H100: 227 KB shared per block; tl.dot lowers to wgmma
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4, waves=2),
         "dh": _bwd_cfg(64, 256, 32, 64, 8, 3, dh=True),
-        "dw": _bwd_cfg(256, 64, 32, 64, 8, 3),
+        "dw": _bwd_cfg(256, 64, 32, 64, 8, 2),  # 3 stages: spills 8 B in the softcap variant
         "fp32": _FP32_IEEE,
     },
     # TRITON_INTERPRET=1 on CPU: numpy executes each tile op, so cost is per loop iteration -- the largest
@@ -191,18 +205,20 @@ TUNE_SPACE: dict[str, dict[str, list[dict]]] = {
     "sm_89": {
         # (fwd 128x128 and 64x128 at BLOCK_K 64 spill 32-40 B under Triton 3.6's ptxas: left out)
         "fwd": [CONFIGS["sm_89"]["fwd"], _fwd_cfg(64, 128, 32, 4, 4), _fwd_cfg(64, 256, 32, 8, 3)],
+        # (dh 128x128 and dW 128x128, 128x64 at BLOCK_K 64 spill 8-32 B in the softcap variant: left out)
         "dh": [CONFIGS["sm_89"]["dh"], _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True),
-               _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True), _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True)],
+               _bwd_cfg(64, 128, 32, 64, 4, 3, dh=True)],
         "dw": [CONFIGS["sm_89"]["dw"], _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3),
-               _bwd_cfg(128, 128, 64, 64, 8, 3)],
+               _bwd_cfg(256, 64, 64, 64, 8, 2)],
     },
     "sm_90": {
-        "fwd": [CONFIGS["sm_90"]["fwd"], _fwd_cfg(128, 256, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3),
-                _fwd_cfg(128, 128, 32, 8, 4), _fwd_cfg(64, 128, 32, 4, 4)],
+        # (fwd 128x256 and dW 256x128, 256x64 at 3 stages spill 8-48 B in the softcap variant: left out)
+        "fwd": [CONFIGS["sm_90"]["fwd"], _fwd_cfg(64, 256, 32, 8, 3), _fwd_cfg(128, 128, 32, 8, 4),
+                _fwd_cfg(64, 128, 32, 4, 4)],
         "dh": [CONFIGS["sm_90"]["dh"], _bwd_cfg(128, 128, 64, 64, 8, 3, dh=True),
                _bwd_cfg(128, 128, 32, 64, 8, 3, dh=True), _bwd_cfg(64, 128, 32, 64, 4, 3, 2, dh=True)],
-        "dw": [CONFIGS["sm_90"]["dw"], _bwd_cfg(128, 128, 64, 64, 8, 3), _bwd_cfg(256, 128, 32, 64, 8, 2),
-               _bwd_cfg(128, 128, 32, 64, 8, 3), _bwd_cfg(128, 64, 32, 64, 4, 3, 2)],
+        "dw": [CONFIGS["sm_90"]["dw"], _bwd_cfg(128, 128, 64, 64, 8, 3), _bwd_cfg(128, 128, 32, 64, 8, 3),
+               _bwd_cfg(128, 64, 32, 64, 4, 3, 2)],
     },
 }
 ARCH_SHARED_LIMIT = {"sm_80": 166_912, "sm_89": 101_376, "sm_90": 232_448}  # bytes per block (opt-in max)
@@ -268,10 +284,24 @@ def _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
 
 
 @triton.jit
-def _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale):
-    """(softmax - onehot) * row_scale in fp32; 0 on padded columns. lse2 = lse * log2(e)."""
-    p = tl.exp2(logits * _LOG2E - lse2[:, None])
+def _tanh(x):
+    """tanh in fp32 as 1 - 2 / (exp(2x) + 1): exp2 overflows to inf for x > ~44 (giving 1) and underflows to 0
+    below ~-44 (giving -1), no nan; absolute error a few fp32 ulps of 1 (it is scaled by softcap)."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
+def _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale, SOFTCAP: tl.constexpr):
+    """(softmax - onehot) * row_scale in fp32; 0 on padded columns. lse2 = lse * log2(e). `logits` are the raw
+    h @ weight.T; SOFTCAP > 0: softmax of z = SOFTCAP * tanh(raw / SOFTCAP) and the chain rule's 1 - tanh^2."""
+    if SOFTCAP > 0:
+        th = _tanh(logits * (1.0 / SOFTCAP))
+        p = tl.exp2(th * (SOFTCAP * _LOG2E) - lse2[:, None])
+    else:
+        p = tl.exp2(logits * _LOG2E - lse2[:, None])
     d = tl.where(cols[None, :] == t[:, None], p - 1.0, p)
+    if SOFTCAP > 0:
+        d = d * (1.0 - th * th)
     return tl.where(col_mask[None, :], d, 0.0) * row_scale[:, None]
 
 
@@ -284,8 +314,12 @@ def _lce_fwd_kernel(
     TGT_PART,  # (S, N) fp32: target logit if the target is in the split's range, else 0
     N, C, vocab_size, stride_h, stride_w, blocks_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # 0: plain logits (today's kernel, bit for bit); > 0: z = SOFTCAP * tanh(raw / SOFTCAP)
 ):
     # FLOPs 2*BLOCK_N*C per logit column; bytes: h tile + the split's weight rows (L2), 8 B out per row.
+    # SOFTCAP <= _FIXED_MAX_SOFTCAP: every z <= SOFTCAP, so SOFTCAP is the logsumexp's max (no running max, no
+    # rescale): exp2 of z - SOFTCAP >= 2^(-2 * SOFTCAP * log2 e) >= 2^-93 stays a normal fp32 number.
+    FIXED_MAX: tl.constexpr = SOFTCAP > 0 and SOFTCAP <= _FIXED_MAX_SOFTCAP
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,12 +335,20 @@ def _lce_fwd_kernel(
         col_mask = cols < vocab_size
         logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
                               BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        if SOFTCAP > 0:
+            logits = SOFTCAP * _tanh(logits * (1.0 / SOFTCAP))
         tgt += tl.sum(tl.where(cols[None, :] == t[:, None], logits, 0.0), axis=1)
         z2 = tl.where(col_mask[None, :], logits * _LOG2E, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
-        m = m_new
-    lse = (m + tl.log2(s)) * _LN2
+        if FIXED_MAX:
+            s += tl.sum(tl.exp2(z2 - SOFTCAP * _LOG2E), axis=1)
+        else:
+            m_new = tl.maximum(m, tl.max(z2, axis=1))
+            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
+            m = m_new
+    if FIXED_MAX:
+        lse = (SOFTCAP * _LOG2E + tl.log2(s)) * _LN2
+    else:
+        lse = (m + tl.log2(s)) * _LN2
     tl.store(LSE_PART + split * N + rows, lse, mask=row_mask)
     tl.store(TGT_PART + split * N + rows, tgt, mask=row_mask)
 
@@ -322,7 +364,7 @@ def _lce_bwd_dh_kernel(
     SCRATCH,  # (programs, BLOCK_N, C) fp32 running sums, one slot per program
     N, C, vocab_size, ignore_index, stride_h, stride_w, num_row_blocks, num_tiles, blocks_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,  # as in the forward
 ):
     # FLOPs per tile: 4*BLOCK_N*C per vocab column (recompute + dlogits @ W); bytes (L2): weight rows
     # twice, scratch RMW 8*BLOCK_N*C per vocab block; DRAM: h, weight, dh once.
@@ -346,7 +388,7 @@ def _lce_bwd_dh_kernel(
             col_mask = cols < vocab_size
             logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
                                   BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale).to(W.dtype.element_ty)
+            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale, SOFTCAP).to(W.dtype.element_ty)
             # Column limits instead of scalar booleans (the interpreter mis-types tensor & scalar-bool):
             # read the running sum from step 2 on, keep it in scratch until the last step, then store out.
             prev_lim = tl.minimum(v0 - v_begin, 1) * C
@@ -376,7 +418,7 @@ def _lce_bwd_dw_kernel(
     SCRATCH,  # (programs, BLOCK_V, C) fp32 running sums, one slot per program
     N, C, vocab_size, V_padded, ignore_index, stride_h, stride_w, num_vocab_blocks,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,  # as in the forward
 ):
     # FLOPs per tile: 4*BLOCK_V*C per row (recompute + dlogits^T @ h); bytes (L2): h twice, scratch RMW
     # 8*BLOCK_V*C per row block; DRAM: weight and dW once.
@@ -396,7 +438,7 @@ def _lce_bwd_dw_kernel(
             row_scale = tl.where(row_mask & (t != ignore_index), scale, 0.0)
             logits = _logits_tile(H, W, rows, cols, row_mask, col_mask, C, stride_h, stride_w,
                                   BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale).to(H.dtype.element_ty)
+            d = _dlogits_tile(logits, cols, col_mask, t, lse2, row_scale, SOFTCAP).to(H.dtype.element_ty)
             dt = tl.trans(d)  # (BLOCK_V, BLOCK_N)
             prev_lim = tl.minimum(r0, 1) * C  # as in the dh kernel: 0 on the first step, else C
             keep_lim = tl.minimum(tl.maximum(N - r0 - BLOCK_N, 0), 1) * C  # C except on the last step
@@ -421,7 +463,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-def _check(h, weight, targets, vocab_size):
+def _softcap_constexpr(softcap: float | None) -> float:
+    """The kernels' SOFTCAP constexpr: 0.0 for None (today's kernels, compiled exactly as before), else the cap
+    as a float (one compiled variant per distinct cap)."""
+    return 0.0 if softcap is None else float(softcap)
+
+
+def _check(h, weight, targets, vocab_size, softcap=None):
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h (N, C) and weight (V_padded, C) expected, got "
                          f"{tuple(h.shape)} and {tuple(weight.shape)}")
@@ -430,6 +478,9 @@ def _check(h, weight, targets, vocab_size):
     if h.dtype != weight.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"linear_cross_entropy: h and weight must share one of fp32/fp16/bf16, got "
                          f"{h.dtype} and {weight.dtype} (HINT: cast both, or run under torch.autocast)")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"linear_cross_entropy: softcap must be None or a finite number > 0, got {softcap!r} "
+                         "(HINT: softcap=None turns the logit cap off)")
     if not 0 < vocab_size <= weight.shape[0]:
         raise ValueError(f"linear_cross_entropy: vocab_size {vocab_size} not in [1, {weight.shape[0]}]")
     if h.device.type != "cuda" and not _interpreting():
@@ -526,9 +577,10 @@ def tuning_decisions() -> list[dict]:
     return _TUNER.decisions()
 
 
-def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=None, sm_count=None):
+def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=None, sm_count=None,
+                softcap: float | None = None):
     """Returns (loss fp32 0-d, lse (N,) fp32). `config`/`sm_count` override the device defaults (tests)."""
-    _check(h, weight, targets, vocab_size)
+    _check(h, weight, targets, vocab_size, softcap)
     h = h if h.stride(-1) == 1 else h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     targets = targets.contiguous()
@@ -548,7 +600,7 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
         _lce_fwd_kernel[(n_rb, S)](
             h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SOFTCAP=_softcap_constexpr(softcap), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if S == 1:
             return lse_part[0], tgt_part[0]
         return torch.logsumexp(lse_part, dim=0), tgt_part.sum(0)  # the splits' epilogue (timed with them)
@@ -562,7 +614,7 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
 
 
 def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_size: int,
-                 config=None, sm_count=None):
+                 config=None, sm_count=None, softcap: float | None = None):
     """Returns (dh like h, dweight like weight); padded weight rows get exactly 0."""
     h = h if h.stride(-1) == 1 else h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -575,6 +627,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
     # 0 when every row is ignored (torch's grads are 0 there too); read by the kernels, no host sync
     scale = torch.where(n_valid > 0, grad_loss.float() / n_valid.clamp(min=1), 0.0).reshape(())
     prec = _dot_precision(h.dtype)
+    cap = _softcap_constexpr(softcap)
     if N == 0:
         return h.new_zeros((0, C)), torch.zeros_like(weight)
 
@@ -587,7 +640,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
             h, weight, targets, lse, scale, out, scratch, N, C, vocab_size, ignore_index,
             h.stride(0), weight.stride(0), plan["row_blocks"], plan["tiles"], plan["blocks_per_split"],
             BLOCK_N=dcfg["BLOCK_N"], BLOCK_V=dcfg["BLOCK_V"], BLOCK_K=dcfg["BLOCK_K"], BLOCK_C=dcfg["BLOCK_C"],
-            DOT_PRECISION=prec, num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
+            DOT_PRECISION=prec, SOFTCAP=cap, num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
         return out if S == 1 else out.sum(0).to(h.dtype)  # split partials: fixed order, deterministic
 
     def launch_dw(wcfg):  # persistent programs over vocab blocks of all V_padded rows
@@ -598,7 +651,7 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
             h, weight, targets, lse, scale, dw, scratch, N, C, vocab_size, V_padded, ignore_index,
             h.stride(0), weight.stride(0), plan["vocab_blocks"],
             BLOCK_N=wcfg["BLOCK_N"], BLOCK_V=wcfg["BLOCK_V"], BLOCK_K=wcfg["BLOCK_K"], BLOCK_C=wcfg["BLOCK_C"],
-            DOT_PRECISION=prec, num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+            DOT_PRECISION=prec, SOFTCAP=cap, num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
         return dw
 
     dh = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
@@ -611,51 +664,54 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
 
 @torch.library.custom_op("tritonrun::linear_cross_entropy", mutates_args=())
 def _lce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-            vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lce_forward(h, weight, targets, ignore_index, vocab_size)
+            vocab_size: int, softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return lce_forward(h, weight, targets, ignore_index, vocab_size, softcap=softcap)
 
 
 @_lce_op.register_fake
-def _(h, weight, targets, ignore_index, vocab_size):
+def _(h, weight, targets, ignore_index, vocab_size, softcap=None):
     return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonrun::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_op(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     lse: torch.Tensor, ignore_index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lce_backward(grad_loss, h, weight, targets, lse, ignore_index, vocab_size)
+                     lse: torch.Tensor, ignore_index: int, vocab_size: int, softcap: Optional[float] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return lce_backward(grad_loss, h, weight, targets, lse, ignore_index, vocab_size, softcap=softcap)
 
 
 @_lce_backward_op.register_fake
-def _(grad_loss, h, weight, targets, lse, ignore_index, vocab_size):
+def _(grad_loss, h, weight, targets, lse, ignore_index, vocab_size, softcap=None):
     return h.new_empty(h.shape), weight.new_empty(weight.shape)  # the real grads are always contiguous
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, targets, ignore_index, vocab_size = inputs
+    h, weight, targets, ignore_index, vocab_size, softcap = inputs
     ctx.save_for_backward(h, weight, targets, output[1])
-    ctx.ignore_index, ctx.vocab_size = ignore_index, vocab_size
+    ctx.ignore_index, ctx.vocab_size, ctx.softcap = ignore_index, vocab_size, softcap
     ctx.mark_non_differentiable(output[1])  # lse is an auxiliary output
 
 
 def _backward(ctx, grad_loss, _grad_lse):
     h, weight, targets, lse = ctx.saved_tensors
     dh, dw = torch.ops.tritonrun.linear_cross_entropy_backward(
-        grad_loss, h, weight, targets, lse, ctx.ignore_index, ctx.vocab_size)
-    return dh, dw, None, None, None
+        grad_loss, h, weight, targets, lse, ctx.ignore_index, ctx.vocab_size, ctx.softcap)
+    return dh, dw, None, None, None, None
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -1, vocab_size: int = 50257) -> torch.Tensor:
-    """Mean cross-entropy of h @ weight[:vocab_size].T against targets; grads for h and weight."""
+                         ignore_index: int = -1, vocab_size: int = 50257, softcap: float | None = None) -> torch.Tensor:
+    """Mean cross-entropy of z = h @ weight[:vocab_size].T (softcap set: z = softcap * tanh(z / softcap)) against
+    targets; grads for h and weight."""
     if torch.is_autocast_enabled(h.device.type):  # as F.linear under autocast: both to the autocast dtype
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
     h = h.reshape(-1, h.shape[-1])
-    return torch.ops.tritonrun.linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index, vocab_size)[0]
+    return torch.ops.tritonrun.linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index, vocab_size,
+                                                    None if softcap is None else float(softcap))[0]
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -663,19 +719,23 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 def linear_cross_entropy_reference(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
                                    compute_dtype: torch.dtype | None = None,
-                                   chunk_rows: int | None = None) -> torch.Tensor:
+                                   chunk_rows: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Plain PyTorch, materialized logits (gpt2/ops.py semantics). compute_dtype upcasts h and weight
     first (fp64 for test references); otherwise the matmul runs in the input dtype, softmax in >= fp32.
 
     chunk_rows: the same loss summed over chunks of rows, each chunk's logits recomputed in the backward
     (torch.utils.checkpoint), so memory holds one chunk's logits, not all N x V: the benchmark's reference at
-    GPT-2's size, where fp32 logits, their softmax and their grad take 3.3 GB each."""
+    GPT-2's size, where fp32 logits, their softmax and their grad take 3.3 GB each.
+
+    softcap: the logits become softcap * tanh(logits / softcap) (modded-nanogpt's logit softcap), in >= fp32."""
     if compute_dtype is not None:
         h, weight = h.to(compute_dtype), weight.to(compute_dtype)
 
     def loss(h, targets, weight, reduction="mean"):
         logits = F.linear(h, weight[:vocab_size])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if softcap is not None:  # in >= fp32, as the kernels apply it to their fp32 logits
+            logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
     N = h.shape[0]
@@ -741,7 +801,8 @@ _KERNEL_ARGS = {
 _DIVISIBLE_INTS = {"N", "C", "stride_h", "stride_w", "V_padded"}
 
 
-def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16) -> dict:
+def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16,
+                   softcap: float | None = None) -> dict:
     """Compile kernel `kname` ("fwd", "dh" or "dw") with config `c` for `arch` without a GPU (needs
     TRITON_INTERPRET unset in this process); shared bytes, registers, spills (ptxas -v, the ptxas bundled
     with triton) and the mma instructions in the PTX."""
@@ -758,6 +819,7 @@ def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype 
         raise RuntimeError("compile_config needs TRITON_INTERPRET unset before kernels/ is imported")
     consts = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
     consts["DOT_PRECISION"] = _dot_precision(dtype)
+    consts["SOFTCAP"] = _softcap_constexpr(softcap)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -773,20 +835,22 @@ def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype 
         stats = cached_ptxas_stats(kernel, cc)
     except RuntimeError as e:
         raise RuntimeError(f"{kname} ({arch}): {e}") from None
-    return dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), shared=kernel.metadata.shared,
+    return dict(kernel=kname, arch=arch, dtype=str(dtype).removeprefix("torch."), softcap=softcap,
+                shared=kernel.metadata.shared,
                 shared_limit=ARCH_SHARED_LIMIT[arch], mma=mma_instructions(ptx), **stats, config=c)
 
 
-def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16, space: bool = False) -> list[dict]:
+def compile_configs(arch: str = "sm_89", dtype: torch.dtype = torch.bfloat16, space: bool = False,
+                    softcap: float | None = None) -> list[dict]:
     """compile_config for every kernel of `arch`'s table (space=True: and every autotune candidate; 16-bit
-    only, fp32 is never tuned)."""
+    only, fp32 is never tuned), with the logit softcap variant `softcap` (None: without)."""
     cfg = get_config(torch.device("cuda"), dtype, arch)
     report = []
     for kname in _KERNEL_ARGS:
         configs = [cfg[kname]]
         if space and dtype != torch.float32:
             configs += [c for c in TUNE_SPACE[arch][kname] if c != cfg[kname]]
-        report += [compile_config(kname, c, arch, dtype) for c in configs]
+        report += [compile_config(kname, c, arch, dtype, softcap) for c in configs]
     return report
 
 
