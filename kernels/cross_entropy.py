@@ -125,7 +125,7 @@ from kernels.tune import Tuner, autotune_enabled, ce_tiles, pick_unless_capturin
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 # Largest softcap whose cap is the forward's fixed logsumexp max (see _lce_fwd_kernel); larger caps keep a running max
-_FIXED_MAX_SOFTCAP = tl.constexpr(32.0)
+_FIXED_MAX_SOFTCAP = 32.0
 
 # ------------------------------------------------------------------------------------------ configs
 # Per-architecture tile shapes, as data. BLOCK_N rows x BLOCK_V vocab entries per logits tile, BLOCK_K the
@@ -315,11 +315,11 @@ def _lce_fwd_kernel(
     N, C, vocab_size, stride_h, stride_w, blocks_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,  # 0: plain logits (today's kernel, bit for bit); > 0: z = SOFTCAP * tanh(raw / SOFTCAP)
+    FIXED_MAX: tl.constexpr,  # 0 < SOFTCAP <= _FIXED_MAX_SOFTCAP (the host decides: _fixed_max)
 ):
     # FLOPs 2*BLOCK_N*C per logit column; bytes: h tile + the split's weight rows (L2), 8 B out per row.
-    # SOFTCAP <= _FIXED_MAX_SOFTCAP: every z <= SOFTCAP, so SOFTCAP is the logsumexp's max (no running max, no
-    # rescale): exp2 of z - SOFTCAP >= 2^(-2 * SOFTCAP * log2 e) >= 2^-93 stays a normal fp32 number.
-    FIXED_MAX: tl.constexpr = SOFTCAP > 0 and SOFTCAP <= _FIXED_MAX_SOFTCAP
+    # FIXED_MAX: every z <= SOFTCAP, so SOFTCAP is the logsumexp's max (no running max, no rescale): exp2 of
+    # z - SOFTCAP >= 2^(-2 * SOFTCAP * log2 e) >= 2^-93 stays a normal fp32 number.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -469,6 +469,11 @@ def _softcap_constexpr(softcap: float | None) -> float:
     return 0.0 if softcap is None else float(softcap)
 
 
+def _fixed_max(softcap: float | None) -> bool:
+    """The forward's FIXED_MAX constexpr: the cap is the logsumexp's max (see _lce_fwd_kernel)."""
+    return softcap is not None and softcap <= _FIXED_MAX_SOFTCAP
+
+
 def _check(h, weight, targets, vocab_size, softcap=None):
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h (N, C) and weight (V_padded, C) expected, got "
@@ -600,7 +605,8 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
         _lce_fwd_kernel[(n_rb, S)](
             h, weight, targets, lse_part, tgt_part, N, C, vocab_size, h.stride(0), weight.stride(0), per,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(h.dtype),
-            SOFTCAP=_softcap_constexpr(softcap), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SOFTCAP=_softcap_constexpr(softcap), FIXED_MAX=_fixed_max(softcap), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         if S == 1:
             return lse_part[0], tgt_part[0]
         return torch.logsumexp(lse_part, dim=0), tgt_part.sum(0)  # the splits' epilogue (timed with them)
@@ -820,6 +826,8 @@ def compile_config(kname: str, c: dict, arch: str = "sm_89", dtype: torch.dtype 
     consts = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
     consts["DOT_PRECISION"] = _dot_precision(dtype)
     consts["SOFTCAP"] = _softcap_constexpr(softcap)
+    if kname == "fwd":
+        consts["FIXED_MAX"] = _fixed_max(softcap)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
