@@ -33,7 +33,8 @@ Covered: attention fwd / bwd delta / bwd dK,dV / bwd dQ (bf16 q, k, v in the mod
 layernorm fwd and bwd for layer_norm (fp32, ln_1 of block 0) and add_layer_norm (bf16 branch + fp32
 residual; with and without the residual's gradient, the latter for ln_f) and the dweight/dbias
 reduction, at every C; gelu fwd/bwd (bf16, 4C wide); cross-entropy fwd / dh / dW (bf16 h and weight,
-as autocast casts them; dh writes bf16 or, when the vocab is split over programs, fp32 partials);
+as autocast casts them; dh writes bf16 or, when the vocab is split over programs, fp32 partials), plain and
+with the speedrun recipe's logit softcap 30 (SOFTCAP is a constexpr: separate kernels);
 AdamW update for fp32 params (what training uses), bf16 params + fp32 masters (round to nearest and
 stochastic rounding), and the clip kernels (grad sum of squares, norm finalize), with the real
 model's parameter count and groups; for the speedrun model (issue 26) rmsnorm fwd / bwd / mix bwd / lambdas
@@ -381,13 +382,17 @@ def drive_cross_entropy(rec: Recorder, case: Case) -> None:
         stack.enter_context(mock.patch.object(ce, "arch_key", lambda device: table))
         stack.enter_context(mock.patch.object(ce, "_sm_count", lambda device: case.sms))
         stack.enter_context(mock.patch.object(ce, "_choose", choose))
-        stack.enter_context(rec.variant(case, f"LM head + CE, N={case.rows} (bf16 h, weight: autocast)", table))
-        # under autocast linear_cross_entropy casts h (ln_f output) and the tied wte to bf16 first
-        h = torch.empty(case.rows, m.n_embd, dtype=case.low).requires_grad_()
-        w = torch.empty(m.padded_vocab_size, m.n_embd, dtype=case.low).requires_grad_()
-        targets = torch.zeros(case.rows, dtype=torch.int64)
-        loss = ce.linear_cross_entropy(h, w, targets, -1, m.vocab_size)
-        torch.autograd.grad(loss, (h, w))
+        # plain (the gpt2 recipe) and with the speedrun recipe's logit softcap 30 (a constexpr: its own kernels)
+        for softcap in (None, 30.0):
+            what = f"LM head + CE, N={case.rows} (bf16 h, weight: autocast)" + (f", softcap {softcap:g}"
+                                                                               if softcap else "")
+            with rec.variant(case, what, table):
+                # under autocast linear_cross_entropy casts h (ln_f output) and the tied wte to bf16 first
+                h = torch.empty(case.rows, m.n_embd, dtype=case.low).requires_grad_()
+                w = torch.empty(m.padded_vocab_size, m.n_embd, dtype=case.low).requires_grad_()
+                targets = torch.zeros(case.rows, dtype=torch.int64)
+                loss = ce.linear_cross_entropy(h, w, targets, -1, m.vocab_size, softcap=softcap)
+                torch.autograd.grad(loss, (h, w))
 
 
 def drive_adamw(rec: Recorder, case: Case) -> None:

@@ -51,7 +51,8 @@ sm_90) and checks shared memory against the per-block limit and ptxas's spill co
 interpreter (TRITON_INTERPRET=1) `INTERPRETER_CONFIG` is used: small blocks, BLOCK_M != BLOCK_N, so
 short test sequences still cross block boundaries and the diagonal spans several sub-blocks.
 On a GPU the autotuner (key: T bucket, D, dtype; results cached on disk by Triton) picks from
-TUNE_SPACE; TRITONRUN_AUTOTUNE=0 (kernels/tune.py) uses the table entry directly.
+TUNE_SPACE; TRITONRUN_AUTOTUNE=0 (kernels/tune.py) uses the table entry directly. Under CUDA-graph capture
+nothing is timed: a key tuned earlier in the process reuses its pick, any other runs the table entry.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tune import autotune_enabled
+from kernels.tune import autotune_enabled, pick_unless_capturing
 
 # The kernels spell these two as literals (@triton.jit code cannot read plain Python globals).
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -496,19 +497,33 @@ def tuning_decisions() -> list[dict]:
     return out
 
 
+def _picked(tuner) -> set:
+    """The (T bucket, dtype) keys `tuner` has already picked a config for in this process (its in-memory cache
+    holds them, so launching it again for one of them times nothing)."""
+    if not hasattr(tuner, "tritonrun_picked"):
+        tuner.tritonrun_picked = set()
+    return tuner.tritonrun_picked
+
+
 def _launch(kind: str, grid_of, args: tuple, D: int, dtype: torch.dtype, device: torch.device) -> None:
     """Run KERNELS[kind] with the interpreter config, the table config, or the autotuner.
-    `grid_of(BLOCK_M, BLOCK_N)` gives the grid."""
+    `grid_of(BLOCK_M, BLOCK_N)` gives the grid. While a CUDA graph is captured the autotuner runs only for a
+    key it already tuned in this process; otherwise the table's config (kernels/tune.py pick_unless_capturing,
+    the policy cross-entropy follows too): triton.autotune would time every candidate inside the capture."""
     prec = _dot_precision(dtype)
-    autotune = dtype != torch.float32 and autotune_enabled()
-    if autotune:
+    if dtype != torch.float32 and autotune_enabled():
         arch = arch_key(torch.cuda.get_device_capability(device))
-        _autotuned(kind, arch, D)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
-            *args, HEAD_DIM=D, DOT_PRECISION=prec)
-    else:
-        bm, bn, warps, stages = _table_config(kind, D, dtype, device)
-        KERNELS[kind][grid_of(bm, bn)](*args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=prec,
-                                       num_warps=warps, num_stages=stages)
+        tuner = _autotuned(kind, arch, D)
+        key = (args[-1], str(dtype))  # T_BUCKET (each kernel's last runtime argument) and dtype: what it tunes by
+        how = pick_unless_capturing(device, "autotuner" if key in _picked(tuner) else None, "table",
+                                    lambda: "autotuner")
+        if how == "autotuner":
+            tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, HEAD_DIM=D, DOT_PRECISION=prec)
+            _picked(tuner).add(key)
+            return
+    bm, bn, warps, stages = _table_config(kind, D, dtype, device)
+    KERNELS[kind][grid_of(bm, bn)](*args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=prec,
+                                   num_warps=warps, num_stages=stages)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

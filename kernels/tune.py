@@ -4,7 +4,8 @@ size them): time each candidate config on the real inputs, keep the fastest, cac
     tuner = Tuner("lce", __file__)
     cfg = tuner.pick(device, key, candidates, launch)   # launch(cfg) runs the op once with cfg
 
-Used by kernels/cross_entropy.py (attention's configs only change its grid, so it uses triton.autotune).
+Used by kernels/cross_entropy.py (attention's configs only change its grid, so it uses triton.autotune; it shares
+the CUDA-graph capture policy below, `pick_unless_capturing`).
 Why tune on the user's GPU at all: the tables are compile-checked starting points, and the one GPU this
 project is for (an RTX 4070) is not one its authors can time on; the pick made there is what runs there.
 
@@ -18,7 +19,9 @@ project is for (an RTX 4070) is not one its authors can time on; the pick made t
   kernel re-tunes), written atomically; later processes read them and time nothing.
 - Not tuned (the table's config): TRITONRUN_AUTOTUNE=0 (pins every kernel's tiles, attention's too, so
   the summation order no longer depends on a timing) and the Triton interpreter. While a CUDA graph is
-  captured nothing is timed: the caller uses `known()` (a pick made before the capture) or its table.
+  captured nothing is timed: `pick_unless_capturing` reuses a pick made before the capture (`known()`; for
+  attention's triton.autotune, a (T bucket, dtype) key it already tuned) or runs the table's config; both
+  cross-entropy and attention go through it.
 - `decisions()` lists what was picked in this process and how (measured, with every candidate's ms, or
   cached), for benchmark records; `picks()` gathers them from every kernel file.
 A different pick changes only the summation order (last-bit differences); every candidate is tested for
@@ -49,6 +52,19 @@ def autotune_enabled() -> bool:
 def capturing(device: torch.device) -> bool:
     """A CUDA graph is being captured on the current stream: nothing may be timed (or synchronized)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def pick_unless_capturing(device: torch.device, known, table, tune: Callable[[], object]):
+    """The CUDA-graph capture policy of every autotuned kernel here (cross-entropy's Tuner, attention's
+    triton.autotune): `known`, a pick this process made before, is reused, so a captured graph replays what
+    eager ran; while a graph is being captured and there is no pick yet, `table` (the config table's entry) runs,
+    since timing would record the candidates' launches into the graph and synchronizing would break the capture;
+    otherwise `tune()` times the candidates and returns the pick."""
+    if known is not None:
+        return known
+    if capturing(device):
+        return table
+    return tune()
 
 
 def cache_dir() -> Path:

@@ -184,6 +184,60 @@ def test_autotuned_path_on_gpu(poison, monkeypatch):
     assert all(cfg in attn.TUNE_SPACE[arch][kind][D] for (kind, D), cfg in picks.items())
 
 
+def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, poison):
+    """The autotuner's CUDA-graph guard (kernels/tune.py pick_unless_capturing, as cross-entropy's): during a
+    capture, before any pick for the key, the table's config runs and triton.autotune is not called (it would
+    time every candidate inside the capture); a key tuned earlier in the process reuses its pick. The
+    interpreter stands in for an sm_89 GPU; a fake autotuner "picks" each space's last candidate and says when
+    it would time."""
+    from kernels import tune
+
+    state = {"capturing": False}
+    events = []
+    monkeypatch.setattr(tune, "capturing", lambda device: state["capturing"])
+    monkeypatch.setattr(attn, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(attn.torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    table = attn._table_config
+    monkeypatch.setattr(attn, "_table_config", lambda kind, *a: events.append(("table", kind)) or table(kind, *a))
+
+    class FakeAutotuner:  # triton.autotune's Autotuner: times every candidate the first time it sees a key
+        def __init__(self, kind, arch, D):
+            self.kind, self.pick, self.cache = kind, attn.TUNE_SPACE[arch][kind][D][-1], set()
+
+        def __getitem__(self, grid):
+            def run(*args, HEAD_DIM, DOT_PRECISION):
+                key = (args[-1], str(args[0].dtype))
+                if key not in self.cache:
+                    assert not state["capturing"], f"{self.kind}: timed during capture"
+                    events.append(("timed", self.kind))
+                    self.cache.add(key)
+                events.append(("autotuned", self.kind))
+                bm, bn, warps, stages = self.pick
+                attn.KERNELS[self.kind][grid({"BLOCK_M": bm, "BLOCK_N": bn})](
+                    *args, HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=DOT_PRECISION,
+                    num_warps=warps, num_stages=stages)
+            return run
+
+    tuners = {}
+    monkeypatch.setattr(attn, "_autotuned", lambda kind, arch, D: tuners.setdefault((kind, arch, D),
+                                                                                    FakeAutotuner(kind, arch, D)))
+    kinds = ["fwd", "bwd_dkdv", "bwd_dq"]
+    state["capturing"] = True  # no pick yet: the table
+    check_case(1, 3, 37, 64, torch.float16, seed=11)
+    assert events == [("table", k) for k in kinds]
+    events.clear()
+    state["capturing"] = False  # eager: tuned once per key, then the pick runs
+    check_case(1, 3, 37, 64, torch.float16, seed=12)
+    assert events == [e for k in kinds for e in (("timed", k), ("autotuned", k))]
+    events.clear()
+    state["capturing"] = True  # captured after the pick: the pick, nothing timed, no table
+    check_case(1, 3, 37, 64, torch.float16, seed=13)
+    assert events == [("autotuned", k) for k in kinds]
+    events.clear()
+    check_case(1, 3, 300, 64, torch.float16, seed=14)  # another T bucket, not tuned yet: the table again
+    assert events == [("table", k) for k in kinds]
+
+
 def test_backward_is_deterministic(poison):
     q, k, v = make_qkv(1, 3, 77, 64, torch.float16, seed=3)
     do = torch.randn_like(q.float()).to(q.dtype)

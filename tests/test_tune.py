@@ -215,3 +215,20 @@ def test_summary_line_names_each_pick():
     assert tune.summary(picks) == ("attention.fwd[D=64]=128x64/w8s4, "
                                    "cross_entropy.dw/bfloat16/16384/768/50257/50304=256x128x32x64/w8s2 (cached)")
     assert tune.summary({}) == ""
+
+
+def test_capture_policy_reuses_a_pick_else_runs_the_table(monkeypatch):
+    """pick_unless_capturing (cross-entropy's and attention's shared CUDA-graph policy): a known pick wins even
+    during a capture; during a capture with no pick the table runs and nothing is tuned; otherwise it tunes."""
+    dev = torch.device("cuda")
+
+    def never():
+        pytest.fail("tuned during a capture")
+
+    monkeypatch.setattr(tune, "capturing", lambda device: True)
+    assert tune.pick_unless_capturing(dev, None, "table", never) == "table"
+    assert tune.pick_unless_capturing(dev, "pick", "table", never) == "pick"
+    monkeypatch.setattr(tune, "capturing", lambda device: False)
+    assert tune.pick_unless_capturing(dev, None, "table", lambda: "tuned") == "tuned"
+    assert tune.pick_unless_capturing(dev, "pick", "table", lambda: "tuned") == "pick"
+    assert not tune.capturing(torch.device("cpu"))  # the real check: a CPU device never captures
