@@ -371,10 +371,11 @@ def test_gpu_presets_fit_by_their_memory_record():
 
 def test_fakes_size_scratch_for_the_planned_gpu():
     """Under kernels.target.planning_for, the cross-entropy fakes size the per-program fp32 scratch for the named
-    GPU's SM count and arch table: at GPT-2 shapes on the rtx4070 (46 SMs, sm_89 128-wide tiles) each backward
-    kernel's scratch is 46 x 128 x 768 x 4 B (~18 MB); on an H100 (132 SMs) the dh grid stops at its 128 row
-    blocks and the dW grid at 132 programs."""
-    from kernels.cross_entropy import linear_cross_entropy
+    GPU's SM count and arch table: at GPT-2 shapes the tables' tall-skinny backward tiles (dh 64 rows x 256 vocab,
+    dW 256 rows x 64 vocab) give each program a 64 x 768 fp32 slot, so on the rtx4070 (46 SMs) each backward
+    kernel's scratch is 46 x 64 x 768 x 4 B (~9 MB) and on an H100 (132 SMs) 132 x 64 x 768 x 4 B (~26 MB): both
+    grids are capped by the SM count (256 row blocks, 786 vocab blocks). The launcher's own plan agrees."""
+    from kernels.cross_entropy import backward_workspace, linear_cross_entropy
     from kernels.target import planning_for
     from train_speedrun import PRESETS
 
@@ -389,8 +390,10 @@ def test_fakes_size_scratch_for_the_planned_gpu():
             ledger.trace = []
             linear_cross_entropy(h, w, t, -1, 50257).backward()
         sms = memory.GPUS[gpu].sm_count
-        # one program per SM, at most one per tile: 128 row blocks (dh, one vocab split), 393 vocab blocks (dW)
-        dh_scratch, dw_scratch = min(128, sms) * 128 * C * 4, min(393, sms) * 128 * C * 4
+        # one program per SM, at most one per tile: 256 row blocks (dh, one vocab split), 786 vocab blocks (dW)
+        dh_scratch, dw_scratch = min(256, sms) * 64 * C * 4, min(786, sms) * 64 * C * 4
+        plan = backward_workspace(N, C, 50257, Vp, sms, arch=memory.GPUS[gpu].arch)
+        assert [4 * math.prod(s) for s in plan["dh"] + plan["dw"]] == [dh_scratch, dw_scratch], gpu
         inside = [n for n, _, where in ledger.trace if where.startswith("tritonrun.linear_cross_entropy_backward")]
         assert inside == [N, N * C * 2, dh_scratch, Vp * C * 2, dw_scratch], gpu  # mask, dh, scratch, dW, scratch
-    assert dh_scratch == 50_331_648 and dw_scratch == 51_904_512  # H100: 128 and 132 programs
+    assert dh_scratch == dw_scratch == 25_952_256  # H100: 132 programs each
