@@ -1,6 +1,6 @@
 """Speedrun model (gpt2/speedrun.py): the record's size and init, an independent fp64 re-implementation of the
 record's math, padded vocab never leaks, --backend triton against --backend torch (logits, loss, every grad; a
-20-step curve), FLOPs per token, the optimizer split, the schedules.
+20-step curve), FLOPs per token, the optimizer split, the schedules, checkpoints (model_kind "speedrun").
 
 Small configs keep the interpreter cheap: vocab 101 padded to 128, d 64, head dim 32 (the attention kernel's
 smallest), T 13 or 16 (not a multiple of the interpreter's attention blocks)."""
@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2.checkpoint import CheckpointError, build_model_from_config, load_model, model_kind_of, save_checkpoint
 from gpt2.ops import SPEEDRUN_OPS, get_ops, torch_linear_cross_entropy
 from gpt2.speedrun import (SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables, speedrun_lr_multiplier,
                            speedrun_muon_momentum)
-from tests.helpers import HAS_CUDA
+from tests.helpers import HAS_CUDA, save_speedrun_checkpoint
 
 # The triton backend runs on this machine's device: compiled kernels on CUDA, the interpreter on CPU (a process
 # with CUDA imports triton without the interpreter, so it cannot run the kernels on CPU tensors).
@@ -464,3 +465,53 @@ def test_gpu_bf16_curves_follow_the_low_precision_rule():
     triton_bf16 = curve("triton", config, "cuda", torch.bfloat16, shape=(4, 128))
     assert ref[-1] < ref[0] - 1.0
     assert curve_dist(triton_bf16, ref) <= 2 * curve_dist(torch_bf16, ref) + 2**-10 * max(abs(x) for x in ref)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_rebuilds_the_speedrun_model(tmp_path):
+    """A checkpoint holding model_kind "speedrun" (as the recipe's trainer writes it) loads back as a
+    SpeedrunGPT: same config, same weights, same logits, eval mode, the given ops."""
+    model = small_model()
+    save_speedrun_checkpoint(tmp_path, 5, model)
+    loaded = load_model(tmp_path / "ckpt_00000005.pt", ops=get_ops("torch"))
+    assert type(loaded) is SpeedrunGPT and loaded.config == model.config and not loaded.training
+    sd = loaded.state_dict()
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    idx = torch.randint(0, SMALL.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_build_model_from_config_by_kind():
+    """The helper the trainer and every loader share: kind + config dict (JSON round trip included) -> class."""
+    from gpt2 import GPT, GPTConfig
+
+    gpt_cfg = GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32)
+    m = build_model_from_config("speedrun", json.loads(json.dumps(SMALL.to_dict())))
+    assert type(m) is SpeedrunGPT and m.config == SMALL and model_kind_of(m) == "speedrun"
+    g = build_model_from_config("gpt2", gpt_cfg.to_dict())
+    assert type(g) is GPT and g.config == gpt_cfg and model_kind_of(g) == "gpt2"
+    with pytest.raises(ValueError, match="unknown model kind 'llama'"):
+        build_model_from_config("llama", SMALL.to_dict())
+    with pytest.raises(ValueError, match="does not fit GPTConfig"):  # a speedrun config labelled gpt2
+        build_model_from_config("gpt2", SMALL.to_dict())
+    with pytest.raises(ValueError, match="does not fit SpeedrunConfig"):
+        build_model_from_config("speedrun", gpt_cfg.to_dict())
+
+
+def test_checkpoint_kind_errors_are_one_line(tmp_path):
+    """Weights that do not fit the recorded kind, or an unknown kind: CheckpointError naming the file."""
+    from gpt2 import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32))
+    bad = save_checkpoint(tmp_path, 1, {"model_kind": "speedrun", "model_config": SMALL.to_dict(),
+                                        "model": gpt.state_dict()})
+    with pytest.raises(CheckpointError, match=r"ckpt_00000001.pt: weights do not fit the speedrun model") as e:
+        load_model(bad)
+    assert "\n" not in str(e.value)
+    odd = save_checkpoint(tmp_path, 2, {"model_kind": "rwkv", "model_config": {}, "model": {}})
+    with pytest.raises(CheckpointError, match="ckpt_00000002.pt: unknown model kind 'rwkv'"):
+        load_model(odd)
