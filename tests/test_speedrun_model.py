@@ -430,7 +430,7 @@ def test_20_steps_triton_backend_follows_torch_backend():
     fp32's resolution of the same sum (rstd alone is rounded by ~6e-8 relative), so both fp32 backends get
     +1e-8 (torch 1.08e-8, triton 9.49e-9: the wrong sign), and Adam, dividing by sqrt(v) ~ |g| ~ its eps,
     turns that noise into a step of O(lr). Both fp32 curves then leave the fp64 curve by ~1e-2 (measured: torch
-    1.35e-2, triton 1.26e-2 at step 3) and each other by 3e-4; they agreed to 1e-5 only while both backends
+    1.35e-2, triton 1.26e-2 at step 3) and each other by 3e-4 relative; they agreed to 1e-5 only while both backends
     ran the same torch RMSNorm (bit-identical noise). The kernels themselves are checked sharply by the next
     test, whose curve has no gradient at the resolution limit."""
     config = dataclasses.replace(SMALL, n_layer=2)
