@@ -1,4 +1,5 @@
-"""Generate text from a GPT-2: a tritonrun checkpoint, a Hugging Face directory or an llm.c model file.
+"""Generate text from a tritonrun checkpoint (either recipe: GPT-2 or the speedrun model), a Hugging Face GPT-2
+directory or an llm.c model file.
 
     python sample.py --checkpoint runs/my-run --prompt "The meaning of life is" --num-samples 3
     python sample.py --init-from hf:path/to/gpt2 --top-k 50 --temperature 0.8 --seed 42
@@ -31,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Sample text from a GPT-2 checkpoint.")
+    p = _Parser(description="Sample text from a GPT-2 or speedrun checkpoint.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="tritonrun checkpoint file, or a run dir (its newest checkpoint)")
     src.add_argument("--init-from", help="hf:DIR (Hugging Face), llmc:FILE.bin (llm.c) or ckpt:PATH")

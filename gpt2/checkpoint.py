@@ -2,7 +2,10 @@
 
 File `ckpt_<step:08d>.pt` in the run's out dir holds a dict:
   format "tritonrun.checkpoint", version 1,
-  model_config   GPTConfig as a dict (enough to rebuild the model without the run config),
+  model_kind     "gpt2" (GPT, gpt2/model.py) or "speedrun" (SpeedrunGPT, gpt2/speedrun.py); absent means "gpt2"
+                 (every checkpoint written before the speedrun recipe),
+  model_config   the model's config as a dict (GPTConfig / SpeedrunConfig.to_dict(): enough to rebuild the
+                 model without the run config; build_model_from_config(kind, config, ops) does),
   model          model state_dict (fp32 master weights),
   optimizer, rng, data, step, train_time_s, run_config, result  (training state; see train_speedrun.py)
 A checkpoint is complete once its final name exists: it is written to a temp file in the same
@@ -17,10 +20,12 @@ import torch
 
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
+from gpt2.speedrun import SpeedrunConfig, SpeedrunGPT
 from runinfo import atomic_file
 
 FORMAT = "tritonrun.checkpoint"
 VERSION = 1
+MODEL_KINDS = ("gpt2", "speedrun")  # the checkpoint's "model_kind"; absent = "gpt2"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
@@ -99,9 +104,54 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def load_model(path: Path, device="cpu", ops=None) -> GPT:
-    """Rebuild the GPT stored in a checkpoint (weights only), on `device`, in eval mode."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    model = GPT(GPTConfig(**ckpt["model_config"]), ops)
-    model.load_state_dict(ckpt["model"])
+def model_kind_of(model) -> str:
+    """The "model_kind" a checkpoint of `model` records: "speedrun" for a SpeedrunGPT, "gpt2" for a GPT."""
+    if isinstance(model, SpeedrunGPT):
+        return "speedrun"
+    if isinstance(model, GPT):
+        return "gpt2"
+    raise TypeError(f"not a tritonrun model: {type(model).__name__}")
+
+
+def build_model_from_config(kind: str, config: dict, ops=None) -> GPT | SpeedrunGPT:
+    """A freshly initialized model of `kind` ("gpt2" or "speedrun") from its config dict (a checkpoint's
+    model_config, a JSON round trip of it included), its ops from gpt2.ops.get_ops (None: torch). ValueError
+    with one line for an unknown kind or a config that does not fit the kind's dataclass."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
+    config_cls = SpeedrunConfig if kind == "speedrun" else GPTConfig
+    try:
+        cfg = SpeedrunConfig.from_dict(config) if kind == "speedrun" else GPTConfig(**config)
+    except TypeError as e:  # a missing or unknown field: e.g. a speedrun config labelled gpt2
+        raise ValueError(f"model_config does not fit {config_cls.__name__} (model kind {kind!r}): {e}") from None
+    return SpeedrunGPT(cfg, ops) if kind == "speedrun" else GPT(cfg, ops)
+
+
+def checkpoint_model_kind(ckpt: dict) -> str:
+    """A loaded checkpoint's model kind ("gpt2" when the key is absent: written before the speedrun recipe)."""
+    return ckpt.get("model_kind", "gpt2")
+
+
+def model_from_checkpoint(ckpt: dict, path: Path | str = "checkpoint", ops=None) -> GPT | SpeedrunGPT:
+    """The model a loaded checkpoint dict holds (GPT or SpeedrunGPT, by its model_kind), weights loaded, on the
+    CPU. CheckpointError naming `path` when the kind, config or weights do not fit."""
+    kind = checkpoint_model_kind(ckpt)
+    try:
+        model = build_model_from_config(kind, ckpt["model_config"], ops)
+        model.load_state_dict(ckpt["model"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: no {e.args[0]!r} in this checkpoint") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except RuntimeError as e:  # load_state_dict: a header line, then the missing / unexpected keys and shapes
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: weights do not fit the {kind} model its model_config describes "
+                              f"({lines[1] if len(lines) > 1 else lines[0]})") from None
+    return model
+
+
+def load_model(path: Path, device="cpu", ops=None) -> GPT | SpeedrunGPT:
+    """Rebuild the model stored in a checkpoint (weights only): a GPT, or a SpeedrunGPT for a checkpoint with
+    model_kind "speedrun"; on `device`, in eval mode."""
+    model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path, ops)
     return model.to(device).eval()

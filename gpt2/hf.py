@@ -14,10 +14,13 @@ Format (what `GPT2LMHeadModel.save_pretrained` writes and `from_pretrained` read
 API:
   save_hf(model, path)              write config.json + model.safetensors (fp32), loadable by transformers
   load_hf(path, ops=None) -> GPT    read a directory in that format (no transformers needed)
-  init_from(spec, ops=None) -> GPT  "hf:DIR", "llmc:FILE.bin" or "ckpt:RUN_DIR_OR_FILE"
+  init_from(spec, ops=None)         "hf:DIR", "llmc:FILE.bin" (both GPT-2 formats: a GPT) or
+                                    "ckpt:RUN_DIR_OR_FILE" (the model the checkpoint holds: a GPT, or a SpeedrunGPT
+                                    for a --recipe speedrun run)
   (a run dir given as ckpt:/--checkpoint means its newest checkpoint: gpt2.checkpoint.resolve_checkpoint)
 CLI:
   python -m gpt2.hf export --checkpoint RUN_DIR_OR_CKPT --out DIR
+  (gpt2 recipe checkpoints only: the speedrun model has no GPT2LMHeadModel form, and export refuses it.)
 """
 from __future__ import annotations
 
@@ -28,9 +31,16 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import load_model, read_model_config, resolve_checkpoint
+from gpt2.checkpoint import (checkpoint_model_kind, load_checkpoint, load_model, model_from_checkpoint,
+                             read_model_config, resolve_checkpoint)
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
+from gpt2.speedrun import SpeedrunGPT
+
+# Why a speedrun model cannot be exported (one line, the CLI's error): what it is, and what HF export covers.
+NOT_GPT2 = ("a speedrun model (SpeedrunGPT: RoPE, QK-norm, weightless RMSNorm, ReLU^2, untied softcapped head, "
+            "value and U-net skips), not a GPT2LMHeadModel: Hugging Face export covers the gpt2 recipe only "
+            "(--recipe gpt2)")
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -96,9 +106,12 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_hf(model: GPT, path) -> Path:
-    """Write `model` as a Hugging Face GPT-2 checkpoint directory (model.safetensors + config.json)."""
+    """Write `model` as a Hugging Face GPT-2 checkpoint directory (model.safetensors + config.json).
+    HFFormatError for a SpeedrunGPT (no GPT2LMHeadModel form)."""
     from safetensors.torch import save_file
 
+    if isinstance(model, SpeedrunGPT):
+        raise HFFormatError(f"cannot export {NOT_GPT2}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HFFormatError(f"{path}: exists and is not a directory")
@@ -272,10 +285,11 @@ def load_hf(path, ops=None) -> GPT:
 INIT_SCHEMES = ("hf", "llmc", "ckpt")
 
 
-def init_from(spec: str, ops=None) -> GPT:
-    """Build a GPT from "hf:DIR" (Hugging Face), "llmc:FILE" (llm.c .bin) or "ckpt:PATH" (our checkpoint,
-    a run dir meaning its newest). Weights only, fp32, on the CPU. Raises a ValueError subclass with a
-    one-line message on any user error."""
+def init_from(spec: str, ops=None) -> GPT | SpeedrunGPT:
+    """Build a model from "hf:DIR" (Hugging Face), "llmc:FILE" (llm.c .bin) or "ckpt:PATH" (our checkpoint,
+    a run dir meaning its newest). hf: and llm.c files hold GPT-2s: a GPT. ckpt: gives the class the checkpoint
+    records (its model_kind): a GPT, or a SpeedrunGPT from a --recipe speedrun run. Weights only, fp32, on the
+    CPU. Raises a ValueError subclass with a one-line message on any user error."""
     scheme, sep, rest = spec.partition(":")
     if not sep or scheme not in INIT_SCHEMES or not rest:
         raise ValueError(f"--init-from {spec!r}: expected hf:DIR, llmc:FILE.bin or ckpt:RUN_DIR_OR_FILE")
@@ -326,8 +340,10 @@ def main(argv=None) -> int:
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        model = load_model(ckpt)
-        out = save_hf(model, args.out)
+        state = load_checkpoint(ckpt)
+        if checkpoint_model_kind(state) == "speedrun":  # before any weights are built or a file written
+            raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
+        out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         sys.stderr.write(f"error: {msg}\n")

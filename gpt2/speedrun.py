@@ -6,7 +6,8 @@ description (its log embeds the script); the code is ours.
 Top to bottom: SpeedrunConfig (every hyperparameter, its source beside it), the lr and Muon-momentum schedules,
 then the model. What differs from GPT-2 (gpt2/model.py):
 
-  embedding   wte lookup, then a weightless RMSNorm; no position embedding (RoPE inside attention).
+  embedding   wte lookup (gpt2/embedding.py, deterministic backward under torch.compile, as gpt2/model.py),
+              then a weightless RMSNorm; no position embedding (RoPE inside attention).
               x0 = that normalized embedding is kept for the whole forward pass.
   block       x = lambdas[0] * x + lambdas[1] * x0                   learnable, init [1, 0]
               x = x + attn(rms_norm(x));  x = x + mlp(rms_norm(x))    pre-norm, RMSNorm without weight
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from gpt2.embedding import embedding
 from gpt2.ops import Ops, get_ops
 
 # Source key: [script] = the script embedded in the record's log (the class, field or call named); [log] = the
@@ -304,7 +306,9 @@ class SpeedrunGPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         ops, eps, h = self.ops, self.config.norm_eps, self.transformer.h
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = x0 = ops.rms_norm(self.transformer.wte(idx), eps)  # residual stream; x0 feeds every block
+        # x is the residual stream; x0 feeds every block. The lookup's backward stays deterministic under
+        # torch.compile (gpt2/embedding.py: Inductor would lower nn.Embedding's to an atomic scatter-add).
+        x = x0 = ops.rms_norm(embedding(idx, self.transformer.wte.weight), eps)
         v1, skips = None, []
         for i, block in enumerate(h):
             if i >= self.n_encoder:  # decoder: the mirrored encoder output, the last stored first

@@ -28,6 +28,7 @@ from data.hellaswag import (
 from data.tokenizer import EOT, gpt2_tokenizer
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import save_checkpoint
+from tests.helpers import save_speedrun_checkpoint, tiny_speedrun
 
 REPO = Path(__file__).resolve().parents[1]
 LN = math.log
@@ -426,3 +427,33 @@ def test_cli_eval_user_errors(tmp_path, capsys):
     write_examples(tmp_path / "hs.bin", hand_made_set())
     assert main(["--eval", "--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path / "hs.bin")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a speedrun checkpoint
+def test_tiny_speedrun_matches_per_row_cross_entropy():
+    """evaluate / ending_losses on a SpeedrunGPT (model(idx) gives its softcapped logits over the real
+    vocabulary): the same per-row fp64 reference as the GPT-2, truncation past block_size included."""
+    model = tiny_speedrun(block_size=32)
+    rng = np.random.default_rng(3)
+    examples = _random_examples(rng, [(1, [1, 2, 3, 4]), (7, [5, 1, 9, 2]), (40, [3, 17, 8, 1]), (2, [6, 6, 6, 6])])
+    ref_sum, ref_mean = _reference_losses(model, examples)
+    sums, means = ending_losses(model, examples, examples_per_batch=3)
+    torch.testing.assert_close(sums.double(), ref_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(means.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    labels = torch.tensor([ex.label for ex in examples])
+    result = evaluate(model, examples)
+    assert result["acc"] == (ref_sum.argmin(1) == labels).double().mean().item()
+    assert result["acc_norm"] == (ref_mean.argmin(1) == labels).double().mean().item()
+
+
+def test_cli_eval_speedrun_checkpoint(tmp_path):
+    src = tmp_path / "mine.jsonl"
+    src.write_bytes(JSONL)
+    data = tmp_path / "hs.bin"
+    assert main(["--jsonl", str(src), "--out", str(data)]) == 0
+    model = tiny_speedrun(block_size=64)
+    ckpt = save_speedrun_checkpoint(tmp_path, 7, model)
+    proc = _cli("--eval", "--checkpoint", ckpt, "--data", data, "--limit", 2, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: record[k] for k in ("acc", "acc_norm", "n")} == evaluate(model, data, "cpu", limit=2)

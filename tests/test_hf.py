@@ -14,7 +14,8 @@ from gpt2.hf import HFFormatError, init_from, load_hf, save_hf
 from gpt2.hf import main as hf_cli
 from gpt2.llmc import LlmcFormatError, load_llmc, save_llmc
 from gpt2.model import GPT
-from tests.helpers import ONE_THREAD_ENV
+from gpt2.speedrun import SpeedrunGPT
+from tests.helpers import ONE_THREAD_ENV, save_speedrun_checkpoint, tiny_speedrun
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install transformers)")
 from safetensors import safe_open  # noqa: E402
@@ -421,3 +422,34 @@ def test_export_cli_user_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, err)
+
+
+# ------------------------------------------------------------------------------ speedrun checkpoints
+
+
+def test_export_refuses_a_speedrun_checkpoint(tmp_path):
+    """A --recipe speedrun checkpoint has no GPT2LMHeadModel form: one error line saying what it is and what
+    export covers, exit 2, nothing written."""
+    (tmp_path / "run").mkdir()
+    save_speedrun_checkpoint(tmp_path / "run", 4, tiny_speedrun(block_size=16))
+    out = tmp_path / "hf-out"
+    r = export("--checkpoint", tmp_path / "run", "--out", out)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "ckpt_00000004.pt: a speedrun model (SpeedrunGPT" in lines[0]
+    assert "not a GPT2LMHeadModel" in lines[0] and "gpt2 recipe only" in lines[0]
+    assert not out.exists()
+    with pytest.raises(HFFormatError, match="not a GPT2LMHeadModel"):  # the library call too
+        save_hf(tiny_speedrun(block_size=16), out)
+    assert not out.exists()
+
+
+def test_init_from_ckpt_gives_the_checkpoints_model_class(tmp_path):
+    """ckpt: rebuilds what the checkpoint holds (a SpeedrunGPT here; GPT checkpoints: test_init_from_each_scheme)."""
+    model = tiny_speedrun(3, block_size=16)
+    save_speedrun_checkpoint(tmp_path, 2, model)
+    loaded = init_from(f"ckpt:{tmp_path}")
+    assert type(loaded) is SpeedrunGPT and loaded.config == model.config
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx), model(idx))
