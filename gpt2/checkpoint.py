@@ -74,11 +74,14 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def read_model_config(path: Path) -> GPTConfig:
-    """The GPTConfig stored in a checkpoint, without reading its tensors (torch.load with mmap)."""
+def read_model_config(path: Path) -> GPTConfig | SpeedrunConfig:
+    """The model config stored in a checkpoint (GPTConfig, or SpeedrunConfig for model_kind "speedrun"), without
+    reading its tensors (torch.load with mmap)."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if checkpoint_model_kind(ckpt) == "speedrun":
+            return SpeedrunConfig.from_dict(ckpt["model_config"])
         return GPTConfig(**ckpt["model_config"])
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None

@@ -453,3 +453,17 @@ def test_init_from_ckpt_gives_the_checkpoints_model_class(tmp_path):
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx), model(idx))
+
+
+def test_init_config_reads_a_speedrun_checkpoints_own_config(tmp_path):
+    """--init-from ckpt: sizes the model from the checkpoint without loading weights (init_config ->
+    read_model_config): a speedrun checkpoint gives back its SpeedrunConfig, not a GPTConfig built from the wrong
+    fields (which read as an unreadable checkpoint)."""
+    from gpt2.hf import init_config
+    from gpt2.speedrun import SpeedrunConfig
+
+    model = tiny_speedrun(block_size=16)
+    (tmp_path / "run").mkdir()
+    save_speedrun_checkpoint(tmp_path / "run", 4, model)
+    cfg = init_config(f"ckpt:{tmp_path / 'run'}")
+    assert isinstance(cfg, SpeedrunConfig) and cfg == model.config
