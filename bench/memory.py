@@ -4,6 +4,7 @@
     python bench/memory.py --gpu rtx4070                                  # both backends at the preset's micro-batch
     python bench/memory.py --gpu rtx4070 --backend triton --micro-batch 16 --json est.json
     python bench/memory.py --gpu rtx4070 --micro-batch 16,8 --max --record  # bench/results/memory-rtx4070-<date>.json
+    python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-rtx4070-<date>.json
 
 What runs. The real GPT-2 (gpt2/model.py) with the preset's model, T and the backend's ops (gpt2/ops.py), and the
 real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's FakeTensorMode: every tensor has
@@ -16,6 +17,15 @@ implementations (register_fake in kernels/*.py; FusedAdamW allocates its buffers
 what their real launches allocate, scratch included, sized for the preset's GPU (SM count, arch config table:
 kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's activations
 differ (often lower); the record says "mode": "eager".
+
+Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun:
+gpt2/speedrun.py's SpeedrunGPT (SPEEDRUN_MODELS) and the optimizers the trainer builds for it (training.py's
+SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the Triton FusedAdamW, weight_decay 0) over
+optimizer_groups()["adam"] (wte, lm_head, scalars) and kernels/muon.Muon over the blocks' matrices. The step has
+no grad clip (the record clips nothing): Adam's step, then Muon's: its fp32 momentum buffers (one per matrix,
+optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ,
+B and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
+temporaries scale with the largest shape group (d12: 48 of 768 x 768, 24 of 768 x 3072), not with one matrix.
 
 Fake device. The step runs on fake *CPU* tensors under CPU bf16 autocast, not on a fake CUDA device: in a CPU-only
 torch build, autograd on fake CUDA tensors aborts the process (no CUDA device guard; "PyTorch is not linked with
@@ -212,7 +222,10 @@ class TrackingFakeMode(FakeTensorMode):
 
 # ------------------------------------------------------------------------------------------ the step
 def optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    """Every tensor the optimizer holds (state, FusedAdamW's flat buffers and tables), found by walking it."""
+    """Every tensor the optimizer holds (state, FusedAdamW's flat buffers and tables), found by walking it; a
+    SpeedrunOptimizer: both of its optimizers'."""
+    if isinstance(optimizer, SpeedrunOptimizer):
+        return [t for inner in optimizer.optimizers for t in optimizer_tensors(inner)]
     found, seen = [], set()
 
     def walk(obj, depth=0):
@@ -245,6 +258,38 @@ def build_optimizer(model, ops, weight_decay: float = 0.1):
     if ops.optimizer is torch_adamw:
         return TorchAdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     return ops.optimizer(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+
+
+class SpeedrunOptimizer:
+    """The speedrun recipe's optimizers as the trainer drives them (training.py's SpeedrunOptimizer, which this
+    mirrors for the estimate without the schedule: lr and momentum values do not change what is allocated): the
+    seam's Adam over SpeedrunGPT.optimizer_groups()["adam"], then kernels/muon.Muon over its "muon" group."""
+
+    def __init__(self, model, ops):
+        from gpt2.ops import TorchAdamW, torch_adamw
+        from kernels.muon import Muon
+
+        groups, c = model.optimizer_groups(), model.config
+        adam_kw = dict(lr=groups["adam"][0]["lr"], betas=c.adam_betas, eps=c.adam_eps)
+        if ops.optimizer is torch_adamw:  # torch_adamw's pick on CUDA params (fused); these fake params are CPU
+            self.adam = TorchAdamW(groups["adam"], fused=True, **adam_kw)
+        else:
+            self.adam = ops.optimizer(groups["adam"], **adam_kw)
+        self.muon = Muon(groups["muon"], lr=c.muon_lr, momentum=c.muon_momentum_warmup_start,
+                         nesterov=c.muon_nesterov, ns_steps=c.muon_ns_steps, ns_dtype=torch.bfloat16, shard=False)
+        self.optimizers = (self.adam, self.muon)
+
+    def step(self) -> None:
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def build_speedrun_optimizer(model, ops) -> SpeedrunOptimizer:
+    return SpeedrunOptimizer(model, ops)
 
 
 def training_step(model, optimizer, batches, ledger: Ledger, autocast, grad_clip: float = 1.0) -> None:
@@ -293,6 +338,7 @@ class Setup:
     memory_gib: float
     target: Target
     budget_gib: float | None = None  # --budget-gib: instead of memory_gib - 1
+    recipe: str = "gpt2"  # "gpt2" (GPT + AdamW, grad clip 1.0) | "speedrun" (SpeedrunGPT + Adam and Muon, no clip)
 
     @property
     def budget_bytes(self) -> int:
@@ -308,27 +354,26 @@ class Setup:
 
 def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     """One fake training step of `setup` with `backend` at `micro_batch`; the record entry (see --json)."""
-    from gpt2 import GPT, MODEL_SIZES
     from gpt2.ops import get_ops
 
     t0 = time.perf_counter()
     ledger = Ledger(granularity=CUDA_BLOCK)
-    config = MODEL_SIZES[setup.model]
+    build_model, build_opt, config, grad_clip = recipe_parts(setup.recipe, setup.model)
     grad_accum = setup.total_batch_tokens // (micro_batch * setup.seq_len)
     # device "cuda": the ops are resolved as for a GPU run (no interpreter); the tensors are fake CPU ones
     ops = get_ops(backend, "cuda")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with planning_for(setup.target), TrackingFakeMode(ledger):
-        model = GPT(config, ops)
+        model = build_model(config, ops)
         ledger.mark("parameters", list(model.parameters()))
         ledger.mark("parameters", list(model.buffers()))
-        optimizer = build_optimizer(model, ops)
+        optimizer = build_opt(model, ops)
         warm = make_batches(1, micro_batch, setup.seq_len, config.vocab_size, "cpu")
-        training_step(model, optimizer, warm, ledger, autocast)  # creates the optimizer state
+        training_step(model, optimizer, warm, ledger, autocast, grad_clip)  # creates the optimizer state
         del warm
         ledger.reset_peak()
         batches = make_batches(min(2, max(1, grad_accum)), micro_batch, setup.seq_len, config.vocab_size, "cpu")
-        training_step(model, optimizer, batches, ledger, autocast)
+        training_step(model, optimizer, batches, ledger, autocast, grad_clip)
         del batches
         after_step = ledger.live_bytes
         del model, optimizer
@@ -336,7 +381,8 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     peak = ledger.peak_bytes
     reserved = math.ceil(peak * (1 + FRAGMENTATION))
     return {
-        "preset": setup.preset, "backend": backend, "micro_batch": micro_batch, "seq_len": setup.seq_len,
+        "recipe": setup.recipe, "preset": setup.preset, "backend": backend, "micro_batch": micro_batch,
+        "seq_len": setup.seq_len,
         "model": setup.model, "grad_accum": grad_accum, "micro_batches_simulated": min(2, max(1, grad_accum)),
         "peak_bytes": peak, "peak_gib": round(peak / GIB, 3),
         "peak_reserved_estimate_bytes": reserved, "peak_reserved_estimate_gib": round(reserved / GIB, 3),
@@ -347,6 +393,31 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
         "resident_after_step_bytes": after_step, "allocations": ledger.allocations,
         "ops": ops.placement, "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def recipe_parts(recipe: str, model: str):
+    """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step."""
+    if recipe == "speedrun":
+        from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+
+        return SpeedrunGPT, build_speedrun_optimizer, SPEEDRUN_MODELS[model], 0.0  # the record clips nothing
+    from gpt2 import GPT, MODEL_SIZES
+
+    return GPT, build_optimizer, MODEL_SIZES[model], 1.0
+
+
+def model_sizes(recipe: str) -> dict:
+    """--model's names under a recipe: gpt2.MODEL_SIZES or gpt2.speedrun.SPEEDRUN_MODELS."""
+    if recipe == "speedrun":
+        from gpt2.speedrun import SPEEDRUN_MODELS
+
+        return SPEEDRUN_MODELS
+    from gpt2 import MODEL_SIZES
+
+    return MODEL_SIZES
+
+
+RECIPES = ("gpt2", "speedrun")
 
 
 def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[int, bool]]]:
@@ -383,16 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     gpus = [name for name, p in PRESETS.items() if p.device == "cuda"]
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", required=True, choices=gpus, help="preset whose shapes and memory budget to use")
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="gpt2 (GPT-2 + AdamW, grad clip) or speedrun (SpeedrunGPT + Adam and Muon, no clip); "
+                        "default: the preset's recipe (gpt2 where the preset names none)")
     p.add_argument("--backend", choices=["torch", "triton", "both"], default="both",
                    help="ops to estimate (default both: triton first, then torch)")
     p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: the preset's)")
     p.add_argument("--max", action="store_true", help="also find the largest micro-batch that fits the budget")
-    p.add_argument("--model", help="model size instead of the preset's (d12, d24, ...)")
+    p.add_argument("--model", help="model size instead of the preset's (gpt2: d12, d24, ...; speedrun: d12, tiny)")
     p.add_argument("--seq-len", type=int, help="sequence length instead of the preset's")
     p.add_argument("--budget-gib", type=float, help="reserved-memory budget instead of the preset's memory - 1 GiB")
     p.add_argument("--json", metavar="PATH", help="write the record here")
     p.add_argument("--record", action="store_true",
-                   help="write the record to bench/results/memory-<preset>-<YYYYmmdd>.json")
+                   help="write the record to bench/results/memory-<preset>-<YYYYmmdd>.json (gpt2) or "
+                        "memory-speedrun-<preset>-<YYYYmmdd>.json (speedrun)")
     return p
 
 
@@ -407,23 +482,25 @@ def parse_micro_batches(text: str) -> list[int]:
 
 
 def resolve(args) -> tuple[Setup, list[str], list[int]]:
-    from gpt2 import MODEL_SIZES
     from train_speedrun import PRESETS
 
     preset = PRESETS[args.gpu]
+    recipe = args.recipe or getattr(preset, "recipe", "gpt2")
+    sizes = model_sizes(recipe)
     model = args.model or preset.model
-    if model not in MODEL_SIZES:
-        raise UserError(f"--model {model!r}: choose from {', '.join(MODEL_SIZES)}")
+    if model not in sizes:
+        raise UserError(f"--model {model!r} is not a {recipe} model: choose from {', '.join(sizes)}"
+                        + (" (or --recipe gpt2)" if recipe == "speedrun" else ""))
     seq_len = args.seq_len or preset.seq_len
-    if seq_len <= 0 or seq_len > MODEL_SIZES[model].block_size:
-        raise UserError(f"--seq-len {seq_len}: must be in 1..{MODEL_SIZES[model].block_size} for {model}")
+    if seq_len <= 0 or seq_len > sizes[model].block_size:
+        raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
     if preset.total_batch_tokens % seq_len:
         raise UserError(f"--seq-len {seq_len} does not divide the preset's total batch of "
                         f"{preset.total_batch_tokens} tokens: pick a power of two")
     if args.budget_gib is not None and args.budget_gib <= 0:
         raise UserError(f"--budget-gib {args.budget_gib:g}: must be positive")
     setup = Setup(args.gpu, model, seq_len, preset.total_batch_tokens, preset.memory_gib, GPUS[args.gpu],
-                  args.budget_gib)
+                  args.budget_gib, recipe)
     backends = ["triton", "torch"] if args.backend == "both" else [args.backend]
     micro_batches = parse_micro_batches(args.micro_batch) if args.micro_batch else ([] if args.max else
                                                                                     [preset.micro_batch])
@@ -433,6 +510,12 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
             raise UserError(f"--micro-batch {b} does not divide {setup.total_batch_tokens} tokens / T={seq_len} "
                             f"into whole micro-batches: choose from {', '.join(map(str, allowed))}")
     return setup, backends, micro_batches
+
+
+def record_path(setup: Setup, day: datetime.date | None = None) -> Path:
+    """bench/results/memory-<preset>-<date>.json for gpt2 (the first records' names), memory-speedrun-<preset>-..."""
+    prefix = "memory-" if setup.recipe == "gpt2" else f"memory-{setup.recipe}-"
+    return REPO / "bench" / "results" / f"{prefix}{setup.preset}-{day or datetime.date.today():%Y%m%d}.json"
 
 
 def line(e: dict) -> str:
@@ -452,8 +535,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     budget = setup.budget_bytes
-    print(f"memory estimate: preset {setup.preset} ({setup.target.arch}, {setup.target.sm_count} SMs), model "
-          f"{setup.model}, T={setup.seq_len}, bf16 autocast, eager; budget {budget / GIB:.2f} GiB reserved "
+    print(f"memory estimate: recipe {setup.recipe}, preset {setup.preset} ({setup.target.arch}, "
+          f"{setup.target.sm_count} SMs), model {setup.model}, T={setup.seq_len}, bf16 autocast, eager; budget "
+          f"{budget / GIB:.2f} GiB reserved "
           f"({'--budget-gib' if setup.budget_gib is not None else f'card {setup.memory_gib:g} GiB - 1'}), "
           f"+{FRAGMENTATION:.0%} fragmentation, context "
           f"{CONTEXT_ALLOWANCE / GIB:.1f} GiB outside", flush=True)
@@ -484,11 +568,15 @@ def main(argv=None) -> int:
     record = {
         "record": "tritonrun.memory", "version": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "env": env_info(torch.device("cpu")),
+        "env": env_info(torch.device("cpu")), "recipe": setup.recipe,
         **{k: primary[k] for k in ("preset", "backend", "micro_batch", "peak_bytes", "peak_reserved_estimate_bytes",
                                    "context_allowance_bytes", "budget_bytes", "fits", "split_bytes")},
         "method": ("FakeTensorMode (fake CPU tensors, CPU bf16 autocast), real model and optimizer, warm-up step "
                    "then one measured step; ledger of live tensor storages rounded to 512 B"),
+        "step": ("forward + backward per micro-batch, grad clip 1.0, AdamW step, zero_grad" if setup.recipe == "gpt2"
+                 else "forward + backward per micro-batch, no grad clip, Adam step (wte, lm_head, scalars) then "
+                      "Muon step (fp32 momentum = optimizer_state; bf16 Newton-Schulz batched by shape = "
+                      "temporaries), zero_grad"),
         "mode": "eager", "dtype": "bf16 autocast", "model": setup.model, "seq_len": setup.seq_len,
         "total_batch_tokens": setup.total_batch_tokens,
         "gpu": {"name": setup.target.name, "arch": setup.target.arch, "sm_count": setup.target.sm_count,
@@ -500,7 +588,7 @@ def main(argv=None) -> int:
     }
     path = Path(args.json) if args.json else None
     if args.record:
-        path = REPO / "bench" / "results" / f"memory-{setup.preset}-{datetime.date.today():%Y%m%d}.json"
+        path = record_path(setup)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)

@@ -71,6 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.target import planned as planned_target
+
 MAX_C = 8192  # one row lives in registers: BLOCK_N = next_power_of_2(C) <= 8192
 
 PRE_NONE, PRE_ADD, PRE_MIX = 0, 1, 2  # what the forward computes before normalizing (the PRE constexpr)
@@ -330,7 +332,8 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
             rows = t.view(-1, C)
             if rows.stride(1) == 1 or C == 1:
                 return rows
-        except RuntimeError:  # leading dims that do not collapse (e.g. x[::2] over the batch)
+        except (RuntimeError, ValueError):  # leading dims that do not collapse (e.g. x[::2] over the batch);
+            # ValueError: what view raises under FakeTensorMode (its fake implementation, bench/memory.py)
             pass
     return t.contiguous().view(-1, C)
 
@@ -462,14 +465,26 @@ def _mix_rms_norm_bwd(dy: torch.Tensor | None, ds_in: torch.Tensor | None, x: to
     return _mix_backward(dy, ds_in, x, x0, lambdas.contiguous(), rstd)
 
 
+# The fakes allocate what the launchers allocate, in their order (bench/memory.py estimates a step's peak from them):
+# _as_rows's contiguous copies of inputs that do not collapse into rows (none in the speedrun model), the outputs,
+# and mix_rms_norm's per-program fp32 lambda partials, sized by the planned GPU's table (kernels/target.py).
+
+
+def _fake_arch(device: torch.device) -> str:
+    target = planned_target()
+    return target.arch if target is not None else _arch(device)
+
+
 @_rms_norm_fwd.register_fake
 def _(x, eps):
+    _as_rows(x)
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @_add_rms_norm_fwd.register_fake
 def _(x, residual, eps):
     dt = torch.promote_types(x.dtype, residual.dtype)
+    _as_rows(x), _as_rows(residual)
     return (x.new_empty(x.shape, dtype=dt), x.new_empty(x.shape, dtype=dt),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
@@ -477,18 +492,32 @@ def _(x, residual, eps):
 @_mix_rms_norm_fwd.register_fake
 def _(x, x0, lambdas, eps):
     dt = torch.promote_types(x.dtype, x0.dtype)
+    _as_rows(x), _as_rows(x0)
     return (x.new_empty(x.shape, dtype=dt), x.new_empty(x.shape, dtype=dt),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
 @_rms_norm_bwd.register_fake
 def _(dy, ds_in, xs, rstd, lowp_dtype):
+    _as_rows(xs), _as_rows(dy), (_as_rows(ds_in) if ds_in is not None else None)
     return xs.new_empty(xs.shape), xs.new_empty(xs.shape if lowp_dtype != xs.dtype else (0,), dtype=lowp_dtype)
 
 
 @_mix_rms_norm_bwd.register_fake
 def _(dy, ds_in, x, x0, lambdas, rstd):
-    return x.new_empty(x.shape), x0.new_empty(x0.shape), lambdas.new_empty((2,))
+    C, s_dtype = x.shape[-1], torch.promote_types(x.dtype, x0.dtype)
+    x2 = _as_rows(x)
+    _as_rows(x0)
+    if dy is not None:
+        _as_rows(dy.to(s_dtype))
+    if ds_in is not None:
+        _as_rows(ds_in)
+    dx, dx0, dl = x.new_empty(x.shape), x0.new_empty(x0.shape), lambdas.new_empty((2,))
+    table = CONFIGS.get(_fake_arch(x.device), CONFIGS["default"])
+    cfg = next(c for max_n, c in table if triton.next_power_of_2(C) <= max_n)
+    dl_partial = x.new_empty((max(triton.cdiv(x2.shape[0], cfg.mix_bwd_rows), 1), 2), dtype=torch.float32)
+    del dl_partial
+    return dx, dx0, dl
 
 
 def _rms_setup(ctx, inputs, output):

@@ -360,15 +360,20 @@ def _qk_norm_rope_bwd(dq2: torch.Tensor, dk2: torch.Tensor, q: torch.Tensor, k: 
     return _backward(dq2, dk2, q, k, cos, sin, eps)
 
 
+# The fakes allocate what _forward / _backward allocate, in order (bench/memory.py): copies of inputs whose last dim
+# is strided and of non-contiguous tables (none in the speedrun model), then the outputs.
 @_qk_norm_rope_fwd.register_fake
 def _(q, k, cos, sin, eps):
     _check_shapes_only(q, k, cos, sin)
     B, T, H, D = q.shape
+    _last_dim_contiguous(q), _last_dim_contiguous(k), cos.contiguous(), sin.contiguous()
     return q.new_empty((B, H, T, D)), q.new_empty((B, H, T, D))
 
 
 @_qk_norm_rope_bwd.register_fake
 def _(dq2, dk2, q, k, cos, sin, eps):
+    _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(dq2), _last_dim_contiguous(dk2)
+    cos.contiguous(), sin.contiguous()
     return q.new_empty(q.shape), q.new_empty(q.shape)  # contiguous (B, T, H, D), as _backward allocates
 
 

@@ -44,23 +44,34 @@ def _inside(event, prefix: str) -> str | None:
     return None
 
 
-def _real_step_peak(backend: str, B: int = 3, T: int = 64) -> tuple[int, memory.Ledger]:
+def _gpt2_parts():
+    return GPT, memory.build_optimizer, SMALL, 1.0
+
+
+def _speedrun_parts():
+    """The speedrun recipe's step on the tiny SpeedrunGPT (2 blocks, d 64, the padded 50304 vocabulary)."""
+    build_model, build_opt, config, clip = memory.recipe_parts("speedrun", "tiny")
+    return build_model, build_opt, config, clip
+
+
+def _real_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) -> tuple[int, memory.Ledger]:
     """(allocator's peak of bytes allocated during the measured step, the dispatch-mode ledger of the same step)."""
     torch.manual_seed(0)
+    build_model, build_opt, config, clip = parts()
     ops = get_ops(backend, "cpu")
-    model = GPT(SMALL, ops)
-    opt = memory.build_optimizer(model, ops)
-    batches = memory.make_batches(2, B, T, SMALL.vocab_size, "cpu")
-    memory.training_step(model, opt, batches[:1], memory.Ledger(), AUTOCAST)  # optimizer state exists
+    model = build_model(config, ops)
+    opt = build_opt(model, ops)
+    batches = memory.make_batches(2, B, T, config.vocab_size, "cpu")
+    memory.training_step(model, opt, batches[:1], memory.Ledger(), AUTOCAST, clip)  # optimizer state exists
     ledger = memory.Ledger()
-    ledger.mark("parameters", list(model.parameters()))
+    ledger.mark("parameters", list(model.parameters()) + list(model.buffers()))  # speedrun: the RoPE tables
     ledger.mark("optimizer_state", memory.optimizer_tensors(opt))
     ledger.mark("activations", [t for b in batches for t in b])
     base = ledger.live_bytes
     ledger.reset_peak()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with memory.TrackingMode(ledger):
-            memory.training_step(model, opt, batches, ledger, AUTOCAST)
+            memory.training_step(model, opt, batches, ledger, AUTOCAST, clip)
     events = _allocations(prof)
     # total_allocated counts what was allocated while profiling and is still live: the step's own allocations
     allocator_peak = max(e.typed[1].total_allocated for e in events)
@@ -68,17 +79,18 @@ def _real_step_peak(backend: str, B: int = 3, T: int = 64) -> tuple[int, memory.
     return allocator_peak, ledger, base
 
 
-def _fake_step_peak(backend: str, B: int = 3, T: int = 64) -> int:
+def _fake_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) -> int:
     ledger = memory.Ledger()
+    build_model, build_opt, config, clip = parts()
     ops = get_ops(backend, "cpu")
     with memory.TrackingFakeMode(ledger):
-        model = GPT(SMALL, ops)
-        opt = memory.build_optimizer(model, ops)
-        batches = memory.make_batches(2, B, T, SMALL.vocab_size, "cpu")
-        memory.training_step(model, opt, batches[:1], ledger, AUTOCAST)
+        model = build_model(config, ops)
+        opt = build_opt(model, ops)
+        batches = memory.make_batches(2, B, T, config.vocab_size, "cpu")
+        memory.training_step(model, opt, batches[:1], ledger, AUTOCAST, clip)
         base = ledger.live_bytes
         ledger.reset_peak()
-        memory.training_step(model, opt, batches, ledger, AUTOCAST)
+        memory.training_step(model, opt, batches, ledger, AUTOCAST, clip)
     return ledger.peak_bytes - base
 
 
@@ -91,13 +103,55 @@ def test_tracker_matches_the_cpu_allocator_and_the_fake_step(one_torch_thread):
     assert _fake_step_peak("torch") == ledger.peak_bytes - base
 
 
+def test_tracker_matches_the_cpu_allocator_on_the_speedrun_step(one_torch_thread):
+    """The speedrun recipe's step (tiny SpeedrunGPT, torch ops, bf16 autocast, two micro-batches, no clip, fused
+    Adam over wte / lm_head / scalars, then Muon: fp32 momentum buffers and the bf16 Newton-Schulz batched by
+    shape) on real CPU tensors: the ledger's peak is the allocator's, and the fake step's is the same. The Muon
+    step alone (its peak lies below the backward's) is checked too: its momentum buffers are the optimizer state
+    the ledger finds on it, and its Newton-Schulz stacks are seen."""
+    allocator_peak, ledger, base = _real_step_peak("torch", B=2, T=32, parts=_speedrun_parts)
+    assert ledger.peak_bytes - base == pytest.approx(allocator_peak, rel=0.01)
+    assert _fake_step_peak("torch", B=2, T=32, parts=_speedrun_parts) == ledger.peak_bytes - base
+
+    # the Muon step alone, real tensors: ledger vs allocator, and the state it leaves is the momentum buffers
+    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+
+    torch.manual_seed(0)
+    model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"], get_ops("torch", "cpu"))
+    opt = memory.build_speedrun_optimizer(model, model.ops)
+    matrices = [p for g in opt.muon.param_groups for p in g["params"]]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.muon.step()  # momentum buffers exist
+    ledger = memory.Ledger()
+    ledger.mark("parameters", list(model.parameters()) + [p.grad for p in model.parameters()])
+    state = memory.optimizer_tensors(opt)
+    ledger.mark("optimizer_state", state)
+    base = ledger.live_bytes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with memory.TrackingMode(ledger):
+            opt.muon.step()
+    events = _allocations(prof)
+    # CPU BLAS and reductions allocate some scratch without a tensor (~6% here, on 64-wide matrices), which the
+    # ledger cannot see (nor does a CUDA estimate: cuBLAS workspace is outside it too)
+    allocator_peak = max(e.typed[1].total_allocated for e in events)
+    assert allocator_peak * 0.9 <= ledger.peak_bytes - base <= allocator_peak
+    muon_state = [t for t in state if any(t is opt.muon.state[p]["momentum_buffer"] for p in matrices)]
+    assert len(muon_state) == len(matrices) and all(t.dtype == torch.float32 for t in muon_state)
+    # the largest shape group's Newton-Schulz: stacked fp32 updates, then bf16 X, A, B, new X of that stack
+    fc = [p for p in matrices if p.shape[0] > p.shape[1]]
+    assert ledger.peak_bytes - base >= 4 * sum(p.numel() for p in fc)
+
+
 def _real_op_allocations(fn, prefix: str, min_bytes: int) -> list[int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Left out: what a CPU reduction allocates inside aten::sum (a sum over bools first copies them to int64;
-    # a CUDA reduction casts as it loads).
+    # a CUDA reduction casts as it loads) and CPU copy_'s internal transpose buffer (copy_ writes into an existing
+    # tensor; what it allocates itself is scratch a CUDA copy does not need).
     return sorted(e.typed[1].alloc_size for e in _allocations(prof)
-                  if e.typed[1].alloc_size >= min_bytes and _inside(e, prefix) and not _inside(e, "aten::sum"))
+                  if e.typed[1].alloc_size >= min_bytes and _inside(e, prefix) and not _inside(e, "aten::sum")
+                  and not _inside(e, "aten::copy_"))
 
 
 def _fake_op_allocations(make_inputs, fn, min_bytes: int, inside: str) -> list[int]:
@@ -153,6 +207,80 @@ def test_fakes_allocate_what_the_launches_allocate(one_torch_thread):
         assert fake == real, prefix
 
 
+# The softcapped kernel's tanh is 1 - 2 / (exp2(2x log2 e) + 1), which saturates through an inf exp2 by design
+# (kernels/cross_entropy.py _tanh); numpy's interpreter warns about that inf.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_speedrun_fakes_allocate_what_the_launches_allocate(one_torch_thread):
+    """The speedrun ops' fakes (rms_norm, add_rms_norm, mix_rms_norm, relu2, qk_norm_rope, the softcapped
+    linear_cross_entropy) allocate every >= 1 KiB buffer their real launches allocate (interpreter), same sizes:
+    outputs, mix_rms_norm's per-program lambda partials, the contiguous copies of strided inputs."""
+    from kernels.cross_entropy import linear_cross_entropy
+    from kernels.relu2 import relu2
+    from kernels.rmsnorm import add_rms_norm, mix_rms_norm, rms_norm
+    from kernels.rope import qk_norm_rope, rope_tables
+
+    B, T, C, H, D, min_bytes = 3, 67, 96, 2, 32, 1024
+
+    def rms_inputs():
+        return [torch.randn(B, T, C, requires_grad=True)]
+
+    def rms(x):
+        rms_norm(x).float().sum().backward()
+
+    def add_inputs():  # the model's: a bf16 branch output into the fp32 stream
+        return (torch.randn(B, T, C, dtype=torch.bfloat16, requires_grad=True),
+                torch.randn(B, T, C, requires_grad=True))
+
+    def add(x, r):
+        y, s = add_rms_norm(x, r)
+        (y.float().sum() + s.float().sum()).backward()
+
+    def mix_inputs():  # x strided over the batch (a copy), a bf16 x0 (dy cast to s's dtype)
+        x = torch.randn(2 * B, T, C)[::2].requires_grad_()
+        return x, torch.randn(B, T, C, dtype=torch.bfloat16, requires_grad=True), torch.tensor([1.0, 0.5],
+                                                                                                requires_grad=True)
+
+    def mix(x, x0, lambdas):
+        y, s = mix_rms_norm(x, x0, lambdas)
+        (y.float().sum() + s.float().sum()).backward()
+
+    def relu2_inputs():  # a transposed input: the launcher's contiguous copy
+        return [torch.randn(4 * C, B * T).t().requires_grad_()]
+
+    def r2(x):
+        relu2(x).float().sum().backward()
+
+    def rope_inputs():  # q, k: views of one (B, T, 2 H D) projection, as c_q/c_k outputs split would be
+        qk = torch.randn(B, T, 2 * H * D, requires_grad=True)
+        cos, sin = rope_tables(T, D)
+        return qk, cos, sin
+
+    def rope(qk, cos, sin):
+        q, k = qk.view(B, T, 2 * H, D).split(H, dim=2)
+        q2, k2 = qk_norm_rope(q, k, cos, sin, 1e-6)
+        (q2.sum() + k2.sum()).backward()
+
+    N, V, Vp = 1031, 1000, 1024
+
+    def lce_inputs():
+        h = torch.randn(N, 64, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(Vp, 64, dtype=torch.bfloat16, requires_grad=True)
+        return h, w, torch.randint(0, V, (N,))
+
+    def lce(h, w, t):
+        linear_cross_entropy(h, w, t, -1, V, softcap=30.0).backward()
+
+    # mix_rms_norm down to 64 B: its lambda partials, (row programs, 2) fp32, are 104 B here (13 programs)
+    cases = [(rms_inputs, rms, min_bytes), (add_inputs, add, min_bytes), (mix_inputs, mix, 64),
+             (relu2_inputs, r2, min_bytes), (rope_inputs, rope, min_bytes), (lce_inputs, lce, min_bytes)]
+    for make_inputs, fn, least in cases:
+        torch.manual_seed(0)
+        real = _real_op_allocations(lambda: fn(*make_inputs()), "tritonrun::", least)
+        fake = _fake_op_allocations(make_inputs, fn, least, "tritonrun.")
+        assert real, fn.__name__
+        assert fake == real, fn.__name__
+
+
 def test_fused_adamw_under_fake_tensors_allocates_what_it_does_for_real(one_torch_thread):
     """FusedAdamW has no custom op: under FakeTensorMode it runs its own host code and skips the launches, so the
     clip + step allocate the same buffers (pointer tables, norm partials) as a real step."""
@@ -192,9 +320,10 @@ def test_fused_adamw_under_fake_tensors_allocates_what_it_does_for_real(one_torc
 
 def test_split_sums_to_the_peak_and_the_record_fields(tmp_path, capsys):
     path = tmp_path / "est.json"
-    assert memory.main(["--gpu", "rtx4070", "--model", "tiny", "--seq-len", "128", "--backend", "both",
-                        "--micro-batch", "4,2", "--json", str(path)]) == 0
+    assert memory.main(["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "128", "--backend",
+                        "both", "--micro-batch", "4,2", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
+    assert record["recipe"] == "gpt2" and all(e["recipe"] == "gpt2" for e in record["estimates"])
     for key in ("peak_bytes", "peak_reserved_estimate_bytes", "context_allowance_bytes", "budget_bytes", "fits",
                 "micro_batch", "backend", "preset", "split_bytes"):
         assert key in record, key
@@ -216,6 +345,53 @@ def test_split_sums_to_the_peak_and_the_record_fields(tmp_path, capsys):
     assert "triton B=4" in out and "torch  B=2" in out and f"record: {path}" in out
 
 
+def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, capsys):
+    """--recipe speedrun: the record and each estimate say "recipe": "speedrun"; params = grads (fp32); optimizer
+    state = Adam's two fp32 moments of wte, lm_head and the scalars + Muon's one fp32 momentum buffer per matrix;
+    --record names the file memory-speedrun-<preset>-<date>.json (gpt2's keep memory-<preset>-<date>.json)."""
+    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+
+    path = tmp_path / "speedrun.json"
+    assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "128",
+                        "--micro-batch", "2", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["recipe"] == "speedrun" and "Muon" in record["step"] and record["model"] == "tiny"
+    assert [(e["recipe"], e["backend"]) for e in record["estimates"]] == [("speedrun", "triton"),
+                                                                          ("speedrun", "torch")]
+    groups = SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).optimizer_groups()
+    adam = sum(p.numel() for g in groups["adam"] for p in g["params"])
+    muon = sum(p.numel() for g in groups["muon"] for p in g["params"])
+    block = memory.CUDA_BLOCK
+    rope = sum(-(-b.nbytes // block) * block for b in SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).buffers())
+    for e in record["estimates"]:
+        s = e["split_bytes"]
+        assert sum(s.values()) == e["peak_bytes"] and s["grads"] == s["parameters"] - rope  # + the RoPE tables
+        assert 4 * (2 * adam + muon) <= s["optimizer_state"] <= 4 * (2 * adam + muon) + 64 * block + 2**16
+    assert "recipe speedrun" in capsys.readouterr().out
+    setup = memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
+    day = __import__("datetime").date(2026, 12, 3)
+    assert memory.record_path(setup, day).name == "memory-speedrun-rtx4070-20261203.json"
+    assert memory.record_path(memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"]),
+                              day).name == "memory-rtx4070-20261203.json"
+
+
+def test_speedrun_rtx4070_record():
+    """The committed speedrun record for the rtx4070: d12 (6 heads of 128, untied head), T = 1024, both backends at
+    micro-batch 8 and 16 and the --max search; its fit verdicts follow the fit rule."""
+    paths = sorted((REPO / "bench" / "results").glob("memory-speedrun-rtx4070-*.json"))
+    assert paths, "bench/results/memory-speedrun-rtx4070-*.json: run bench/memory.py --gpu rtx4070 --recipe " \
+                  "speedrun --micro-batch 8,16 --max --record"
+    record = json.loads(paths[-1].read_text())
+    assert record["recipe"] == "speedrun" and record["model"] == "d12" and record["seq_len"] == 1024
+    got = {(e["backend"], e["micro_batch"]) for e in record["estimates"]}
+    assert {("triton", 8), ("triton", 16), ("torch", 8), ("torch", 16)} <= got
+    for e in record["estimates"]:
+        assert e["recipe"] == "speedrun" and e["fits"] == (e["peak_reserved_estimate_bytes"] <= e["budget_bytes"])
+    for backend in ("triton", "torch"):
+        found = record["max_micro_batch"][backend]
+        assert found["peak_grows_with_micro_batch"] and found["micro_batch"]
+
+
 def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
     calls = []
     best, tried = memory.search_max(lambda b: calls.append(b) or b <= 24, [1, 2, 4, 8, 16, 32, 64])
@@ -224,7 +400,8 @@ def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
     assert memory.search_max(lambda b: True, [1, 2, 4])[0] == 4
 
     path = tmp_path / "max.json"
-    assert memory.main(["--gpu", "rtx4070", "--model", "tiny", "--seq-len", "128", "--backend", "torch", "--max",
+    assert memory.main(["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "128", "--backend",
+                        "torch", "--max",
                         "--budget-gib", "0.5", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
     found = record["max_micro_batch"]["torch"]
@@ -246,6 +423,11 @@ def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
     (["--gpu", "rtx4070", "--budget-gib", "-1"], "--budget-gib"),
     (["--micro-batch", "8"], "--gpu"),
     (["--gpu", "rtx4070", "--bogus"], "unrecognized"),
+    (["--gpu", "rtx4070", "--recipe", "llmc"], "--recipe"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "d24"], "--model 'd24' is not a speedrun model"),
+    (["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "512"], "--seq-len 512"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "512"], "--seq-len 512"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun", "--micro-batch", "3"], "--micro-batch 3 does not divide"),
 ])
 def test_bad_flags_give_one_error_line_and_exit_2(argv, needle, capsys):
     assert memory.main(argv) == 2
