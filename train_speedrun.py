@@ -11,10 +11,13 @@ state and data position. The out dir gets train.log, result.json, leaderboard.md
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import math
 import os
+import socket
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch  # noqa: E402
 from data.fineweb import DEFAULT_OUT_DIR  # noqa: E402 (the default --data: where data/fineweb.py writes)
 from data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH  # noqa: E402
 from gpt2 import MODEL_SIZES  # noqa: E402
-from gpt2.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint  # noqa: E402
+from gpt2.checkpoint import CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
 from gpt2.ops import BACKENDS, TRITON_OPS, parse_op_list, use_cpu_interpreter  # noqa: E402
 
 
@@ -61,7 +64,7 @@ class Preset:
     beta2: float = 0.95
     seed: int = 1337
     target_val_loss: float = 3.28
-    checkpoint_every: int = 500  # steps between checkpoints (0 = only on SIGINT/SIGTERM and at the end: off)
+    checkpoint_every: int = 500  # steps between checkpoints (0 = none; the end and SIGINT/SIGTERM still write one)
     keep_checkpoints: int = 2  # newest K checkpoints kept (0 = all)
     max_bad_steps: int = 3  # non-finite steps in a row tolerated before the run stops
     init_from: str | None = None  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
@@ -192,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gib", type=float, help="cap the CUDA allocator at this many GiB (0 = no cap)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOPS for MFU")
     p.add_argument("--timing-warmup-steps", type=int, help="untimed steps before the clock starts")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0 = off; default 500 on GPUs)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="checkpoint every N steps (default 500 on GPUs); the end and SIGINT/SIGTERM always write one")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints, 0 = all (default 2)")
     p.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row before the run stops (default 3)")
     p.add_argument("--init-from", help="start from weights: hf:PATH (Hugging Face GPT-2), llmc:PATH, ckpt:PATH")
@@ -281,23 +285,84 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
     return _resolve(args)
 
 
+FINISHED = ("max_steps", "target_reached")  # result.json statuses of a run that is over: its record stays as it is
+
+
+def read_record(out_dir: Path) -> dict | None:
+    """The run's result.json, or None when there is none (or it does not parse: then the checkpoint speaks)."""
+    try:
+        record = json.loads((Path(out_dir) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def newest_loadable_checkpoint(out_dir: Path) -> tuple[Path, dict]:
+    """(path, contents) of the newest checkpoint in out_dir that loads. A newer one that does not (a disk that
+    filled up, a copy cut short) is skipped with a warning naming both files; UserError when none loads."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        record = read_record(out_dir)
+        if record is not None:  # a run is there, but nothing to continue it from
+            raise UserError(f"--resume: {out_dir} holds a run (result.json, status {record.get('status')}, step "
+                            f"{record.get('steps_done')}) but no checkpoint (ckpt_*.pt) to continue from: "
+                            f"start it again with a new --out-dir")
+        raise UserError(f"--resume: no complete checkpoint (ckpt_*.pt) in {out_dir}; "
+                        f"drop --resume to start a new run there")
+    broken = []
+    for path in reversed(found):
+        try:
+            ckpt = load_checkpoint(path)
+            ckpt["run_config"]
+        except (CheckpointError, KeyError) as e:
+            broken.append((path, e if isinstance(e, CheckpointError) else f"{path}: no run_config"))
+            continue
+        if broken:
+            print(f"warning: --resume: {broken[0][0]} does not load ({str(broken[0][1]).split(': ', 1)[-1]}); "
+                  f"resuming from {path}, the newest checkpoint that does", file=sys.stderr, flush=True)
+        return path, ckpt
+    raise UserError(f"--resume: no checkpoint in {out_dir} loads ({broken[0][1]}): start it again with a new "
+                    f"--out-dir")
+
+
+def check_not_finished(out_dir: Path, ckpt: dict, base: dict, explicit: dict) -> bool:
+    """Refuse to resume a finished run (its record would be rewritten), unless --max-steps was raised past a
+    run that stopped at its max steps: True then (the run goes on to the new --max-steps)."""
+    record = read_record(out_dir) or ckpt.get("result") or {}
+    status, done = record.get("status"), record.get("steps_done", ckpt.get("step"))
+    if status not in FINISHED:
+        return False
+    if status == "target_reached":
+        raise UserError(f"--resume: the run in {out_dir} is finished (it reached its target at step "
+                        f"{record.get('target_reached_step')}); its record stays as it is: start a new --out-dir "
+                        f"(add --init-from ckpt:{out_dir} to start from its weights)")
+    raised = explicit.get("max_steps", 0) > base["max_steps"]
+    if not raised:
+        raise UserError(f"--resume: the run in {out_dir} is finished ({done} of --max-steps {base['max_steps']}); "
+                        f"its record stays as it is: raise --max-steps to train it further, or start a new --out-dir")
+    if ckpt.get("step") != done:
+        raise UserError(f"--resume --max-steps {explicit['max_steps']}: the newest checkpoint of {out_dir} is at "
+                        f"step {ckpt.get('step')}, before the run's end at step {done}: start a new --out-dir "
+                        f"(--init-from ckpt:{out_dir} starts from its weights)")
+    return True
+
+
 def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "download", "eval_only")}
     resume_path = None
     if args.resume:
         if "out_dir" not in explicit:
             raise UserError("--resume needs the run's --out-dir")
-        resume_path = latest_checkpoint(Path(explicit["out_dir"]))
-        if resume_path is None:
-            raise UserError(f"--resume: no complete checkpoint (ckpt_*.pt) in {explicit['out_dir']}; "
-                            f"drop --resume to start a new run there")
-        try:
-            base = dict(load_checkpoint(resume_path)["run_config"])
-        except (CheckpointError, KeyError) as e:
-            raise UserError(f"--resume: {e}") from None
+        out_dir = Path(explicit["out_dir"])
+        resume_path, ckpt = newest_loadable_checkpoint(out_dir)
+        base = dict(ckpt["run_config"])
         for name, value in asdict(PRESETS[base["gpu"]]).items():  # fields newer than the checkpoint: the preset's
             base.setdefault(name, value)
+        extending = check_not_finished(out_dir, ckpt, base, explicit)
+        del ckpt
         for name, value in explicit.items():
+            if name == "max_steps" and extending:
+                continue
             if name in RUN_DEFINING and base.get(name) != value:
                 raise UserError(f"--resume: --{name.replace('_', '-')} {value} conflicts with the checkpoint's "
                                 f"{base.get(name)} ({resume_path.name}); drop the flag, or start a new --out-dir")
@@ -310,7 +375,9 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     else:
         gpu = resolve_preset(explicit.get("gpu", "auto"))
         merged = {**asdict(PRESETS[gpu]), **explicit, "gpu": gpu}
-        if "out_dir" not in merged:
+        if merged.get("init_from"):
+            merged["model"] = init_model_size(merged["init_from"], explicit.get("model"))
+        if "out_dir" not in merged:  # main() creates it exclusively (default_out_dir): a suffix if it exists
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             merged["out_dir"] = str(Path("runs") / f"{stamp}-{gpu}-{merged['model']}")
     # The running GPU's peak, also after a resume, where the checkpoint may hold another variant's (an H100
@@ -332,19 +399,53 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     return cfg, resume_path
 
 
+def init_model_size(spec: str, asked: str | None) -> str:
+    """The --model name of the weights --init-from `spec` holds (their shape is read, not their weights). A
+    --model the user gave that differs is refused: training the checkpoint's model while recording the flag's
+    would mislabel the run, and silently building the flag's model would drop the weights the user asked for.
+    Left out, the model is the source's (not the preset's default), so config, record and leaderboard say it."""
+    from gpt2.hf import init_config
+
+    try:
+        shape = init_config(spec)
+    except (ValueError, OSError) as e:  # the loaders' format errors are ValueErrors naming the file
+        raise UserError(f"--init-from {spec}: {e}") from None
+    key = lambda c: (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size)  # noqa: E731
+    names = [name for name, size in MODEL_SIZES.items() if key(size) == key(shape)]
+    what = f"{shape.n_layer} layers, {shape.n_head} heads, width {shape.n_embd}, context {shape.block_size}"
+    if not names:
+        raise UserError(f"--init-from {spec}: its model ({what}) is none of --model's sizes "
+                        f"({', '.join(MODEL_SIZES)}); start from a GPT-2 of one of those sizes")
+    if asked is not None and asked != names[0]:
+        raise UserError(f"--init-from {spec} holds model {names[0]} ({what}), not --model {asked}: "
+                        f"drop --model (the weights decide it) or pass --model {names[0]}")
+    return names[0]
+
+
+# Every numeric flag's range, as data: (fields, test, what the flag must be). Floats must also be finite; NaN fails
+# every comparison, so each test is False for it.
+NUMERIC_RANGES = [
+    (("micro_batch", "total_batch_tokens", "seq_len", "max_steps", "val_every", "val_tokens"), lambda v: v > 0,
+     "positive"),
+    (("warmup_steps", "timing_warmup_steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+      "hellaswag_every", "weight_decay", "grad_clip", "memory_gib", "target_val_loss"), lambda v: v >= 0, ">= 0"),
+    (("lr",), lambda v: v > 0, "a positive number"),
+    (("peak_tflops",), lambda v: v is None or v >= 0, ">= 0 (0: no MFU)"),
+    (("final_lr_frac",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("seed",), lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+]
+
+
 def validate(cfg: Config) -> None:
-    positive = ["micro_batch", "total_batch_tokens", "seq_len", "max_steps", "val_every", "val_tokens"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ["warmup_steps", "timing_warmup_steps", "weight_decay", "grad_clip", "memory_gib",
-                 "checkpoint_every", "keep_checkpoints", "max_bad_steps", "hellaswag_every"]:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
-    if not 0 <= cfg.final_lr_frac <= 1:
-        raise UserError(f"--final-lr-frac must be in [0, 1], got {cfg.final_lr_frac}")
+    for names, ok, what in NUMERIC_RANGES:
+        for name in names:
+            v = getattr(cfg, name)
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{flag} must be a finite number ({what}), got {v}")
+            if not ok(v):
+                raise UserError(f"{flag} must be {what}, got {v}")
     block = MODEL_SIZES[cfg.model].block_size
     if cfg.seq_len > block:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds model {cfg.model}'s context of {block}: lower --seq-len")
@@ -414,18 +515,123 @@ def bad_shard_message(e) -> str:
     return f"bad shard {e} (re-download or re-tokenize it)"
 
 
+LOCK_NAME = ".tritonrun.lock"
+
+
+class OutDirLock:
+    """An exclusive flock(2) on <out-dir>/.tritonrun.lock, held for the life of a run (rank 0 under torchrun: the
+    only writer). The kernel drops it when the process ends, however it ends (exit, SIGKILL, OOM killer), so a
+    lock left by a dead run never blocks the next one; the file's text (pid, host, start) only names the holder
+    in the refusal. The file stays after the run: unlinking it would let a run that opened the old file and one
+    that creates a new file both hold "the" lock (flock is per inode). A per-host lock: on NFS, Linux maps
+    flock to fcntl locks, which the server arbitrates."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UserError naming the run that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(self.refusal()) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.now().isoformat(timespec='seconds')}\n".encode())
+        self.fd = fd
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid N on HOST since T"), or None when nobody does (no file, or a stale one)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file (or no such dir): nobody holds it
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
+    def refusal(self) -> str:
+        holder = self.holder() or "another process"
+        return (f"--out-dir {self.path.parent} is in use by a running run ({holder}): wait for it to end, "
+                f"or pick another --out-dir")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+
+def default_out_dir(path: Path) -> Path:
+    """Create the default out dir exclusively: runs started in the same second (the name's resolution) get
+    <name>-2, <name>-3, ... instead of sharing one directory."""
+    for k in range(1, 1000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"--out-dir {candidate} is not writable ({e.strerror}): pick another --out-dir") from None
+    raise UserError(f"{path}-2 ... {path}-999 all exist: pick an --out-dir")
+
+
+def finished_advice(record: dict, path: Path) -> str:
+    """How to go on from the finished run in `path` (both ways are accepted by the trainer)."""
+    if record.get("status") == "target_reached":
+        return f"pick a new --out-dir (add --init-from ckpt:{path} to start from its weights)"
+    return f"pick a new --out-dir, or train it further with --resume --max-steps above {record.get('steps_done')}"
+
+
 def check_out_dir(path: Path, resuming: bool) -> None:
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 soon writes result.json itself
-    if rank0 and not resuming and (path / "result.json").exists():
-        raise UserError(f"--out-dir {path} already holds a run (result.json): continue it with --resume, "
-                        f"or pick a new --out-dir")
+    """Refuse an out dir that holds another run (a new run would overwrite its records); the advice leads to
+    something that works: --resume only where a checkpoint can continue it."""
+    if resuming or not (path / "result.json").exists():
+        return
+    record = read_record(path)
+    what = (f"a run (result.json: {record.get('status')} at step {record.get('steps_done')})" if record
+            else "a run (result.json, unreadable)")
+    if not list_checkpoints(path):
+        raise UserError(f"--out-dir {path} already holds {what} with no checkpoint to continue from: pick a new "
+                        f"--out-dir, or remove that one (rm -r {path}) to start over there")
+    if record is not None and record.get("status") in FINISHED:
+        raise UserError(f"--out-dir {path} already holds {what}, finished: {finished_advice(record, path)}")
+    raise UserError(f"--out-dir {path} already holds {what}: continue it with --resume, or pick a new --out-dir")
+
+
+def claim_out_dir(path: Path, resuming: bool, default_name: bool) -> tuple[Path, OutDirLock | None]:
+    """Create (a default name exclusively), lock and check the out dir; returns (the dir, its lock). Under
+    torchrun only rank 0 does: it alone writes there; the other ranks take no lock and create nothing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return path, None
+    if default_name:
+        path = default_out_dir(path)
+    lock = OutDirLock(path)
     try:
+        if lock.holder() is None:  # a finished or dead run's dir: refused without touching it (a live one: below)
+            check_out_dir(path, resuming)
         path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # and checked again under the lock: two runs started together cannot both pass
+        check_out_dir(path, resuming)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        lock.release()
         raise UserError(f"--out-dir {path} is not writable ({e.strerror}): pick another --out-dir") from None
+    except UserError:
+        lock.release()
+        raise
+    return path, lock
 
 
 def oom_message(cfg: Config) -> str:
@@ -438,15 +644,20 @@ def main(argv: list[str] | None = None) -> int:
     import training
     from data.shards import ShardError
 
-    cfg = None
+    cfg = lock = None
     try:
         args = build_parser().parse_args(argv)
         if args.eval_only and args.resume:
             raise UserError("--eval-only with --resume would rewrite that run's record: score a run's weights "
                             "with --init-from ckpt:RUN_DIR --eval-only --out-dir NEW_DIR")
+        if args.resume and args.out_dir and int(os.environ.get("RANK", "0")) == 0:
+            running = OutDirLock(Path(args.out_dir))
+            if running.holder() is not None:  # before reading its checkpoints: they are still being written
+                raise UserError(running.refusal())
         cfg, resume_path = _resolve(args)
-        out_dir = Path(cfg.out_dir)
-        check_out_dir(out_dir, resuming=resume_path is not None)
+        out_dir, lock = claim_out_dir(Path(cfg.out_dir), resuming=resume_path is not None,
+                                      default_name=args.out_dir is None)
+        cfg = replace(cfg, out_dir=str(out_dir))
         if cfg.device == "cpu" and cfg.backend == "triton":
             try:
                 use_cpu_interpreter()  # before anything imports triton
@@ -474,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: result.json holds the record up to the last validation", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@ only entry point; train_speedrun.py owns presets, flags and user-error reporting
 
 - Clock: only training steps are timed. Validation, checkpoint writes and the untimed warm-up (real
   steps, then weights, optimizer, RNG and data position restored) are outside it.
-- Checkpoints (gpt2/checkpoint.py): every --checkpoint-every steps and on SIGINT/SIGTERM, at a step
-  boundary; they hold everything needed to continue bit for bit on the same device.
+- Checkpoints (gpt2/checkpoint.py): every --checkpoint-every steps, on SIGINT/SIGTERM (at a step
+  boundary) and at the end of every finished run (so its weights are there for sample.py, --init-from
+  ckpt: and export); they hold everything needed to continue bit for bit on the same device.
+- Bad data: a shard with a token id outside the vocabulary is refused when the loader opens it
+  (data/loader.py); met mid-run, the run checkpoints at the step boundary before it and stops.
+- Records: a leaderboard row only for a finished run (max steps or target reached); an interrupted
+  one says how to continue instead.
 - Bad steps: a non-finite loss or grad norm skips the update; more than --max-bad-steps in a row stop
   the run (the last good checkpoint stays).
 - DDP under torchrun: each rank runs grad_accum / world_size micro-batches per step; rank r takes the
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.shards import ShardError
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gpt2.ops import get_ops, parse_op_list
@@ -554,8 +560,21 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
     with StopSignals() as signals:
         for step in range(start_step, cfg.max_steps):
             trainer.sync()
+            position = trainer.train_loader.state_dict()
             t0 = time.perf_counter()
-            loss, norm, lr, applied = trainer.train_step(step)
+            try:
+                loss, norm, lr, applied = trainer.train_step(step)
+            except ShardError as e:  # the loader reached a train shard with bad token ids (every rank does)
+                trainer.train_loader.load_state_dict(position)  # back to the step boundary: a valid checkpoint
+                trainer.optimizer.zero_grad(set_to_none=True)
+                result["status"] = "bad_data"
+                if dist.master:
+                    atomic_write_json(result_path, result)
+                path = checkpoint(step)
+                raise TrainingStopped(
+                    f"bad shard {e} (re-download or re-tokenize it); stopped before step {step + 1}, "
+                    f"{path.name if path else 'a checkpoint'} written: once the shard is fixed, continue with "
+                    f"--resume --out-dir {out_dir}") from None
             trainer.sync()
             dt = time.perf_counter() - t0
             train_time += dt
@@ -622,21 +641,23 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                           if cfg.peak_tflops else None)
     ms = sorted(s["ms"] for s in result["steps"][start_step:]) or [0.0]
     result["step_ms_median"] = ms[len(ms) // 2]
+    continue_hint = f"continue with --resume --out-dir {out_dir}"
     if stopped_by:
         result["status"] = "interrupted"
-        log.line(f"stopped by {stopped_by} after step {done}: checkpoint written; continue with --resume "
-                 f"--out-dir {out_dir}")
+        log.line(f"stopped by {stopped_by} after step {done}: checkpoint written; {continue_hint}")
     else:
         result["status"] = "target_reached" if result["target_reached"] else "max_steps"
     result["autotune"] = tune.picks()  # the kernels' tiles, when a Triton kernel was autotuned
-    row = leaderboard_row(cfg, env, result)
+    # A leaderboard row only for a finished run: an interrupted one has no final val and would read as a result.
+    row = None if stopped_by else leaderboard_row(cfg, env, result)
     result["leaderboard_row"] = row
     if dist.master:
         result["plot"] = save_plot(out_dir, result)
         atomic_write_json(result_path, result)
-        atomic_write_text(out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
-    if not stopped_by and cfg.checkpoint_every:
-        checkpoint(done)
+        if row is not None:
+            atomic_write_text(out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
+    if not stopped_by:
+        checkpoint(done)  # always: a finished run's weights (sample.py, --init-from ckpt:, export)
     fit = result.get("memory_fit")
     if fit:
         log.line(f"memory: peak allocated {result['peak_mem_gib']:.2f} GiB, reserved {fit['peak_reserved_gib']:.2f} "
@@ -648,7 +669,8 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
              f"records in {out_dir}")
     if dist.master and result.get("plot") is None:
         log.line("no loss.png: matplotlib is not installed (pip install -e '.[plot]')")
-    log.line(row)
+    log.line(row if row is not None else f"interrupted at step {done} of {cfg.max_steps}: no leaderboard row "
+                                         f"(only finished runs get one); {continue_hint}")
     if stopped_by:
         result["exit_code"] = 128 + int(signals.received or signal.SIGTERM)
     return result

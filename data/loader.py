@@ -9,6 +9,12 @@ Data-parallel ranks (llm.c): all ranks share one position; per batch, rank r tak
 consecutive chunks and the shared offset moves by world_size*B*T. So micro-batch k of a single process is
 micro-batch k // world_size of rank k % world_size, and the saved (shard, offset) fixes every rank's position.
 
+Token ids are checked when a shard is opened (data.shards.check_token_ids: ~8 ms per 100M-token shard once read),
+once per shard and loader: an id >= vocab_size is a ShardError naming the file and the first bad position, not an
+IndexError deep in the embedding. The shard at the loader's position is opened, and so checked, at construction
+and at load_state_dict, so a bad val shard or a bad first train shard fails before any step; a later train shard
+is checked when the loader reaches it.
+
 Only the current shard is memory-mapped. On CUDA a batch is staged through one of two pinned int32 host
 buffers and copied with non_blocking=True; each buffer has a CUDA event, and it is not rewritten until the copy
 that last read it has finished. The int32 -> int64 widening then happens on the GPU.
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import load_tokens, read_header
+from data.shards import GPT2_VOCAB, check_token_ids, load_tokens, read_header
 
 
 class ShardLoader:
@@ -37,6 +43,7 @@ class ShardLoader:
         device: str | torch.device = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int = GPT2_VOCAB,
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -48,6 +55,8 @@ class ShardLoader:
             raise ValueError("ShardLoader got no shard files: check the data directory and split name")
         self.batch_size = batch_size
         self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self._checked: set[int] = set()  # shards whose ids passed check_token_ids
         self.device = torch.device(device)
         need = self.span_tokens
         self.n_tokens: list[int] = []  # per shard, from the validated headers
@@ -64,7 +73,8 @@ class ShardLoader:
         self.shard = 0  # index into self.files of the current shard
         self.offset = 0  # token offset of the next chunk in the current shard
         self.epoch = 0  # completed passes over all shards
-        self._tokens: np.ndarray | None = None  # memmap of the current shard, opened lazily
+        self._tokens: np.ndarray | None = None  # memmap of the current shard
+        self._open_shard(0)
 
         # CUDA host staging: two pinned buffers, each guarded by the event recorded after its H2D copy
         self._pinned: list[torch.Tensor] = []
@@ -85,9 +95,16 @@ class ShardLoader:
         return self.world_size * self.batch_size * self.seq_len + 1
 
     def _open_shard(self, index: int) -> None:
+        """Map shard `index` (dropping the old map) and check its ids the first time; the position goes to its
+        start."""
         self.shard = index
         self.offset = 0
-        self._tokens = None  # drop the old map; the new one opens on first use
+        self._tokens = None
+        tokens = load_tokens(self.files[index])
+        if index not in self._checked:
+            check_token_ids(self.files[index], tokens, self.vocab_size)  # ShardError: file and first bad position
+            self._checked.add(index)
+        self._tokens = tokens
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) pair, both int64 of shape (batch_size, seq_len) on the loader's device."""
@@ -98,8 +115,6 @@ class ShardLoader:
                 nxt = 0
                 self.epoch += 1
             self._open_shard(nxt)
-        if self._tokens is None:
-            self._tokens = load_tokens(self.files[self.shard])
         start = self.offset + self.rank * self.batch_size * self.seq_len
         chunk = self._tokens[start : start + need]
         self.offset += self.world_size * self.batch_size * self.seq_len

@@ -69,6 +69,18 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def read_model_config(path: Path) -> GPTConfig:
+    """The GPTConfig stored in a checkpoint, without reading its tensors (torch.load with mmap)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return GPTConfig(**ckpt["model_config"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated / not a torch file / not ours
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import load_model, resolve_checkpoint
+from gpt2.checkpoint import load_model, read_model_config, resolve_checkpoint
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
 
@@ -286,6 +286,25 @@ def init_from(spec: str, ops=None) -> GPT:
 
         return load_llmc(rest, ops)
     return load_model(resolve_checkpoint(rest), device="cpu", ops=ops)
+
+
+def init_config(spec: str) -> GPTConfig:
+    """The model shape init_from(spec) would build, read from the source's config only (config.json, the
+    llm.c header, the checkpoint's model_config); the weights are not loaded. Same errors as init_from."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in INIT_SCHEMES or not rest:
+        raise ValueError(f"--init-from {spec!r}: expected hf:DIR, llmc:FILE.bin or ckpt:RUN_DIR_OR_FILE")
+    if scheme == "hf":
+        path = Path(rest)
+        path = path.parent if path.is_file() else path
+        if not path.is_dir():
+            raise HFFormatError(f"{path}: no such directory (expected a Hugging Face checkpoint directory)")
+        return _read_config(path)[0]
+    if scheme == "llmc":
+        from gpt2.llmc import read_llmc_config
+
+        return read_llmc_config(rest)
+    return read_model_config(resolve_checkpoint(rest))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -111,16 +111,25 @@ def _config_from_header(path: Path, header: np.ndarray) -> tuple[int, GPTConfig]
     return version, cfg
 
 
-def load_llmc(path, ops=None) -> GPT:
-    """Read an llm.c GPT-2 model file (version 3 fp32 or 5 bf16) into an fp32 GPT on the CPU."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[int, GPTConfig]:
     if not path.is_file():
         raise LlmcFormatError(f"{path}: no such llm.c model file")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise LlmcFormatError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte llm.c header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    version, cfg = _config_from_header(path, header)
+    return _config_from_header(path, np.fromfile(path, dtype="<i4", count=HEADER_INTS))
+
+
+def read_llmc_config(path) -> GPTConfig:
+    """The model shape an llm.c model file's header describes (the weights are not read)."""
+    return _read_header(Path(path))[1]
+
+
+def load_llmc(path, ops=None) -> GPT:
+    """Read an llm.c GPT-2 model file (version 3 fp32 or 5 bf16) into an fp32 GPT on the CPU."""
+    path = Path(path)
+    version, cfg = _read_header(path)
+    size = path.stat().st_size
     n = _num_values(cfg)
     width = _BYTES_PER_VALUE[version]
     expected = HEADER_BYTES + n * width

@@ -262,6 +262,27 @@ def test_damaged_shard_is_tokenized_again(tmp_path, sources, txt_docs, reference
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_token_ids_are_checked_before_a_shard_is_written(tmp_path, docs, capsys, monkeypatch):
+    """The trainer's id check runs on every shard before it is written: a tokenizer that emitted an id outside
+    the vocabulary (injected: 50300, in the padding) writes nothing and says which shard and position."""
+    real = fineweb._encode_batch
+
+    def bad_encode(texts):
+        tokens, lengths = real(texts)
+        tokens = tokens.copy()
+        tokens[3] = 50300
+        return tokens, lengths
+
+    monkeypatch.setattr(fineweb, "_encode_batch", bad_encode)
+    src = _write_jsonl(tmp_path / "d.jsonl", docs[:4])
+    out = tmp_path / "out"
+    assert _tokenize(out, [src], "--workers", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "fineweb_val_000000.bin: token id 50300 at position 3 " in err[0] and "was not written" in err[0]
+    assert not list(out.glob("*.bin"))
+
+
 def test_rerun_with_other_settings_or_foreign_shards_is_refused(tmp_path, sources, txt_docs, reference, capsys):
     out = tmp_path / "other"
     shutil.copytree(reference, out)
@@ -408,6 +429,23 @@ def test_download_fetches_truncated_files_again(tmp_path, hub):
     for i in range(3):
         assert (out / fineweb.shard_name(i)).read_bytes() == hub.shards[fineweb.shard_name(i)]
     assert [hub.gets(fineweb.shard_name(i)) for i in range(3)] == [1, 2, 2]
+
+
+def test_download_refuses_a_shard_with_ids_outside_the_vocabulary(tmp_path, hub):
+    """A served shard whose header and size are right but whose ids are not GPT-2's (an id in the vocabulary
+    padding, as a damaged or foreign file may hold) is verified as the trainer would: fetched again, then
+    refused with its name and the first bad position; it never gets its final name."""
+    name = "fineweb_train_000001.bin"
+    tokens = load_tokens(tmp_path / "made" / name).astype(np.int64)
+    tokens[1234] = 50300
+    write_shard(tmp_path / "made" / name, tokens)
+    hub.add(DL_REPO, name, (tmp_path / "made" / name).read_bytes())
+    out = tmp_path / "fineweb10B"
+    proc = _cli(_download_args(out, hub), _env(tmp_path))
+    line = _assert_one_error_line(proc, name, "still bad after 3 downloads", "token id 50300 at position 1234")
+    assert "Traceback" not in proc.stderr, line
+    assert hub.gets(name) == fineweb.DOWNLOAD_ATTEMPTS
+    assert not (out / name).exists() and (out / fineweb.shard_name(0)).exists()
 
 
 def test_download_skips_complete_files(tmp_path, hub):

@@ -218,3 +218,19 @@ def test_rank_out_of_range(tmp_path):
     files, _ = _make_shards(tmp_path, [100])
     with pytest.raises(ValueError, match="rank 2"):
         ShardLoader(files, 2, 3, rank=2, world_size=2)
+
+
+def test_bad_token_id_fails_when_its_shard_is_opened(tmp_path):
+    """The shard at the loader's position is checked at construction (and on load_state_dict); a later shard when
+    the loader reaches it. The error names the file and the first bad position, instead of an IndexError in
+    the embedding after training started."""
+    files, _ = _make_shards(tmp_path, [61, 61])
+    write_shard(files[1], np.r_[np.arange(40), 50300, np.arange(20)])  # 50300: inside the vocabulary padding
+    loader = ShardLoader(files, batch_size=2, seq_len=5)  # shard 0 is fine
+    _take(loader, 6)  # all of shard 0's chunks
+    with pytest.raises(ShardError, match=rf"{files[1]}: token id 50300 at position 40 "):
+        loader.next_batch()
+    with pytest.raises(ShardError, match="position 40"):
+        ShardLoader(files, batch_size=2, seq_len=5).load_state_dict({"shard": 1, "offset": 0, "epoch": 0})
+    with pytest.raises(ShardError, match="position 40"):
+        ShardLoader(files[1:], batch_size=2, seq_len=5)  # e.g. the val loader: at startup

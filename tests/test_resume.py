@@ -86,6 +86,11 @@ def test_sigterm_checkpoints_at_step_boundary_then_resumes(straight, tmp_path):
     step = load_checkpoint(ckpts[0])["step"]
     assert step == rec["steps_done"] >= 2
     assert "continue with --resume" in log.read_text()
+    # no leaderboard row for an unfinished run (it read as a result with val "n/a"): how to continue instead
+    assert rec["leaderboard_row"] is None and not (tmp_path / "leaderboard.md").exists()
+    last = proc.stdout.read().strip().splitlines()[-1]
+    assert last.startswith(f"interrupted at step {step} of 8: no leaderboard row") and \
+        f"continue with --resume --out-dir {tmp_path}" in last
     proc = run_cli("--resume", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     same_run(result(tmp_path), straight)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data.shards as shards
 from data.shards import (
-    HEADER_BYTES, MAGIC, VERSION, ShardError, find_shards, load_tokens, read_header, write_shard,
+    GPT2_VOCAB, HEADER_BYTES, MAGIC, VERSION, ShardError, check_token_ids, find_shards, load_tokens, read_header,
+    write_shard,
 )
 
 
@@ -145,3 +147,24 @@ def test_find_shards(tmp_path):
     assert find_shards(tmp_path / "sub" / "missing", "val") == []
     with pytest.raises(ValueError, match="split"):
         find_shards(tmp_path, "test")
+
+
+@pytest.mark.parametrize("bad_at, bad_id", [(0, 50257), (4999, 65535), (1234, 50300), (2 * 1024 + 3, 50303)])
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path, monkeypatch, bad_at, bad_id):
+    """An id >= 50257 (50300: inside the vocabulary padding, which the loss would otherwise index) names the
+    file, the first bad position and the id; slices of 1024 tokens here so that a bad id in a later slice, and
+    two bad ids in different slices, are exercised."""
+    monkeypatch.setattr(shards, "_CHECK_CHUNK", 1024)
+    tokens = np.random.default_rng(bad_at).integers(0, GPT2_VOCAB, 5000)
+    tokens[[0, 4999]] = GPT2_VOCAB - 1  # <|endoftext|> is a valid id
+    path = tmp_path / "x_train_000001.bin"
+    write_shard(path, tokens)
+    check_token_ids(path, load_tokens(path))  # clean: no error
+    tokens[bad_at] = bad_id
+    if bad_at + 1500 < 5000:
+        tokens[bad_at + 1500] = 60000  # a second bad id later: the first one is reported
+    write_shard(path, tokens)
+    with pytest.raises(ShardError) as info:
+        check_token_ids(path, load_tokens(path))
+    assert str(info.value).startswith(f"{path}: token id {bad_id} at position {bad_at} ")
+    assert "\n" not in str(info.value)

@@ -98,6 +98,18 @@ def test_loss_plot_is_written(run30):
     assert json.loads((out / "result.json").read_text())["plot"] == str(out / "loss.png")
 
 
+def test_finished_run_leaves_a_checkpoint_sample_py_reads(run30, capsys):
+    """The CPU preset checkpoints only at the end (--checkpoint-every 0): a finished run still leaves its
+    weights, so README's `python sample.py --checkpoint RUN` works on the smoke run."""
+    from tests.helpers import load_script
+
+    out, _ = run30
+    assert [p.name for p in out.glob("ckpt_*.pt")] == ["ckpt_00000030.pt"]
+    sample = load_script("sample.py", "sample_for_run30")
+    assert sample.main(["--checkpoint", str(out), "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 # The triton backend runs every kernel through Triton's interpreter here: keep its runs tiny.
 TINY = ["--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "64", "--val-tokens", "64"]
 
