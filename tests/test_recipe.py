@@ -251,3 +251,27 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
     # differences of ~1e-7 into occasional one-ulp bf16 flips (2^-8 relative) of single update entries: the
     # curves stay together to ~1e-3, not 1e-5 as with Adam alone (tests/test_speedrun_model.py).
     assert ours == pytest.approx(ref, rel=1e-3)
+
+
+def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path):
+    """bench/train.py --project: a speedrun record projects the record's 3000 x 524,288 tokens at the speedrun
+    d12's FLOPs per token; a record without "recipe" (older ones) stays llm.c's 9.0e9 at GPT-2's."""
+    import re
+
+    from gpt2 import GPT, MODEL_SIZES
+    from tests.test_bench_train import bench
+
+    runs = [{"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 8, "fits": True,
+             "tokens_per_s": 3.5e5, "mfu": 0.4}]
+    for recipe, tokens, model in (("speedrun", 3000 * 524_288, SpeedrunGPT(SPEEDRUN_MODELS["d12"])),
+                                  (None, 9.0e9, GPT(MODEL_SIZES["d12"]))):
+        path = tmp_path / f"{recipe}.json"
+        path.write_text(json.dumps({"env": {"device": "Fake GPU"}, "runs": runs,
+                                    **({"recipe": recipe} if recipe else {})}))
+        proc = bench("--project", "rtx4070", "--from-record", str(path))
+        assert proc.returncode == 0, proc.stderr
+        flops = int(re.search(r"flops_per_token\s*=\s*(\d+)", proc.stdout).group(1))
+        assert flops == model.flops_per_token(1024)
+        assert f"--recipe {recipe or 'gpt2'}" in proc.stdout
+        hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
+        assert hours == pytest.approx(tokens * flops / (58.3e12 * 0.4) / 3600, rel=1e-5)
