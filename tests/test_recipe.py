@@ -275,3 +275,20 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
         assert f"--recipe {recipe or 'gpt2'}" in proc.stdout
         hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
         assert hours == pytest.approx(tokens * flops / (58.3e12 * 0.4) / 3600, rel=1e-5)
+
+
+def test_trainer_hellaswag_scores_the_speedrun_model(tmp_path):
+    """The trainer's HellaSwag call on SpeedrunGPT (model(idx) -> softcapped logits over the real vocabulary)."""
+    import numpy as np
+
+    from data.hellaswag import Example, evaluate
+
+    rng = np.random.default_rng(0)
+    examples = [Example.of(rng.integers(0, 50257, 5).tolist(),
+                           [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
+                for _ in range(6)]
+    _, tr = make_trainer(tmp_path)
+    tr.train_step(0)  # a non-zero head: the endings' losses differ
+    hs = tr.hellaswag(examples)
+    assert hs["n"] == 6 and 0 <= hs["acc"] <= 1 and 0 <= hs["acc_norm"] <= 1
+    assert hs == {**evaluate(tr.model, examples, "cpu"), "n": 6}
