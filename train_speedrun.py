@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Fields that change the math of a run: a resumed run may not change them (it would not be the same run).
 # The rest (hardware, batching split, logging, target) may differ on resume.
-RUN_DEFINING = ("model", "recipe", "muon_coefficients", "total_batch_tokens", "seq_len", "lr", "final_lr_frac", "warmup_steps", "max_steps",
+RUN_DEFINING = ("model", "recipe", "muon_coefficients", "total_batch_tokens", "seq_len", "lr", "final_lr_frac",
+                "warmup_steps", "max_steps",
                 "weight_decay", "grad_clip", "beta1", "beta2", "data", "seed", "dtype", "init_from")
 HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "torch_ops", "compile", "timing_warmup_steps",
             "device")

@@ -237,7 +237,8 @@ def save_plot(out_dir: Path, result: dict) -> str | None:
     if result["val"]:
         ax.plot([v["step"] for v in result["val"]], [v["loss"] for v in result["val"]], "o-", label="val")
     ax.axhline(result["target_val_loss"], color="gray", ls="--", lw=0.8, label="target")
-    ax.set(xlabel="step", ylabel="loss", title=f"{result['config']['model']} ({result['config'].get('recipe', 'gpt2')}) · {result['config']['gpu']}")
+    c = result["config"]
+    ax.set(xlabel="step", ylabel="loss", title=f"{c['model']} ({c.get('recipe', 'gpt2')}) · {c['gpu']}")
     ax.legend()
     fig.tight_layout()
     path = out_dir / "loss.png"
@@ -390,8 +391,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # The speedrun model's RoPE tables are non-persistent buffers, equal on every rank: nothing to broadcast.
-            self.ddp = DistributedDataParallel(self.forward, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
-                                               broadcast_buffers=not self.speedrun)
+            self.ddp = DistributedDataParallel(
+                self.forward, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
+                broadcast_buffers=not self.speedrun)
             self.forward = self.ddp
         self.params = list(self.model.parameters())
         if self.speedrun:
@@ -482,7 +484,8 @@ class Trainer:
 
     def state(self) -> dict:
         """Everything that determines the next steps (tensors are references: copy before mutating)."""
-        return {"model_kind": self.recipe, "model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
+        return {"model_kind": self.recipe, "model_config": self.model.config.to_dict(),
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "data": self.train_loader.state_dict(),
                 "rng": self.rng_state()}
 
@@ -537,7 +540,8 @@ def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
         "record": "tritonrun.train", "version": 1, "status": "running",
         "date": datetime.now().strftime("%Y-%m-%d"), "env": env, "config": asdict(cfg),
         "world_size": dist.world_size, "grad_accum": trainer.grad_accum * dist.world_size, "recipe": trainer.recipe,
-        "ops": {k: v for k, v in trainer.ops.placement.items() if k in trainer.op_names}, "parameters": model.num_parameters(include_padding=False),
+        "ops": {k: v for k, v in trainer.ops.placement.items() if k in trainer.op_names},
+        "parameters": model.num_parameters(include_padding=False),
         "flops_per_token": trainer.flops_per_token, "steps": [], "train_losses": [], "val": [],
         "tokens_seen": 0, "steps_done": 0, "train_time_s": 0.0, "skipped_steps": 0,
         "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,

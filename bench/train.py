@@ -7,8 +7,9 @@
     python bench/train.py --smoke --out-dir /tmp/x # CPU smoke run (tiny model): NOT A TIMING
     python bench/train.py --merge A.json B.json   # one record from parts measured in separate commands
 
-What is measured (GPU). GPT-2 d12, T = 1024, bf16 autocast, for each micro-batch in --micro-batches (default
-8,16,32,64) and each configuration:
+What is measured (GPU). The d12 model and optimizers of --recipe (default the GPU presets': speedrun; gpt2 =
+GPT-2 124M under llm.c's AdamW; the record's "recipe" says which), T = 1024, bf16 autocast, for each micro-batch
+in --micro-batches (default 8,16,32,64) and each configuration:
   (a) triton          --backend triton --no-compile      (our kernels)
       triton+compile  --backend triton --compile
   (b) torch+compile   --backend torch --compile           (SDPA + fused AdamW: the nanoGPT baseline)
@@ -155,7 +156,8 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
 
     a = spec.args
     tokens = spec.micro_batch * a.seq_len
-    argv = ["--gpu", spec.gpu, "--recipe", a.recipe, "--model", a.model, "--seq-len", str(a.seq_len), "--dtype", a.dtype,
+    argv = ["--gpu", spec.gpu, "--recipe", a.recipe, "--model", a.model, "--seq-len", str(a.seq_len),
+            "--dtype", a.dtype,
             "--backend", spec.backend, "--compile" if spec.compile else "--no-compile",
             "--micro-batch", str(spec.micro_batch), "--total-batch-tokens", str(tokens * a.grad_accum),
             "--memory-gib", str(spec.memory_gib), "--data", str(data_dir), "--out-dir", str(out_dir),
@@ -517,8 +519,8 @@ def markdown(rec: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ merge
 # What every part of a merged record must share: it defines the measurement.
-MERGE_SAME = ("smoke", "device", "commit", "versions", "preset", "peak_tflops", "model", "seq_len", "dtype",
-              "grad_accum", "steps", "block", "warmup")
+MERGE_SAME = ("smoke", "device", "commit", "versions", "preset", "peak_tflops", "recipe", "model", "seq_len",
+              "dtype", "grad_accum", "steps", "block", "warmup")
 
 
 class MergeError(ValueError):
@@ -835,7 +837,8 @@ def main(argv=None) -> int:
             "env": env, "device": env["device"], "commit": env["commit"],
             "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
             "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.peak_tflops_for(args.gpu),
-            "recipe": args.recipe, "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype, "grad_accum": args.grad_accum,
+            "recipe": args.recipe, "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype,
+            "grad_accum": args.grad_accum,
             "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
             "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations "
                       "of one micro-batch in blocks; each step timed alone (synchronize before/after); median. One "
