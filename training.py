@@ -297,10 +297,11 @@ class SpeedrunOptimizer:
         return self.adam.param_groups + self.muon.param_groups
 
     def schedule(self, step: int) -> dict:
-        """Set every group's lr and Muon's momentum for 0-based `step`; returns what was set."""
+        """Set every group's lr and Muon's momentum for 0-based `step`; returns what was set. Steps past the end
+        (the untimed warm-up's, near the end of a resumed run) get the end's lr, 0."""
         from gpt2.speedrun import speedrun_lr_multiplier, speedrun_muon_momentum
 
-        scale = speedrun_lr_multiplier(step, self.schedule_config)
+        scale = speedrun_lr_multiplier(min(step, self.schedule_config.num_iterations), self.schedule_config)
         momentum = speedrun_muon_momentum(step, self.schedule_config)
         for g in self.param_groups:
             g["lr"] = g["base_lr"] * scale

@@ -102,6 +102,8 @@ def test_optimizer_covers_every_parameter_once_with_the_records_lrs(tmp_path):
     assert tr.optimizer.adam.param_groups[0]["betas"] == (0.9, 0.95)
     assert {id(p) for p in tr.optimizer.muon.param_groups[0]["params"]} == \
         {id(p) for p in tr.model.transformer.h.parameters() if p.dim() == 2}
+    # a step past the end (an untimed warm-up step near the end of a resumed run) gets the end's lr, 0
+    assert tr.optimizer.schedule(cfg.max_steps + 2)["lr_scale"] == 0.0
 
 
 def test_warmup_restore_includes_muon_state(tmp_path):
