@@ -219,7 +219,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Flags left out take the preset's value (with --resume: the checkpoint's).")
+                epilog=next(par for par in __doc__.split("\n\n") if par.startswith("Recipes"))
+                + "\n\nFlags left out take the preset's value (with --resume: the checkpoint's).")
     p.add_argument("--gpu", choices=[*PRESETS, "auto"],
                    help="preset (default auto: picked by the CUDA device's name, cpu when there is none)")
     p.add_argument("--model", choices=list(MODEL_SIZES),

@@ -141,6 +141,8 @@ def test_recipe_defaults_by_preset():
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
         "beta1": 0.9, "beta2": 0.95, "max_steps": 3000, "val_every": 125}
     assert train_speedrun.cooldown_steps(3000) == 900  # the record's warmdown_iters
+    text = train_speedrun.build_parser().format_help()  # --help says how the flags map
+    assert "MULTIPLIER on every group's base lr" in text and "--weight-decay and --final-lr-frac do not apply" in text
 
 
 def test_sigkill_then_resume_is_bitwise_and_recipe_is_run_defining(tmp_path):
