@@ -1,7 +1,20 @@
-"""Train GPT-2 on FineWeb to val loss <= 3.28 as fast as possible, llm.c's 124M recipe by default.
+"""Train a GPT on FineWeb to val loss <= 3.28 as fast as possible, under one of two recipes.
 
-    python train_speedrun.py --gpu rtx4070                              # the main job
+    python train_speedrun.py --gpu rtx4070                              # the main job (--recipe speedrun)
+    python train_speedrun.py --gpu rtx4070 --recipe gpt2                # llm.c's GPT-2 124M recipe
     python train_speedrun.py --gpu cpu --model tiny --data sample       # CPU smoke run, no download
+
+Recipes (--recipe; GPU presets default to speedrun, the cpu preset to gpt2):
+  gpt2      GPT-2 (gpt2/model.py) with llm.c's recipe: AdamW (--lr peak, --beta1/--beta2, --weight-decay on 2-D
+            weights), --warmup-steps linear warmup, cosine to --lr x --final-lr-frac at --max-steps, --grad-clip.
+  speedrun  modded-nanogpt's 2024-11-10 record (gpt2/speedrun.py): Adam on wte (lr 0.6), lm_head (0.008) and the
+            scalars (0.04) with betas --beta1/--beta2 (0.9, 0.95) and no decay; Muon (kernels/muon.py, lr 0.04,
+            Nesterov, momentum 0.85 -> 0.95 over 500 steps, --muon-coefficients) on the blocks' matrices. --lr is a
+            MULTIPLIER on every group's base lr (default 1.0 = the record's lrs). Schedule: --warmup-steps linear
+            warmup (default 0), constant, then linear to 0 over the last 30% of --max-steps (900 of 3000).
+            GPU preset defaults become the record's: --max-steps 3000, --val-every 125, --grad-clip 0 (off).
+            --weight-decay and --final-lr-frac do not apply and are refused; --init-from takes only ckpt: of a
+            speedrun run. --model is tiny or d12 (the record's 12 x 768, 6 heads of 128).
 
 A preset (--gpu) sets micro-batch, dtype, backend, compile, memory budget and the peak FLOPs used for
 MFU; every field can be overridden by its long flag. The clock excludes validation and an untimed
@@ -49,8 +62,9 @@ class Preset:
     dtype: str = "bf16"
     model: str = "d12"
     data: str = DEFAULT_OUT_DIR
+    recipe: str = "speedrun"  # see RECIPES; --recipe gpt2 is llm.c's (the cpu preset's default)
     seq_len: int = 1024
-    total_batch_tokens: int = 524_288  # 2**19, llm.c
+    total_batch_tokens: int = 524_288  # 2**19, llm.c and the speedrun record
     lr: float = 6e-4
     warmup_steps: int = 700
     max_steps: int = 18_865
@@ -74,6 +88,7 @@ class Preset:
     # micro-batch under --backend triton with the fused LM head (linear_cross_entropy not in --torch-ops): it keeps
     # no (tokens x vocab) fp32 logits, so more sequences fit (see triton_micro_batch_for). None: micro_batch.
     triton_micro_batch: int | None = None
+    muon_coefficients: str = "quintic"  # speedrun: Newton-Schulz coefficients (the record's quintic, polar_express)
 
 
 PRESETS: dict[str, Preset] = {
@@ -88,7 +103,7 @@ PRESETS: dict[str, Preset] = {
     "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256),
     "cpu": Preset(
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
-        model="tiny", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
+        model="tiny", recipe="gpt2", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
         max_steps=50, val_every=25, val_tokens=8192, timing_warmup_steps=1, device="cpu", checkpoint_every=0,
         hellaswag_every=0,
     ),
@@ -112,12 +127,49 @@ AUTO_NAMES = [("4070 ti", "rtx4070ti"), ("4070", "rtx4070"), ("4090", "rtx4090")
 # Parts whose name matches a desktop preset but whose memory and clocks do not (an RTX 4070 Laptop GPU has 8 GB).
 AUTO_REFUSED = ("laptop",)
 
+# ----------------------------------------------------------------------------------------- recipes
+RECIPES = ("gpt2", "speedrun")
+# The speedrun recipe's fields over any preset (the record's, gpt2/speedrun.py SpeedrunConfig): --lr is a
+# multiplier on each optimizer group's base lr, no warmup, no decay, no clipping, cooldown to 0.
+SPEEDRUN_DEFAULTS = {"lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
+                     "beta1": 0.9, "beta2": 0.95}
+# ... and over the GPU presets (the cpu preset keeps its short smoke run): the record's length and val cadence.
+SPEEDRUN_GPU_DEFAULTS = {"max_steps": 3000, "val_every": 125}
+SPEEDRUN_COOLDOWN_FRAC = 0.3  # linear cooldown over the last 900 of 3000 steps [record: warmdown_iters = 900]
+# Flags with no meaning under speedrun: refused with the reason when given.
+SPEEDRUN_REFUSED = {"weight_decay": "the record decays nothing (Adam and Muon without weight decay)",
+                    "final_lr_frac": "its cooldown goes linearly to 0 over the last 30% of --max-steps"}
+GPT2_REFUSED = {"muon_coefficients": "gpt2 trains with AdamW only (no Muon)"}
+MUON_COEFFICIENTS = ("quintic", "polar_express")  # kernels/muon.py COEFFICIENTS (not imported: it loads kernels)
+
+
+def recipe_defaults(recipe: str, gpu: str) -> dict:
+    """The fields a recipe sets over preset `gpu`'s (none for gpt2: the presets are llm.c's)."""
+    if recipe != "speedrun":
+        return {}
+    return {**SPEEDRUN_DEFAULTS, **({} if gpu == "cpu" else SPEEDRUN_GPU_DEFAULTS)}
+
+
+def cooldown_steps(max_steps: int) -> int:
+    """Steps of the speedrun's linear cooldown: the record's 900 of 3000, the same fraction of any run."""
+    return round(SPEEDRUN_COOLDOWN_FRAC * max_steps)
+
+
+def model_sizes(recipe: str) -> dict:
+    """--model's names for a recipe: gpt2.MODEL_SIZES (GPTConfig) or gpt2.speedrun.SPEEDRUN_MODELS."""
+    if recipe == "speedrun":
+        from gpt2.speedrun import SPEEDRUN_MODELS
+
+        return SPEEDRUN_MODELS
+    return MODEL_SIZES
+
 
 @dataclass(frozen=True)
 class Config:
     """The resolved run configuration: a preset with the user's flags on top."""
     gpu: str
     model: str
+    recipe: str
     micro_batch: int
     total_batch_tokens: int
     seq_len: int
@@ -149,6 +201,7 @@ class Config:
     init_from: str | None
     hellaswag_every: int
     hellaswag_path: str
+    muon_coefficients: str
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -171,21 +224,29 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Flags left out take the preset's value (with --resume: the checkpoint's).")
+                epilog=next(par for par in __doc__.split("\n\n") if par.startswith("Recipes"))
+                + "\n\nFlags left out take the preset's value (with --resume: the checkpoint's).")
     p.add_argument("--gpu", choices=[*PRESETS, "auto"],
                    help="preset (default auto: picked by the CUDA device's name, cpu when there is none)")
-    p.add_argument("--model", choices=list(MODEL_SIZES), help="model size (d12 = GPT-2 124M)")
+    p.add_argument("--model", choices=list(MODEL_SIZES),
+                   help="model size (d12 = GPT-2 124M; under --recipe speedrun: tiny or d12, the record's model)")
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="gpt2 (llm.c) or speedrun (modded-nanogpt 2024-11-10); default speedrun on GPU presets, "
+                        "gpt2 on cpu (see above)")
     p.add_argument("--micro-batch", type=int, help="sequences per forward/backward")
     p.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step (default 524288)")
     p.add_argument("--seq-len", type=int, help="sequence length T")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--final-lr-frac", type=float, help="cosine decays to lr*this (llm.c: 0)")
-    p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps")
-    p.add_argument("--max-steps", type=int, help="optimizer steps; the cosine reaches its floor here")
-    p.add_argument("--weight-decay", type=float, help="AdamW decay on 2-D weights only (default 0.1)")
-    p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (default 1.0)")
-    p.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
-    p.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    p.add_argument("--lr", type=float, help="gpt2: peak learning rate; speedrun: multiplier on every group's "
+                                            "base lr (default 1.0)")
+    p.add_argument("--final-lr-frac", type=float, help="gpt2: cosine decays to lr*this (llm.c: 0)")
+    p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps (speedrun default 0)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; the schedule ends here (speedrun default 3000)")
+    p.add_argument("--weight-decay", type=float, help="gpt2: AdamW decay on 2-D weights only (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (gpt2 1.0, speedrun 0)")
+    p.add_argument("--beta1", type=float, help="AdamW / the speedrun's Adam groups' beta1 (default 0.9)")
+    p.add_argument("--beta2", type=float, help="AdamW / the speedrun's Adam groups' beta2 (default 0.95)")
+    p.add_argument("--muon-coefficients", choices=MUON_COEFFICIENTS,
+                   help="speedrun: Muon's Newton-Schulz coefficients (default quintic, the record's)")
     p.add_argument("--data", help=f"'sample' (built-in corpus) or a dir of llm.c shards (default {DEFAULT_OUT_DIR})")
     p.add_argument("--out-dir", help="where logs, records and checkpoints go (default runs/<time>-<gpu>-<model>)")
     p.add_argument("--seed", type=int, help="init seed (default 1337)")
@@ -217,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Fields that change the math of a run: a resumed run may not change them (it would not be the same run).
 # The rest (hardware, batching split, logging, target) may differ on resume.
-RUN_DEFINING = ("model", "total_batch_tokens", "seq_len", "lr", "final_lr_frac", "warmup_steps", "max_steps",
+RUN_DEFINING = ("model", "recipe", "muon_coefficients", "total_batch_tokens", "seq_len", "lr", "final_lr_frac",
+                "warmup_steps", "max_steps",
                 "weight_decay", "grad_clip", "beta1", "beta2", "data", "seed", "dtype", "init_from")
 HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "torch_ops", "compile", "timing_warmup_steps",
             "device")
@@ -373,6 +435,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         out_dir = Path(explicit["out_dir"])
         resume_path, ckpt = newest_loadable_checkpoint(out_dir)
         base = dict(ckpt["run_config"])
+        base.setdefault("recipe", "gpt2")  # checkpoints from before --recipe: gpt2 was the only one
         for name, value in asdict(PRESETS[base["gpu"]]).items():  # fields newer than the checkpoint: the preset's
             base.setdefault(name, value)
         extending = check_not_finished(out_dir, ckpt, base, explicit)
@@ -392,9 +455,13 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         merged["gpu"] = resolve_preset(merged["gpu"])
     else:
         gpu = resolve_preset(explicit.get("gpu", "auto"))
-        merged = {**asdict(PRESETS[gpu]), **explicit, "gpu": gpu}
+        recipe = explicit.get("recipe")
+        if explicit.get("init_from"):
+            recipe = init_recipe(explicit["init_from"], recipe)
+        recipe = recipe or PRESETS[gpu].recipe
+        merged = {**asdict(PRESETS[gpu]), **recipe_defaults(recipe, gpu), **explicit, "gpu": gpu, "recipe": recipe}
         if merged.get("init_from"):
-            merged["model"] = init_model_size(merged["init_from"], explicit.get("model"))
+            merged["model"] = init_model_size(merged["init_from"], explicit.get("model"), recipe)
         if "out_dir" not in merged:  # main() creates it exclusively (default_out_dir): a suffix if it exists
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             merged["out_dir"] = str(Path("runs") / f"{stamp}-{gpu}-{merged['model']}")
@@ -414,16 +481,73 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
     if preset_hardware and "micro_batch" not in explicit:  # the preset's, for the backend that runs
         merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"])
+    refused = SPEEDRUN_REFUSED if merged["recipe"] == "speedrun" else GPT2_REFUSED
+    for name, why in refused.items():
+        if name in explicit:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to --recipe {merged['recipe']} ({why}): "
+                            f"drop it" + (", or use --recipe gpt2" if merged["recipe"] == "speedrun" else ""))
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path
 
 
-def init_model_size(spec: str, asked: str | None) -> str:
+def checkpoint_model(path: str) -> tuple[str, dict]:
+    """(model kind, model config dict) of a tritonrun checkpoint (file or run dir), without reading its tensors.
+    Kind "gpt2" for checkpoints from before "model_kind" was written. UserError when it does not load."""
+    from gpt2.checkpoint import resolve_checkpoint
+
+    try:
+        ckpt = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+        return ckpt.get("model_kind", "gpt2"), dict(ckpt["model_config"])
+    except CheckpointError as e:
+        raise UserError(f"--init-from ckpt:{path}: {e}") from None
+    except Exception as e:  # truncated / not a torch file / not ours
+        raise UserError(f"--init-from ckpt:{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def init_recipe(spec: str, asked: str | None) -> str | None:
+    """The recipe --init-from `spec` implies: a checkpoint's model kind (a speedrun checkpoint trains on under
+    speedrun), gpt2 for hf:/llmc: (GPT-2 weights). A --recipe that cannot train those weights is refused."""
+    kind, _, path = spec.partition(":")
+    if kind == "ckpt":
+        try:
+            have = checkpoint_model(path)[0]
+        except UserError:
+            return asked  # the model loader reports an unreadable checkpoint in its own words
+    elif kind in ("hf", "llmc"):
+        have = "gpt2"
+    else:
+        return asked  # validate() names the bad prefix
+    if asked is not None and asked != have:
+        raise UserError(f"--init-from {spec} holds a {have} model, which --recipe {asked} cannot train: drop "
+                        f"--recipe (the weights decide it) or pass --recipe {have}")
+    return have
+
+
+def speedrun_init_size(spec: str, asked: str | None) -> str:
+    """--model name of the speedrun checkpoint --init-from ckpt:PATH holds (matched on the model's shape)."""
+    from gpt2.speedrun import SPEEDRUN_MODELS
+
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size")
+    have = checkpoint_model(spec.partition(":")[2])[1]
+    names = [n for n, c in SPEEDRUN_MODELS.items() if all(getattr(c, k) == have.get(k) for k in shape)]
+    what = ", ".join(f"{k} {have.get(k)}" for k in shape)
+    if not names:
+        raise UserError(f"--init-from {spec}: its speedrun model ({what}) is none of --model's speedrun sizes "
+                        f"({', '.join(SPEEDRUN_MODELS)})")
+    if asked is not None and asked != names[0]:
+        raise UserError(f"--init-from {spec} holds speedrun model {names[0]}, not --model {asked}: drop --model "
+                        f"(the weights decide it) or pass --model {names[0]}")
+    return names[0]
+
+
+def init_model_size(spec: str, asked: str | None, recipe: str = "gpt2") -> str:
     """The --model name of the weights --init-from `spec` holds (their shape is read, not their weights). A
     --model the user gave that differs is refused: training the checkpoint's model while recording the flag's
     would mislabel the run, and silently building the flag's model would drop the weights the user asked for.
     Left out, the model is the source's (not the preset's default), so config, record and leaderboard say it."""
+    if recipe == "speedrun":
+        return speedrun_init_size(spec, asked)
     from gpt2.hf import init_config
 
     try:
@@ -466,7 +590,19 @@ def validate(cfg: Config) -> None:
                 raise UserError(f"{flag} must be a finite number ({what}), got {v}")
             if not ok(v):
                 raise UserError(f"{flag} must be {what}, got {v}")
-    block = MODEL_SIZES[cfg.model].block_size
+    sizes = model_sizes(cfg.recipe)
+    if cfg.model not in sizes:
+        raise UserError(f"--model {cfg.model} is not a --recipe {cfg.recipe} model: choose one of "
+                        f"{', '.join(sizes)}, or use --recipe gpt2")
+    if cfg.recipe == "speedrun":
+        if cfg.warmup_steps + cooldown_steps(cfg.max_steps) > cfg.max_steps:
+            raise UserError(f"--warmup-steps {cfg.warmup_steps} overlaps the speedrun cooldown (the last "
+                            f"{cooldown_steps(cfg.max_steps)} of --max-steps {cfg.max_steps}): lower --warmup-steps "
+                            f"to at most {cfg.max_steps - cooldown_steps(cfg.max_steps)}")
+        if cfg.init_from and not cfg.init_from.startswith("ckpt:"):
+            raise UserError(f"--init-from {cfg.init_from}: GPT-2 weights train under --recipe gpt2; --recipe "
+                            f"speedrun starts from ckpt:PATH of a speedrun run, or from scratch")
+    block = sizes[cfg.model].block_size
     if cfg.seq_len > block:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds model {cfg.model}'s context of {block}: lower --seq-len")
     if cfg.total_batch_tokens % cfg.tokens_per_micro_batch:

@@ -14,6 +14,10 @@ only entry point; train_speedrun.py owns presets, flags and user-error reporting
   one says how to continue instead.
 - Bad steps: a non-finite loss or grad norm skips the update; more than --max-bad-steps in a row stop
   the run (the last good checkpoint stays).
+- Recipes (cfg.recipe): "gpt2" builds gpt2.GPT and llm.c's AdamW + cosine schedule (lr_at); "speedrun" builds
+  gpt2.speedrun.SpeedrunGPT and SpeedrunOptimizer (Adam groups + Muon, the record's constant-then-cooldown lr and
+  Muon momentum warmup, set on the groups every step). Checkpoints name the model ("model_kind") beside its
+  config, so --resume and --init-from ckpt: rebuild the right class.
 - DDP under torchrun: each rank runs grad_accum / world_size micro-batches per step; rank r takes the
   r-th of every world_size consecutive micro-batches (data/loader.py), so the step sees the same tokens
   as a single process. Rank 0 writes logs, records and checkpoints. A single process never touches
@@ -40,7 +44,7 @@ import torch
 from data.shards import ShardError
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gpt2.ops import get_ops, parse_op_list
+from gpt2.ops import GPT2_OPS, SPEEDRUN_OPS, get_ops, parse_op_list
 from kernels import tune
 from runinfo import atomic_write_json, atomic_write_text, env_info
 
@@ -193,7 +197,7 @@ def memory_fit(peak_reserved: float, memory_gib: float, total_gib: float) -> dic
             "headroom_gib": card - need, "fits": need <= card}
 
 
-LEADERBOARD_HEADER = ("| date | preset | device | model | backend | val loss | target | steps | tokens "
+LEADERBOARD_HEADER = ("| date | preset | device | model (recipe) | backend | val loss | target | steps | tokens "
                       "| train time | tok/s | MFU | commit |\n|" + "---|" * 13)
 
 
@@ -211,7 +215,7 @@ def human_count(n: float) -> str:
 def leaderboard_row(cfg, env: dict, result: dict) -> str:
     val, mfu = result["final_val_loss"], result["mfu_mean"]
     gpus = f"{result['world_size']}× " if result["world_size"] > 1 else ""
-    return (f"| {result['date']} | {cfg.gpu} | {gpus}{env['device']} | {cfg.model} | {cfg.backend}"
+    return (f"| {result['date']} | {cfg.gpu} | {gpus}{env['device']} | {cfg.model} ({cfg.recipe}) | {cfg.backend}"
             f"{f' (torch: {cfg.torch_ops})' if cfg.torch_ops else ''}"
             f"{' +compile' if cfg.compile else ''} | {'n/a' if val is None else f'{val:.4f}'} "
             f"| {'yes' if result['target_reached'] else 'no'} | {result['steps_done']} "
@@ -233,7 +237,8 @@ def save_plot(out_dir: Path, result: dict) -> str | None:
     if result["val"]:
         ax.plot([v["step"] for v in result["val"]], [v["loss"] for v in result["val"]], "o-", label="val")
     ax.axhline(result["target_val_loss"], color="gray", ls="--", lw=0.8, label="target")
-    ax.set(xlabel="step", ylabel="loss", title=f"{result['config']['model']} · {result['config']['gpu']}")
+    c = result["config"]
+    ax.set(xlabel="step", ylabel="loss", title=f"{c['model']} ({c.get('recipe', 'gpt2')}) · {c['gpu']}")
     ax.legend()
     fig.tight_layout()
     path = out_dir / "loss.png"
@@ -252,7 +257,104 @@ def lr_at(cfg, step: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+def speedrun_schedule_config(cfg, model_config):
+    """The SpeedrunConfig whose schedule this run follows: the model's, with the run's length, --warmup-steps and
+    the cooldown as the record's fraction of --max-steps (900 of 3000)."""
+    from dataclasses import replace
+
+    from train_speedrun import cooldown_steps
+
+    return replace(model_config, num_iterations=cfg.max_steps, warmup_iters=cfg.warmup_steps,
+                   warmdown_iters=cooldown_steps(cfg.max_steps))
+
+
+class SpeedrunOptimizer:
+    """The speedrun recipe's optimizers as one object the training loop drives: Adam (the seam's `optimizer`,
+    AdamW with weight_decay 0 = Adam: torch's or the Triton FusedAdamW) over SpeedrunGPT.optimizer_groups()'s
+    "adam" groups (wte, lm_head, scalars) and kernels/muon.py's Muon over its "muon" group (the blocks' matrices).
+
+    Each group keeps its base lr in group["base_lr"] (the record's lr x --lr, the multiplier); schedule(step)
+    sets group["lr"] = base_lr x speedrun_lr_multiplier(step) on every group and Muon's momentum to
+    speedrun_muon_momentum(step). param_groups lists Adam's groups then Muon's (the same dicts). state_dict()
+    holds both optimizers' state ({"adam", "muon"}), so checkpoints, --resume and the warm-up restore carry the
+    Muon momentum buffers with the Adam moments."""
+
+    def __init__(self, model, ops, cfg):
+        from kernels.muon import Muon
+
+        groups, mc = model.optimizer_groups(), model.config
+        for g in groups["adam"] + groups["muon"]:
+            g["base_lr"] = g["lr"] = g["lr"] * cfg.lr
+        self.adam = ops.optimizer(groups["adam"], lr=groups["adam"][0]["lr"], betas=(cfg.beta1, cfg.beta2),
+                                  eps=mc.adam_eps)
+        self.muon = Muon(groups["muon"], lr=groups["muon"][0]["lr"], momentum=mc.muon_momentum_warmup_start,
+                         nesterov=mc.muon_nesterov, ns_steps=mc.muon_ns_steps, coefficients=cfg.muon_coefficients,
+                         ns_dtype=torch.bfloat16)
+        self.schedule_config = speedrun_schedule_config(cfg, mc)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adam.param_groups + self.muon.param_groups
+
+    def schedule(self, step: int) -> dict:
+        """Set every group's lr and Muon's momentum for 0-based `step`; returns what was set. Steps past the end
+        (the untimed warm-up's, near the end of a resumed run) get the end's lr, 0."""
+        from gpt2.speedrun import speedrun_lr_multiplier, speedrun_muon_momentum
+
+        scale = speedrun_lr_multiplier(min(step, self.schedule_config.num_iterations), self.schedule_config)
+        momentum = speedrun_muon_momentum(step, self.schedule_config)
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        for g in self.muon.param_groups:
+            g["momentum"] = momentum
+        return {"lr": self.muon.param_groups[0]["lr"], "lr_scale": scale, "muon_momentum": momentum}
+
+    def step(self) -> None:
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adam.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state["adam"])
+        self.muon.load_state_dict(state["muon"])
+
+    def describe(self, world_size: int) -> str:
+        """The Muon line of the log's ops table (Muon is outside the ops seam)."""
+        how = f"sharded over {world_size} ranks" if world_size > 1 else "one process"
+        coeffs = self.muon.param_groups[0]["coefficients"]
+        return f"  muon  torch (kernels/muon.py: bf16 Newton-Schulz, {coeffs}, {how})"
+
+
+def speedrun_model(cfg, ops):
+    """SpeedrunGPT for the run: SPEEDRUN_MODELS[cfg.model], or the model of --init-from ckpt:PATH (a speedrun
+    checkpoint; its weights loaded). Local to the trainer until gpt2/checkpoint.py rebuilds either kind."""
+    from gpt2.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT
+
+    if not cfg.init_from:
+        return SpeedrunGPT(SPEEDRUN_MODELS[cfg.model], ops)
+    path = cfg.init_from.partition(":")[2]
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(path))
+    except CheckpointError as e:
+        raise InitError(str(e)) from None
+    if ckpt.get("model_kind", "gpt2") != "speedrun":
+        raise InitError(f"{path}: a {ckpt.get('model_kind', 'gpt2')} checkpoint, not a speedrun one: "
+                        f"use --recipe {ckpt.get('model_kind', 'gpt2')}")
+    model = SpeedrunGPT(SpeedrunConfig.from_dict(ckpt["model_config"]), ops)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def build_model(cfg, ops) -> GPT:
+    if getattr(cfg, "recipe", "gpt2") == "speedrun":
+        return speedrun_model(cfg, ops)
     if cfg.init_from:
         from gpt2.hf import init_from
 
@@ -268,6 +370,8 @@ class Trainer:
         from data.loader import ShardLoader
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
+        self.recipe = getattr(cfg, "recipe", "gpt2")
+        self.speedrun = self.recipe == "speedrun"
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
             # The cap is process-wide allocator state: set it either way, so a Trainer without one built after a
@@ -287,16 +391,24 @@ class Trainer:
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.forward, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+            # The speedrun model's RoPE tables are non-persistent buffers, equal on every rank: nothing to broadcast.
+            self.ddp = DistributedDataParallel(
+                self.forward, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
+                broadcast_buffers=not self.speedrun)
             self.forward = self.ddp
         self.params = list(self.model.parameters())
-        self.optimizer = self.ops.optimizer(self.model.param_groups(cfg.weight_decay), lr=cfg.lr,
-                                            betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        if self.speedrun:
+            self.optimizer = SpeedrunOptimizer(self.model, self.ops, cfg)
+        else:
+            self.optimizer = self.ops.optimizer(self.model.param_groups(cfg.weight_decay), lr=cfg.lr,
+                                                betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        self.last_schedule: dict = {}  # speedrun: the lr scale and Muon momentum the last step set
         self.grad_accum = cfg.total_batch_tokens // (B * T * W)  # micro-batches per rank per step
         self.val_steps = cfg.val_tokens // (B * T * W)  # per rank
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else contextlib.nullcontext())
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.op_names = SPEEDRUN_OPS if self.speedrun else GPT2_OPS  # the ops this model calls
 
     def train_step(self, step: int) -> tuple[float, float, float, bool]:
         """One optimizer step: (loss, grad norm, lr, applied). A non-finite loss or norm skips the update."""
@@ -317,12 +429,17 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
-        lr = lr_at(cfg, step)
+        if self.speedrun:  # every group's lr (its base lr x the schedule) and Muon's momentum
+            self.last_schedule = self.optimizer.schedule(step)
+            lr = self.last_schedule["lr"]
+        else:
+            lr = lr_at(cfg, step)
         loss_v, norm_v = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync for both
         applied = math.isfinite(loss_v) and math.isfinite(norm_v)
         if applied:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            if not self.speedrun:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_v, norm_v, lr, applied
@@ -368,7 +485,8 @@ class Trainer:
 
     def state(self) -> dict:
         """Everything that determines the next steps (tensors are references: copy before mutating)."""
-        return {"model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
+        return {"model_kind": self.recipe, "model_config": self.model.config.to_dict(),
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "data": self.train_loader.state_dict(),
                 "rng": self.rng_state()}
 
@@ -422,8 +540,9 @@ def _new_result(cfg, env, trainer: Trainer, dist: Dist) -> dict:
     return {
         "record": "tritonrun.train", "version": 1, "status": "running",
         "date": datetime.now().strftime("%Y-%m-%d"), "env": env, "config": asdict(cfg),
-        "world_size": dist.world_size, "grad_accum": trainer.grad_accum * dist.world_size,
-        "ops": trainer.ops.placement, "parameters": model.num_parameters(include_padding=False),
+        "world_size": dist.world_size, "grad_accum": trainer.grad_accum * dist.world_size, "recipe": trainer.recipe,
+        "ops": {k: v for k, v in trainer.ops.placement.items() if k in trainer.op_names},
+        "parameters": model.num_parameters(include_padding=False),
         "flops_per_token": trainer.flops_per_token, "steps": [], "train_losses": [], "val": [],
         "tokens_seen": 0, "steps_done": 0, "train_time_s": 0.0, "skipped_steps": 0,
         "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,
@@ -470,7 +589,9 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
         "val_shard": str(val_file),
     }
     log.line("config:\n" + config_table(cfg, extra))
-    log.line("ops:\n" + trainer.ops.describe())
+    log.line(f"recipe {trainer.recipe}")
+    log.line("ops:\n" + trainer.ops.describe(trainer.op_names)
+             + ("\n" + trainer.optimizer.describe(dist.world_size) if trainer.speedrun else ""))
     from train_speedrun import mfu_peak_info
 
     mfu_peak = mfu_peak_info(cfg, env["device"])
@@ -583,10 +704,12 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
             mem, reserved = peak_memory_gib(trainer.device), peak_reserved_gib(trainer.device)
             result["steps"].append({"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr, "ms": dt * 1e3,
                                     "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_gib": mem,
-                                    "peak_reserved_gib": reserved, "skipped": not applied})
+                                    "peak_reserved_gib": reserved, "skipped": not applied, **trainer.last_schedule})
             result["train_losses"].append(loss)
             mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+            mom = trainer.last_schedule.get("muon_momentum")
             log.step(f"step {step + 1:5d}/{cfg.max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.3e} | "
+                     + ("" if mom is None else f"mom {mom:.4f} | ") +
                      f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB"
                      + ("" if reserved is None else f" (reserved {reserved:.2f})"),
                      postfix=f"loss {loss:.4f} {tok_s:,.0f} tok/s MFU {mfu_s}")

@@ -7,8 +7,9 @@
     python bench/train.py --smoke --out-dir /tmp/x # CPU smoke run (tiny model): NOT A TIMING
     python bench/train.py --merge A.json B.json   # one record from parts measured in separate commands
 
-What is measured (GPU). GPT-2 d12, T = 1024, bf16 autocast, for each micro-batch in --micro-batches (default
-8,16,32,64) and each configuration:
+What is measured (GPU). The d12 model and optimizers of --recipe (default the GPU presets': speedrun; gpt2 =
+GPT-2 124M under llm.c's AdamW; the record's "recipe" says which), T = 1024, bf16 autocast, for each micro-batch
+in --micro-batches (default 8,16,32,64) and each configuration:
   (a) triton          --backend triton --no-compile      (our kernels)
       triton+compile  --backend triton --compile
   (b) torch+compile   --backend torch --compile           (SDPA + fused AdamW: the nanoGPT baseline)
@@ -155,7 +156,8 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
 
     a = spec.args
     tokens = spec.micro_batch * a.seq_len
-    argv = ["--gpu", spec.gpu, "--model", a.model, "--seq-len", str(a.seq_len), "--dtype", a.dtype,
+    argv = ["--gpu", spec.gpu, "--recipe", a.recipe, "--model", a.model, "--seq-len", str(a.seq_len),
+            "--dtype", a.dtype,
             "--backend", spec.backend, "--compile" if spec.compile else "--no-compile",
             "--micro-batch", str(spec.micro_batch), "--total-batch-tokens", str(tokens * a.grad_accum),
             "--memory-gib", str(spec.memory_gib), "--data", str(data_dir), "--out-dir", str(out_dir),
@@ -517,8 +519,8 @@ def markdown(rec: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ merge
 # What every part of a merged record must share: it defines the measurement.
-MERGE_SAME = ("smoke", "device", "commit", "versions", "preset", "peak_tflops", "model", "seq_len", "dtype",
-              "grad_accum", "steps", "block", "warmup")
+MERGE_SAME = ("smoke", "device", "commit", "versions", "preset", "peak_tflops", "recipe", "model", "seq_len",
+              "dtype", "grad_accum", "steps", "block", "warmup")
 
 
 class MergeError(ValueError):
@@ -600,11 +602,19 @@ def merge_command(paths: list[Path], out_dir: Path | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- project
+# Tokens to the first val <= 3.28 of each recipe, and where the figure comes from.
+RECIPE_TOKENS = {
+    "gpt2": (9.0e9, "llm.c 124M recipe: first val <= 3.28 at step ~17,250 x 524,288 tokens; /work/shared/REFERENCE.md"),
+    "speedrun": (3000 * 524_288, "modded-nanogpt 2024-11-10 record: 3000 steps x 524,288 tokens, val 3.2753; "
+                                 "gpt2/speedrun.py"),
+}
+
+
 def project(target: str, record_path: Path | None) -> int:
     from gpt2 import GPT, MODEL_SIZES
+    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
     from train_speedrun import PRESETS
 
-    published_tokens = 9.0e9  # llm.c: first val <= 3.28 at step ~17,250 x 524,288 tokens (/work/shared/REFERENCE.md)
     peak = PRESETS[target].peak_tflops
     if record_path is None:
         print(f"error: --project {target} needs the measured MFU, which comes from a benchmark record: pass "
@@ -640,19 +650,26 @@ def project(target: str, record_path: Path | None) -> int:
     why = (f"largest micro-batch fitting the {cap.get('cap_gib')} GiB cap check in this record: {fitted[pick['name']]}"
            if pick["name"] in fitted else f"the {target} preset's micro-batch, {PRESETS[target].micro_batch}: "
            f"no cap check for {pick['name']} in this record")
+    recipe = rec.get("recipe", "gpt2")  # records from before --recipe measured GPT-2 under llm.c's recipe
+    if recipe not in RECIPE_TOKENS:
+        print(f"error: --from-record {record_path}: unknown recipe {recipe!r}", file=sys.stderr)
+        return 2
+    published_tokens, source = RECIPE_TOKENS[recipe]
     with torch.device("meta"):
-        model = GPT(MODEL_SIZES["d12"])
+        model = SpeedrunGPT(SPEEDRUN_MODELS["d12"]) if recipe == "speedrun" else GPT(MODEL_SIZES["d12"])
     flops = model.flops_per_token(SEQ_LEN)
     mfu = pick["mfu"]
     seconds = published_tokens * flops / (peak * 1e12 * mfu)
     device = rec.get("env", {}).get("device", "unknown device")
     log("=" * 88)
-    log(f"PROJECTION, NOT A MEASUREMENT: time to FineWeb val <= 3.28 on {target} (GPT-2 d12, T = {SEQ_LEN})")
+    what = "speedrun d12" if recipe == "speedrun" else "GPT-2 d12"
+    log(f"PROJECTION, NOT A MEASUREMENT: time to FineWeb val <= 3.28 on {target} ({what}, --recipe {recipe}, "
+        f"T = {SEQ_LEN})")
     log("=" * 88)
     log("time = published_tokens x flops_per_token / (peak_flops x MFU)")
-    log(f"  published_tokens = {published_tokens:.3e}   (llm.c 124M recipe: first val <= 3.28 at step ~17,250 "
-        f"x 524,288 tokens; /work/shared/REFERENCE.md)")
-    log(f"  flops_per_token  = {flops}   (6N + 6LCT for d12 at T = {SEQ_LEN}, from gpt2.GPT.flops_per_token)")
+    log(f"  published_tokens = {published_tokens:.3e}   ({source})")
+    log(f"  flops_per_token  = {flops}   (6N + 6LCT for {what} at T = {SEQ_LEN}, from "
+        f"{type(model).__name__}.flops_per_token)")
     log(f"  peak_flops       = {peak}e12   ({target} dense bf16 tensor-core peak, fp32 accumulate)")
     log(f"  MFU              = {mfu:.4f}   (measured on {device}, NOT on a {target}: {pick['name']} "
         f"micro-batch {pick['micro_batch']}, record {record_path})")
@@ -691,6 +708,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-max-micro-batch", type=int, default=64, help="largest micro-batch tried under the cap")
     p.add_argument("--profile", action="store_true", help="profile one step of triton+compile and torch+compile")
     p.add_argument("--profile-micro-batch", type=int, default=16)
+    p.add_argument("--recipe", choices=("gpt2", "speedrun"),
+                   help="the model and optimizers timed (train_speedrun.py --recipe; default the preset's: speedrun "
+                        "on GPUs, gpt2 for --smoke on CPU); --project reads it from the record")
     p.add_argument("--project", choices=("rtx4070",), help="print the projected time to val 3.28 on this GPU")
     p.add_argument("--from-record", type=Path, help="with --project: the record whose MFU to use (no GPU needed)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="RECORD",
@@ -764,6 +784,7 @@ def main(argv=None) -> int:
         args.warmup = 5 if args.warmup is None else args.warmup
         backends = args.backend or ["torch", "triton"]
         compiles = [args.compile] if args.compile is not None else [True, False]
+    args.recipe = args.recipe or ("gpt2" if args.gpu == "cpu" else "speedrun")  # as the presets' defaults
     if smoke and args.micro_batches:
         mbs = [int(x) for x in args.micro_batches.split(",")]
     if not args.sweep:
@@ -816,7 +837,8 @@ def main(argv=None) -> int:
             "env": env, "device": env["device"], "commit": env["commit"],
             "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
             "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.peak_tflops_for(args.gpu),
-            "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype, "grad_accum": args.grad_accum,
+            "recipe": args.recipe, "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype,
+            "grad_accum": args.grad_accum,
             "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
             "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations "
                       "of one micro-batch in blocks; each step timed alone (synchronize before/after); median. One "
