@@ -88,19 +88,23 @@ class Preset:
     # micro-batch under --backend triton with the fused LM head (linear_cross_entropy not in --torch-ops): it keeps
     # no (tokens x vocab) fp32 logits, so more sequences fit (see triton_micro_batch_for). None: micro_batch.
     triton_micro_batch: int | None = None
+    # micro-batch of the speedrun recipe with the torch LM head (its fp32 softcapped logits and the torch ops' saved
+    # tensors take more than GPT-2's: bench/results/memory-speedrun-<preset>-*.json). None: micro_batch.
+    speedrun_micro_batch: int | None = None
     muon_coefficients: str = "quintic"  # speedrun: Newton-Schulz coefficients (the record's quintic, polar_express)
 
 
 PRESETS: dict[str, Preset] = {
-    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one. Both fit by
-    # bench/memory.py's estimate (bench/results/memory-<preset>-*.json; tests/test_memory.py checks it).
-    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16),
-    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16),
-    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32),
-    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32),
-    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64),
-    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128),
-    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256),
+    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one (either recipe);
+    # speedrun_micro_batch: the torch LM head under --recipe speedrun. All fit by bench/memory.py's estimate
+    # (bench/results/memory-[speedrun-]<preset>-*.json; tests/test_memory.py checks it).
+    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16, speedrun_micro_batch=4),
+    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16, speedrun_micro_batch=4),
+    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32, speedrun_micro_batch=8),
+    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32, speedrun_micro_batch=8),
+    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64, speedrun_micro_batch=16),
+    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128, speedrun_micro_batch=32),
+    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256, speedrun_micro_batch=64),
     "cpu": Preset(
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
         model="tiny", recipe="gpt2", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
@@ -346,13 +350,19 @@ def automatic_peaks(preset: str) -> set[float | None]:
     return {PRESETS[preset].peak_tflops, *(peak for _, peak in VARIANT_PEAK_TFLOPS.get(preset, []))}
 
 
-def preset_micro_batch(preset: str, backend: str, torch_ops: str = "") -> int:
-    """The preset's micro-batch for this backend: triton_micro_batch when the fused LM head runs (--backend triton,
-    linear_cross_entropy not in --torch-ops), else micro_batch. Both from bench/memory.py's estimate
-    (bench/results/memory-<preset>-*.json): the reserved peak of an eager step within the card's memory - 1 GiB."""
+def preset_micro_batch(preset: str, backend: str, torch_ops: str = "", recipe: str = "gpt2") -> int:
+    """The preset's micro-batch for this backend and recipe: triton_micro_batch when the fused LM head runs
+    (--backend triton, linear_cross_entropy not in --torch-ops; it fits both recipes), else speedrun_micro_batch
+    under --recipe speedrun, else micro_batch. All from bench/memory.py's estimate
+    (bench/results/memory-[speedrun-]<preset>-*.json): the reserved peak of an eager step within the card's memory
+    - 1 GiB."""
     p = PRESETS[preset]
     fused_head = backend == "triton" and "linear_cross_entropy" not in parse_op_list(torch_ops)
-    return p.triton_micro_batch if fused_head and p.triton_micro_batch else p.micro_batch
+    if fused_head and p.triton_micro_batch:
+        return p.triton_micro_batch
+    if recipe == "speedrun" and p.speedrun_micro_batch:
+        return p.speedrun_micro_batch
+    return p.micro_batch
 
 
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
@@ -480,7 +490,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
                             f"every op is torch already): add --backend triton, or drop --torch-ops")
         merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
     if preset_hardware and "micro_batch" not in explicit:  # the preset's, for the backend that runs
-        merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"])
+        merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"],
+                                                   merged["recipe"])
     refused = SPEEDRUN_REFUSED if merged["recipe"] == "speedrun" else GPT2_REFUSED
     for name, why in refused.items():
         if name in explicit:

@@ -520,7 +520,11 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy") == p.micro_batch
     assert preset_micro_batch("rtx4070", "torch") == p.micro_batch
     assert preset_micro_batch("cpu", "triton") == PRESETS["cpu"].micro_batch
-    base = ["--gpu", "rtx4070", "--out-dir", "unused"]
+    assert preset_micro_batch("rtx4070", "torch", recipe="speedrun") == p.speedrun_micro_batch < p.micro_batch
+    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun") == p.triton_micro_batch
+    # the preset's default recipe (speedrun) and backend (torch): the speedrun's torch LM head
+    assert resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0].micro_batch == p.speedrun_micro_batch
+    base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--out-dir", "unused"]
     assert resolve_config(base)[0].micro_batch == p.micro_batch  # the preset's default backend: torch
     assert resolve_config(base + ["--backend", "triton"])[0].micro_batch == p.triton_micro_batch
     assert resolve_config(base + ["--backend", "triton", "--torch-ops", "linear_cross_entropy"])[0].micro_batch \
@@ -529,14 +533,16 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     assert train_speedrun.Preset.__dataclass_fields__["triton_micro_batch"].default is None
 
 
-def _newest_record(preset: str) -> dict | None:
-    paths = sorted((REPO / "bench" / "results").glob(f"memory-{preset}-*.json"))
+def _newest_record(preset: str, recipe: str = "gpt2") -> dict | None:
+    prefix = "memory-speedrun-" if recipe == "speedrun" else "memory-"
+    paths = sorted((REPO / "bench" / "results").glob(f"{prefix}{preset}-*.json"))
     return json.loads(paths[-1].read_text()) if paths else None
 
 
 def test_gpu_presets_fit_by_their_memory_record():
-    """Each GPU preset's micro-batches are within what its committed memory record found to fit: micro_batch for
-    the torch LM head, triton_micro_batch for the fused one."""
+    """Each GPU preset's micro-batches are within what its committed memory records found to fit: micro_batch for
+    the torch LM head, triton_micro_batch for the fused one (both recipes), speedrun_micro_batch for the speedrun
+    recipe's torch LM head."""
     from train_speedrun import PRESETS
 
     assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
@@ -549,6 +555,11 @@ def test_gpu_presets_fit_by_their_memory_record():
         if p.triton_micro_batch:
             assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
         assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
+        speedrun = _newest_record(name, "speedrun")  # the GPU presets' default recipe
+        assert speedrun is not None and speedrun["recipe"] == "speedrun", name
+        fit = speedrun["max_micro_batch"]
+        assert p.speedrun_micro_batch <= fit["torch"]["micro_batch"], name
+        assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
 
 
 def test_fakes_size_scratch_for_the_planned_gpu():
