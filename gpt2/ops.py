@@ -18,6 +18,8 @@ Signatures (the contract a kernel must match; the speedrun ops are issue 26's CO
   optimizer(param_groups, lr, betas, eps) -> torch.optim.Optimizer (AdamW; per-group weight_decay)
   rms_norm(x, eps) -> y                           y = x / sqrt(mean(x^2, -1) + eps), no weight
   add_rms_norm(x, residual, eps) -> (rms_norm(x + residual, eps), x + residual)
+  mix_rms_norm(x, x0, lambdas, eps) -> (rms_norm(s, eps), s), s = lambdas[0] * x + lambdas[1] * x0 (the speedrun
+        block's x0 mix, lambdas a (2,) tensor; grads for x, x0 and lambdas)
   relu2(x) -> y                                   relu(x)^2
   qk_norm_rope(q, k, cos, sin, eps) -> (q2, k2)   q, k: (B, T, H, D) (last dim contiguous); cos, sin: (T, D/2)
         fp32. Per head vector: rms_norm over D, then rotary on halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
@@ -82,6 +84,11 @@ def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float):
     return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
 
 
+def torch_mix_rms_norm(x: torch.Tensor, x0: torch.Tensor, lambdas: torch.Tensor, eps: float):
+    s = lambdas[0] * x + lambdas[1] * x0
+    return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
+
+
 def torch_relu2(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
@@ -134,6 +141,7 @@ TORCH_OPS: dict[str, Callable] = {
     "optimizer": torch_adamw,
     "rms_norm": torch_rms_norm,
     "add_rms_norm": torch_add_rms_norm,
+    "mix_rms_norm": torch_mix_rms_norm,
     "relu2": torch_relu2,
     "qk_norm_rope": torch_qk_norm_rope,
 }
@@ -148,6 +156,7 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
     "optimizer": ("kernels.adamw", "FusedAdamW"),
     "rms_norm": ("kernels.rmsnorm", "rms_norm"),
     "add_rms_norm": ("kernels.rmsnorm", "add_rms_norm"),
+    "mix_rms_norm": ("kernels.rmsnorm", "mix_rms_norm"),
     "relu2": ("kernels.relu2", "relu2"),
     "qk_norm_rope": ("kernels.rope", "qk_norm_rope"),
 }
@@ -155,8 +164,8 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
 # The ops each model calls (gpt2/model.py, gpt2/speedrun.py). The speedrun recipe's Adam groups may use
 # `optimizer` (AdamW with weight_decay 0 is Adam); its Muon is kernels/muon.py, outside the seam.
 GPT2_OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "linear_cross_entropy", "optimizer")
-SPEEDRUN_OPS = ("attention", "rms_norm", "add_rms_norm", "relu2", "qk_norm_rope", "linear_cross_entropy",
-                "optimizer")
+SPEEDRUN_OPS = ("attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
+                "linear_cross_entropy", "optimizer")
 
 BACKENDS = ("torch", "triton")
 
@@ -172,6 +181,7 @@ class Ops:
     optimizer: Callable
     rms_norm: Callable
     add_rms_norm: Callable
+    mix_rms_norm: Callable
     relu2: Callable
     qk_norm_rope: Callable
     placement: dict[str, str] = field(default_factory=dict)  # op -> "triton" | "torch" | "torch (why)"

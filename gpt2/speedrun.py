@@ -22,8 +22,9 @@ then the model. What differs from GPT-2 (gpt2/model.py):
               (the record's CastedLinear is an nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))); wte
               nn.Embedding's default N(0, 1).
 
-Every op a Triton kernel can replace goes through `self.ops` (gpt2/ops.py: rms_norm, add_rms_norm, relu2,
-qk_norm_rope, attention, linear_cross_entropy with softcap). The x0 mix and the U-net skips are plain torch.
+Every op a Triton kernel can replace goes through `self.ops` (gpt2/ops.py: rms_norm, add_rms_norm, mix_rms_norm
+(the x0 mix fused with the attention's input norm: kernels/rmsnorm.py counts the bytes it saves), relu2,
+qk_norm_rope, attention, linear_cross_entropy with softcap). The U-net skips are plain torch.
 
 Precision: the record casts the whole model to bf16 and keeps only its CastedLinear weights (c_q ... lm_head) in
 fp32, cast to bf16 in each matmul. We keep every parameter in fp32 (master weights) and run under bf16 autocast,
@@ -313,8 +314,8 @@ class SpeedrunGPT(nn.Module):
         for i, block in enumerate(h):
             if i >= self.n_encoder:  # decoder: the mirrored encoder output, the last stored first
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
-            x = block.lambdas[0] * x + block.lambdas[1] * x0
-            a, v1 = block.attn(ops.rms_norm(x, eps), v1, cos, sin)
+            y, x = ops.mix_rms_norm(x, x0, block.lambdas, eps)  # x = l0 x + l1 x0; y = rms_norm(x) feeds attention
+            a, v1 = block.attn(y, v1, cos, sin)
             y, x = ops.add_rms_norm(a, x, eps)  # x = x + attn; y = rms_norm(x) feeds the MLP
             m = block.mlp(y)
             if i + 1 < len(h):

@@ -234,12 +234,9 @@ def test_composes_with_causal_attention(monkeypatch, B, T, H, D, dtype, floor):
 
 
 def test_seam_entry():
-    """gpt2/ops.py's TRITON_OPS names this module's function under the contract's name (the model helper adds
-    the entry; until that lands this says so)."""
+    """gpt2/ops.py's TRITON_OPS names this module's function under the contract's name."""
     from gpt2 import ops
 
-    if "qk_norm_rope" not in ops.TRITON_OPS:
-        pytest.skip("gpt2/ops.py has no qk_norm_rope entry yet (added by the speedrun model's change)")
     assert ops.TRITON_OPS["qk_norm_rope"] == ("kernels.rope", "qk_norm_rope")
     fn, where = ops._load_triton_op("qk_norm_rope")
     assert fn is rope.qk_norm_rope and where == "triton"

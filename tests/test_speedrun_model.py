@@ -312,6 +312,10 @@ def test_torch_ops_keep_the_contract_dtypes_and_layouts():
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, (x + r) / ((x + r).pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
     torch.testing.assert_close(ops.relu2(x), x.clamp(min=0) ** 2)
+    lam = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    y, s = ops.mix_rms_norm(x, r, lam, 1e-6)  # the block's x0 mix fused with the attention's input norm
+    torch.testing.assert_close(s, 0.7 * x - 0.4 * r)
+    torch.testing.assert_close(y, s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
 
 
 def test_torch_op_softcap():
