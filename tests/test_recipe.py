@@ -238,6 +238,11 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
     def curve(backend):
         torch.manual_seed(0)
         model = SpeedrunGPT(config, get_ops(backend, "cpu"))
+        with torch.no_grad():  # random where the record zero-inits (see below), the same draw for both backends
+            for module in model.modules():
+                if getattr(module, "zero_init", False):
+                    module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight.shape[1]))
+            model.lm_head.weight[config.vocab_size:].zero_()
         opt = training.SpeedrunOptimizer(model, model.ops, run)
         losses = []
         for step in range(20):
@@ -251,11 +256,17 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
 
     ref, ours = curve("torch"), curve("triton")
     assert ref[-1] < ref[0] - 1.0  # it learns, so the comparison means something
+    # Random weights where the record zero-inits: from the record's init every c_proj is zero, the blocks pass x
+    # through and the scalars' (lambdas, skip weights) true gradients are ~1e-8, below fp32's resolution; each
+    # backend then gets a different sign and Adam makes a full-lr step of it (tests/test_speedrun_model.py
+    # measured both fp32 backends 1e-2 away from fp64 there). Here every gradient is well resolved.
     # fp32 model on both sides; Muon rounds its input to bf16 (the record's), which turns fp32 summation-order
     # differences of ~1e-7 into occasional one-ulp bf16 flips (2^-8 relative) of single update entries: the
     # curves stay together to ~1e-3, not 1e-5 as with Adam alone (tests/test_speedrun_model.py). Measured here
-    # (torch 2.13, triton 3.9 interpreter): at most 4.1e-4 relative, at the last steps (loss 4.6 -> 0.12).
-    assert ours == pytest.approx(ref, rel=1e-3)
+    # (torch 2.13, triton 3.9 interpreter), from the record's init: at most 4.1e-4 relative (loss 4.6 -> 0.12); from
+    # this random init the batch is memorized (5.35 -> ~0.08) and the same flips give <= 2.3e-4 absolute, which is
+    # 3e-3 relative near 0.08: hence an absolute floor of 1e-3, 2e-4 of the curve's 5.3 range.
+    assert ours == pytest.approx(ref, rel=1e-3, abs=1e-3)
 
 
 def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path):
