@@ -6,6 +6,9 @@ size and equal tokens, each at its own tuned lr.
     python bench/recipes.py --data data/fineweb10B --gpu auto --model d12 --steps 500 --total-batch-tokens 65536
     python bench/recipes.py --smoke --out-dir DIR             # a few steps each: checks the plumbing, no figures
 
+On a shared CPU run it with OMP_NUM_THREADS=1 (every training inherits it): one intra-op thread is the fastest for the
+tiny model there (1.2 s a step instead of 2-3 s with 8 processes on 2 cores); the record notes the setting.
+
 Each recipe first sweeps its lrs (--lrs-gpt2: AdamW's peak lr; --lrs-speedrun: the multiplier on every optimizer
 group's base lr, 1.0 = the record's) at a short budget (--sweep-steps, the schedule scaled to that length), keeps
 the lr with the lowest final val loss, and then trains at the full budget (--steps x --total-batch-tokens). A list
@@ -29,12 +32,11 @@ sys.path.insert(0, str(REPO))
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-
-import torch  # noqa: E402
 
 from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
@@ -69,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu", default=None, help="train_speedrun.py preset (default cpu; auto picks the GPU's)")
     p.add_argument("--model", default="tiny", help="model size, the same for both recipes (default tiny)")
     p.add_argument("--data", default="sample", help="'sample' (built-in corpus) or a dir of shards (default sample)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 200; smoke 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 150; smoke 4)")
     p.add_argument("--sweep-steps", type=int, default=None,
-                   help="steps of each lr-sweep run (default steps/4; smoke 2)")
+                   help="steps of each lr-sweep run (default steps/5; smoke 2)")
     p.add_argument("--total-batch-tokens", type=int, default=None, help="tokens per step (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default 128; smoke 64)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: the preset's)")
@@ -91,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     smoke = args.smoke
     args.gpu = args.gpu or "cpu"
-    args.steps = (4 if smoke else 200) if args.steps is None else args.steps
-    args.sweep_steps = (2 if smoke else max(1, args.steps // 4)) if args.sweep_steps is None else args.sweep_steps
+    args.steps = (4 if smoke else 150) if args.steps is None else args.steps
+    args.sweep_steps = (2 if smoke else max(1, args.steps // 5)) if args.sweep_steps is None else args.sweep_steps
     args.total_batch_tokens = (128 if smoke else 1024) if args.total_batch_tokens is None else args.total_batch_tokens
     args.seq_len = (64 if smoke else 128) if args.seq_len is None else args.seq_len
     args.micro_batch = args.micro_batch or (2 if smoke else None)
@@ -122,6 +124,12 @@ def train_argv(args, recipe: str, lr: float, steps: int, out_dir: Path) -> list[
     return argv
 
 
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_training(argv: list[str]) -> dict:
     """One fresh train_speedrun.py process; its result.json. A failed run stops the benchmark with its last lines."""
     out_dir = Path(argv[argv.index("--out-dir") + 1])
@@ -130,8 +138,11 @@ def run_training(argv: list[str]) -> dict:
     if proc.returncode != 0:
         if proc.returncode in (130, -2):  # the SIGINT that stopped us reached the child too
             raise KeyboardInterrupt
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise RuntimeError(f"train_speedrun.py {' '.join(argv)} exited {proc.returncode}:\n{tail}")
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        if proc.returncode == 2 and lines and lines[-1].startswith("error: "):  # the trainer refused a flag
+            raise TrainingFailed(f"{lines[-1][len('error: '):]} (train_speedrun.py refused: {' '.join(argv)})", 2)
+        tail = "\n".join(lines[-5:])
+        raise TrainingFailed(f"train_speedrun.py {' '.join(argv)} exited {proc.returncode}:\n{tail}", 1)
     return json.loads((out_dir / "result.json").read_text())
 
 
@@ -158,7 +169,8 @@ def save_plot(path: Path, record: dict) -> str | None:
                 label=f"{recipe} (lr {run['lr']:g}{' x base' if recipe == 'speedrun' else ''}): "
                       f"{run['final_val_loss']:.4f}")
     c = record["config"]
-    ax.set(xlabel="tokens", ylabel="val loss", title=f"recipes A/B · {c['model']} · {c['data']} · {record['device']}")
+    ax.set(xlabel="tokens", ylabel="val loss",
+           title=f"recipes A/B · {c['model']} · {c['data']} · {record['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,6 +196,8 @@ def main(argv=None) -> int:
     if args.data != "sample" and not Path(args.data).is_dir():
         print(f"error: --data {args.data}: no such directory (give a dir of shards, or 'sample')", file=sys.stderr)
         return 2
+    import torch  # after the flags: a bad flag's error line comes without torch's import time
+
     use_cuda = args.gpu != "cpu" and torch.cuda.is_available()
     if args.gpu != "cpu" and not use_cuda:
         print(f"error: --gpu {args.gpu} needs a CUDA GPU and there is none: use --gpu cpu", file=sys.stderr)
@@ -197,7 +211,8 @@ def main(argv=None) -> int:
     config = {"gpu": args.gpu, "model": args.model, "data": args.data, "steps": args.steps,
               "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
-              "val_tokens": args.val_tokens, "seed": args.seed, "lrs_swept": {r: list(args.lrs[r]) for r in RECIPES},
+              "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "lrs_swept": {r: list(args.lrs[r]) for r in RECIPES},
               "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
     sweep: dict[str, list] = {r: [] for r in RECIPES}
     ab: dict[str, dict] = {}
@@ -245,20 +260,20 @@ def main(argv=None) -> int:
             save()
     except KeyboardInterrupt:
         done = ", ".join(ab) or "none"
-        print(f"interrupted: A/B runs finished: {done}" + (f" (record in {path}, complete: false)" if path else ""),
-              file=sys.stderr)
+        kept = f" (record in {path}, complete: false)" if path is not None and path.exists() else ""
+        print(f"interrupted: A/B runs finished: {done}{kept}", file=sys.stderr)
         return 130
-    except RuntimeError as e:
+    except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     rec = record()
     v = rec["result"]
     log("")
-    log(f"| recipe   | lr       | tokens     | final val |")
-    log(f"|----------|----------|------------|-----------|")
+    log("| recipe   | lr       | tokens     | final val |")
+    log("|----------|----------|------------|-----------|")
     for recipe, run in ab.items():
         log(f"| {recipe:8s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} |")
     log(f"winner: {v['winner']} (speedrun - gpt2 = {v['speedrun_minus_gpt2']:+.4f} val loss at "
