@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""A/B of the two recipes at small scale: gpt2 (llm.c) against speedrun (modded-nanogpt 2024-11-10), equal model
+size and equal tokens, each at its own tuned lr.
+
+    python bench/recipes.py                                   # CPU: tiny model, sample data; writes the record
+    python bench/recipes.py --data data/fineweb10B --gpu auto --model d12 --steps 500 --total-batch-tokens 65536
+    python bench/recipes.py --smoke --out-dir DIR             # a few steps each: checks the plumbing, no figures
+
+On a shared CPU run it with OMP_NUM_THREADS=1 (every training inherits it): one intra-op thread is the fastest for the
+tiny model there (1.2 s a step instead of 2-3 s with 8 processes on 2 cores); the record notes the setting.
+
+Each recipe first sweeps its lrs (--lrs-gpt2: AdamW's peak lr; --lrs-speedrun: the multiplier on every optimizer
+group's base lr, 1.0 = the record's) at a short budget (--sweep-steps, the schedule scaled to that length), keeps
+the lr with the lowest final val loss, and then trains at the full budget (--steps x --total-batch-tokens). A list
+of one lr skips that recipe's sweep. Every training is a fresh `train_speedrun.py` process (no state shared
+between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
+result.json gives the val curve. gpt2 warms up over llm.c's fraction of the run (700 of 18,865 steps), speedrun
+over none (the record's); each then follows its own schedule (cosine to 0; constant, then linear to 0 over the last
+30 %). The record (bench/results/recipes-<device>-<date>.json; "complete": false until the A/B is done, rewritten
+after every run, so an interrupt keeps the finished runs) holds the sweep, both val curves, the winner and the
+difference of final val losses; a plot goes beside it when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# bench/ is sys.path[0] when run as a script: the repo root must come first so repo modules resolve.
+sys.path.insert(0, str(REPO))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+
+RECIPES = ("gpt2", "speedrun")
+# Default sweeps: around the cpu preset's AdamW peak (2e-3) and around the record's lrs (multiplier 1.0).
+DEFAULT_LRS = {"gpt2": (1e-3, 2e-3, 4e-3), "speedrun": (0.5, 1.0, 2.0)}
+GPT2_WARMUP_FRAC = 700 / 18_865  # llm.c's GPT-2 124M run: 700 warmup steps of 18,865
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def lr_list(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 1e-3,2e-3") from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more lrs > 0, comma-separated")
+    return lrs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", default=None, help="train_speedrun.py preset (default cpu; auto picks the GPU's)")
+    p.add_argument("--model", default="tiny", help="model size, the same for both recipes (default tiny)")
+    p.add_argument("--data", default="sample", help="'sample' (built-in corpus) or a dir of shards (default sample)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 150; smoke 4)")
+    p.add_argument("--sweep-steps", type=int, default=None,
+                   help="steps of each lr-sweep run (default steps/5; smoke 2)")
+    p.add_argument("--total-batch-tokens", type=int, default=None, help="tokens per step (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default 128; smoke 64)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: the preset's)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default steps/10)")
+    p.add_argument("--val-tokens", type=int, default=None, help="val tokens per validation (default 8192; smoke "
+                                                                 "the batch)")
+    p.add_argument("--lrs-gpt2", type=lr_list, default=None,
+                   help="gpt2 AdamW peak lrs to sweep, comma list (default 1e-3,2e-3,4e-3)")
+    p.add_argument("--lrs-speedrun", type=lr_list, default=None,
+                   help="speedrun lr multipliers to sweep, comma list (default 0.5,1,2)")
+    p.add_argument("--seed", type=int, default=1337, help="init seed of every run (default 1337)")
+    p.add_argument("--smoke", action="store_true", help="a few steps per run, one lr each: the plumbing only")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the record goes (default bench/results; a smoke run writes only where told)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="the runs' out dirs go here and are kept (default a temp dir, removed at the end)")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    args.gpu = args.gpu or "cpu"
+    args.steps = (4 if smoke else 150) if args.steps is None else args.steps
+    args.sweep_steps = (2 if smoke else max(1, args.steps // 5)) if args.sweep_steps is None else args.sweep_steps
+    args.total_batch_tokens = (128 if smoke else 1024) if args.total_batch_tokens is None else args.total_batch_tokens
+    args.seq_len = (64 if smoke else 128) if args.seq_len is None else args.seq_len
+    args.micro_batch = args.micro_batch or (2 if smoke else None)
+    args.val_every = max(1, args.steps // (2 if smoke else 10)) if args.val_every is None else args.val_every
+    args.val_tokens = (args.total_batch_tokens if smoke else 8192) if args.val_tokens is None else args.val_tokens
+    args.lrs = {"gpt2": args.lrs_gpt2 or ((DEFAULT_LRS["gpt2"][1],) if smoke else DEFAULT_LRS["gpt2"]),
+                "speedrun": args.lrs_speedrun or ((1.0,) if smoke else DEFAULT_LRS["speedrun"])}
+    for name in ("steps", "sweep_steps", "total_batch_tokens", "seq_len", "val_every", "val_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: needs a positive number")
+    if args.total_batch_tokens % args.seq_len:
+        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --seq-len {args.seq_len}: "
+                f"pick e.g. --total-batch-tokens {args.seq_len * max(1, args.total_batch_tokens // args.seq_len)}")
+    return args
+
+
+def train_argv(args, recipe: str, lr: float, steps: int, out_dir: Path) -> list[str]:
+    argv = ["--gpu", args.gpu, "--recipe", recipe, "--model", args.model, "--data", args.data,
+            "--seq-len", str(args.seq_len), "--total-batch-tokens", str(args.total_batch_tokens),
+            "--max-steps", str(steps), "--lr", repr(lr), "--val-every", str(min(args.val_every, steps)),
+            "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--target-val-loss", "0",
+            "--checkpoint-every", "0", "--keep-checkpoints", "1", "--hellaswag-every", "0",
+            "--warmup-steps", str(max(1, round(GPT2_WARMUP_FRAC * steps)) if recipe == "gpt2" else 0),
+            "--out-dir", str(out_dir)]
+    if args.micro_batch:
+        argv += ["--micro-batch", str(args.micro_batch)]
+    return argv
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_training(argv: list[str]) -> dict:
+    """One fresh train_speedrun.py process; its result.json. A failed run stops the benchmark with its last lines."""
+    out_dir = Path(argv[argv.index("--out-dir") + 1])
+    proc = subprocess.run([sys.executable, str(REPO / "train_speedrun.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if proc.returncode in (130, -2):  # the SIGINT that stopped us reached the child too
+            raise KeyboardInterrupt
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        if proc.returncode == 2 and lines and lines[-1].startswith("error: "):  # the trainer refused a flag
+            raise TrainingFailed(f"{lines[-1][len('error: '):]} (train_speedrun.py refused: {' '.join(argv)})", 2)
+        tail = "\n".join(lines[-5:])
+        raise TrainingFailed(f"train_speedrun.py {' '.join(argv)} exited {proc.returncode}:\n{tail}", 1)
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def summary(recipe: str, lr: float, result: dict, wall_s: float) -> dict:
+    return {"recipe": recipe, "lr": lr, "steps": result["steps_done"], "tokens": result["tokens_seen"],
+            "final_val_loss": result["final_val_loss"],
+            "val": [{"step": v["step"], "tokens": v["tokens"], "loss": v["loss"]} for v in result["val"]],
+            "train_losses": result["train_losses"], "train_time_s": result["train_time_s"],
+            "wall_s": round(wall_s, 2), "parameters": result["parameters"],
+            "flops_per_token": result["flops_per_token"], "config": result["config"]}
+
+
+def save_plot(path: Path, record: dict) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for recipe, run in record["ab"].items():
+        ax.plot([v["tokens"] for v in run["val"]], [v["loss"] for v in run["val"]], "o-", ms=3,
+                label=f"{recipe} (lr {run['lr']:g}{' x base' if recipe == 'speedrun' else ''}): "
+                      f"{run['final_val_loss']:.4f}")
+    c = record["config"]
+    ax.set(xlabel="tokens", ylabel="val loss",
+           title=f"recipes A/B · {c['model']} · {c['data']} · {record['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def verdict(ab: dict) -> dict | None:
+    if not all(r in ab for r in RECIPES):
+        return None
+    g, s = ab["gpt2"]["final_val_loss"], ab["speedrun"]["final_val_loss"]
+    return {"winner": "speedrun" if s < g else "gpt2" if g < s else "tie",
+            "speedrun_minus_gpt2": s - g, "equal_tokens": ab["gpt2"]["tokens"] == ab["speedrun"]["tokens"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out_dir = record_dir(args.out_dir, args.smoke)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.data != "sample" and not Path(args.data).is_dir():
+        print(f"error: --data {args.data}: no such directory (give a dir of shards, or 'sample')", file=sys.stderr)
+        return 2
+    import torch  # after the flags: a bad flag's error line comes without torch's import time
+
+    use_cuda = args.gpu != "cpu" and torch.cuda.is_available()
+    if args.gpu != "cpu" and not use_cuda:
+        print(f"error: --gpu {args.gpu} needs a CUDA GPU and there is none: use --gpu cpu", file=sys.stderr)
+        return 2
+    env = env_info(torch.device("cuda" if use_cuda else "cpu"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{record_stem('recipes', 'cpu' if not use_cuda else env['device'], args.smoke, now)}.json"
+    config = {"gpu": args.gpu, "model": args.model, "data": args.data, "steps": args.steps,
+              "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
+              "seq_len": args.seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
+              "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "lrs_swept": {r: list(args.lrs[r]) for r in RECIPES},
+              "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
+    sweep: dict[str, list] = {r: [] for r in RECIPES}
+    ab: dict[str, dict] = {}
+
+    def record() -> dict:
+        return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(RECIPES),
+                "date": now.isoformat(timespec="seconds"), **env, "config": config,
+                "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr), the lr with the lowest "
+                          "final val kept, then the A/B at --steps; equal model, tokens, data, seed and val set; "
+                          "gpt2 lr = AdamW peak, speedrun lr = multiplier on every group's base lr; each run a "
+                          "fresh train_speedrun.py process",
+                "sweep": sweep, "ab": ab, "result": verdict(ab)}
+
+    def save() -> None:
+        if path is not None:
+            atomic_write_json(path, record())
+
+    tokens = args.steps * args.total_batch_tokens
+    log(f"recipes A/B on {env['device']}: --model {args.model}, --data {args.data}, {args.steps} steps x "
+        f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}); sweep "
+        f"{args.sweep_steps} steps: gpt2 lr {', '.join(map(str, args.lrs['gpt2']))}; speedrun lr x "
+        f"{', '.join(map(str, args.lrs['speedrun']))}")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))
+    started = time.perf_counter()
+    try:
+        for recipe in RECIPES:
+            lrs = args.lrs[recipe]
+            best = lrs[0]
+            if len(lrs) > 1:
+                for lr in lrs:
+                    t0 = time.perf_counter()
+                    res = run_training(train_argv(args, recipe, lr, args.sweep_steps, work / f"sweep-{recipe}-{lr:g}"))
+                    sweep[recipe].append({k: v for k, v in summary(recipe, lr, res, time.perf_counter() - t0).items()
+                                          if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")})
+                    log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val {res['final_val_loss']:.4f} "
+                        f"({time.perf_counter() - t0:.0f} s, {time.perf_counter() - started:.0f} s so far)")
+                    save()
+                best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
+            t0 = time.perf_counter()
+            res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
+            ab[recipe] = summary(recipe, best, res, time.perf_counter() - t0)
+            log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
+                f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
+                f"{time.perf_counter() - started:.0f} s so far)")
+            save()
+    except KeyboardInterrupt:
+        done = ", ".join(ab) or "none"
+        kept = f" (record in {path}, complete: false)" if path is not None and path.exists() else ""
+        print(f"interrupted: A/B runs finished: {done}{kept}", file=sys.stderr)
+        return 130
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    rec = record()
+    v = rec["result"]
+    log("")
+    log("| recipe   | lr       | tokens     | final val |")
+    log("|----------|----------|------------|-----------|")
+    for recipe, run in ab.items():
+        log(f"| {recipe:8s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} |")
+    log(f"winner: {v['winner']} (speedrun - gpt2 = {v['speedrun_minus_gpt2']:+.4f} val loss at "
+        f"{'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens)")
+    if path is None:
+        log("no record written (smoke run without --out-dir)")
+        return 0
+    plot = save_plot(path.with_suffix(".png"), rec)
+    if plot is None:
+        log("no plot: matplotlib is not installed (pip install -e '.[plot]')")
+    rec["plot"] = Path(plot).name if plot else None
+    atomic_write_json(path, rec)
+    log(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
