@@ -2,8 +2,10 @@
 
 File `ckpt_<step:08d>.pt` in the run's out dir holds a dict:
   format "tritonrun.checkpoint", version 1,
-  model_kind     "gpt2" (GPT, gpt2/model.py) or "speedrun" (SpeedrunGPT, gpt2/speedrun.py); absent means "gpt2"
-                 (every checkpoint written before the speedrun recipe),
+  model_kind     "gpt2" (GPT, gpt2/model.py), "speedrun" (SpeedrunGPT, gpt2/speedrun.py: the 2024-12-17 windowed
+                 model) or "speedrun-dense" (SpeedrunGPT, the 2024-11-10 dense model); absent means "gpt2" (every
+                 checkpoint written before the speedrun recipe). "speedrun" with a config that has no "attention"
+                 field was written when --recipe speedrun was the 11-10 model: it reads as "speedrun-dense",
   model_config   the model's config as a dict (GPTConfig / SpeedrunConfig.to_dict(): enough to rebuild the
                  model without the run config; build_model_from_config(kind, config, ops) does),
   model          model state_dict (fp32 master weights),
@@ -25,7 +27,8 @@ from runinfo import atomic_file
 
 FORMAT = "tritonrun.checkpoint"
 VERSION = 1
-MODEL_KINDS = ("gpt2", "speedrun")  # the checkpoint's "model_kind"; absent = "gpt2"
+MODEL_KINDS = ("gpt2", "speedrun", "speedrun-dense")  # the checkpoint's "model_kind"; absent = "gpt2"
+SPEEDRUN_KINDS = ("speedrun", "speedrun-dense")
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
@@ -75,12 +78,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 def read_model_config(path: Path) -> GPTConfig | SpeedrunConfig:
-    """The model config stored in a checkpoint (GPTConfig, or SpeedrunConfig for model_kind "speedrun"), without
+    """The model config stored in a checkpoint (GPTConfig, or SpeedrunConfig for either speedrun kind), without
     reading its tensors (torch.load with mmap)."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        if checkpoint_model_kind(ckpt) == "speedrun":
+        if checkpoint_model_kind(ckpt) in SPEEDRUN_KINDS:
             return SpeedrunConfig.from_dict(ckpt["model_config"])
         return GPTConfig(**ckpt["model_config"])
     except FileNotFoundError:
@@ -108,9 +111,10 @@ def resolve_checkpoint(path) -> Path:
 
 
 def model_kind_of(model) -> str:
-    """The "model_kind" a checkpoint of `model` records: "speedrun" for a SpeedrunGPT, "gpt2" for a GPT."""
+    """The "model_kind" a checkpoint of `model` records: "speedrun" / "speedrun-dense" for a SpeedrunGPT (by its
+    config), "gpt2" for a GPT."""
     if isinstance(model, SpeedrunGPT):
-        return "speedrun"
+        return model.config.recipe
     if isinstance(model, GPT):
         return "gpt2"
     raise TypeError(f"not a tritonrun model: {type(model).__name__}")
@@ -122,17 +126,25 @@ def build_model_from_config(kind: str, config: dict, ops=None) -> GPT | Speedrun
     with one line for an unknown kind or a config that does not fit the kind's dataclass."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
-    config_cls = SpeedrunConfig if kind == "speedrun" else GPTConfig
+    speedrun = kind in SPEEDRUN_KINDS
+    config_cls = SpeedrunConfig if speedrun else GPTConfig
     try:
-        cfg = SpeedrunConfig.from_dict(config) if kind == "speedrun" else GPTConfig(**config)
+        cfg = SpeedrunConfig.from_dict(config) if speedrun else GPTConfig(**config)
     except TypeError as e:  # a missing or unknown field: e.g. a speedrun config labelled gpt2
         raise ValueError(f"model_config does not fit {config_cls.__name__} (model kind {kind!r}): {e}") from None
-    return SpeedrunGPT(cfg, ops) if kind == "speedrun" else GPT(cfg, ops)
+    if speedrun and cfg.recipe != kind:
+        raise ValueError(f"model_config is a {cfg.recipe} model, not the model kind {kind!r}")
+    return SpeedrunGPT(cfg, ops) if speedrun else GPT(cfg, ops)
 
 
 def checkpoint_model_kind(ckpt: dict) -> str:
-    """A loaded checkpoint's model kind ("gpt2" when the key is absent: written before the speedrun recipe)."""
-    return ckpt.get("model_kind", "gpt2")
+    """A loaded checkpoint's model kind ("gpt2" when the key is absent: written before the speedrun recipe;
+    "speedrun-dense" for a "speedrun" one whose config has no "attention": the 11-10 model, written before the
+    2024-12-17 recipe took the name)."""
+    kind = ckpt.get("model_kind", "gpt2")
+    if kind == "speedrun" and isinstance(ckpt.get("model_config"), dict) and "attention" not in ckpt["model_config"]:
+        return "speedrun-dense"
+    return kind
 
 
 def model_from_checkpoint(ckpt: dict, path: Path | str = "checkpoint", ops=None) -> GPT | SpeedrunGPT:

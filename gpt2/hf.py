@@ -16,7 +16,7 @@ API:
   load_hf(path, ops=None) -> GPT    read a directory in that format (no transformers needed)
   init_from(spec, ops=None)         "hf:DIR", "llmc:FILE.bin" (both GPT-2 formats: a GPT) or
                                     "ckpt:RUN_DIR_OR_FILE" (the model the checkpoint holds: a GPT, or a SpeedrunGPT
-                                    for a --recipe speedrun run)
+                                    for a --recipe speedrun / speedrun-dense run)
   (a run dir given as ckpt:/--checkpoint means its newest checkpoint: gpt2.checkpoint.resolve_checkpoint)
 CLI:
   python -m gpt2.hf export --checkpoint RUN_DIR_OR_CKPT --out DIR
@@ -39,8 +39,8 @@ from gpt2.speedrun import SpeedrunGPT
 
 # Why a speedrun model cannot be exported (one line, the CLI's error): what it is, and what HF export covers.
 NOT_GPT2 = ("a speedrun model (SpeedrunGPT: RoPE, QK-norm, weightless RMSNorm, ReLU^2, untied softcapped head, "
-            "value and U-net skips), not a GPT2LMHeadModel: Hugging Face export covers the gpt2 recipe only "
-            "(--recipe gpt2)")
+            "value and U-net skips; windowed attention and value embeddings under --recipe speedrun), not a "
+            "GPT2LMHeadModel: Hugging Face export covers the gpt2 recipe only (--recipe gpt2)")
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -288,7 +288,7 @@ INIT_SCHEMES = ("hf", "llmc", "ckpt")
 def init_from(spec: str, ops=None) -> GPT | SpeedrunGPT:
     """Build a model from "hf:DIR" (Hugging Face), "llmc:FILE" (llm.c .bin) or "ckpt:PATH" (our checkpoint,
     a run dir meaning its newest). hf: and llm.c files hold GPT-2s: a GPT. ckpt: gives the class the checkpoint
-    records (its model_kind): a GPT, or a SpeedrunGPT from a --recipe speedrun run. Weights only, fp32, on the
+    records (its model_kind): a GPT, or a SpeedrunGPT from a --recipe speedrun(-dense) run. Weights only, fp32, on the
     CPU. Raises a ValueError subclass with a one-line message on any user error."""
     scheme, sep, rest = spec.partition(":")
     if not sep or scheme not in INIT_SCHEMES or not rest:
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt)
-        if checkpoint_model_kind(state) == "speedrun":  # before any weights are built or a file written
+        if checkpoint_model_kind(state) in ("speedrun", "speedrun-dense"):  # before any weights are built or written
             raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
         out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors

@@ -8,6 +8,9 @@ named ops in torch (the trainer's --torch-ops: a mix per op, where a kernel lose
 
 Signatures (the contract a kernel must match; the speedrun ops are issue 26's CONTRACT26.md):
   attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal, scale 1/sqrt(D)
+  window_attention(q, k, v, cu_seqlens, window) -> o   as attention, but query i attends key j iff both lie in
+        the same document of cu_seqlens (int32 (n_docs + 1,), 0 first, T last, shared by the batch rows) and
+        0 <= i - j < window (a Python int >= 1: the speedrun's window schedule changes it every few steps)
   layer_norm(x, weight, bias, eps) -> y           normalizes over the last dim
   add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
   gelu(x) -> y                                    tanh approximation
@@ -26,7 +29,8 @@ Signatures (the contract a kernel must match; the speedrun ops are issue 26's CO
         y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos; in the input dtype, returned as (B, H, T, D)
         (the kernel writes them contiguous in that order; the torch op returns transposed views).
 
-GPT2_OPS and SPEEDRUN_OPS name the ops each model calls: the other ops' placement does not matter to a run.
+GPT2_OPS, SPEEDRUN_OPS (the 2024-12-17 windowed model) and SPEEDRUN_DENSE_OPS (2024-11-10) name the ops each model
+calls: the other ops' placement does not matter to a run.
 """
 from __future__ import annotations
 
@@ -46,6 +50,29 @@ import torch.nn.functional as F
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           window: int) -> torch.Tensor:
+    """Document-masked sliding-window attention in plain torch. Under torch.compile on CUDA: FlexAttention with a
+    block mask built in the graph (block-sparse, as the records run it; the window is a value the mask closes
+    over, so a changed window rebuilds the mask, not the kernel). Elsewhere (eager, CPU): SDPA with the dense
+    (T, T) boolean mask, which materializes T^2 scores: fine for tests and CPU runs of a few thousand tokens, not
+    for a 64K-token sequence on a GPU without --compile (use --backend triton there)."""
+    T = q.shape[-2]
+    pos = torch.arange(T, dtype=cu_seqlens.dtype, device=q.device)
+    doc = torch.searchsorted(cu_seqlens, pos, right=True)  # document id per position
+    if q.is_cuda and torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki) & (qi - ki < window)
+
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask)
+    diff = pos[:, None] - pos[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (diff >= 0) & (diff < window)  # the diagonal: no empty row
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def torch_layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -134,6 +161,7 @@ def torch_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -
 
 TORCH_OPS: dict[str, Callable] = {
     "attention": torch_attention,
+    "window_attention": torch_window_attention,
     "layer_norm": torch_layer_norm,
     "add_layer_norm": torch_add_layer_norm,
     "gelu": torch_gelu,
@@ -149,6 +177,7 @@ TORCH_OPS: dict[str, Callable] = {
 # Where each op's Triton kernel lives: (module, attribute). A missing module means "not landed yet".
 TRITON_OPS: dict[str, tuple[str, str]] = {
     "attention": ("kernels.attention", "causal_attention"),
+    "window_attention": ("kernels.window_attention", "window_attention"),
     "layer_norm": ("kernels.layernorm", "layer_norm"),
     "add_layer_norm": ("kernels.layernorm", "add_layer_norm"),
     "gelu": ("kernels.gelu", "gelu"),
@@ -164,8 +193,10 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
 # The ops each model calls (gpt2/model.py, gpt2/speedrun.py). The speedrun recipe's Adam groups may use
 # `optimizer` (AdamW with weight_decay 0 is Adam); its Muon is kernels/muon.py, outside the seam.
 GPT2_OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "linear_cross_entropy", "optimizer")
-SPEEDRUN_OPS = ("attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
+SPEEDRUN_OPS = ("window_attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
                 "linear_cross_entropy", "optimizer")
+SPEEDRUN_DENSE_OPS = ("attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
+                      "linear_cross_entropy", "optimizer")
 
 BACKENDS = ("torch", "triton")
 
@@ -174,6 +205,7 @@ BACKENDS = ("torch", "triton")
 class Ops:
     backend: str
     attention: Callable
+    window_attention: Callable
     layer_norm: Callable
     add_layer_norm: Callable
     gelu: Callable

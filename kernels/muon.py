@@ -4,6 +4,8 @@ What it computes, per 2-D hidden matrix W (rows x cols) with gradient g, per ste
 the trainer warms up: `muon_momentum_at`):
     buf = μ·buf + g                                   (momentum buffer, fp32 for fp32 params; zeros at the start)
     u   = g + μ·buf  (nesterov=True, the record's)    or  u = buf
+  (momentum_form="ema", the 2024-12-17 record's: buf = μ·buf + (1-μ)·g and u = (1-μ)·g + μ·buf, torch lerps; the
+  orthogonalization normalizes u, so the two forms differ only while μ changes, i.e. during the warmup)
     O   = newton_schulz(u)                            ≈ U·Vᵀ for u = U·S·Vᵀ (bf16, 5 steps)
     W  -= lr · max(1, rows/cols)^0.5 · O              (the record's shape rule: 2 for the 3072x768 c_fc)
 Embeddings, the LM head and 0/1-D params are not Muon's: the record trains them with Adam.
@@ -160,6 +162,8 @@ class Muon(torch.optim.Optimizer):
         ns_steps: Newton-Schulz steps (5).
         coefficients: "quintic" (the record's), "polar_express", or a list of ns_steps (a, b, c) triples.
         ns_dtype: the Newton-Schulz matmul dtype (bf16, the record's; fp32/fp64 for references and tests).
+        momentum_form: "sum" (buf = μ·buf + g, the 2024-11-10 record's) or "ema" (buf = lerp(buf, g, 1-μ), Nesterov
+            u = lerp(g, buf, μ): the 2024-12-17 record's).
         shard: split the orthogonalization over the torch.distributed ranks (None: when a process group of more
             than one rank is initialized; True: require one; False: every rank computes everything). Every rank
             must call step() at the same time, with the same params having grads.
@@ -170,7 +174,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, coefficients: str | Sequence = "quintic", ns_dtype: torch.dtype = torch.bfloat16,
-                 shard: bool | None = None):
+                 shard: bool | None = None, momentum_form: str = "sum"):
         if not lr >= 0.0:
             raise ValueError(f"Muon: lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -179,8 +183,11 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), ns_steps=ns_steps,
                         coefficients=coefficients)
         super().__init__(params, defaults)
+        if momentum_form not in ("sum", "ema"):
+            raise ValueError(f"Muon: momentum_form must be 'sum' or 'ema', got {momentum_form!r}")
         self.ns_dtype = ns_dtype
         self.shard = shard
+        self.momentum_form = momentum_form
         for gi, group in enumerate(self.param_groups):
             ns_coefficients(group["coefficients"], group["ns_steps"])
             for p in group["params"]:
@@ -209,8 +216,12 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
             mu = float(group["momentum"])
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
+            ema = self.momentum_form == "ema"
+            if ema:
+                torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+            else:
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
             # One batched Newton-Schulz per (shape, device): same-shape matrices share every GEMM launch.
             by_shape: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
@@ -219,7 +230,9 @@ class Muon(torch.optim.Optimizer):
             world, rank = self._world()
             for (shape, _), idx in by_shape.items():
                 mine = idx[rank::world]  # round-robin: matrix j of the group on rank j mod world
-                if group["nesterov"] and mine:
+                if group["nesterov"] and mine and ema:
+                    updates = list(torch._foreach_lerp([grads[i] for i in mine], [bufs[i] for i in mine], mu))
+                elif group["nesterov"] and mine:
                     updates = list(torch._foreach_add([grads[i] for i in mine], [bufs[i] for i in mine], alpha=mu))
                 else:
                     updates = [bufs[i] for i in mine]
@@ -311,14 +324,20 @@ def polar_factor(G: torch.Tensor) -> torch.Tensor:
 
 
 def reference_muon_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor],
-                        lr: float, momentum: float, nesterov: bool = True, orthogonalize=None) -> None:
+                        lr: float, momentum: float, nesterov: bool = True, orthogonalize=None,
+                        momentum_form: str = "sum") -> None:
     """One Muon step in plain PyTorch, in place, one tensor at a time (the record's loop, without the DDP
     sharding): buf = μ·buf + g; u = g + μ·buf (nesterov) or buf; W -= lr·max(1, rows/cols)^0.5·orthogonalize(u).
-    `orthogonalize` defaults to the record-style bf16 `reference_newton_schulz`."""
+    momentum_form "ema" (2024-12-17): buf = μ·buf + (1-μ)·g; u = (1-μ)·g + μ·buf. `orthogonalize` defaults to the
+    record-style bf16 `reference_newton_schulz`."""
     orthogonalize = orthogonalize or reference_newton_schulz
     for p, g, buf in zip(params, grads, bufs):
-        buf.mul_(momentum).add_(g)
-        u = g.add(buf, alpha=momentum) if nesterov else buf
+        if momentum_form == "ema":
+            buf.mul_(momentum).add_(g, alpha=1 - momentum)
+            u = (g * (1 - momentum)).add(buf, alpha=momentum) if nesterov else buf
+        else:
+            buf.mul_(momentum).add_(g)
+            u = g.add(buf, alpha=momentum) if nesterov else buf
         o = orthogonalize(u)
         o = o * shape_scale(*p.shape)
         p.add_(o.to(p.dtype), alpha=-lr)

@@ -63,17 +63,19 @@ def poison_allocations(monkeypatch, module) -> None:
     monkeypatch.setattr(module, "_alloc", nan_alloc)
 
 
-def tiny_speedrun(seed: int = 0, block_size: int = 64):
-    """A tiny SpeedrunGPT (gpt2/speedrun.py) on the real GPT-2 vocabulary (sample.py checks it against the
+def tiny_speedrun(seed: int = 0, block_size: int = 64, dense: bool = False):
+    """A tiny SpeedrunGPT (gpt2/speedrun.py: the 12-17 windowed model, or with dense the 11-10 one) on the real
+    GPT-2 vocabulary (sample.py checks it against the
     tokenizer; HellaSwag endings use any of its tokens), with random weights where the record zero-inits
     (projections, lm_head), so its logits depend on every layer and its text is not one repeated token."""
     import dataclasses
     import math
 
-    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT
 
     torch.manual_seed(seed)
-    model = SpeedrunGPT(dataclasses.replace(SPEEDRUN_MODELS["tiny"], block_size=block_size))
+    sizes = SPEEDRUN_DENSE_MODELS if dense else SPEEDRUN_MODELS
+    model = SpeedrunGPT(dataclasses.replace(sizes["tiny"], block_size=block_size))
     with torch.no_grad():
         for module in model.modules():
             if getattr(module, "zero_init", False):
@@ -83,8 +85,9 @@ def tiny_speedrun(seed: int = 0, block_size: int = 64):
 
 
 def save_speedrun_checkpoint(out_dir, step: int, model) -> Path:
-    """A checkpoint as a --recipe speedrun run writes its model: model_kind "speedrun" + SpeedrunConfig dict."""
+    """A checkpoint as a --recipe speedrun / speedrun-dense run writes its model: model_kind (the config's recipe)
+    + SpeedrunConfig dict."""
     from gpt2.checkpoint import save_checkpoint
 
-    return save_checkpoint(out_dir, step, {"model_kind": "speedrun", "model_config": model.config.to_dict(),
+    return save_checkpoint(out_dir, step, {"model_kind": model.config.recipe, "model_config": model.config.to_dict(),
                                            "model": model.state_dict()})

@@ -263,14 +263,14 @@ def run_ours(params, steps, start=0, opt=None, **kw):
     return opt
 
 
-def run_reference(params, steps, nesterov=True, orthogonalize=None, dtype=None):
+def run_reference(params, steps, nesterov=True, orthogonalize=None, dtype=None, momentum_form="sum"):
     """The plain-torch per-tensor Muon on detached copies (in `dtype` if given: float64 for the fp64 Muon)."""
     ps = [p.detach().clone().to(dtype or p.dtype) for p in params]
     bufs = [torch.zeros_like(p) for p in ps]
     for s in range(steps):
         grads = [g.to(ps[0].dtype) for g in grads_at(s)]
         reference_muon_step(ps, grads, bufs, lr=lr_at(s), momentum=muon_momentum_at(s, warmup_steps=4),
-                            nesterov=nesterov, orthogonalize=orthogonalize)
+                            nesterov=nesterov, orthogonalize=orthogonalize, momentum_form=momentum_form)
     return ps, bufs
 
 
@@ -314,6 +314,25 @@ def test_whole_steps_match_a_plain_torch_muon(nesterov, coefficients):
     for p, r, b in zip(params, ref, bufs):
         assert torch.equal(opt.state[p]["momentum_buffer"], b)
         assert torch.equal(p.detach(), r)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_ema_momentum_form_is_the_2024_12_17_records(nesterov):
+    """momentum_form="ema" (buf = lerp(buf, g, 1-mu), Nesterov u = lerp(g, buf, mu)) against the per-tensor loop's
+    written-out EMA (mul/add, not lerp: other rounding), all in fp64 so only rounding order differs (1e-12); and it
+    is not the "sum" form while the momentum warms up (steps 0..4 here), so the option cannot be a no-op."""
+    steps = 5
+    params = make_params(dtype=torch.float64)
+    opt = run_ours(params, steps, nesterov=nesterov, ns_dtype=torch.float64, momentum_form="ema")
+    ns64 = lambda u: newton_schulz(u, dtype=torch.float64)  # noqa: E731
+    ref, bufs = run_reference(make_params(dtype=torch.float64), steps, nesterov, ns64, momentum_form="ema")
+    summed, _ = run_reference(make_params(dtype=torch.float64), steps, nesterov, ns64, momentum_form="sum")
+    for p, r, b, s in zip(params, ref, bufs, summed):
+        assert max_err(opt.state[p]["momentum_buffer"], b) <= 1e-12 * b.abs().max().item()
+        assert max_err(p.detach(), r) <= 1e-12 * r.abs().max().item()
+        assert max_err(s, r) > 1e-6
+    with pytest.raises(ValueError, match="momentum_form must be 'sum' or 'ema'"):
+        Muon(make_params(), momentum_form="lerp")
 
 
 def test_one_step_is_minus_lr_times_scaled_orthogonalized_grad():

@@ -1,6 +1,7 @@
 """Speedrun model (gpt2/speedrun.py): the record's size and init, an independent fp64 re-implementation of the
 record's math, padded vocab never leaks, --backend triton against --backend torch (logits, loss, every grad; a
-20-step curve), FLOPs per token, the optimizer split, the schedules, checkpoints (model_kind "speedrun").
+20-step curve), FLOPs per token, the optimizer split, the schedules, checkpoints (model_kind "speedrun-dense").
+This is the 2024-11-10 model (--recipe speedrun-dense, SPEEDRUN_DENSE_MODELS); tests/test_speedrun_window_model.py has the 12-17.
 
 Small configs keep the interpreter cheap: vocab 101 padded to 128, d 64, head dim 32 (the attention kernel's
 smallest), T 13 or 16 (not a multiple of the interpreter's attention blocks)."""
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 
 from gpt2.checkpoint import CheckpointError, build_model_from_config, load_model, model_kind_of, save_checkpoint
 from gpt2.ops import SPEEDRUN_OPS, get_ops, torch_linear_cross_entropy
-from gpt2.speedrun import (SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables, speedrun_lr_multiplier,
-                           speedrun_muon_momentum)
+from gpt2.speedrun import (DENSE_1110, SPEEDRUN_DENSE_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables,
+                           speedrun_lr_multiplier, speedrun_muon_momentum)
 from tests.helpers import HAS_CUDA, save_speedrun_checkpoint
 
 # The triton backend runs on this machine's device: compiled kernels on CUDA, the interpreter on CPU (a process
@@ -24,7 +25,7 @@ from tests.helpers import HAS_CUDA, save_speedrun_checkpoint
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # 4 blocks (2 encoder + 2 decoder: the mirror order of the U-net matters), softcap 5 so tanh bends the logits.
-SMALL = dataclasses.replace(SPEEDRUN_MODELS["tiny"], block_size=32, vocab_size=101, padded_vocab_size=128,
+SMALL = dataclasses.replace(SPEEDRUN_DENSE_MODELS["tiny"], block_size=32, vocab_size=101, padded_vocab_size=128,
                             n_layer=4, logit_softcap=5.0)
 
 
@@ -102,7 +103,7 @@ def reference(params: dict[str, torch.Tensor], c: SpeedrunConfig, idx: torch.Ten
 
 @pytest.fixture(scope="module")
 def d12():
-    return SpeedrunGPT(SpeedrunConfig())
+    return SpeedrunGPT(SpeedrunConfig(**DENSE_1110))
 
 
 def test_parameter_count_equals_the_record(d12):
@@ -168,7 +169,7 @@ def test_optimizer_split_covers_every_parameter_once(d12):
 
 
 def test_recipe_batch_and_schedule_are_the_records():
-    c = SpeedrunConfig()
+    c = SpeedrunConfig(**DENSE_1110)
     assert c.total_batch_tokens == 8 * 64 * 1024 == 524_288
     assert c.num_iterations * c.total_batch_tokens == 1_572_864_000
     assert (c.warmup_iters, c.warmdown_iters, c.val_every, c.val_tokens) == (0, 900, 125, 10_485_760)
@@ -190,11 +191,11 @@ def test_recipe_batch_and_schedule_are_the_records():
                                           (dict(warmdown_iters=3001), "exceed num_iterations")])
 def test_config_rejects_what_the_model_cannot_run(change, match):
     with pytest.raises(ValueError, match=match):
-        SpeedrunConfig(**change)
+        SpeedrunConfig(**{**DENSE_1110, **change})
 
 
 def test_config_round_trips_through_json():
-    c = SPEEDRUN_MODELS["tiny"]
+    c = SPEEDRUN_DENSE_MODELS["tiny"]
     assert SpeedrunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
@@ -475,7 +476,7 @@ def test_gpu_bf16_curves_follow_the_low_precision_rule():
 
 
 def test_checkpoint_rebuilds_the_speedrun_model(tmp_path):
-    """A checkpoint holding model_kind "speedrun" (as the recipe's trainer writes it) loads back as a
+    """A checkpoint holding model_kind "speedrun-dense" (as the recipe's trainer writes it) loads back as a
     SpeedrunGPT: same config, same weights, same logits, eval mode, the given ops."""
     model = small_model()
     save_speedrun_checkpoint(tmp_path, 5, model)
@@ -494,8 +495,10 @@ def test_build_model_from_config_by_kind():
     from gpt2 import GPT, GPTConfig
 
     gpt_cfg = GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32)
-    m = build_model_from_config("speedrun", json.loads(json.dumps(SMALL.to_dict())))
-    assert type(m) is SpeedrunGPT and m.config == SMALL and model_kind_of(m) == "speedrun"
+    m = build_model_from_config("speedrun-dense", json.loads(json.dumps(SMALL.to_dict())))
+    assert type(m) is SpeedrunGPT and m.config == SMALL and model_kind_of(m) == "speedrun-dense"
+    with pytest.raises(ValueError, match="a speedrun-dense model, not the model kind 'speedrun'"):
+        build_model_from_config("speedrun", SMALL.to_dict())
     g = build_model_from_config("gpt2", gpt_cfg.to_dict())
     assert type(g) is GPT and g.config == gpt_cfg and model_kind_of(g) == "gpt2"
     with pytest.raises(ValueError, match="unknown model kind 'llama'"):
@@ -511,9 +514,9 @@ def test_checkpoint_kind_errors_are_one_line(tmp_path):
     from gpt2 import GPT, GPTConfig
 
     gpt = GPT(GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32))
-    bad = save_checkpoint(tmp_path, 1, {"model_kind": "speedrun", "model_config": SMALL.to_dict(),
+    bad = save_checkpoint(tmp_path, 1, {"model_kind": "speedrun-dense", "model_config": SMALL.to_dict(),
                                         "model": gpt.state_dict()})
-    with pytest.raises(CheckpointError, match=r"ckpt_00000001.pt: weights do not fit the speedrun model") as e:
+    with pytest.raises(CheckpointError, match=r"ckpt_00000001.pt: weights do not fit the speedrun-dense model") as e:
         load_model(bad)
     assert "\n" not in str(e.value)
     odd = save_checkpoint(tmp_path, 2, {"model_kind": "rwkv", "model_config": {}, "model": {}})
