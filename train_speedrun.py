@@ -7,14 +7,22 @@
 Recipes (--recipe; GPU presets default to speedrun, the cpu preset to gpt2):
   gpt2      GPT-2 (gpt2/model.py) with llm.c's recipe: AdamW (--lr peak, --beta1/--beta2, --weight-decay on 2-D
             weights), --warmup-steps linear warmup, cosine to --lr x --final-lr-frac at --max-steps, --grad-clip.
-  speedrun  modded-nanogpt's 2024-11-10 record (gpt2/speedrun.py): Adam on wte (lr 0.6), lm_head (0.008) and the
-            scalars (0.04) with betas --beta1/--beta2 (0.9, 0.95) and no decay; Muon (kernels/muon.py, lr 0.04,
-            Nesterov, momentum 0.85 -> 0.95 over 500 steps, --muon-coefficients) on the blocks' matrices. --lr is a
-            MULTIPLIER on every group's base lr (default 1.0 = the record's lrs). Schedule: --warmup-steps linear
-            warmup (default 0), constant, then linear to 0 over the last 30% of --max-steps (900 of 3000).
-            GPU preset defaults become the record's: --max-steps 3000, --val-every 125, --grad-clip 0 (off).
-            --weight-decay and --final-lr-frac do not apply and are refused; --init-from takes only ckpt: of a
-            speedrun run. --model is tiny or d12 (the record's 12 x 768, 6 heads of 128).
+  speedrun  modded-nanogpt's 2024-12-17 record (gpt2/speedrun.py, 0.78B tokens to 3.28): each micro-batch is ONE
+            packed sequence of --seq-len tokens (data/loader.PackedLoader, starts at document starts; --micro-batch
+            is 1), document-masked sliding-window attention whose window grows with the step in blocks of 128
+            tokens, 128 -> 1,792; 3 U-net value-embedding tables, block 7 without attention. Adam on wte and the
+            value tables (lr 0.6), lm_head (0.008) and the scalars (0.04), betas --beta1/--beta2 (0.8, 0.95), no
+            decay; Muon (kernels/muon.py, lr 0.05, Nesterov, EMA momentum 0.85 -> 0.95 over 300 steps,
+            --muon-coefficients) on the blocks' matrices. --lr is a MULTIPLIER on every group's base lr (default
+            1.0 = the record's lrs). Schedule: --warmup-steps linear warmup (default 0), constant, then linear to 0
+            over the last 600/1490 of --max-steps. GPU preset defaults become the record's: --max-steps 1490,
+            --val-every 125, --grad-clip 0 (off), --total-batch-tokens 524288 (the record's 8 GPUs x 65,536) by
+            gradient accumulation over --seq-len micro-batches (the preset's, sized for its memory).
+  speedrun-dense  the 2024-11-10 record (dense causal T = 1024, 1.57B tokens): as speedrun without the packing,
+            window and value embeddings; its own values: --micro-batch sequences of 1024, betas (0.9, 0.95), Muon
+            lr 0.04 with momentum warmup over 500 steps, --max-steps 3000, cooldown the last 900/3000.
+  Under both speedrun recipes --weight-decay and --final-lr-frac do not apply and are refused; --init-from takes
+  only ckpt: of a run of the same recipe. --model is tiny or d12 (the record's 12 x 768, 6 heads of 128).
 
 A preset (--gpu) sets micro-batch, dtype, backend, compile, memory budget and the peak FLOPs used for
 MFU; every field can be overridden by its long flag. The clock excludes validation and an untimed
@@ -43,7 +51,7 @@ import torch  # noqa: E402
 from data.fineweb import DEFAULT_OUT_DIR  # noqa: E402 (the default --data: where data/fineweb.py writes)
 from data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH  # noqa: E402
 from gpt2 import MODEL_SIZES  # noqa: E402
-from gpt2.checkpoint import CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
+from gpt2.checkpoint import CheckpointError, checkpoint_model_kind, list_checkpoints, load_checkpoint  # noqa: E402
 from gpt2.ops import BACKENDS, TRITON_OPS, parse_op_list, use_cpu_interpreter  # noqa: E402
 
 
@@ -92,24 +100,39 @@ class Preset:
     # tensors take more than GPT-2's: bench/results/memory-speedrun-<preset>-*.json). None: micro_batch.
     speedrun_micro_batch: int | None = None
     muon_coefficients: str = "quintic"  # speedrun: Newton-Schulz coefficients (the record's quintic, polar_express)
+    # --recipe speedrun: tokens per packed micro-batch (--seq-len; --micro-batch is 1) with the torch LM head, and
+    # with the fused one (--backend triton): the largest power of two bench/memory.py --recipe speedrun --max found
+    # to fit (bench/results/memory-speedrun-packed-<preset>-*.json), at most the record's 65,536 per H100.
+    speedrun_seq_len: int | None = None
+    triton_speedrun_seq_len: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
-    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one (either recipe);
-    # speedrun_micro_batch: the torch LM head under --recipe speedrun. All fit by bench/memory.py's estimate
-    # (bench/results/memory-[speedrun-]<preset>-*.json; tests/test_memory.py checks it).
-    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16, speedrun_micro_batch=4),
-    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16, speedrun_micro_batch=4),
-    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32, speedrun_micro_batch=8),
-    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32, speedrun_micro_batch=8),
-    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64, speedrun_micro_batch=16),
-    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128, speedrun_micro_batch=32),
-    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256, speedrun_micro_batch=64),
+    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one (gpt2 and
+    # speedrun-dense); speedrun_micro_batch: the torch LM head under --recipe speedrun-dense. All fit by
+    # bench/memory.py's estimate (bench/results/memory-[speedrun-]<preset>-*.json; tests/test_memory.py checks it).
+    # speedrun_seq_len / triton_speedrun_seq_len: --recipe speedrun's packed length with the torch / fused LM head,
+    # the largest power of two `bench/memory.py --gpu <preset> --recipe speedrun --max` finds within memory - 1 GiB
+    # (eager; 12 GB cards: 4,096 / 8,192 tokens, 16,384 needs 11.81 GiB reserved with the fused head).
+    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16, speedrun_micro_batch=4,
+                      speedrun_seq_len=4096, triton_speedrun_seq_len=8192),
+    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16, speedrun_micro_batch=4,
+                        speedrun_seq_len=4096, triton_speedrun_seq_len=8192),
+    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32, speedrun_micro_batch=8,
+                      speedrun_seq_len=8192, triton_speedrun_seq_len=32768),
+    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32, speedrun_micro_batch=8,
+                      speedrun_seq_len=8192, triton_speedrun_seq_len=32768),
+    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64, speedrun_micro_batch=16,
+                   speedrun_seq_len=16384, triton_speedrun_seq_len=65536),
+    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128, speedrun_micro_batch=32,
+                   speedrun_seq_len=32768, triton_speedrun_seq_len=65536),
+    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256, speedrun_micro_batch=64,
+                   speedrun_seq_len=65536, triton_speedrun_seq_len=65536),
     "cpu": Preset(
         micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
         model="tiny", recipe="gpt2", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
         max_steps=50, val_every=25, val_tokens=8192, timing_warmup_steps=1, device="cpu", checkpoint_every=0,
-        hellaswag_every=0,
+        hellaswag_every=0, speedrun_seq_len=256,
     ),
 }
 
@@ -132,39 +155,55 @@ AUTO_NAMES = [("4070 ti", "rtx4070ti"), ("4070", "rtx4070"), ("4090", "rtx4090")
 AUTO_REFUSED = ("laptop",)
 
 # ----------------------------------------------------------------------------------------- recipes
-RECIPES = ("gpt2", "speedrun")
-# The speedrun recipe's fields over any preset (the record's, gpt2/speedrun.py SpeedrunConfig): --lr is a
-# multiplier on each optimizer group's base lr, no warmup, no decay, no clipping, cooldown to 0.
-SPEEDRUN_DEFAULTS = {"lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
-                     "beta1": 0.9, "beta2": 0.95}
-# ... and over the GPU presets (the cpu preset keeps its short smoke run): the record's length and val cadence.
-SPEEDRUN_GPU_DEFAULTS = {"max_steps": 3000, "val_every": 125}
-SPEEDRUN_COOLDOWN_FRAC = 0.3  # linear cooldown over the last 900 of 3000 steps [record: warmdown_iters = 900]
+RECIPES = ("gpt2", "speedrun", "speedrun-dense")
+SPEEDRUN_RECIPES = ("speedrun", "speedrun-dense")  # gpt2/speedrun.py's two records (SpeedrunConfig.recipe)
+# The speedrun recipes' fields over any preset (the record's, gpt2/speedrun.py SpeedrunConfig): --lr is a
+# multiplier on each optimizer group's base lr, no warmup, no decay, no clipping, cooldown to 0; the Adam betas
+# are the record's (speedrun_defaults adds them).
+SPEEDRUN_DEFAULTS = {"lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0}
 # Flags with no meaning under speedrun: refused with the reason when given.
 SPEEDRUN_REFUSED = {"weight_decay": "the record decays nothing (Adam and Muon without weight decay)",
-                    "final_lr_frac": "its cooldown goes linearly to 0 over the last 30% of --max-steps"}
+                    "final_lr_frac": "its cooldown goes linearly to 0 over the record's last fraction of --max-steps"}
 GPT2_REFUSED = {"muon_coefficients": "gpt2 trains with AdamW only (no Muon)"}
 MUON_COEFFICIENTS = ("quintic", "polar_express")  # kernels/muon.py COEFFICIENTS (not imported: it loads kernels)
 
 
+def record_config(recipe: str):
+    """The speedrun record's SpeedrunConfig (its d12) for a speedrun recipe."""
+    from gpt2.speedrun import speedrun_models
+
+    return speedrun_models(recipe)["d12"]
+
+
 def recipe_defaults(recipe: str, gpu: str) -> dict:
-    """The fields a recipe sets over preset `gpu`'s (none for gpt2: the presets are llm.c's)."""
-    if recipe != "speedrun":
+    """The fields a recipe sets over preset `gpu`'s (none for gpt2: the presets are llm.c's). GPU presets (not the
+    cpu preset's short smoke run) also take the record's length and val cadence; --recipe speedrun takes the
+    preset's packed sequence length and one sequence per micro-batch."""
+    if recipe not in SPEEDRUN_RECIPES:
         return {}
-    return {**SPEEDRUN_DEFAULTS, **({} if gpu == "cpu" else SPEEDRUN_GPU_DEFAULTS)}
+    rc = record_config(recipe)
+    out = {**SPEEDRUN_DEFAULTS, "beta1": rc.adam_betas[0], "beta2": rc.adam_betas[1]}
+    if gpu != "cpu":
+        out.update(max_steps=rc.num_iterations, val_every=rc.val_every)
+    if recipe == "speedrun":
+        out.update(seq_len=PRESETS[gpu].speedrun_seq_len, micro_batch=1)
+    return out
 
 
-def cooldown_steps(max_steps: int) -> int:
-    """Steps of the speedrun's linear cooldown: the record's 900 of 3000, the same fraction of any run."""
-    return round(SPEEDRUN_COOLDOWN_FRAC * max_steps)
+def cooldown_steps(max_steps: int, recipe: str = "speedrun") -> int:
+    """Steps of the speedrun's linear cooldown: the record's fraction of any run (600 of 1490; speedrun-dense: 900
+    of 3000)."""
+    rc = record_config(recipe)
+    return round(max_steps * rc.warmdown_iters / rc.num_iterations)
 
 
 def model_sizes(recipe: str) -> dict:
-    """--model's names for a recipe: gpt2.MODEL_SIZES (GPTConfig) or gpt2.speedrun.SPEEDRUN_MODELS."""
-    if recipe == "speedrun":
-        from gpt2.speedrun import SPEEDRUN_MODELS
+    """--model's names for a recipe: gpt2.MODEL_SIZES (GPTConfig) or gpt2.speedrun's SPEEDRUN_MODELS /
+    SPEEDRUN_DENSE_MODELS."""
+    if recipe in SPEEDRUN_RECIPES:
+        from gpt2.speedrun import speedrun_models
 
-        return SPEEDRUN_MODELS
+        return speedrun_models(recipe)
     return MODEL_SIZES
 
 
@@ -233,21 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", choices=[*PRESETS, "auto"],
                    help="preset (default auto: picked by the CUDA device's name, cpu when there is none)")
     p.add_argument("--model", choices=list(MODEL_SIZES),
-                   help="model size (d12 = GPT-2 124M; under --recipe speedrun: tiny or d12, the record's model)")
+                   help="model size (d12 = GPT-2 124M; under the speedrun recipes: tiny or d12, the record's model)")
     p.add_argument("--recipe", choices=RECIPES,
-                   help="gpt2 (llm.c) or speedrun (modded-nanogpt 2024-11-10); default speedrun on GPU presets, "
-                        "gpt2 on cpu (see above)")
-    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward")
+                   help="gpt2 (llm.c), speedrun (modded-nanogpt 2024-12-17, packed windowed) or speedrun-dense "
+                        "(2024-11-10, T = 1024); default speedrun on GPU presets, gpt2 on cpu (see above)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (speedrun: 1 packed sequence)")
     p.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step (default 524288)")
-    p.add_argument("--seq-len", type=int, help="sequence length T")
+    p.add_argument("--seq-len", type=int, help="sequence length T (speedrun: tokens per packed micro-batch)")
     p.add_argument("--lr", type=float, help="gpt2: peak learning rate; speedrun: multiplier on every group's "
                                             "base lr (default 1.0)")
     p.add_argument("--final-lr-frac", type=float, help="gpt2: cosine decays to lr*this (llm.c: 0)")
     p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps (speedrun default 0)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps; the schedule ends here (speedrun default 3000)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; the schedule (lr, window) ends here (speedrun "
+                                                 "default 1490, speedrun-dense 3000)")
     p.add_argument("--weight-decay", type=float, help="gpt2: AdamW decay on 2-D weights only (default 0.1)")
     p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (gpt2 1.0, speedrun 0)")
-    p.add_argument("--beta1", type=float, help="AdamW / the speedrun's Adam groups' beta1 (default 0.9)")
+    p.add_argument("--beta1", type=float, help="AdamW / the speedrun's Adam groups' beta1 (default 0.9; speedrun 0.8)")
     p.add_argument("--beta2", type=float, help="AdamW / the speedrun's Adam groups' beta2 (default 0.95)")
     p.add_argument("--muon-coefficients", choices=MUON_COEFFICIENTS,
                    help="speedrun: Muon's Newton-Schulz coefficients (default quintic, the record's)")
@@ -350,17 +390,29 @@ def automatic_peaks(preset: str) -> set[float | None]:
     return {PRESETS[preset].peak_tflops, *(peak for _, peak in VARIANT_PEAK_TFLOPS.get(preset, []))}
 
 
+def preset_seq_len(preset: str, backend: str, torch_ops: str = "") -> int:
+    """The preset's packed sequence length under --recipe speedrun: triton_speedrun_seq_len when the fused LM head
+    runs (--backend triton, linear_cross_entropy not in --torch-ops), else speedrun_seq_len (bench/memory.py's
+    estimate, as preset_micro_batch)."""
+    p = PRESETS[preset]
+    fused_head = backend == "triton" and "linear_cross_entropy" not in parse_op_list(torch_ops)
+    return p.triton_speedrun_seq_len if fused_head and p.triton_speedrun_seq_len else p.speedrun_seq_len
+
+
 def preset_micro_batch(preset: str, backend: str, torch_ops: str = "", recipe: str = "gpt2") -> int:
-    """The preset's micro-batch for this backend and recipe: triton_micro_batch when the fused LM head runs
-    (--backend triton, linear_cross_entropy not in --torch-ops; it fits both recipes), else speedrun_micro_batch
-    under --recipe speedrun, else micro_batch. All from bench/memory.py's estimate
+    """The preset's micro-batch for this backend and recipe: 1 under --recipe speedrun (one packed sequence; its
+    size is speedrun_seq_len); triton_micro_batch when the fused LM head runs (--backend triton,
+    linear_cross_entropy not in --torch-ops; it fits gpt2 and speedrun-dense), else speedrun_micro_batch under
+    --recipe speedrun-dense, else micro_batch. All from bench/memory.py's estimate
     (bench/results/memory-[speedrun-]<preset>-*.json): the reserved peak of an eager step within the card's memory
     - 1 GiB."""
+    if recipe == "speedrun":
+        return 1
     p = PRESETS[preset]
     fused_head = backend == "triton" and "linear_cross_entropy" not in parse_op_list(torch_ops)
     if fused_head and p.triton_micro_batch:
         return p.triton_micro_batch
-    if recipe == "speedrun" and p.speedrun_micro_batch:
+    if recipe == "speedrun-dense" and p.speedrun_micro_batch:
         return p.speedrun_micro_batch
     return p.micro_batch
 
@@ -446,6 +498,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
         resume_path, ckpt = newest_loadable_checkpoint(out_dir)
         base = dict(ckpt["run_config"])
         base.setdefault("recipe", "gpt2")  # checkpoints from before --recipe: gpt2 was the only one
+        if base["recipe"] == "speedrun" and checkpoint_model_kind(ckpt) == "speedrun-dense":
+            base["recipe"] = "speedrun-dense"  # a run from before the 2024-12-17 recipe took the name speedrun
         for name, value in asdict(PRESETS[base["gpu"]]).items():  # fields newer than the checkpoint: the preset's
             base.setdefault(name, value)
         extending = check_not_finished(out_dir, ckpt, base, explicit)
@@ -492,11 +546,18 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     if preset_hardware and "micro_batch" not in explicit:  # the preset's, for the backend that runs
         merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"],
                                                    merged["recipe"])
-    refused = SPEEDRUN_REFUSED if merged["recipe"] == "speedrun" else GPT2_REFUSED
+    if resume_path is None and merged["recipe"] == "speedrun" and "seq_len" not in explicit:
+        # the packed length for the backend that runs (run-defining: a resumed run keeps its own)
+        merged["seq_len"] = preset_seq_len(merged["gpu"], merged["backend"], merged["torch_ops"])
+    speedrun = merged["recipe"] in SPEEDRUN_RECIPES
+    refused = SPEEDRUN_REFUSED if speedrun else GPT2_REFUSED
     for name, why in refused.items():
         if name in explicit:
             raise UserError(f"--{name.replace('_', '-')} does not apply to --recipe {merged['recipe']} ({why}): "
-                            f"drop it" + (", or use --recipe gpt2" if merged["recipe"] == "speedrun" else ""))
+                            f"drop it" + (", or use --recipe gpt2" if speedrun else ""))
+    if merged["recipe"] == "speedrun" and merged["micro_batch"] != 1:
+        raise UserError(f"--micro-batch {merged['micro_batch']} does not apply to --recipe speedrun (each micro-batch "
+                        f"is one packed sequence of --seq-len tokens): drop it and size --seq-len instead")
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg)
     return cfg, resume_path
@@ -509,7 +570,7 @@ def checkpoint_model(path: str) -> tuple[str, dict]:
 
     try:
         ckpt = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
-        return ckpt.get("model_kind", "gpt2"), dict(ckpt["model_config"])
+        return checkpoint_model_kind(ckpt), dict(ckpt["model_config"])
     except CheckpointError as e:
         raise UserError(f"--init-from ckpt:{path}: {e}") from None
     except Exception as e:  # truncated / not a torch file / not ours
@@ -517,8 +578,9 @@ def checkpoint_model(path: str) -> tuple[str, dict]:
 
 
 def init_recipe(spec: str, asked: str | None) -> str | None:
-    """The recipe --init-from `spec` implies: a checkpoint's model kind (a speedrun checkpoint trains on under
-    speedrun), gpt2 for hf:/llmc: (GPT-2 weights). A --recipe that cannot train those weights is refused."""
+    """The recipe --init-from `spec` implies: a checkpoint's model kind (a speedrun / speedrun-dense checkpoint
+    trains on under its recipe), gpt2 for hf:/llmc: (GPT-2 weights). A --recipe that cannot train those weights
+    is refused."""
     kind, _, path = spec.partition(":")
     if kind == "ckpt":
         try:
@@ -535,17 +597,18 @@ def init_recipe(spec: str, asked: str | None) -> str | None:
     return have
 
 
-def speedrun_init_size(spec: str, asked: str | None) -> str:
+def speedrun_init_size(spec: str, asked: str | None, recipe: str = "speedrun") -> str:
     """--model name of the speedrun checkpoint --init-from ckpt:PATH holds (matched on the model's shape)."""
-    from gpt2.speedrun import SPEEDRUN_MODELS
+    from gpt2.speedrun import SpeedrunConfig, speedrun_models
 
+    sizes = speedrun_models(recipe)
     shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size")
-    have = checkpoint_model(spec.partition(":")[2])[1]
-    names = [n for n, c in SPEEDRUN_MODELS.items() if all(getattr(c, k) == have.get(k) for k in shape)]
+    have = SpeedrunConfig.from_dict(checkpoint_model(spec.partition(":")[2])[1]).to_dict()
+    names = [n for n, c in sizes.items() if all(getattr(c, k) == have.get(k) for k in shape)]
     what = ", ".join(f"{k} {have.get(k)}" for k in shape)
     if not names:
         raise UserError(f"--init-from {spec}: its speedrun model ({what}) is none of --model's speedrun sizes "
-                        f"({', '.join(SPEEDRUN_MODELS)})")
+                        f"({', '.join(sizes)})")
     if asked is not None and asked != names[0]:
         raise UserError(f"--init-from {spec} holds speedrun model {names[0]}, not --model {asked}: drop --model "
                         f"(the weights decide it) or pass --model {names[0]}")
@@ -557,8 +620,8 @@ def init_model_size(spec: str, asked: str | None, recipe: str = "gpt2") -> str:
     --model the user gave that differs is refused: training the checkpoint's model while recording the flag's
     would mislabel the run, and silently building the flag's model would drop the weights the user asked for.
     Left out, the model is the source's (not the preset's default), so config, record and leaderboard say it."""
-    if recipe == "speedrun":
-        return speedrun_init_size(spec, asked)
+    if recipe in SPEEDRUN_RECIPES:
+        return speedrun_init_size(spec, asked, recipe)
     from gpt2.hf import init_config
 
     try:
@@ -605,17 +668,23 @@ def validate(cfg: Config) -> None:
     if cfg.model not in sizes:
         raise UserError(f"--model {cfg.model} is not a --recipe {cfg.recipe} model: choose one of "
                         f"{', '.join(sizes)}, or use --recipe gpt2")
-    if cfg.recipe == "speedrun":
-        if cfg.warmup_steps + cooldown_steps(cfg.max_steps) > cfg.max_steps:
+    if cfg.recipe in SPEEDRUN_RECIPES:
+        cool = cooldown_steps(cfg.max_steps, cfg.recipe)
+        if cfg.warmup_steps + cool > cfg.max_steps:
             raise UserError(f"--warmup-steps {cfg.warmup_steps} overlaps the speedrun cooldown (the last "
-                            f"{cooldown_steps(cfg.max_steps)} of --max-steps {cfg.max_steps}): lower --warmup-steps "
-                            f"to at most {cfg.max_steps - cooldown_steps(cfg.max_steps)}")
+                            f"{cool} of --max-steps {cfg.max_steps}): lower --warmup-steps "
+                            f"to at most {cfg.max_steps - cool}")
         if cfg.init_from and not cfg.init_from.startswith("ckpt:"):
             raise UserError(f"--init-from {cfg.init_from}: GPT-2 weights train under --recipe gpt2; --recipe "
-                            f"speedrun starts from ckpt:PATH of a speedrun run, or from scratch")
+                            f"{cfg.recipe} starts from ckpt:PATH of a {cfg.recipe} run, or from scratch")
     block = sizes[cfg.model].block_size
     if cfg.seq_len > block:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds model {cfg.model}'s context of {block}: lower --seq-len")
+    if cfg.recipe == "speedrun" and cfg.total_batch_tokens % cfg.seq_len:
+        k = max(1, round(cfg.total_batch_tokens / cfg.seq_len))
+        raise UserError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of --seq-len {cfg.seq_len} "
+                        f"(--recipe speedrun accumulates packed sequences of --seq-len tokens): make it "
+                        f"{k * cfg.seq_len} ({k} x {cfg.seq_len}), or pick a --seq-len that divides it")
     if cfg.total_batch_tokens % cfg.tokens_per_micro_batch:
         raise UserError(
             f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of micro-batch x seq-len = "

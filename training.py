@@ -14,9 +14,12 @@ only entry point; train_speedrun.py owns presets, flags and user-error reporting
   one says how to continue instead.
 - Bad steps: a non-finite loss or grad norm skips the update; more than --max-bad-steps in a row stop
   the run (the last good checkpoint stays).
-- Recipes (cfg.recipe): "gpt2" builds gpt2.GPT and llm.c's AdamW + cosine schedule (lr_at); "speedrun" builds
-  gpt2.speedrun.SpeedrunGPT and SpeedrunOptimizer (Adam groups + Muon, the record's constant-then-cooldown lr and
-  Muon momentum warmup, set on the groups every step). Checkpoints name the model ("model_kind") beside its
+- Recipes (cfg.recipe): "gpt2" builds gpt2.GPT and llm.c's AdamW + cosine schedule (lr_at); "speedrun" (the
+  2024-12-17 record) and "speedrun-dense" (2024-11-10) build gpt2.speedrun.SpeedrunGPT and SpeedrunOptimizer (Adam
+  groups + Muon, the record's constant-then-cooldown lr and Muon momentum warmup, set on the groups every step).
+  "speedrun" reads data/loader.PackedLoader (one packed sequence of seq_len tokens per micro-batch, its document
+  bounds cu_seqlens) and passes each step's attention window (gpt2.speedrun.speedrun_window) to the model; the
+  others read (micro_batch, seq_len) batches (ShardLoader). Checkpoints name the model ("model_kind") beside its
   config, so --resume and --init-from ckpt: rebuild the right class.
 - DDP under torchrun: each rank runs grad_accum / world_size micro-batches per step; rank r takes the
   r-th of every world_size consecutive micro-batches (data/loader.py), so the step sees the same tokens
@@ -44,7 +47,7 @@ import torch
 from data.shards import ShardError
 from gpt2 import GPT, MODEL_SIZES
 from gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gpt2.ops import GPT2_OPS, SPEEDRUN_OPS, get_ops, parse_op_list
+from gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS, SPEEDRUN_OPS, get_ops, parse_op_list
 from kernels import tune
 from runinfo import atomic_write_json, atomic_write_text, env_info
 
@@ -257,15 +260,18 @@ def lr_at(cfg, step: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+SPEEDRUN_RECIPES = ("speedrun", "speedrun-dense")
+
+
 def speedrun_schedule_config(cfg, model_config):
-    """The SpeedrunConfig whose schedule this run follows: the model's, with the run's length, --warmup-steps and
-    the cooldown as the record's fraction of --max-steps (900 of 3000)."""
+    """The SpeedrunConfig whose schedules (lr, Muon momentum, window) this run follows: the model's, with the run's
+    length, --warmup-steps and the cooldown as the record's fraction of --max-steps (600 of 1490; 900 of 3000)."""
     from dataclasses import replace
 
     from train_speedrun import cooldown_steps
 
     return replace(model_config, num_iterations=cfg.max_steps, warmup_iters=cfg.warmup_steps,
-                   warmdown_iters=cooldown_steps(cfg.max_steps))
+                   warmdown_iters=cooldown_steps(cfg.max_steps, model_config.recipe))
 
 
 class SpeedrunOptimizer:
@@ -275,9 +281,10 @@ class SpeedrunOptimizer:
 
     Each group keeps its base lr in group["base_lr"] (the record's lr x --lr, the multiplier); schedule(step)
     sets group["lr"] = base_lr x speedrun_lr_multiplier(step) on every group and Muon's momentum to
-    speedrun_muon_momentum(step). param_groups lists Adam's groups then Muon's (the same dicts). state_dict()
-    holds both optimizers' state ({"adam", "muon"}), so checkpoints, --resume and the warm-up restore carry the
-    Muon momentum buffers with the Adam moments."""
+    speedrun_muon_momentum(step), and names the step's attention window (speedrun_window) for the windowed model.
+    param_groups lists Adam's groups then Muon's (the same dicts). state_dict() holds both optimizers' state
+    ({"adam", "muon"}), so checkpoints, --resume and the warm-up restore carry the Muon momentum buffers with the
+    Adam moments."""
 
     def __init__(self, model, ops, cfg):
         from kernels.muon import Muon
@@ -289,7 +296,7 @@ class SpeedrunOptimizer:
                                   eps=mc.adam_eps)
         self.muon = Muon(groups["muon"], lr=groups["muon"][0]["lr"], momentum=mc.muon_momentum_warmup_start,
                          nesterov=mc.muon_nesterov, ns_steps=mc.muon_ns_steps, coefficients=cfg.muon_coefficients,
-                         ns_dtype=torch.bfloat16)
+                         ns_dtype=torch.bfloat16, momentum_form=mc.muon_momentum_form)
         self.schedule_config = speedrun_schedule_config(cfg, mc)
 
     @property
@@ -297,8 +304,9 @@ class SpeedrunOptimizer:
         return self.adam.param_groups + self.muon.param_groups
 
     def schedule(self, step: int) -> dict:
-        """Set every group's lr and Muon's momentum for 0-based `step`; returns what was set. Steps past the end
-        (the untimed warm-up's, near the end of a resumed run) get the end's lr, 0."""
+        """Set every group's lr and Muon's momentum for 0-based `step`; returns what was set (with the step's
+        attention window for the windowed model). Steps past the end (the untimed warm-up's, near the end of a
+        resumed run) get the end's lr, 0, and window."""
         from gpt2.speedrun import speedrun_lr_multiplier, speedrun_muon_momentum
 
         scale = speedrun_lr_multiplier(min(step, self.schedule_config.num_iterations), self.schedule_config)
@@ -307,7 +315,17 @@ class SpeedrunOptimizer:
             g["lr"] = g["base_lr"] * scale
         for g in self.muon.param_groups:
             g["momentum"] = momentum
-        return {"lr": self.muon.param_groups[0]["lr"], "lr_scale": scale, "muon_momentum": momentum}
+        out = {"lr": self.muon.param_groups[0]["lr"], "lr_scale": scale, "muon_momentum": momentum}
+        if self.schedule_config.attention == "window":
+            out["window"] = self.window(step)
+        return out
+
+    def window(self, step: int) -> int:
+        """The attention window (tokens) of 0-based training `step`; the validation after s steps uses window(s)
+        as the record's loop does."""
+        from gpt2.speedrun import speedrun_window
+
+        return speedrun_window(step, self.schedule_config)
 
     def step(self) -> None:
         self.adam.step()
@@ -332,28 +350,29 @@ class SpeedrunOptimizer:
 
 
 def speedrun_model(cfg, ops):
-    """SpeedrunGPT for the run: SPEEDRUN_MODELS[cfg.model], or the model of --init-from ckpt:PATH (a speedrun
-    checkpoint; its weights loaded). Local to the trainer until gpt2/checkpoint.py rebuilds either kind."""
-    from gpt2.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT
+    """SpeedrunGPT for the run: speedrun_models(cfg.recipe)[cfg.model], or the model of --init-from ckpt:PATH (a
+    checkpoint of the same recipe; its weights loaded). Local to the trainer until gpt2/checkpoint.py rebuilds
+    either kind."""
+    from gpt2.checkpoint import CheckpointError, checkpoint_model_kind, load_checkpoint, resolve_checkpoint
+    from gpt2.speedrun import SpeedrunConfig, SpeedrunGPT, speedrun_models
 
     if not cfg.init_from:
-        return SpeedrunGPT(SPEEDRUN_MODELS[cfg.model], ops)
+        return SpeedrunGPT(speedrun_models(cfg.recipe)[cfg.model], ops)
     path = cfg.init_from.partition(":")[2]
     try:
         ckpt = load_checkpoint(resolve_checkpoint(path))
     except CheckpointError as e:
         raise InitError(str(e)) from None
-    if ckpt.get("model_kind", "gpt2") != "speedrun":
-        raise InitError(f"{path}: a {ckpt.get('model_kind', 'gpt2')} checkpoint, not a speedrun one: "
-                        f"use --recipe {ckpt.get('model_kind', 'gpt2')}")
+    kind = checkpoint_model_kind(ckpt)
+    if kind != cfg.recipe:
+        raise InitError(f"{path}: a {kind} checkpoint, not a {cfg.recipe} one: use --recipe {kind}")
     model = SpeedrunGPT(SpeedrunConfig.from_dict(ckpt["model_config"]), ops)
     model.load_state_dict(ckpt["model"])
     return model
 
 
 def build_model(cfg, ops) -> GPT:
-    if getattr(cfg, "recipe", "gpt2") == "speedrun":
+    if getattr(cfg, "recipe", "gpt2") in SPEEDRUN_RECIPES:
         return speedrun_model(cfg, ops)
     if cfg.init_from:
         from gpt2.hf import init_from
@@ -367,11 +386,12 @@ def build_model(cfg, ops) -> GPT:
 
 class Trainer:
     def __init__(self, cfg, train_files, val_file, dist: Dist):
-        from data.loader import ShardLoader
+        from data.loader import PackedLoader, ShardLoader
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         self.recipe = getattr(cfg, "recipe", "gpt2")
-        self.speedrun = self.recipe == "speedrun"
+        self.speedrun = self.recipe in SPEEDRUN_RECIPES
+        self.packed = self.recipe == "speedrun"  # one packed sequence per micro-batch, windowed attention
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
             # The cap is process-wide allocator state: set it either way, so a Trainer without one built after a
@@ -380,8 +400,18 @@ class Trainer:
             torch.cuda.set_per_process_memory_fraction(allocator_fraction(cfg.memory_gib, total), self.device)
         B, T, W = cfg.micro_batch, cfg.seq_len, dist.world_size
         # The loaders first: they validate every shard header, so a bad file fails before the model is built.
-        self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
-        self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
+        if self.packed:  # B = 1. Training starts each sequence at a document start (doc_aligned, the config's
+            # choice); validation reads contiguous windows, the record's val tokens exactly (data/loader.py).
+            from gpt2.speedrun import speedrun_models
+
+            aligned = speedrun_models(self.recipe)[cfg.model].doc_aligned
+            self.train_loader = PackedLoader(train_files, T, self.device, rank=dist.rank, world_size=W,
+                                             doc_aligned=aligned)
+            self.val_loader = PackedLoader([val_file], T, self.device, rank=dist.rank, world_size=W,
+                                           doc_aligned=False)
+        else:
+            self.train_loader = ShardLoader(train_files, B, T, self.device, rank=dist.rank, world_size=W)
+            self.val_loader = ShardLoader([val_file], B, T, self.device, rank=dist.rank, world_size=W)
         torch.manual_seed(cfg.seed)
         self.ops = get_ops(cfg.backend, self.device, parse_op_list(cfg.torch_ops))
         # Built on the CPU (same initial weights on every device and rank), then moved.
@@ -407,19 +437,32 @@ class Trainer:
         self.val_steps = cfg.val_tokens // (B * T * W)  # per rank
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else contextlib.nullcontext())
-        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
-        self.op_names = SPEEDRUN_OPS if self.speedrun else GPT2_OPS  # the ops this model calls
+        if self.packed:  # the windowed attention's FLOPs averaged over the run's window schedule (one MFU basis)
+            windows = [self.optimizer.window(s) for s in range(cfg.max_steps)]
+            per_window = {w: self.model.flops_per_token(cfg.seq_len, w) for w in set(windows)}
+            self.flops_per_token = round(sum(per_window[w] for w in windows) / len(windows))
+        else:
+            self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        # the ops this model calls
+        self.op_names = SPEEDRUN_OPS if self.packed else SPEEDRUN_DENSE_OPS if self.speedrun else GPT2_OPS
 
     def train_step(self, step: int) -> tuple[float, float, float, bool]:
         """One optimizer step: (loss, grad norm, lr, applied). A non-finite loss or norm skips the update."""
         cfg = self.cfg
         loss_sum = torch.zeros((), device=self.device)
+        # The windowed model's window for this step: a Python int (under --compile one recompile at its first
+        # change, then a symbolic int: see SpeedrunGPT.hidden).
+        window = self.optimizer.window(step) if self.packed else None
         for micro in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
+            if self.packed:
+                x, y, cu_seqlens = self.train_loader.next_batch()
+                args = (x, y, cu_seqlens, window)
+            else:
+                args = self.train_loader.next_batch()
             if self.ddp is not None:  # all-reduce grads only on the last micro-batch
                 self.ddp.require_backward_grad_sync = micro == self.grad_accum - 1
             with self.autocast:
-                loss = self.forward(x, y) / self.grad_accum
+                loss = self.forward(*args) / self.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         self.dist.all_mean(loss_sum)
@@ -445,14 +488,20 @@ class Trainer:
         return loss_v, norm_v, lr, applied
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, step: int = 0) -> float:
+        """Mean val loss over the first val_tokens tokens; the windowed model with the window of the schedule after
+        `step` steps (as the record validates), its documents masked as in training."""
         self.model.eval()
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
         for _ in range(self.val_steps):
-            x, y = self.val_loader.next_batch()
+            if self.packed:
+                x, y, cu_seqlens = self.val_loader.next_batch()
+                args = (x, y, cu_seqlens, self.optimizer.window(step))
+            else:
+                args = self.val_loader.next_batch()
             with self.autocast:
-                total += self.forward(x, y).float()
+                total += self.forward(*args).float()
         self.model.train()
         return self.dist.all_mean(total / self.val_steps).item()
 
@@ -488,7 +537,7 @@ class Trainer:
         return {"model_kind": self.recipe, "model_config": self.model.config.to_dict(),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "data": self.train_loader.state_dict(),
-                "rng": self.rng_state()}
+                "rng": self.rng_state(), "schedule": dict(self.last_schedule)}
 
     def load_state(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
@@ -496,6 +545,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.train_loader.load_state_dict(s["data"])
         self.set_rng_state(s["rng"])
+        # what the last step set (lr, momentum, window): recomputed from the step by the next one; kept for the log
+        self.last_schedule = dict(s.get("schedule", {}))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -644,7 +695,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                  f"| n {hs['n']} | {time.perf_counter() - t_hs:.1f} s")
 
     if eval_only:  # score the starting weights (--init-from or a checkpoint) without training
-        val = trainer.evaluate()
+        val = trainer.evaluate(start_step)
         result["val"].append({"step": start_step, "tokens": start_step * tokens_per_step, "loss": val})
         result["final_val_loss"] = val
         log.line(f"eval-only: val loss {val:.6f} over the first {cfg.val_tokens:,} val tokens")
@@ -707,9 +758,9 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
                                     "peak_reserved_gib": reserved, "skipped": not applied, **trainer.last_schedule})
             result["train_losses"].append(loss)
             mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-            mom = trainer.last_schedule.get("muon_momentum")
+            mom, win = trainer.last_schedule.get("muon_momentum"), trainer.last_schedule.get("window")
             log.step(f"step {step + 1:5d}/{cfg.max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.3e} | "
-                     + ("" if mom is None else f"mom {mom:.4f} | ") +
+                     + ("" if mom is None else f"mom {mom:.4f} | ") + ("" if win is None else f"window {win} | ") +
                      f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB"
                      + ("" if reserved is None else f" (reserved {reserved:.2f})"),
                      postfix=f"loss {loss:.4f} {tok_s:,.0f} tok/s MFU {mfu_s}")
@@ -736,7 +787,7 @@ def _run(cfg, out_dir, env, train_files, val_file, log: RunLog, dist: Dist, resu
 
             last_step = step + 1 == cfg.max_steps
             if (step + 1) % cfg.val_every == 0 or last_step:
-                val = trainer.evaluate()  # outside the clock
+                val = trainer.evaluate(step + 1)  # outside the clock
                 result["val"].append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": val})
                 result["final_val_loss"] = val
                 log.line(f"val step {step + 1:5d} | val loss {val:.6f} | train time {train_time:.1f} s")

@@ -15,8 +15,8 @@ from tests.helpers import HAS_CUDA
 
 CPU_ARGS = ["--gpu", "cpu", "--data", "sample", "--micro-batch", "1", "--seq-len", "16", "--total-batch-tokens",
             "16", "--max-steps", "20", "--warmup-steps", "5", "--lr", "3e-3", "--out-dir", "unused"]
-CUDA_ARGS = ["--gpu", "auto", "--model", "tiny", "--data", "sample", "--micro-batch", "4", "--seq-len", "128",
-             "--total-batch-tokens", "1024", "--val-tokens", "512", "--max-steps", "20", "--warmup-steps", "5", "--lr", "3e-3",
+CUDA_ARGS = ["--gpu", "auto", "--recipe", "gpt2", "--model", "tiny", "--data", "sample", "--micro-batch", "4",
+             "--seq-len", "128", "--total-batch-tokens", "1024", "--val-tokens", "512", "--max-steps", "20", "--warmup-steps", "5", "--lr", "3e-3",
              "--no-compile", "--memory-gib", "0", "--out-dir", "unused"]
 
 

@@ -1,5 +1,6 @@
-"""--recipe speedrun end to end on CPU (tiny model, built-in sample corpus): the run learns and its records name
-the recipe, the optimizer covers every parameter once, the schedule and Muon momentum are the ones applied,
+"""--recipe speedrun-dense (the 2024-11-10 record; --recipe speedrun before the 2024-12-17 one took the name; the
+packed windowed recipe is tests/test_recipe_packed.py) end to end on CPU (tiny model, built-in sample corpus): the
+run learns and its records name the recipe, the optimizer covers every parameter once, the schedule and Muon momentum are the ones applied,
 resume is bitwise after SIGKILL, 2 gloo ranks equal 1 process, --compile equals eager, flags that do not apply
 are one error line, and 20 steps of the triton backend follow torch with the record's optimizers."""
 import json
@@ -15,13 +16,13 @@ import torch
 import train_speedrun
 import training
 from gpt2.checkpoint import list_checkpoints, load_checkpoint
-from gpt2.ops import GPT2_OPS, SPEEDRUN_OPS, get_ops
-from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+from gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
+from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
 
-SPEEDRUN = ["--recipe", "speedrun", "--gpu", "cpu", "--model", "tiny", "--data", "sample"]
+SPEEDRUN = ["--recipe", "speedrun-dense", "--gpu", "cpu", "--model", "tiny", "--data", "sample"]
 # 2 micro-batches of 2 x 32 tokens per step: the tiny speedrun model's cost is its 50304-row head and wte.
 SMALL = [*SPEEDRUN, "--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "128", "--val-tokens", "256"]
 
@@ -46,17 +47,17 @@ def test_speedrun_run_learns_and_records_name_the_recipe(run16):
     assert abs(losses[0] - math.log(50257)) < 1.0  # zero-init head: uniform at the start
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 2.0, losses
     assert rec["val"][-1]["loss"] < rec["val"][0]["loss"]
-    assert rec["recipe"] == rec["config"]["recipe"] == "speedrun"
+    assert rec["recipe"] == rec["config"]["recipe"] == "speedrun-dense"
     # the record's recipe on the cpu preset: --lr is a multiplier, no warmup, clip or decay
     assert (rec["config"]["lr"], rec["config"]["warmup_steps"], rec["config"]["grad_clip"],
             rec["config"]["weight_decay"]) == (1.0, 0, 0.0, 0.0)
     assert set(rec["ops"]) == set(SPEEDRUN_OPS)  # only the ops this model calls
-    assert "| tiny (speedrun) |" in rec["leaderboard_row"]
+    assert "| tiny (speedrun-dense) |" in rec["leaderboard_row"]
     model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"])
     assert rec["flops_per_token"] == model.flops_per_token(64)  # MFU's FLOPs are the speedrun model's
     assert rec["parameters"] == model.num_parameters(include_padding=False)
     log = (run16 / "train.log").read_text()
-    assert "\nrecipe speedrun\n" in log and "muon  torch (kernels/muon.py" in log
+    assert "\nrecipe speedrun-dense\n" in log and "muon  torch (kernels/muon.py" in log
     for name in SPEEDRUN_OPS:
         assert f"\n  {name} " in log
     assert "\n  gelu " not in log and "\n  layer_norm " not in log
@@ -66,7 +67,7 @@ def test_schedule_and_momentum_as_applied(run16):
     """From the step records: Muon's lr 0.04 x the record's multiplier (constant, then linear to 0 over the
     last 30% of the steps: 5 of 16), Muon momentum 0.85 -> 0.95 over 500 steps (0.85 + 0.1 step/500)."""
     steps = result(run16)["steps"]
-    cooldown = train_speedrun.cooldown_steps(16)
+    cooldown = train_speedrun.cooldown_steps(16, "speedrun-dense")
     assert cooldown == 5
     for s in steps:
         i = s["step"] - 1  # 0-based step the schedule was evaluated at
@@ -78,7 +79,7 @@ def test_schedule_and_momentum_as_applied(run16):
 
 def test_checkpoint_names_the_model_and_holds_muon_state(run16):
     ckpt = load_checkpoint(list_checkpoints(run16)[-1])
-    assert ckpt["model_kind"] == "speedrun"
+    assert ckpt["model_kind"] == "speedrun-dense"
     assert ckpt["model_config"] == SPEEDRUN_MODELS["tiny"].to_dict()
     muon = ckpt["optimizer"]["muon"]
     n_matrices = sum(p.dim() == 2 for p in SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).transformer.h.parameters())
@@ -118,10 +119,10 @@ def test_warmup_restore_includes_muon_state(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--weight-decay", "0.1"], "--weight-decay does not apply to --recipe speedrun"),
-    (["--final-lr-frac", "0.1"], "--final-lr-frac does not apply to --recipe speedrun"),
-    (["--model", "d24"], "--model d24 is not a --recipe speedrun model: choose one of d12, tiny"),
-    (["--init-from", "hf:gpt2"], "--recipe speedrun cannot train"),
+    (["--weight-decay", "0.1"], "--weight-decay does not apply to --recipe speedrun-dense"),
+    (["--final-lr-frac", "0.1"], "--final-lr-frac does not apply to --recipe speedrun-dense"),
+    (["--model", "d24"], "--model d24 is not a --recipe speedrun-dense model: choose one of d12, tiny"),
+    (["--init-from", "hf:gpt2"], "--recipe speedrun-dense cannot train"),
     (["--warmup-steps", "40", "--max-steps", "50"], "overlaps the speedrun cooldown"),
     (["--recipe", "gpt2", "--muon-coefficients", "polar_express"], "--muon-coefficients does not apply"),
     (["--recipe", "nanogpt"], "invalid choice"),
@@ -137,12 +138,13 @@ def test_recipe_defaults_by_preset():
     cpu, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--out-dir", "x"])
     assert cpu.recipe == "gpt2" and (cpu.lr, cpu.weight_decay) == (2e-3, 0.1)  # the smoke preset is unchanged
     assert all(p.recipe == "speedrun" for name, p in train_speedrun.PRESETS.items() if name != "cpu")
-    assert train_speedrun.recipe_defaults("speedrun", "rtx4070") == {
+    assert train_speedrun.recipe_defaults("speedrun-dense", "rtx4070") == {
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
         "beta1": 0.9, "beta2": 0.95, "max_steps": 3000, "val_every": 125}
-    assert train_speedrun.cooldown_steps(3000) == 900  # the record's warmdown_iters
-    text = train_speedrun.build_parser().format_help()  # --help says how the flags map
+    assert train_speedrun.cooldown_steps(3000, "speedrun-dense") == 900  # the record's warmdown_iters
+    text = " ".join(train_speedrun.build_parser().format_help().split())  # --help says how the flags map
     assert "MULTIPLIER on every group's base lr" in text and "--weight-decay and --final-lr-frac do not apply" in text
+    assert "speedrun-dense the 2024-11-10 record" in text
 
 
 def test_sigkill_then_resume_is_bitwise_and_recipe_is_run_defining(tmp_path):
@@ -163,7 +165,7 @@ def test_sigkill_then_resume_is_bitwise_and_recipe_is_run_defining(tmp_path):
     proc = run_cli("--resume", "--out-dir", killed)
     assert proc.returncode == 0, proc.stderr
     a, b = result(straight), result(killed)
-    assert b["resumed_from"] and b["recipe"] == "speedrun" and len(b["train_losses"]) == 6
+    assert b["resumed_from"] and b["recipe"] == "speedrun-dense" and len(b["train_losses"]) == 6
     assert a["train_losses"] == b["train_losses"]  # bitwise
     assert [s["grad_norm"] for s in a["steps"]] == [s["grad_norm"] for s in b["steps"]]
     assert [v["loss"] for v in a["val"]] == [v["loss"] for v in b["val"]]
@@ -172,10 +174,10 @@ def test_sigkill_then_resume_is_bitwise_and_recipe_is_run_defining(tmp_path):
 def test_init_from_a_speedrun_checkpoint_takes_its_recipe_and_model(run16, tmp_path, capsys):
     cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--data", "sample", "--init-from", f"ckpt:{run16}",
                                            "--out-dir", str(tmp_path)])
-    assert (cfg.recipe, cfg.model) == ("speedrun", "tiny")
+    assert (cfg.recipe, cfg.model) == ("speedrun-dense", "tiny")
     assert train_speedrun.main(["--gpu", "cpu", "--recipe", "gpt2", "--init-from", f"ckpt:{run16}",
                                 "--out-dir", str(tmp_path / "o")]) == 2
-    assert "holds a speedrun model, which --recipe gpt2 cannot train" in capsys.readouterr().err
+    assert "holds a speedrun-dense model, which --recipe gpt2 cannot train" in capsys.readouterr().err
     model = training.build_model(cfg, get_ops("torch"))
     assert torch.equal(model.lm_head.weight, load_checkpoint(list_checkpoints(run16)[-1])["model"]["lm_head.weight"])
 
@@ -187,7 +189,8 @@ def test_triton_backend_cli_run(tmp_path):
                    "--timing-warmup-steps", "0", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = result(tmp_path)
-    assert rec["recipe"] == "speedrun" and all(rec["ops"][n].startswith("triton") for n in SPEEDRUN_OPS), rec["ops"]
+    assert rec["recipe"] == "speedrun-dense" and all(rec["ops"][n].startswith("triton") for n in SPEEDRUN_OPS), \
+        rec["ops"]
     assert rec["train_losses"][-1] < rec["train_losses"][0] and math.isfinite(rec["final_val_loss"])
 
 
@@ -270,8 +273,9 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
 
 
 def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path):
-    """bench/train.py --project: a speedrun record projects the record's 3000 x 524,288 tokens at the speedrun
-    d12's FLOPs per token; a record without "recipe" (older ones) stays llm.c's 9.0e9 at GPT-2's."""
+    """bench/train.py --project: a speedrun-dense record (or one saying "speedrun", written before the 2024-12-17
+    recipe took that name) projects the 11-10 record's 3000 x 524,288 tokens at its d12's FLOPs per token; a record
+    without "recipe" (older ones) stays llm.c's 9.0e9 at GPT-2's."""
     import re
 
     from gpt2 import GPT, MODEL_SIZES
@@ -279,7 +283,8 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
 
     runs = [{"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 8, "fits": True,
              "tokens_per_s": 3.5e5, "mfu": 0.4}]
-    for recipe, tokens, model in (("speedrun", 3000 * 524_288, SpeedrunGPT(SPEEDRUN_MODELS["d12"])),
+    for recipe, tokens, model in (("speedrun-dense", 3000 * 524_288, SpeedrunGPT(SPEEDRUN_MODELS["d12"])),
+                                  ("speedrun", 3000 * 524_288, SpeedrunGPT(SPEEDRUN_MODELS["d12"])),
                                   (None, 9.0e9, GPT(MODEL_SIZES["d12"]))):
         path = tmp_path / f"{recipe}.json"
         path.write_text(json.dumps({"env": {"device": "Fake GPU"}, "runs": runs,
@@ -288,7 +293,7 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
         assert proc.returncode == 0, proc.stderr
         flops = int(re.search(r"flops_per_token\s*=\s*(\d+)", proc.stdout).group(1))
         assert flops == model.flops_per_token(1024)
-        assert f"--recipe {recipe or 'gpt2'}" in proc.stdout
+        assert f"--recipe {'speedrun-dense' if recipe else 'gpt2'}" in proc.stdout
         hours = float(re.search(r"^hours = ([\d.]+)$", proc.stdout, re.M).group(1))
         assert hours == pytest.approx(tokens * flops / (58.3e12 * 0.4) / 3600, rel=1e-5)
 

@@ -274,7 +274,8 @@ def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
     resolve = train_speedrun.resolve_config
 
     def start(out, *flags):
-        cfg, _ = resolve(["--out-dir", str(out), "--micro-batch", "16", "--no-compile", *flags])
+        cfg, _ = resolve(["--out-dir", str(out), "--recipe", "speedrun-dense", "--micro-batch", "16", "--no-compile",
+                          *flags])
         out.mkdir()
         save_checkpoint(out, 10, {"run_config": asdict(cfg)})
         return cfg
@@ -348,8 +349,8 @@ def test_memory_cap_is_set_and_lifted_per_trainer():
     try:
         for gib, want in ((2.0, (2.0 - training.CUDA_CONTEXT_GIB) * 2**30 / total), (0.0, 1.0)):
             cfg, _ = train_speedrun.resolve_config(
-                ["--gpu", "auto", "--model", "tiny", "--data", "sample", "--micro-batch", "2", "--seq-len", "64",
-                 "--total-batch-tokens", "128", "--val-tokens", "128", "--no-compile", "--memory-gib", str(gib),
+                ["--gpu", "auto", "--recipe", "gpt2", "--model", "tiny", "--data", "sample", "--micro-batch", "2",
+                 "--seq-len", "64", "--total-batch-tokens", "128", "--val-tokens", "128", "--no-compile", "--memory-gib", str(gib),
                  "--out-dir", "unused"])
             train_files, val_file = train_speedrun.open_data(cfg)
             training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))

@@ -1,0 +1,296 @@
+"""--recipe speedrun (the 2024-12-17 record: packed sequences, document-masked sliding window, value embeddings) end to
+end on CPU (tiny model, built-in sample corpus): one packed sequence per micro-batch from data/loader.PackedLoader and
+gradient accumulation up to --total-batch-tokens, the run learns and its records name the recipe, the lr, Muon
+momentum and window schedules are the ones applied, MFU's FLOPs average the windowed attention over the schedule,
+checkpoints hold Muon's, the loader's and the schedule's state and a SIGKILLed run resumes bitwise, flags that do not
+fit are one error line, a checkpoint of the 2024-11-10 recipe from before the rename resumes as speedrun-dense, the
+triton backend runs through the trainer and follows torch for 20 steps with the record's optimizers, 2 gloo ranks
+equal one process, HellaSwag scores the model."""
+import dataclasses
+import json
+import math
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_speedrun
+import training
+from data.loader import PackedLoader
+from gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from gpt2.ops import SPEEDRUN_OPS, get_ops
+from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
+from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env
+from tests.test_resume import start_cli, wait_for
+from tests.test_train_cli import REPO, run_cli
+
+PACKED = ["--recipe", "speedrun", "--gpu", "cpu", "--model", "tiny", "--data", "sample"]
+# 2 packed sequences of 256 tokens per step: longer than the first windows (128 tokens), so the window masks.
+SMALL = [*PACKED, "--seq-len", "256", "--total-batch-tokens", "512", "--val-tokens", "512"]
+
+
+def result(out) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed16")
+    proc = run_cli(*SMALL, "--max-steps", 16, "--val-every", 8, "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out
+
+
+def test_packed_run_learns_and_records_name_the_recipe(run16):
+    rec = result(run16)
+    losses = rec["train_losses"]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(50257)) < 1.0  # zero-init head: uniform at the start
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 2.0, losses
+    assert rec["val"][-1]["loss"] < rec["val"][0]["loss"]
+    assert rec["recipe"] == rec["config"]["recipe"] == "speedrun"
+    assert (rec["config"]["micro_batch"], rec["config"]["seq_len"], rec["grad_accum"]) == (1, 256, 2)
+    assert (rec["config"]["beta1"], rec["config"]["beta2"]) == (0.8, 0.95)  # the record's Adam betas
+    assert set(rec["ops"]) == set(SPEEDRUN_OPS) and "window_attention" in rec["ops"]
+    model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"])
+    assert rec["parameters"] == model.num_parameters(include_padding=False)  # value tables included
+    # MFU's FLOPs: the windowed attention averaged over the run's 16 windows (value tables not counted)
+    short = dataclasses.replace(SPEEDRUN_MODELS["tiny"], num_iterations=16, warmdown_iters=6)
+    windows = [speedrun_window(s, short) for s in range(16)]
+    assert rec["flops_per_token"] == round(sum(model.flops_per_token(256, w) for w in windows) / 16)
+    assert model.flops_per_token(256, 128) < rec["flops_per_token"] < model.flops_per_token(256, 256) + 1
+    log = (run16 / "train.log").read_text()
+    assert "\nrecipe speedrun\n" in log and "| window 128 |" in log and "\n  window_attention " in log
+
+
+def test_lr_momentum_and_window_schedules_as_applied(run16):
+    """From the step records: Muon's lr 0.05 x the multiplier (constant, then linear to 0 over the record's last
+    600/1490 of the steps: 6 of 16), momentum 0.85 + 0.1 min(step/300, 1), and the window of the record's formula
+    over 16 steps: 128 x int(((1 - s/16) 64 + s/16 1792 + 64) // 128)."""
+    steps = result(run16)["steps"]
+    cooldown = train_speedrun.cooldown_steps(16)
+    assert cooldown == 6 and train_speedrun.cooldown_steps(1490) == 600
+    for s in steps:
+        i = s["step"] - 1
+        scale = 1.0 if i < 16 - cooldown else (16 - i) / cooldown
+        assert s["lr"] == pytest.approx(0.05 * scale, abs=1e-12)
+        assert s["muon_momentum"] == pytest.approx(0.85 + 0.1 * i / 300, abs=1e-12)
+        assert s["window"] == 128 * int(((1 - i / 16) * 64 + i / 16 * 1792 + 64) // 128)
+    assert [s["window"] for s in steps[:3]] == [128, 128, 256]
+
+
+def test_checkpoint_holds_muon_loader_and_window_state(run16):
+    ckpt = load_checkpoint(list_checkpoints(run16)[-1])
+    assert ckpt["model_kind"] == "speedrun" and ckpt["model_config"] == SPEEDRUN_MODELS["tiny"].to_dict()
+    model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"])
+    muon = ckpt["optimizer"]["muon"]["state"]
+    assert len(muon) == sum(p.dim() == 2 for p in model.transformer.h.parameters())
+    assert all("momentum_buffer" in v for v in muon.values())
+    # wte + 1 value table, lm_head, 4 block lambdas + 3 attn lambdas (block 2 has none), skip weights
+    assert len(ckpt["optimizer"]["adam"]["state"]) == 2 + 1 + 4 + 3 + 1
+    assert set(ckpt["data"]) >= {"shard", "offset", "epoch"} and ckpt["data"]["offset"] > 0
+    assert ckpt["schedule"]["window"] == result(run16)["steps"][-1]["window"]
+
+
+def make_trainer(tmp_path, *flags):
+    cfg, _ = train_speedrun.resolve_config([*SMALL, "--out-dir", str(tmp_path), *flags])
+    train_files, val_file = train_speedrun.open_data(cfg)
+    return cfg, training.Trainer(cfg, train_files, val_file, training.Dist(cfg.device))
+
+
+def test_trainer_reads_packed_sequences_and_accumulates(tmp_path):
+    """Training sequences start at documents (doc_aligned, the config's default); validation reads contiguous
+    windows (the record's val tokens); the step accumulates total / seq_len micro-batches of B = 1."""
+    cfg, tr = make_trainer(tmp_path)
+    assert isinstance(tr.train_loader, PackedLoader) and tr.train_loader.doc_aligned
+    assert isinstance(tr.val_loader, PackedLoader) and not tr.val_loader.doc_aligned
+    assert tr.grad_accum == 2 and tr.val_steps == 2
+    x, y, cu = tr.train_loader.next_batch()
+    assert x.shape == (1, 256) and x[0, 0] == 50256 and cu[0] == 0 and cu[-1] == 256
+    seen = [id(p) for g in tr.optimizer.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in tr.model.parameters())
+    base = {g["name"]: g["base_lr"] for g in tr.optimizer.param_groups}
+    assert base == pytest.approx({"wte": 0.6, "lm_head": 0.008, "scalars": 0.04, "matrices": 0.05})
+    assert tr.optimizer.muon.momentum_form == "ema" and tr.optimizer.adam.param_groups[0]["betas"] == (0.8, 0.95)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--micro-batch", "2"], "--micro-batch 2 does not apply to --recipe speedrun"),
+    (["--total-batch-tokens", "600"], "--total-batch-tokens 600 is not a multiple of --seq-len 256"),
+    (["--seq-len", "2048"], "--seq-len 2048 exceeds model tiny's context of 1024"),
+    (["--weight-decay", "0.1"], "--weight-decay does not apply to --recipe speedrun"),
+    (["--model", "d24"], "--model d24 is not a --recipe speedrun model"),
+])
+def test_flags_that_do_not_fit_are_one_error_line(tmp_path, capsys, args, needle):
+    assert train_speedrun.main([*SMALL, "--out-dir", str(tmp_path / "o"), *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_defaults_by_preset():
+    assert train_speedrun.recipe_defaults("speedrun", "rtx4070") == {
+        "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
+        "beta1": 0.8, "beta2": 0.95, "max_steps": 1490, "val_every": 125, "seq_len": 4096, "micro_batch": 1}
+    cfg, _ = train_speedrun.resolve_config([*PACKED, "--out-dir", "x"])
+    assert (cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.total_batch_tokens) == (256, 1, 4, 1024)
+    # the packed length follows the LM head that runs, as the micro-batch does (bench/memory.py --max, eager)
+    seq = train_speedrun.preset_seq_len
+    assert (seq("rtx4070", "torch"), seq("rtx4070", "triton"), seq("rtx4070", "triton", "linear_cross_entropy")) \
+        == (4096, 8192, 4096)
+    assert (seq("h100", "triton"), 524288 // seq("h100", "triton")) == (65536, 8)  # the record's 8 GPUs x 64K
+    text = " ".join(train_speedrun.build_parser().format_help().split())
+    assert "2024-12-17 record" in text and "ONE packed sequence of --seq-len tokens" in text
+
+
+def test_sigkill_then_resume_is_bitwise(tmp_path):
+    """Muon's momentum, the packed loader's position and the schedule (window from the step) come back."""
+    run = [*SMALL, "--max-steps", 6, "--val-every", 3, "--checkpoint-every", 2, "--keep-checkpoints", 0]
+    straight = tmp_path / "straight"
+    proc = run_cli(*run, "--out-dir", straight)
+    assert proc.returncode == 0, proc.stderr
+    killed = tmp_path / "killed"
+    proc = start_cli(*run, "--out-dir", killed)
+    wait_for(lambda: (killed / "ckpt_00000002.pt").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    bad = run_cli("--resume", "--out-dir", killed, "--seq-len", "128")
+    assert bad.returncode == 2 and "--seq-len 128 conflicts" in bad.stderr, bad.stderr
+    proc = run_cli("--resume", "--out-dir", killed)
+    assert proc.returncode == 0, proc.stderr
+    a, b = result(straight), result(killed)
+    assert b["resumed_from"] and b["recipe"] == "speedrun" and len(b["train_losses"]) == 6
+    assert a["train_losses"] == b["train_losses"]  # bitwise
+    assert [s["grad_norm"] for s in a["steps"]] == [s["grad_norm"] for s in b["steps"]]
+    assert [s["window"] for s in a["steps"]] == [s["window"] for s in b["steps"]]
+    assert [v["loss"] for v in a["val"]] == [v["loss"] for v in b["val"]]
+    last = lambda out: load_checkpoint(list_checkpoints(out)[-1])  # noqa: E731
+    assert last(straight)["data"] == last(killed)["data"]
+
+
+def test_a_speedrun_run_from_before_the_rename_resumes_as_speedrun_dense(tmp_path):
+    """A run of --recipe speedrun when that name was the 2024-11-10 model: its checkpoint says model_kind "speedrun",
+    run_config recipe "speedrun", and its model_config has none of the 12-17 fields. --resume continues it as
+    speedrun-dense (the same model and math), not as the packed recipe."""
+    out = tmp_path / "old"
+    dense = ["--recipe", "speedrun-dense", "--gpu", "cpu", "--model", "tiny", "--data", "sample", "--micro-batch", "2",
+             "--seq-len", "32", "--total-batch-tokens", "128", "--val-tokens", "256", "--val-every", "2"]
+    proc = run_cli(*dense, "--max-steps", 2, "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    [path] = list_checkpoints(out)
+    ckpt = load_checkpoint(path)
+    new_fields = {f.name for f in dataclasses.fields(SPEEDRUN_DENSE_MODELS["tiny"])} - set(OLD_CONFIG_FIELDS)
+    ckpt["model_kind"] = ckpt["run_config"]["recipe"] = "speedrun"
+    ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k not in new_fields}
+    save_checkpoint(out, 2, {k: v for k, v in ckpt.items() if k not in ("format", "version", "step")})
+    proc = run_cli("--resume", "--out-dir", out, "--max-steps", 4)
+    assert proc.returncode == 0, proc.stderr
+    rec = result(out)
+    assert rec["config"]["recipe"] == "speedrun-dense" and len(rec["train_losses"]) == 4
+    assert load_checkpoint(list_checkpoints(out)[-1])["model_kind"] == "speedrun-dense"
+
+
+# SpeedrunConfig's fields before the 2024-12-17 recipe (commit fb71c7b)
+OLD_CONFIG_FIELDS = ["block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio",
+                     "rope_base", "norm_eps", "logit_softcap", "value_lamb_init", "block_lambdas_init",
+                     "skip_weight_init", "wte_lr", "lm_head_lr", "scalar_lr", "adam_betas", "adam_eps",
+                     "weight_decay", "muon_lr", "muon_momentum", "muon_momentum_warmup_start",
+                     "muon_momentum_warmup_steps", "muon_nesterov", "muon_ns_steps", "muon_ns_coefficients",
+                     "muon_ns_eps", "muon_orthogonalizer", "grad_clip", "total_batch_tokens", "device_batch_size",
+                     "num_iterations", "warmup_iters", "warmdown_iters", "val_every", "val_tokens"]
+
+
+@NEEDS_INTERPRETER
+def test_triton_backend_cli_run(tmp_path):
+    """The windowed model's ops through the seam on the triton backend (the interpreter), kernels/window_attention
+    fed by the trainer's cu_seqlens and window: runs and learns."""
+    proc = run_cli(*PACKED, "--seq-len", "256", "--total-batch-tokens", "256", "--val-tokens", "256",
+                   "--backend", "triton", "--max-steps", 3, "--val-every", 3, "--timing-warmup-steps", "0",
+                   "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = result(tmp_path)
+    assert rec["ops"]["window_attention"].startswith("triton"), rec["ops"]
+    assert all(rec["ops"][n].startswith("triton") for n in SPEEDRUN_OPS), rec["ops"]
+    assert rec["train_losses"][-1] < rec["train_losses"][0] and math.isfinite(rec["final_val_loss"])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a CUDA machine the kernels are compiled, not interpreted: the bf16 "
+                                     "checks of tests/test_speedrun_window_model.py run instead")
+def test_20_steps_triton_follows_torch_with_the_records_optimizers():
+    """The tiny windowed model (vocab shrunk to 101 for the interpreter) trained by SpeedrunOptimizer (Adam groups
+    with the value tables in wte's, Muon with EMA momentum) on one packed sequence of 3 documents, window 7 < T.
+    As tests/test_recipe.py's same test for the dense model: random weights where the record zero-inits (the zero
+    init's scalar gradients are below fp32's resolution), and Muon's bf16 rounding turns fp32 summation-order
+    differences into occasional one-ulp flips of single update entries, so rel 1e-3, not Adam's 1e-5. --lr 0.1
+    (the multiplier): at the record's lrs these 45 tokens are memorized in one step (5.03 -> 0.44) and the curve
+    then sits at 0.002-0.02, where the same flips measured 7 % relative (1.5e-3 absolute); at 0.1 x it goes
+    5.03 -> 0.034 over the 20 steps and the backends measured at most 1.5e-4 relative apart (torch 2.13, triton
+    3.9 interpreter)."""
+    config = dataclasses.replace(SPEEDRUN_MODELS["tiny"], block_size=64, vocab_size=101, padded_vocab_size=128)
+    run = SimpleNamespace(lr=0.1, beta1=0.8, beta2=0.95, muon_coefficients="quintic", max_steps=20, warmup_steps=0)
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, config.vocab_size, (1, 46), generator=gen)
+    cu = torch.tensor([0, 17, 18, 45], dtype=torch.int32)
+
+    def curve(backend):
+        torch.manual_seed(0)
+        model = SpeedrunGPT(config, get_ops(backend, "cpu"))
+        with torch.no_grad():
+            for module in model.modules():
+                if getattr(module, "zero_init", False):
+                    module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight.shape[1]))
+            model.lm_head.weight[config.vocab_size:].zero_()
+        opt = training.SpeedrunOptimizer(model, model.ops, run)
+        losses = []
+        for step in range(20):
+            opt.schedule(step)
+            loss = model(data[:, :-1], data[:, 1:], cu, 7)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    ref, ours = curve("torch"), curve("triton")
+    assert ref[-1] < ref[0] - 1.0  # it learns, so the comparison means something
+    assert ours == pytest.approx(ref, rel=1e-3)
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """PackedLoader's interleave (sequence k of one process = micro-batch k // 2 of rank k % 2) and Muon sharded over
+    the ranks: the same losses as one process, to all-reduce rounding."""
+    args = [*PACKED, "--seq-len", "128", "--total-batch-tokens", "256", "--val-tokens", "256", "--max-steps", 3,
+            "--val-every", 3]
+    single = tmp_path / "single"
+    proc = run_cli(*args, "--out-dir", single)
+    assert proc.returncode == 0, proc.stderr
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_speedrun.py", *map(str, args), "--out-dir", str(ddp)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = result(single), result(ddp)
+    assert b["world_size"] == 2 and b["grad_accum"] == a["grad_accum"] == 2
+    for x, y in zip(a["train_losses"], b["train_losses"], strict=True):
+        assert abs(x - y) <= 1e-4, (a["train_losses"], b["train_losses"])
+    assert abs(a["final_val_loss"] - b["final_val_loss"]) <= 1e-4
+
+
+def test_trainer_hellaswag_scores_the_windowed_model(tmp_path):
+    """HellaSwag feeds plain rows: one document each, the schedule's final window (SpeedrunGPT's defaults)."""
+    import numpy as np
+
+    from data.hellaswag import Example, evaluate
+
+    rng = np.random.default_rng(0)
+    examples = [Example.of(rng.integers(0, 50257, 5).tolist(),
+                           [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
+                for _ in range(6)]
+    _, tr = make_trainer(tmp_path)
+    tr.train_step(0)  # a non-zero head: the endings' losses differ
+    hs = tr.hellaswag(examples)
+    assert hs["n"] == 6 and 0 <= hs["acc"] <= 1 and 0 <= hs["acc_norm"] <= 1
+    assert hs == {**evaluate(tr.model, examples, "cpu"), "n": 6}
