@@ -4,7 +4,8 @@
     python bench/memory.py --gpu rtx4070                                  # both backends at the preset's micro-batch
     python bench/memory.py --gpu rtx4070 --backend triton --micro-batch 16 --json est.json
     python bench/memory.py --gpu rtx4070 --micro-batch 16,8 --max --record  # bench/results/memory-rtx4070-<date>.json
-    python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-rtx4070-<date>.json
+    python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-packed-rtx4070-<date>.json
+    python bench/memory.py --gpu rtx4070 --recipe speedrun-dense --max --record  # memory-speedrun-dense-rtx4070-...
 
 What runs. The real GPT-2 (gpt2/model.py) with the preset's model, T and the backend's ops (gpt2/ops.py), and the
 real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's FakeTensorMode: every tensor has
@@ -18,10 +19,20 @@ what their real launches allocate, scratch included, sized for the preset's GPU 
 kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's activations
 differ (often lower); the record says "mode": "eager".
 
-Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun:
-gpt2/speedrun.py's SpeedrunGPT (SPEEDRUN_MODELS) and the optimizers the trainer builds for it (training.py's
+Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun-dense
+(the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): gpt2/speedrun.py's SpeedrunGPT
+(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it (training.py's
 SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the Triton FusedAdamW, weight_decay 0) over
-optimizer_groups()["adam"] (wte, lm_head, scalars) and kernels/muon.Muon over the blocks' matrices. The step has
+optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head, scalars) and kernels/muon.Muon over the
+blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len tokens (default the preset's
+speedrun_seq_len) with its document bounds and the schedule's last (largest) window, 1,792; --max searches the
+largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a micro-batch. Its attention is
+ops.window_attention: under --backend triton kernels/window_attention.py's fake (saves q, k, v, the output and an
+fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
+same tensors, so the estimate uses the kernel's fake there too (the eager CPU path, a dense T x T mask, is not what
+a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json (speedrun), memory-speedrun-dense-... (speedrun-
+dense); memory-speedrun-<preset>-20261203.json are speedrun-dense records written before the 2024-12-17 recipe took
+the name speedrun (their "recipe" says "speedrun" and they have no "packed" field). The step has
 no grad clip (the record clips nothing): Adam's step, then Muon's: its fp32 momentum buffers (one per matrix,
 optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ,
 B and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
@@ -67,7 +78,7 @@ import datetime  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import weakref  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
@@ -276,7 +287,8 @@ class SpeedrunOptimizer:
         else:
             self.adam = ops.optimizer(groups["adam"], **adam_kw)
         self.muon = Muon(groups["muon"], lr=c.muon_lr, momentum=c.muon_momentum_warmup_start,
-                         nesterov=c.muon_nesterov, ns_steps=c.muon_ns_steps, ns_dtype=torch.bfloat16, shard=False)
+                         nesterov=c.muon_nesterov, ns_steps=c.muon_ns_steps, ns_dtype=torch.bfloat16, shard=False,
+                         momentum_form=c.muon_momentum_form)
         self.optimizers = (self.adam, self.muon)
 
     def step(self) -> None:
@@ -293,17 +305,18 @@ def build_speedrun_optimizer(model, ops) -> SpeedrunOptimizer:
 
 
 def training_step(model, optimizer, batches, ledger: Ledger, autocast, grad_clip: float = 1.0) -> None:
-    """Trainer.train_step's work on `batches` (one (x, y) per micro-batch), phases marked in the ledger. The loss
-    and norm are not read back to the host (a fake tensor has no value)."""
+    """Trainer.train_step's work on `batches` (one (x, y) per micro-batch, or (x, y, cu_seqlens, window) for the
+    packed recipe), phases marked in the ledger. The loss and norm are not read back to the host (a fake tensor has
+    no value)."""
     params = list(model.parameters())
     ledger.phase = "optimizer"
     loss_sum = torch.zeros((), device=params[0].device)
-    for x, y in batches:
+    for batch in batches:
         ledger.phase = "batch"
-        ledger.mark("activations", [x, y])
+        ledger.mark("activations", [t for t in batch if isinstance(t, torch.Tensor)])
         ledger.phase = "forward"
         with autocast:
-            loss = model(x, y) / len(batches)
+            loss = model(*batch) / len(batches)
         ledger.mark_live("activations", ("forward",))  # alive when backward starts: saved for it
         ledger.phase = "backward"
         loss.backward()
@@ -328,6 +341,27 @@ def make_batches(n: int, B: int, T: int, vocab: int, device) -> list[tuple[torch
             for _ in range(n)]
 
 
+def make_packed_batches(n: int, T: int, vocab: int, window: int, device) -> list[tuple]:
+    """The packed recipe's micro-batches: (x, y) of (1, T), cu_seqlens int32 (one document: the count does not
+    change what is allocated) and the window."""
+    return [(x, y, torch.tensor([0, T], dtype=torch.int32, device=device), window)
+            for x, y in make_batches(n, 1, T, vocab, device)]
+
+
+def packed_ops(ops):
+    """The ops of a packed-recipe estimate: under --backend torch the window attention is the kernel's op, whose
+    fake saves what compiled FlexAttention saves on a GPU (see the module docstring)."""
+    if ops.backend != "torch":
+        return ops
+    import dataclasses
+
+    from kernels.window_attention import window_attention
+
+    placement = {**ops.placement, "window_attention": "torch (FlexAttention under compile; estimated by the "
+                                                      "kernel's saved tensors)"}
+    return dataclasses.replace(ops, window_attention=window_attention, placement=placement)
+
+
 # ------------------------------------------------------------------------------------------ estimate
 @dataclass(frozen=True)
 class Setup:
@@ -338,7 +372,13 @@ class Setup:
     memory_gib: float
     target: Target
     budget_gib: float | None = None  # --budget-gib: instead of memory_gib - 1
-    recipe: str = "gpt2"  # "gpt2" (GPT + AdamW, grad clip 1.0) | "speedrun" (SpeedrunGPT + Adam and Muon, no clip)
+    # "gpt2" (GPT + AdamW, grad clip 1.0) | "speedrun" (packed SpeedrunGPT + Adam and Muon, no clip) |
+    # "speedrun-dense" (the 11-10 SpeedrunGPT at micro-batch x T)
+    recipe: str = "gpt2"
+
+    @property
+    def packed(self) -> bool:
+        return self.recipe == "speedrun"
 
     @property
     def budget_bytes(self) -> int:
@@ -347,9 +387,15 @@ class Setup:
         return int(self.memory_gib * GIB) - BUDGET_MARGIN
 
     def micro_batches(self) -> list[int]:
-        """Micro-batches the trainer accepts: divisors of total_batch_tokens / seq_len."""
+        """Micro-batches the trainer accepts: divisors of total_batch_tokens / seq_len (the packed recipe: 1)."""
+        if self.packed:
+            return [1]
         n = self.total_batch_tokens // self.seq_len
         return [b for b in range(1, n + 1) if n % b == 0]
+
+    def seq_lens(self, block_size: int) -> list[int]:
+        """The packed recipe's --max candidates: powers of two from 128 to the context dividing the total batch."""
+        return [t for t in (2 ** k for k in range(7, 21)) if t <= block_size and self.total_batch_tokens % t == 0]
 
 
 def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
@@ -362,17 +408,25 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     grad_accum = setup.total_batch_tokens // (micro_batch * setup.seq_len)
     # device "cuda": the ops are resolved as for a GPU run (no interpreter); the tensors are fake CPU ones
     ops = get_ops(backend, "cuda")
+    if setup.packed:
+        ops = packed_ops(ops)
+
+    def batches_of(n):
+        if setup.packed:
+            return make_packed_batches(n, setup.seq_len, config.vocab_size, config.final_window, "cpu")
+        return make_batches(n, micro_batch, setup.seq_len, config.vocab_size, "cpu")
+
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with planning_for(setup.target), TrackingFakeMode(ledger):
         model = build_model(config, ops)
         ledger.mark("parameters", list(model.parameters()))
         ledger.mark("parameters", list(model.buffers()))
         optimizer = build_opt(model, ops)
-        warm = make_batches(1, micro_batch, setup.seq_len, config.vocab_size, "cpu")
+        warm = batches_of(1)
         training_step(model, optimizer, warm, ledger, autocast, grad_clip)  # creates the optimizer state
         del warm
         ledger.reset_peak()
-        batches = make_batches(min(2, max(1, grad_accum)), micro_batch, setup.seq_len, config.vocab_size, "cpu")
+        batches = batches_of(min(2, max(1, grad_accum)))
         training_step(model, optimizer, batches, ledger, autocast, grad_clip)
         del batches
         after_step = ledger.live_bytes
@@ -397,27 +451,28 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
 
 def recipe_parts(recipe: str, model: str):
     """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step."""
-    if recipe == "speedrun":
-        from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+    if recipe in SPEEDRUN_RECIPES:
+        from gpt2.speedrun import SpeedrunGPT, speedrun_models
 
-        return SpeedrunGPT, build_speedrun_optimizer, SPEEDRUN_MODELS[model], 0.0  # the record clips nothing
+        return SpeedrunGPT, build_speedrun_optimizer, speedrun_models(recipe)[model], 0.0  # the records clip nothing
     from gpt2 import GPT, MODEL_SIZES
 
     return GPT, build_optimizer, MODEL_SIZES[model], 1.0
 
 
 def model_sizes(recipe: str) -> dict:
-    """--model's names under a recipe: gpt2.MODEL_SIZES or gpt2.speedrun.SPEEDRUN_MODELS."""
-    if recipe == "speedrun":
-        from gpt2.speedrun import SPEEDRUN_MODELS
+    """--model's names under a recipe: gpt2.MODEL_SIZES or gpt2.speedrun's SPEEDRUN_MODELS / SPEEDRUN_DENSE_MODELS."""
+    if recipe in SPEEDRUN_RECIPES:
+        from gpt2.speedrun import speedrun_models
 
-        return SPEEDRUN_MODELS
+        return speedrun_models(recipe)
     from gpt2 import MODEL_SIZES
 
     return MODEL_SIZES
 
 
-RECIPES = ("gpt2", "speedrun")
+RECIPES = ("gpt2", "speedrun", "speedrun-dense")
+SPEEDRUN_RECIPES = ("speedrun", "speedrun-dense")
 
 
 def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[int, bool]]]:
@@ -455,19 +510,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", required=True, choices=gpus, help="preset whose shapes and memory budget to use")
     p.add_argument("--recipe", choices=RECIPES,
-                   help="gpt2 (GPT-2 + AdamW, grad clip) or speedrun (SpeedrunGPT + Adam and Muon, no clip); "
-                        "default: the preset's recipe (gpt2 where the preset names none)")
+                   help="gpt2 (GPT-2 + AdamW, grad clip), speedrun (packed 2024-12-17 SpeedrunGPT + Adam and Muon, "
+                        "no clip) or speedrun-dense (2024-11-10); default: the preset's recipe (gpt2 where the preset "
+                        "names none)")
     p.add_argument("--backend", choices=["torch", "triton", "both"], default="both",
                    help="ops to estimate (default both: triton first, then torch)")
     p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: the preset's)")
-    p.add_argument("--max", action="store_true", help="also find the largest micro-batch that fits the budget")
+    p.add_argument("--max", action="store_true", help="also find the largest micro-batch that fits the budget "
+                                                      "(speedrun: the largest packed --seq-len)")
     p.add_argument("--model", help="model size instead of the preset's (gpt2: d12, d24, ...; speedrun: d12, tiny)")
     p.add_argument("--seq-len", type=int, help="sequence length instead of the preset's")
     p.add_argument("--budget-gib", type=float, help="reserved-memory budget instead of the preset's memory - 1 GiB")
     p.add_argument("--json", metavar="PATH", help="write the record here")
     p.add_argument("--record", action="store_true",
-                   help="write the record to bench/results/memory-<preset>-<YYYYmmdd>.json (gpt2) or "
-                        "memory-speedrun-<preset>-<YYYYmmdd>.json (speedrun)")
+                   help="write the record to bench/results/memory-<preset>-<YYYYmmdd>.json (gpt2), "
+                        "memory-speedrun-packed-<preset>-<YYYYmmdd>.json (speedrun) or "
+                        "memory-speedrun-dense-<preset>-<YYYYmmdd>.json (speedrun-dense)")
     return p
 
 
@@ -490,8 +548,12 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
     model = args.model or preset.model
     if model not in sizes:
         raise UserError(f"--model {model!r} is not a {recipe} model: choose from {', '.join(sizes)}"
-                        + (" (or --recipe gpt2)" if recipe == "speedrun" else ""))
-    seq_len = args.seq_len or preset.seq_len
+                        + (" (or --recipe gpt2)" if recipe in SPEEDRUN_RECIPES else ""))
+    packed = recipe == "speedrun"
+    seq_len = args.seq_len or (preset.speedrun_seq_len if packed else preset.seq_len)
+    if packed and args.micro_batch and args.micro_batch.strip() != "1":
+        raise UserError(f"--micro-batch {args.micro_batch}: --recipe speedrun packs one sequence per micro-batch; "
+                        f"size it with --seq-len (or --max to search it)")
     if seq_len <= 0 or seq_len > sizes[model].block_size:
         raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
     if preset.total_batch_tokens % seq_len:
@@ -504,6 +566,8 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
     backends = ["triton", "torch"] if args.backend == "both" else [args.backend]
     micro_batches = parse_micro_batches(args.micro_batch) if args.micro_batch else ([] if args.max else
                                                                                     [preset.micro_batch])
+    if packed:  # one sequence per micro-batch; --max alone estimates only what its seq_len search visits
+        micro_batches = [] if args.max and not args.seq_len else [1]
     allowed = setup.micro_batches()
     for b in micro_batches:
         if b not in allowed:
@@ -513,14 +577,17 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
 
 
 def record_path(setup: Setup, day: datetime.date | None = None) -> Path:
-    """bench/results/memory-<preset>-<date>.json for gpt2 (the first records' names), memory-speedrun-<preset>-..."""
-    prefix = "memory-" if setup.recipe == "gpt2" else f"memory-{setup.recipe}-"
+    """bench/results/memory-<preset>-<date>.json for gpt2 (the first records' names),
+    memory-speedrun-packed-<preset>-... for speedrun, memory-speedrun-dense-<preset>-... for speedrun-dense (memory-speedrun-<preset>-... are speedrun-dense
+    records from before the rename: a new name, so that no record of one model overwrites one of the other)."""
+    prefix = {"gpt2": "memory-", "speedrun": "memory-speedrun-packed-"}.get(setup.recipe, f"memory-{setup.recipe}-")
     return REPO / "bench" / "results" / f"{prefix}{setup.preset}-{day or datetime.date.today():%Y%m%d}.json"
 
 
 def line(e: dict) -> str:
     s = e["split_gib"]
-    return (f"{e['backend']:<6} B={e['micro_batch']:<4} peak {e['peak_gib']:6.2f} GiB  reserved est. "
+    return (f"{e['backend']:<6} B={e['micro_batch']:<4} T={e['seq_len']:<6} peak {e['peak_gib']:6.2f} GiB  "
+            f"reserved est. "
             f"{e['peak_reserved_estimate_gib']:6.2f} GiB  {'fits' if e['fits'] else 'DOES NOT FIT':<12} | "
             f"params {s['parameters']:.2f}  grads {s['grads']:.2f}  optim {s['optimizer_state']:.2f}  "
             f"act {s['activations']:.2f}  temp {s['temporaries']:.2f}  (peak in {e['peak_phase']}, "
@@ -542,19 +609,31 @@ def main(argv=None) -> int:
           f"+{FRAGMENTATION:.0%} fragmentation, context "
           f"{CONTEXT_ALLOWANCE / GIB:.1f} GiB outside", flush=True)
     estimates: list[dict] = []
-    cache: dict[tuple[str, int], dict] = {}
+    cache: dict[tuple[str, int, int], dict] = {}
 
-    def get(backend, b):
-        if (backend, b) not in cache:
-            cache[backend, b] = estimate(setup, backend, b)
-            print("  " + line(cache[backend, b]), flush=True)
-        return cache[backend, b]
+    def get(backend, b, seq_len=None):
+        key = (backend, b, seq_len or setup.seq_len)
+        if key not in cache:
+            cache[key] = estimate(replace(setup, seq_len=key[2]), backend, b)
+            print("  " + line(cache[key]), flush=True)
+        return cache[key]
 
     for backend in backends:
         for b in micro_batches:
             estimates.append(get(backend, b))
-    maxima = {}
-    for backend in backends if args.max else []:
+    maxima, seq_maxima = {}, {}
+    block = model_sizes(setup.recipe)[setup.model].block_size
+    for backend in backends if args.max and setup.packed else []:
+        best, tried = search_max(lambda t: get(backend, 1, t)["fits"], setup.seq_lens(block))
+        peaks = [get(backend, 1, t)["peak_bytes"] for t, _ in tried]
+        monotone = all(a < c for a, c in zip(peaks, peaks[1:]))
+        seq_maxima[backend] = {"seq_len": best, "tried": [{"seq_len": t, "fits": f} for t, f in tried],
+                               "peak_grows_with_seq_len": monotone}
+        print(f"  {backend}: largest packed --seq-len within {budget / GIB:.2f} GiB reserved: {best}"
+              f"{'' if monotone else ' (WARNING: the estimate did not grow with the sequence length)'}", flush=True)
+        if best is not None and not micro_batches:
+            estimates.append(get(backend, 1, best))
+    for backend in backends if args.max and not setup.packed else []:
         best, tried = search_max(lambda b: get(backend, b)["fits"], setup.micro_batches())
         peaks = [get(backend, b)["peak_bytes"] for b, _ in tried]
         monotone = all(a < c for a, c in zip(peaks, peaks[1:]))
@@ -565,6 +644,9 @@ def main(argv=None) -> int:
         if best is not None and not micro_batches:
             estimates.append(get(backend, best))
     primary = estimates[0] if estimates else get(backends[0], setup.micro_batches()[0])
+    packed_step = ("one packed sequence of seq_len tokens per micro-batch (B = 1, window 1,792), forward + backward, "
+                   "no grad clip, Adam step (wte and value tables, lm_head, scalars) then Muon step (fp32 momentum = "
+                   "optimizer_state; bf16 Newton-Schulz batched by shape = temporaries), zero_grad")
     record = {
         "record": "tritonrun.memory", "version": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -574,10 +656,12 @@ def main(argv=None) -> int:
         "method": ("FakeTensorMode (fake CPU tensors, CPU bf16 autocast), real model and optimizer, warm-up step "
                    "then one measured step; ledger of live tensor storages rounded to 512 B"),
         "step": ("forward + backward per micro-batch, grad clip 1.0, AdamW step, zero_grad" if setup.recipe == "gpt2"
+                 else packed_step if setup.packed
                  else "forward + backward per micro-batch, no grad clip, Adam step (wte, lm_head, scalars) then "
                       "Muon step (fp32 momentum = optimizer_state; bf16 Newton-Schulz batched by shape = "
                       "temporaries), zero_grad"),
-        "mode": "eager", "dtype": "bf16 autocast", "model": setup.model, "seq_len": setup.seq_len,
+        "packed": setup.packed,
+        "mode": "eager", "dtype": "bf16 autocast", "model": setup.model, "seq_len": primary["seq_len"],
         "total_batch_tokens": setup.total_batch_tokens,
         "gpu": {"name": setup.target.name, "arch": setup.target.arch, "sm_count": setup.target.sm_count,
                 "memory_gib": setup.memory_gib},
@@ -585,6 +669,7 @@ def main(argv=None) -> int:
         "fit_rule": "peak_reserved_estimate_bytes = ceil(peak_bytes * (1 + fragmentation_allowance)) <= "
                     "budget_bytes = memory_gib GiB - budget_margin_bytes (context_allowance_bytes lies outside)",
         "estimates": estimates, "max_micro_batch": maxima,
+        **({"max_seq_len": seq_maxima} if setup.packed else {}),
     }
     path = Path(args.json) if args.json else None
     if args.record:

@@ -31,7 +31,8 @@ def test_smoke_record_has_both_curves_at_equal_tokens(tmp_path):
     assert set(ab) == {"gpt2", "speedrun"} and ab["speedrun"]["lr"] == best and ab["gpt2"]["lr"] == 2e-3
     assert ab["gpt2"]["tokens"] == ab["speedrun"]["tokens"] == 4 * c["total_batch_tokens"]
     for recipe, run in ab.items():
-        assert run["config"]["recipe"] == recipe and run["config"]["model"] == "tiny"
+        assert run["config"]["recipe"] == {"gpt2": "gpt2", "speedrun": "speedrun-dense"}[recipe]
+        assert run["config"]["model"] == "tiny"
         assert [v["step"] for v in run["val"]] == [2, 4]
         assert run["final_val_loss"] == run["val"][-1]["loss"] and len(run["train_losses"]) == 4
     assert ab["gpt2"]["parameters"] != ab["speedrun"]["parameters"]  # two different models of the same size class
@@ -78,4 +79,4 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, capsys):
     assert rec["complete"] is False and list(rec["ab"]) == ["gpt2"] and rec["result"] is None
     assert rec["ab"]["gpt2"]["final_val_loss"] == 9.5
     assert "interrupted: A/B runs finished: gpt2" in capsys.readouterr().err
-    assert "--recipe" in calls[1] and calls[1][calls[1].index("--recipe") + 1] == "speedrun"
+    assert "--recipe" in calls[1] and calls[1][calls[1].index("--recipe") + 1] == "speedrun-dense"

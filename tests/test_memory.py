@@ -1,5 +1,6 @@
 """bench/memory.py: the tracker against the CPU allocator, the kernels' fakes against their real launches, the
 category split, the --max search, flag errors and the JSON record."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -49,8 +50,8 @@ def _gpt2_parts():
 
 
 def _speedrun_parts():
-    """The speedrun recipe's step on the tiny SpeedrunGPT (2 blocks, d 64, the padded 50304 vocabulary)."""
-    build_model, build_opt, config, clip = memory.recipe_parts("speedrun", "tiny")
+    """The speedrun-dense recipe's step on the tiny SpeedrunGPT (2 blocks, d 64, the padded 50304 vocabulary)."""
+    build_model, build_opt, config, clip = memory.recipe_parts("speedrun-dense", "tiny")
     return build_model, build_opt, config, clip
 
 
@@ -114,7 +115,7 @@ def test_tracker_matches_the_cpu_allocator_on_the_speedrun_step(one_torch_thread
     assert _fake_step_peak("torch", B=2, T=32, parts=_speedrun_parts) == ledger.peak_bytes - base
 
     # the Muon step alone, real tensors: ledger vs allocator, and the state it leaves is the momentum buffers
-    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 
     torch.manual_seed(0)
     model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"], get_ops("torch", "cpu"))
@@ -346,18 +347,20 @@ def test_split_sums_to_the_peak_and_the_record_fields(tmp_path, capsys):
 
 
 def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, capsys):
-    """--recipe speedrun: the record and each estimate say "recipe": "speedrun"; params = grads (fp32); optimizer
-    state = Adam's two fp32 moments of wte, lm_head and the scalars + Muon's one fp32 momentum buffer per matrix;
-    --record names the file memory-speedrun-<preset>-<date>.json (gpt2's keep memory-<preset>-<date>.json)."""
-    from gpt2.speedrun import SPEEDRUN_MODELS, SpeedrunGPT
+    """--recipe speedrun-dense: the record and each estimate say "recipe": "speedrun-dense"; params = grads (fp32);
+    optimizer state = Adam's two fp32 moments of wte, lm_head and the scalars + Muon's one fp32 momentum buffer per
+    matrix; --record names the file memory-speedrun-dense-<preset>-<date>.json (speedrun's:
+    memory-speedrun-packed-...; gpt2's keep memory-<preset>-<date>.json)."""
+    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 
     path = tmp_path / "speedrun.json"
-    assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "128",
+    assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--model", "tiny", "--seq-len", "128",
                         "--micro-batch", "2", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
-    assert record["recipe"] == "speedrun" and "Muon" in record["step"] and record["model"] == "tiny"
-    assert [(e["recipe"], e["backend"]) for e in record["estimates"]] == [("speedrun", "triton"),
-                                                                          ("speedrun", "torch")]
+    assert record["recipe"] == "speedrun-dense" and "Muon" in record["step"] and record["model"] == "tiny"
+    assert record["packed"] is False
+    assert [(e["recipe"], e["backend"]) for e in record["estimates"]] == [("speedrun-dense", "triton"),
+                                                                          ("speedrun-dense", "torch")]
     groups = SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).optimizer_groups()
     adam = sum(p.numel() for g in groups["adam"] for p in g["params"])
     muon = sum(p.numel() for g in groups["muon"] for p in g["params"])
@@ -367,22 +370,26 @@ def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, cap
         s = e["split_bytes"]
         assert sum(s.values()) == e["peak_bytes"] and s["grads"] == s["parameters"] - rope  # + the RoPE tables
         assert 4 * (2 * adam + muon) <= s["optimizer_state"] <= 4 * (2 * adam + muon) + 64 * block + 2**16
-    assert "recipe speedrun" in capsys.readouterr().out
-    setup = memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
+    assert "recipe speedrun-dense" in capsys.readouterr().out
+    setup = memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun-dense")
     day = __import__("datetime").date(2026, 12, 3)
-    assert memory.record_path(setup, day).name == "memory-speedrun-rtx4070-20261203.json"
+    assert memory.record_path(setup, day).name == "memory-speedrun-dense-rtx4070-20261203.json"
+    packed = memory.Setup("rtx4070", "d12", 16384, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
+    assert memory.record_path(packed, day).name == "memory-speedrun-packed-rtx4070-20261203.json"
     assert memory.record_path(memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"]),
                               day).name == "memory-rtx4070-20261203.json"
 
 
 def test_speedrun_rtx4070_record():
-    """The committed speedrun record for the rtx4070: d12 (6 heads of 128, untied head), T = 1024, both backends at
-    micro-batch 8 and 16 and the --max search; its fit verdicts follow the fit rule."""
+    """The committed speedrun record for the rtx4070, written when --recipe speedrun was the 2024-11-10 model (now
+    speedrun-dense; the record says "speedrun" and has no "packed" field): d12 (6 heads of 128, untied head),
+    T = 1024, both backends at micro-batch 8 and 16 and the --max search; its fit verdicts follow the fit rule."""
     paths = sorted((REPO / "bench" / "results").glob("memory-speedrun-rtx4070-*.json"))
     assert paths, "bench/results/memory-speedrun-rtx4070-*.json: run bench/memory.py --gpu rtx4070 --recipe " \
                   "speedrun --micro-batch 8,16 --max --record"
     record = json.loads(paths[-1].read_text())
     assert record["recipe"] == "speedrun" and record["model"] == "d12" and record["seq_len"] == 1024
+    assert "packed" not in record
     got = {(e["backend"], e["micro_batch"]) for e in record["estimates"]}
     assert {("triton", 8), ("triton", 16), ("torch", 8), ("torch", 16)} <= got
     for e in record["estimates"]:
@@ -390,6 +397,31 @@ def test_speedrun_rtx4070_record():
     for backend in ("triton", "torch"):
         found = record["max_micro_batch"][backend]
         assert found["peak_grows_with_micro_batch"] and found["micro_batch"]
+
+
+def test_packed_speedrun_estimates_one_sequence_and_searches_the_seq_len(tmp_path, capsys):
+    """--recipe speedrun: one packed sequence per micro-batch (B = 1), its length searched by --max. The windowed
+    attention saves O(T) (no T x T mask or scores, also for --backend torch, estimated as FlexAttention's saved
+    tensors): activations grow linearly with T, and --max finds the largest power-of-two T within the budget."""
+    setup = memory.Setup("rtx4070", "tiny", 256, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
+    est = {(b, t): memory.estimate(dataclasses.replace(setup, seq_len=t), b, 1)
+           for b in ("triton", "torch") for t in (256, 512)}
+    for b in ("triton", "torch"):
+        a256, a512 = (est[b, t]["split_bytes"]["activations"] for t in (256, 512))
+        assert 1.8 * a256 <= a512 <= 2.2 * a256, (b, a256, a512)  # linear in T: no T^2 term
+    assert est["torch", 256]["ops"]["window_attention"].startswith("torch (FlexAttention")
+    # the torch LM head keeps T x V fp32 logits that the fused one does not
+    assert est["torch", 512]["peak_bytes"] - est["triton", 512]["peak_bytes"] >= 512 * 50257 * 4
+    budget = (est["triton", 256]["peak_reserved_estimate_bytes"] + est["triton", 512]["peak_reserved_estimate_bytes"])
+    path = tmp_path / "packed.json"
+    assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "256", "--backend",
+                        "triton", "--max", "--budget-gib", str(budget / 2 / 2**30), "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["packed"] is True and record["recipe"] == "speedrun" and record["micro_batch"] == 1
+    found = record["max_seq_len"]["triton"]
+    assert found["seq_len"] == 256 == record["seq_len"] and found["peak_grows_with_seq_len"]
+    assert {"seq_len": 512, "fits": False} in found["tried"]
+    assert "largest packed --seq-len" in capsys.readouterr().out
 
 
 def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
@@ -415,19 +447,21 @@ def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--gpu", "rtx4070", "--micro-batch", "0"], "--micro-batch '0'"),
-    (["--gpu", "rtx4070", "--micro-batch", "7"], "--micro-batch 7 does not divide"),
-    (["--gpu", "rtx4070", "--micro-batch", "x"], "expected positive integers"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--micro-batch", "0"], "--micro-batch '0'"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--micro-batch", "7"], "--micro-batch 7 does not divide"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--micro-batch", "x"], "expected positive integers"),
     (["--gpu", "cpu"], "--gpu"),
-    (["--gpu", "rtx4070", "--seq-len", "4096"], "--seq-len 4096"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--seq-len", "4096"], "--seq-len 4096"),
     (["--gpu", "rtx4070", "--budget-gib", "-1"], "--budget-gib"),
     (["--micro-batch", "8"], "--gpu"),
     (["--gpu", "rtx4070", "--bogus"], "unrecognized"),
     (["--gpu", "rtx4070", "--recipe", "llmc"], "--recipe"),
     (["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "d24"], "--model 'd24' is not a speedrun model"),
     (["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "512"], "--seq-len 512"),
-    (["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "512"], "--seq-len 512"),
-    (["--gpu", "rtx4070", "--recipe", "speedrun", "--micro-batch", "3"], "--micro-batch 3 does not divide"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--model", "tiny", "--seq-len", "512"], "--seq-len 512"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--micro-batch", "3"], "--micro-batch 3 does not divide"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "2048"], "--seq-len 2048"),
+    (["--gpu", "rtx4070", "--recipe", "speedrun", "--micro-batch", "2"], "packs one sequence per micro-batch"),
 ])
 def test_bad_flags_give_one_error_line_and_exit_2(argv, needle, capsys):
     assert memory.main(argv) == 2
@@ -520,10 +554,14 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy") == p.micro_batch
     assert preset_micro_batch("rtx4070", "torch") == p.micro_batch
     assert preset_micro_batch("cpu", "triton") == PRESETS["cpu"].micro_batch
-    assert preset_micro_batch("rtx4070", "torch", recipe="speedrun") == p.speedrun_micro_batch < p.micro_batch
-    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun") == p.triton_micro_batch
-    # the preset's default recipe (speedrun) and backend (torch): the speedrun's torch LM head
-    assert resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0].micro_batch == p.speedrun_micro_batch
+    assert preset_micro_batch("rtx4070", "torch", recipe="speedrun-dense") == p.speedrun_micro_batch < p.micro_batch
+    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun-dense") == p.triton_micro_batch
+    assert resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0].micro_batch \
+        == p.speedrun_micro_batch  # the speedrun-dense torch LM head (the preset's default backend)
+    # the preset's default recipe (speedrun): one packed sequence of the preset's speedrun_seq_len per micro-batch
+    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun") == 1
+    default = resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0]
+    assert (default.recipe, default.micro_batch, default.seq_len) == ("speedrun", 1, p.speedrun_seq_len)
     base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--out-dir", "unused"]
     assert resolve_config(base)[0].micro_batch == p.micro_batch  # the preset's default backend: torch
     assert resolve_config(base + ["--backend", "triton"])[0].micro_batch == p.triton_micro_batch
@@ -534,15 +572,23 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
 
 
 def _newest_record(preset: str, recipe: str = "gpt2") -> dict | None:
-    prefix = "memory-speedrun-" if recipe == "speedrun" else "memory-"
-    paths = sorted((REPO / "bench" / "results").glob(f"{prefix}{preset}-*.json"))
+    """The newest memory record of a recipe for a preset: speedrun-dense's are memory-speedrun-dense-* and, from before
+    the rename, memory-speedrun-* (recipe "speedrun", no "packed" field); speedrun's are memory-speedrun-packed-*."""
+    results = REPO / "bench" / "results"
+    if recipe == "speedrun-dense":
+        paths = [*results.glob(f"memory-speedrun-{preset}-*.json"), *results.glob(f"memory-speedrun-dense-{preset}-*")]
+        paths = sorted(paths, key=lambda p: p.name.rsplit("-", 1)[-1])  # by date
+    else:
+        prefix = {"gpt2": "memory-", "speedrun": "memory-speedrun-packed-"}[recipe]
+        paths = sorted(results.glob(f"{prefix}{preset}-*.json"))
     return json.loads(paths[-1].read_text()) if paths else None
 
 
 def test_gpu_presets_fit_by_their_memory_record():
     """Each GPU preset's micro-batches are within what its committed memory records found to fit: micro_batch for
-    the torch LM head, triton_micro_batch for the fused one (both recipes), speedrun_micro_batch for the speedrun
-    recipe's torch LM head."""
+    the torch LM head, triton_micro_batch for the fused one (gpt2 and speedrun-dense), speedrun_micro_batch for the
+    speedrun-dense recipe's torch LM head; and, where a packed record exists, speedrun_seq_len (torch LM head) and
+    triton_speedrun_seq_len (fused) within its --max search."""
     from train_speedrun import PRESETS
 
     assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
@@ -555,11 +601,16 @@ def test_gpu_presets_fit_by_their_memory_record():
         if p.triton_micro_batch:
             assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
         assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
-        speedrun = _newest_record(name, "speedrun")  # the GPU presets' default recipe
-        assert speedrun is not None and speedrun["recipe"] == "speedrun", name
-        fit = speedrun["max_micro_batch"]
+        dense = _newest_record(name, "speedrun-dense")
+        assert dense is not None and dense["recipe"] in ("speedrun", "speedrun-dense") and not dense.get("packed")
+        fit = dense["max_micro_batch"]
         assert p.speedrun_micro_batch <= fit["torch"]["micro_batch"], name
         assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
+        packed = _newest_record(name, "speedrun")  # the GPU presets' default recipe
+        if packed is not None:
+            assert packed["recipe"] == "speedrun" and packed["packed"], name
+            assert p.speedrun_seq_len <= packed["max_seq_len"]["torch"]["seq_len"], name
+            assert p.triton_speedrun_seq_len <= packed["max_seq_len"]["triton"]["seq_len"], name
 
 
 def test_fakes_size_scratch_for_the_planned_gpu():
