@@ -278,8 +278,10 @@ def commands(name: str, py: str, scratch: Path, probe: dict) -> list[str]:
         return [py, "bench/train.py", "--micro-batches", "8", "--configs", "triton,triton+compile,torch+compile",
                 "--warmup", "3", "--cap-max-micro-batch", "8", "--out-dir", str(scratch / "train")]
     if name == "memory":
-        return [py, MEMORY_SCRIPT, "--gpu", "rtx4070", "--backend", "triton", "--micro-batch", "8",
-                "--json", str(scratch / "memory.json")]
+        # bench/train.py's recipe (speedrun-dense on GPUs: it times (micro-batch, T = 1024) steps), so that the
+        # estimate and the measured peak are of the same step
+        return [py, MEMORY_SCRIPT, "--gpu", "rtx4070", "--recipe", "speedrun-dense", "--backend", "triton",
+                "--micro-batch", "8", "--json", str(scratch / "memory.json")]
     if name == "kernel-bench":
         return [py, "bench/kernels.py", "--quick", "--op", "attention", "--op", "cross_entropy",
                 "--out-dir", str(scratch / "kernels")]

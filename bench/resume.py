@@ -76,7 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_argv(args, backend: str, compile_: bool, out_dir: Path) -> list[str]:
     tokens = args.micro_batch * args.seq_len
     half = args.steps // 2
-    return ["--gpu", args.gpu, "--model", args.model, "--data", args.data, "--backend", backend,
+    # (micro-batch, T) runs: gpt2 on the cpu preset, speedrun-dense on GPUs (the packed --recipe speedrun, the GPU
+    # presets' default, takes no --micro-batch)
+    import torch
+
+    on_cpu = args.gpu == "cpu" or (args.gpu == "auto" and not torch.cuda.is_available())
+    recipe = "gpt2" if on_cpu else "speedrun-dense"
+    return ["--gpu", args.gpu, "--recipe", recipe, "--model", args.model, "--data", args.data, "--backend", backend,
             "--compile" if compile_ else "--no-compile", "--micro-batch", str(args.micro_batch),
             "--seq-len", str(args.seq_len), "--total-batch-tokens", str(tokens * args.grad_accum),
             "--max-steps", str(args.steps), "--warmup-steps", str(max(1, half)), "--val-every", str(args.steps),

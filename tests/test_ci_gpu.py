@@ -184,7 +184,8 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
             "bench/train.py --micro-batches 8 --configs triton,triton+compile,torch+compile --warmup 3 "
             f"--cap-max-micro-batch 8 --out-dir {scratch}/train"]
     if memory:
-        want.append(f"bench/memory.py --gpu rtx4070 --backend triton --micro-batch 8 --json {scratch}/memory.json")
+        want.append(f"bench/memory.py --gpu rtx4070 --recipe speedrun-dense --backend triton --micro-batch 8 --json "
+                    f"{scratch}/memory.json")
     want += [f"bench/kernels.py --quick --op attention --op cross_entropy --out-dir {scratch}/kernels",
              "-m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py "
              "-k every_autotune_candidate"]

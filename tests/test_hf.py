@@ -427,11 +427,12 @@ def test_export_cli_user_errors(tmp_path, capsys):
 # ------------------------------------------------------------------------------ speedrun checkpoints
 
 
-def test_export_refuses_a_speedrun_checkpoint(tmp_path):
-    """A --recipe speedrun checkpoint has no GPT2LMHeadModel form: one error line saying what it is and what
-    export covers, exit 2, nothing written."""
+@pytest.mark.parametrize("dense", [False, True], ids=["speedrun", "speedrun-dense"])
+def test_export_refuses_a_speedrun_checkpoint(tmp_path, dense):
+    """A --recipe speedrun or speedrun-dense checkpoint has no GPT2LMHeadModel form: one error line saying what it
+    is and what export covers, exit 2, nothing written."""
     (tmp_path / "run").mkdir()
-    save_speedrun_checkpoint(tmp_path / "run", 4, tiny_speedrun(block_size=16))
+    save_speedrun_checkpoint(tmp_path / "run", 4, tiny_speedrun(block_size=16, dense=dense))
     out = tmp_path / "hf-out"
     r = export("--checkpoint", tmp_path / "run", "--out", out)
     lines = r.stderr.strip().splitlines()
@@ -440,7 +441,7 @@ def test_export_refuses_a_speedrun_checkpoint(tmp_path):
     assert "not a GPT2LMHeadModel" in lines[0] and "gpt2 recipe only" in lines[0]
     assert not out.exists()
     with pytest.raises(HFFormatError, match="not a GPT2LMHeadModel"):  # the library call too
-        save_hf(tiny_speedrun(block_size=16), out)
+        save_hf(tiny_speedrun(block_size=16, dense=dense), out)
     assert not out.exists()
 
 
