@@ -1,4 +1,4 @@
-"""Train a GPT on FineWeb to val loss <= 3.28 as fast as possible, under one of two recipes.
+"""Train a GPT on FineWeb to val loss <= 3.28 as fast as possible, under one of three recipes.
 
     python train_speedrun.py --gpu rtx4070                              # the main job (--recipe speedrun)
     python train_speedrun.py --gpu rtx4070 --recipe gpt2                # llm.c's GPT-2 124M recipe
