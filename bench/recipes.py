@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""A/B of the two recipes at small scale: gpt2 (llm.c) against speedrun (modded-nanogpt 2024-11-10), equal model
-size and equal tokens, each at its own tuned lr.
+"""A/B of the recipes at small scale: gpt2 (llm.c) against the speedrun recipes (modded-nanogpt records), equal
+model size and equal tokens, each at its own tuned lr.
 
     python bench/recipes.py                                   # CPU: tiny model, sample data; writes the record
     python bench/recipes.py --data data/fineweb10B --gpu auto --model d12 --steps 500 --total-batch-tokens 65536
@@ -9,10 +9,12 @@ size and equal tokens, each at its own tuned lr.
 On a shared CPU run it with OMP_NUM_THREADS=1 (every training inherits it): one intra-op thread is the fastest for the
 tiny model there (1.2 s a step instead of 2-3 s with 8 processes on 2 cores); the record notes the setting.
 
-Each recipe first sweeps its lrs (--lrs-gpt2: AdamW's peak lr; --lrs-speedrun: the multiplier on every optimizer
-group's base lr, 1.0 = the record's) at a short budget (--sweep-steps, the schedule scaled to that length), keeps
-the lr with the lowest final val loss, and then trains at the full budget (--steps x --total-batch-tokens). A list
-of one lr skips that recipe's sweep. Every training is a fresh `train_speedrun.py` process (no state shared
+Each recipe (--recipes, default all) first sweeps its lrs (--lrs RECIPE=LR,LR,...: for gpt2 AdamW's peak lr,
+default 1e-3,2e-3,4e-3; for a speedrun recipe the multiplier on every optimizer group's base lr, 1.0 = the
+record's, default 0.5,1,2) at a short budget (--sweep-steps, the schedule scaled to that length) and keeps the lr
+with the lowest final val loss. A best lr at either end of what was swept is not a tuned one: the sweep then goes
+on past that end by the sweep's own ratio (up to --extend more runs, default 2). The kept lr then trains at the
+full budget (--steps x --total-batch-tokens). A list of one lr skips that recipe's sweep. Every training is a fresh `train_speedrun.py` process (no state shared
 between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
 result.json gives the val curve. gpt2 warms up over llm.c's fraction of the run (700 of 18,865 steps), speedrun
 over none (the record's); each then follows its own schedule (cosine to 0; constant, then linear to 0 over the last
@@ -40,9 +42,23 @@ import time  # noqa: E402
 
 from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
+# train_speedrun.RECIPES, gpt2 first (the baseline the others are compared with); spelled out here so that a bad flag
+# gets its error line without torch's import time (tests/test_bench_recipes.py checks the two agree).
 RECIPES = ("gpt2", "speedrun")
-# Default sweeps: around the cpu preset's AdamW peak (2e-3) and around the record's lrs (multiplier 1.0).
-DEFAULT_LRS = {"gpt2": (1e-3, 2e-3, 4e-3), "speedrun": (0.5, 1.0, 2.0)}
+
+
+def known_recipes() -> tuple[str, ...]:
+    return RECIPES
+
+
+# Default sweeps: around the cpu preset's AdamW peak (2e-3), and around the records' lrs (multiplier 1.0).
+DEFAULT_LRS_GPT2 = (1e-3, 2e-3, 4e-3)
+DEFAULT_LRS_MULT = (0.5, 1.0, 2.0)
+
+
+def default_lrs(recipe: str, smoke: bool) -> tuple[float, ...]:
+    lrs = DEFAULT_LRS_GPT2 if recipe == "gpt2" else DEFAULT_LRS_MULT
+    return (lrs[1],) if smoke else lrs
 GPT2_WARMUP_FRAC = 700 / 18_865  # llm.c's GPT-2 124M run: 700 warmup steps of 18,865
 
 
@@ -58,6 +74,24 @@ def lr_list(text: str) -> tuple[float, ...]:
     if not lrs or any(not lr > 0 for lr in lrs):
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more lrs > 0, comma-separated")
     return lrs
+
+
+def lrs_entry(text: str) -> tuple[str, tuple[float, ...]]:
+    recipe, sep, values = text.partition("=")
+    if not sep or not recipe.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give RECIPE=LR,LR,..., e.g. gpt2=1e-3,2e-3")
+    return recipe.strip(), lr_list(values)
+
+
+def recipe_list(text: str) -> tuple[str, ...]:
+    names = tuple(r.strip() for r in text.split(",") if r.strip())
+    known = known_recipes()
+    bad = [r for r in names if r not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: the recipes are {', '.join(known)} (comma-separated)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a recipe is named twice")
+    return names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,10 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default steps/10)")
     p.add_argument("--val-tokens", type=int, default=None, help="val tokens per validation (default 8192; smoke "
                                                                  "the batch)")
-    p.add_argument("--lrs-gpt2", type=lr_list, default=None,
-                   help="gpt2 AdamW peak lrs to sweep, comma list (default 1e-3,2e-3,4e-3)")
-    p.add_argument("--lrs-speedrun", type=lr_list, default=None,
-                   help="speedrun lr multipliers to sweep, comma list (default 0.5,1,2)")
+    p.add_argument("--recipes", type=recipe_list, default=None,
+                   help=f"recipes to compare, comma list (default all: {','.join(known_recipes())})")
+    p.add_argument("--lrs", type=lrs_entry, action="append", default=[], metavar="RECIPE=LR,LR,...",
+                   help="a recipe's lrs to sweep (repeat per recipe): gpt2's AdamW peak lr (default 1e-3,2e-3,4e-3), "
+                        "a speedrun recipe's multiplier on its base lrs (default 0.5,1,2)")
+    p.add_argument("--extend", type=int, default=2,
+                   help="more sweep runs past an end when the best lr is at it (default 2; 0 = the list only)")
     p.add_argument("--seed", type=int, default=1337, help="init seed of every run (default 1337)")
     p.add_argument("--smoke", action="store_true", help="a few steps per run, one lr each: the plumbing only")
     p.add_argument("--out-dir", type=Path, default=None,
@@ -100,8 +137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.micro_batch = args.micro_batch or (2 if smoke else None)
     args.val_every = max(1, args.steps // (2 if smoke else 10)) if args.val_every is None else args.val_every
     args.val_tokens = (args.total_batch_tokens if smoke else 8192) if args.val_tokens is None else args.val_tokens
-    args.lrs = {"gpt2": args.lrs_gpt2 or ((DEFAULT_LRS["gpt2"][1],) if smoke else DEFAULT_LRS["gpt2"]),
-                "speedrun": args.lrs_speedrun or ((1.0,) if smoke else DEFAULT_LRS["speedrun"])}
+    args.recipes = args.recipes or known_recipes()
+    given = dict(args.lrs)
+    for recipe in given:
+        if recipe not in args.recipes:
+            p.error(f"--lrs {recipe}=...: {recipe} is not among the recipes compared ({', '.join(args.recipes)})")
+    args.lrs = {r: given.get(r) or default_lrs(r, smoke) for r in args.recipes}
+    if args.extend < 0:
+        p.error(f"--extend {args.extend}: needs 0 or more")
     for name in ("steps", "sweep_steps", "total_batch_tokens", "seq_len", "val_every", "val_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: needs a positive number")
@@ -166,7 +209,7 @@ def save_plot(path: Path, record: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for recipe, run in record["ab"].items():
         ax.plot([v["tokens"] for v in run["val"]], [v["loss"] for v in run["val"]], "o-", ms=3,
-                label=f"{recipe} (lr {run['lr']:g}{' x base' if recipe == 'speedrun' else ''}): "
+                label=f"{recipe} (lr {run['lr']:g}{'' if recipe == 'gpt2' else ' x base'}): "
                       f"{run['final_val_loss']:.4f}")
     c = record["config"]
     ax.set(xlabel="tokens", ylabel="val loss",
@@ -178,12 +221,29 @@ def save_plot(path: Path, record: dict) -> str | None:
     return str(path)
 
 
-def verdict(ab: dict) -> dict | None:
-    if not all(r in ab for r in RECIPES):
+def verdict(ab: dict, recipes: tuple[str, ...]) -> dict | None:
+    """Once every recipe's A/B run is in: the ranking by final val loss, each recipe's difference from gpt2's (when
+    gpt2 ran) and whether the token counts were equal."""
+    if not all(r in ab for r in recipes):
         return None
-    g, s = ab["gpt2"]["final_val_loss"], ab["speedrun"]["final_val_loss"]
-    return {"winner": "speedrun" if s < g else "gpt2" if g < s else "tie",
-            "speedrun_minus_gpt2": s - g, "equal_tokens": ab["gpt2"]["tokens"] == ab["speedrun"]["tokens"]}
+    ranking = sorted(recipes, key=lambda r: ab[r]["final_val_loss"])
+    best = [r for r in ranking if ab[r]["final_val_loss"] == ab[ranking[0]]["final_val_loss"]]
+    out = {"winner": best[0] if len(best) == 1 else "tie", "ranking": ranking,
+           "equal_tokens": len({ab[r]["tokens"] for r in recipes}) == 1}
+    if "gpt2" in ab:
+        out["minus_gpt2"] = {r: ab[r]["final_val_loss"] - ab["gpt2"]["final_val_loss"] for r in recipes if r != "gpt2"}
+    return out
+
+
+def next_lr(tried: list[dict]) -> float | None:
+    """The lr past the swept end that won, by the sweep's own ratio; None when the best lies inside what was tried."""
+    lrs = sorted(s["lr"] for s in tried)
+    best = min(tried, key=lambda s: s["final_val_loss"])["lr"]
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    if best == lrs[-1]:
+        return best * (lrs[-1] / lrs[-2])
+    return best / (lrs[1] / lrs[0])
 
 
 def main(argv=None) -> int:
@@ -212,45 +272,60 @@ def main(argv=None) -> int:
               "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
               "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "lrs_swept": {r: list(args.lrs[r]) for r in RECIPES},
+              "recipes": list(args.recipes), "lrs_given": {r: list(args.lrs[r]) for r in args.recipes},
+              "extend": args.extend,
               "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
-    sweep: dict[str, list] = {r: [] for r in RECIPES}
+    sweep: dict[str, list] = {r: [] for r in args.recipes}
     ab: dict[str, dict] = {}
 
     def record() -> dict:
-        return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(RECIPES),
+        return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(args.recipes),
                 "date": now.isoformat(timespec="seconds"), **env, "config": config,
-                "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr), the lr with the lowest "
-                          "final val kept, then the A/B at --steps; equal model, tokens, data, seed and val set; "
-                          "gpt2 lr = AdamW peak, speedrun lr = multiplier on every group's base lr; each run a "
-                          "fresh train_speedrun.py process",
-                "sweep": sweep, "ab": ab, "result": verdict(ab)}
+                "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr; continued past an end "
+                          "that wins, up to --extend runs), the lr with the lowest final val kept, then the A/B at "
+                          "--steps; equal model, tokens, data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
+                          "recipe's lr = multiplier on every group's base lr; each run a fresh train_speedrun.py "
+                          "process",
+                "sweep": sweep, "ab": ab, "result": verdict(ab, args.recipes)}
 
     def save() -> None:
         if path is not None:
             atomic_write_json(path, record())
 
     tokens = args.steps * args.total_batch_tokens
+    lrs_text = "; ".join(f"{r} lr {'' if r == 'gpt2' else 'x '}{', '.join(map(str, args.lrs[r]))}"
+                         for r in args.recipes)
     log(f"recipes A/B on {env['device']}: --model {args.model}, --data {args.data}, {args.steps} steps x "
         f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}); sweep "
-        f"{args.sweep_steps} steps: gpt2 lr {', '.join(map(str, args.lrs['gpt2']))}; speedrun lr x "
-        f"{', '.join(map(str, args.lrs['speedrun']))}")
+        f"{args.sweep_steps} steps: {lrs_text}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))
     started = time.perf_counter()
     try:
-        for recipe in RECIPES:
-            lrs = args.lrs[recipe]
+        for recipe in args.recipes:
+            lrs = list(args.lrs[recipe])
             best = lrs[0]
             if len(lrs) > 1:
-                for lr in lrs:
+                extended = 0
+                while lrs:
+                    lr = lrs.pop(0)
                     t0 = time.perf_counter()
                     res = run_training(train_argv(args, recipe, lr, args.sweep_steps, work / f"sweep-{recipe}-{lr:g}"))
-                    sweep[recipe].append({k: v for k, v in summary(recipe, lr, res, time.perf_counter() - t0).items()
-                                          if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")})
+                    entry = summary(recipe, lr, res, time.perf_counter() - t0)
+                    sweep[recipe].append({**{k: v for k, v in entry.items()
+                                             if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
+                                          "extension": extended > 0 and not lrs})
                     log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val {res['final_val_loss']:.4f} "
                         f"({time.perf_counter() - t0:.0f} s, {time.perf_counter() - started:.0f} s so far)")
                     save()
+                    if not lrs and extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
+                        extended += 1
+                        log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
+                            f"({extended} of at most {args.extend} more)")
+                        lrs.append(more)
                 best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
+                if next_lr(sweep[recipe]) is not None:
+                    log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
+                        f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
             t0 = time.perf_counter()
             res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
             ab[recipe] = summary(recipe, best, res, time.perf_counter() - t0)
@@ -272,12 +347,14 @@ def main(argv=None) -> int:
     rec = record()
     v = rec["result"]
     log("")
-    log("| recipe   | lr       | tokens     | final val |")
-    log("|----------|----------|------------|-----------|")
-    for recipe, run in ab.items():
-        log(f"| {recipe:8s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} |")
-    log(f"winner: {v['winner']} (speedrun - gpt2 = {v['speedrun_minus_gpt2']:+.4f} val loss at "
-        f"{'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens)")
+    log("| recipe         | lr       | tokens     | final val | - gpt2  |")
+    log("|----------------|----------|------------|-----------|---------|")
+    for recipe in v["ranking"]:
+        run = ab[recipe]
+        diff = v.get("minus_gpt2", {}).get(recipe)
+        log(f"| {recipe:14s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} | "
+            f"{'' if diff is None else f'{diff:+.4f}':7s} |")
+    log(f"winner: {v['winner']} at {'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens")
     if path is None:
         log("no record written (smoke run without --out-dir)")
         return 0

@@ -18,7 +18,8 @@ def bench(*args, timeout=300):
 
 def test_smoke_record_has_both_curves_at_equal_tokens(tmp_path):
     # two speedrun lrs: the sweep path runs too (2 steps each), then 4-step A/B runs of both recipes
-    proc = bench("--smoke", "--lrs-speedrun", "0.5,1", "--out-dir", tmp_path)
+    proc = bench("--smoke", "--recipes", "gpt2,speedrun", "--lrs", "speedrun=0.5,1", "--extend", "0",
+                 "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
     rec = json.loads(path.read_text())
@@ -26,6 +27,7 @@ def test_smoke_record_has_both_curves_at_equal_tokens(tmp_path):
     c = rec["config"]
     assert c["model"] == "tiny" and c["data"] == "sample" and c["steps"] == 4 and c["sweep_steps"] == 2
     assert [s["lr"] for s in rec["sweep"]["speedrun"]] == [0.5, 1.0] and rec["sweep"]["gpt2"] == []
+    assert not any(s["extension"] for s in rec["sweep"]["speedrun"])
     best = min(rec["sweep"]["speedrun"], key=lambda s: s["final_val_loss"])["lr"]
     ab = rec["ab"]
     assert set(ab) == {"gpt2", "speedrun"} and ab["speedrun"]["lr"] == best and ab["gpt2"]["lr"] == 2e-3
@@ -37,15 +39,64 @@ def test_smoke_record_has_both_curves_at_equal_tokens(tmp_path):
     assert ab["gpt2"]["parameters"] != ab["speedrun"]["parameters"]  # two different models of the same size class
     r = rec["result"]
     assert r["equal_tokens"] is True
-    assert r["speedrun_minus_gpt2"] == pytest.approx(ab["speedrun"]["final_val_loss"] - ab["gpt2"]["final_val_loss"])
-    assert r["winner"] == ("speedrun" if r["speedrun_minus_gpt2"] < 0 else "gpt2")
-    assert "| speedrun |" in proc.stdout and "winner:" in proc.stdout
+    diff = r["minus_gpt2"]["speedrun"]
+    assert diff == pytest.approx(ab["speedrun"]["final_val_loss"] - ab["gpt2"]["final_val_loss"])
+    assert r["winner"] == ("speedrun" if diff < 0 else "gpt2") and r["ranking"][0] == r["winner"]
+    assert "| speedrun " in proc.stdout and "winner:" in proc.stdout
+
+
+def test_recipes_named_as_the_trainer_names_them():
+    mod = load_script("bench/recipes.py", "bench_recipes_names")
+    trainer = load_script("train_speedrun.py", "train_speedrun_names")
+    assert mod.RECIPES == trainer.RECIPES and mod.RECIPES[0] == "gpt2"
+
+
+@pytest.mark.parametrize("tried, expected", [
+    ([(1e-3, 9.0), (2e-3, 8.0), (4e-3, 7.0)], 8e-3),  # best at the top: one more doubling
+    ([(0.5, 5.0), (1.0, 5.5), (2.0, 6.0)], 0.25),  # best at the bottom: one more halving
+    ([(0.5, 6.0), (1.0, 5.0), (2.0, 5.5)], None),  # best inside: tuned
+    ([(4e-3, 7.0), (1e-3, 9.0), (2e-3, 8.0), (8e-3, 7.5)], None),  # an extension that lost: the old top is inside
+    ([(1.0, 5.0)], None),  # one lr: nothing to extend from
+])
+def test_sweep_goes_on_past_a_winning_end(tried, expected):
+    mod = load_script("bench/recipes.py", "bench_recipes_next_lr")
+    got = mod.next_lr([{"lr": lr, "final_val_loss": loss} for lr, loss in tried])
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_extension_runs_the_next_lr_and_stops_at_the_limit(tmp_path, monkeypatch):
+    mod = load_script("bench/recipes.py", "bench_recipes_extend")
+    runs = []
+
+    def fake_training(argv):  # val loss falls with lr for ever: the sweep extends exactly --extend times
+        lr = float(argv[argv.index("--lr") + 1])
+        steps = int(argv[argv.index("--max-steps") + 1])
+        runs.append((argv[argv.index("--recipe") + 1], lr, steps))
+        loss = 10.0 - lr
+        return {"steps_done": steps, "tokens_seen": 128 * steps, "final_val_loss": loss, "train_losses": [loss],
+                "val": [{"step": steps, "tokens": 128 * steps, "loss": loss}], "train_time_s": 1.0, "parameters": 1,
+                "flops_per_token": 1, "config": {}}
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    assert mod.main(["--smoke", "--recipes", "speedrun", "--lrs", "speedrun=0.5,1", "--extend", "2",
+                     "--out-dir", str(tmp_path)]) == 0
+    assert runs == [("speedrun", 0.5, 2), ("speedrun", 1.0, 2), ("speedrun", 2.0, 2), ("speedrun", 4.0, 2),
+                    ("speedrun", 4.0, 4)]
+    [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
+    rec = json.loads(path.read_text())
+    assert [s["extension"] for s in rec["sweep"]["speedrun"]] == [False, False, True, True]
+    assert rec["ab"]["speedrun"]["lr"] == 4.0 and rec["result"]["winner"] == "speedrun"
+    assert "minus_gpt2" not in rec["result"]
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--steps", "0"], "--steps 0"),
-    (["--lrs-gpt2", "abc"], "comma-separated"),
-    (["--lrs-speedrun", "-1"], "lrs > 0"),
+    (["--lrs", "gpt2=abc"], "comma-separated"),
+    (["--lrs", "speedrun=-1"], "lrs > 0"),
+    (["--lrs", "1e-3"], "RECIPE=LR"),
+    (["--recipes", "gpt2,gpt3"], "the recipes are"),
+    (["--recipes", "speedrun", "--lrs", "gpt2=1e-3"], "not among the recipes compared"),
+    (["--extend", "-1"], "--extend -1"),
     (["--seq-len", "100"], "not a multiple of --seq-len"),
     (["--smoke", "--out-dir", "bench/results"], "smoke runs never write into bench/results"),
     (["--data", "/nonexistent/shards"], "no such directory"),
