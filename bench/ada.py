@@ -743,7 +743,8 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
         "## Ada fit" if arch == "sm_89" else f"## {arch} fit",
         "",
         f"Every Triton kernel launch that the {', '.join(presets)} preset{'s' if len(presets) > 1 else ''} can make "
-        f"({arch}; GPT-2 {', '.join(models)}{also} at their training shapes, bf16 autocast), compiled for {arch} without "
+        f"({arch}; GPT-2 {', '.join(models)}{also} at their training shapes, bf16 autocast), compiled for {arch} "
+        f"without "
         f"a GPU by `python bench/ada.py --arch {arch}` (triton {first['triton']}, ptxas {first['ptxas']}, commit "
         f"`{first['commit'][:10]}`{f'; record `{source}`' if source else ''}). Limits: {lim.shared_per_block:,} B of "
         f"shared memory per block, 255 registers per thread; per SM {REGS_PER_SM // 1024}K registers, "

@@ -14,8 +14,8 @@ default 1e-3,2e-3,4e-3; for a speedrun recipe the multiplier on every optimizer 
 record's, default 0.5,1,2) at a short budget (--sweep-steps, the schedule scaled to that length) and keeps the lr
 with the lowest final val loss. A best lr at either end of what was swept is not a tuned one: the sweep then goes
 on past that end by the sweep's own ratio (up to --extend more runs, default 2). The kept lr then trains at the
-full budget (--steps x --total-batch-tokens). A list of one lr skips that recipe's sweep. Every training is a fresh `train_speedrun.py` process (no state shared
-between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
+full budget (--steps x --total-batch-tokens). A list of one lr skips that recipe's sweep. Every training is a
+fresh `train_speedrun.py` process (no state shared between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
 result.json gives the val curve. gpt2 warms up over llm.c's fraction of the run (700 of 18,865 steps), speedrun
 over none (the record's); each then follows its own schedule (cosine to 0; constant, then linear to 0 over the last
 30 %). The record (bench/results/recipes-<device>-<date>.json; "complete": false until the A/B is done, rewritten
