@@ -9,18 +9,21 @@ model size and equal tokens, each at its own tuned lr.
 On a shared CPU run it with OMP_NUM_THREADS=1 (every training inherits it): one intra-op thread is the fastest for the
 tiny model there (1.2 s a step instead of 2-3 s with 8 processes on 2 cores); the record notes the setting.
 
-Each recipe (--recipes, default all) first sweeps its lrs (--lrs RECIPE=LR,LR,...: for gpt2 AdamW's peak lr,
-default 1e-3,2e-3,4e-3; for a speedrun recipe the multiplier on every optimizer group's base lr, 1.0 = the
-record's, default 0.5,1,2) at a short budget (--sweep-steps, the schedule scaled to that length) and keeps the lr
-with the lowest final val loss. A best lr at either end of what was swept is not a tuned one: the sweep then goes
-on past that end by the sweep's own ratio (up to --extend more runs, default 2). The kept lr then trains at the
-full budget (--steps x --total-batch-tokens). A list of one lr skips that recipe's sweep. Every training is a
-fresh `train_speedrun.py` process (no state shared between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
-result.json gives the val curve. gpt2 warms up over llm.c's fraction of the run (700 of 18,865 steps), speedrun
-over none (the record's); each then follows its own schedule (cosine to 0; constant, then linear to 0 over the last
-30 %). The record (bench/results/recipes-<device>-<date>.json; "complete": false until the A/B is done, rewritten
-after every run, so an interrupt keeps the finished runs) holds the sweep, both val curves, the winner and the
-difference of final val losses; a plot goes beside it when matplotlib is installed.
+Each recipe (--recipes, default all) sweeps its lrs (--lrs RECIPE=LR,LR,...: for gpt2 AdamW's peak lr, default
+1e-3,2e-3,4e-3; for a speedrun recipe the multiplier on every optimizer group's base lr, 1.0 = the record's,
+default 0.5,1,2) and keeps the lr with the lowest final val loss. A best lr at either end of what was swept is not
+a tuned one: the sweep then goes on past that end by the sweep's own ratio (up to --extend more runs, default 2).
+By default every sweep run trains the full budget (--steps x --total-batch-tokens) and the best one is the A/B
+run: a shorter sweep (--sweep-steps, the schedule scaled to that length, the kept lr then retrained at the full
+budget) is cheaper but favours high lrs (measured here: gpt2's 30-step sweep picked 1.6e-2, which ends 150 steps
+at 5.92 where 4e-3 reaches 5.84). A list of one lr skips that recipe's sweep. Every training is a fresh
+`train_speedrun.py` process (no state shared between runs) with its own out dir under --work-dir, on the same
+data, seed, --val-every and --val-tokens; its result.json gives the val curve. gpt2 warms up over llm.c's
+fraction of the run (700 of 18,865 steps), the speedrun recipes over none (the records'); each then follows its
+own schedule (cosine to 0; constant, then linear to 0 over the record's last fraction). The record
+(bench/results/recipes-<device>-<date>.json; "complete": false until every A/B run is done, rewritten after every
+run, so an interrupt keeps the finished runs) holds the sweeps, every recipe's val curve, the ranking and each
+recipe's difference from gpt2; a plot goes beside it when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -107,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="sample", help="'sample' (built-in corpus) or a dir of shards (default sample)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 150; smoke 4)")
     p.add_argument("--sweep-steps", type=int, default=None,
-                   help="steps of each lr-sweep run (default steps/5; smoke 2)")
+                   help="steps of each lr-sweep run (default --steps: the sweep's best run is the A/B run; shorter "
+                        "sweeps favour high lrs; smoke 2)")
     p.add_argument("--total-batch-tokens", type=int, default=None, help="tokens per step (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default 128; smoke 64)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: the preset's)")
@@ -131,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     smoke = args.smoke
     args.gpu = args.gpu or "cpu"
     args.steps = (4 if smoke else 150) if args.steps is None else args.steps
-    args.sweep_steps = (2 if smoke else max(1, args.steps // 5)) if args.sweep_steps is None else args.sweep_steps
+    args.sweep_steps = (2 if smoke else args.steps) if args.sweep_steps is None else args.sweep_steps
     args.total_batch_tokens = (128 if smoke else 1024) if args.total_batch_tokens is None else args.total_batch_tokens
     args.seq_len = (64 if smoke else 128) if args.seq_len is None else args.seq_len
     args.micro_batch = args.micro_batch or (2 if smoke else None)
@@ -283,7 +287,8 @@ def main(argv=None) -> int:
                 "date": now.isoformat(timespec="seconds"), **env, "config": config,
                 "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr; continued past an end "
                           "that wins, up to --extend runs), the lr with the lowest final val kept, then the A/B at "
-                          "--steps; equal model, tokens, data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
+                          "--steps (the sweep's best run itself when --sweep-steps = --steps); equal model, tokens, "
+                          "data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
                           "recipe's lr = multiplier on every group's base lr; each run a fresh train_speedrun.py "
                           "process",
                 "sweep": sweep, "ab": ab, "result": verdict(ab, args.recipes)}
@@ -304,6 +309,7 @@ def main(argv=None) -> int:
         for recipe in args.recipes:
             lrs = list(args.lrs[recipe])
             best = lrs[0]
+            full_runs = {}  # lr -> summary of a sweep run at the full budget: the A/B run if it wins
             if len(lrs) > 1:
                 extended = 0
                 while lrs:
@@ -311,6 +317,8 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     res = run_training(train_argv(args, recipe, lr, args.sweep_steps, work / f"sweep-{recipe}-{lr:g}"))
                     entry = summary(recipe, lr, res, time.perf_counter() - t0)
+                    if args.sweep_steps == args.steps:
+                        full_runs[lr] = entry
                     sweep[recipe].append({**{k: v for k, v in entry.items()
                                              if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
                                           "extension": extended > 0 and not lrs})
@@ -326,12 +334,17 @@ def main(argv=None) -> int:
                 if next_lr(sweep[recipe]) is not None:
                     log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
                         f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
-            t0 = time.perf_counter()
-            res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
-            ab[recipe] = summary(recipe, best, res, time.perf_counter() - t0)
-            log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
-                f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
-                f"{time.perf_counter() - started:.0f} s so far)")
+            if best in full_runs:  # the sweep ran at the full budget: its best run is the A/B run
+                ab[recipe] = {**full_runs[best], "from_sweep": True}
+                log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps: the sweep's best run, val "
+                    f"{ab[recipe]['final_val_loss']:.4f}")
+            else:
+                t0 = time.perf_counter()
+                res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
+                ab[recipe] = {**summary(recipe, best, res, time.perf_counter() - t0), "from_sweep": False}
+                log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
+                    f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
+                    f"{time.perf_counter() - started:.0f} s so far)")
             save()
     except KeyboardInterrupt:
         done = ", ".join(ab) or "none"

@@ -130,3 +130,28 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, capsys):
     assert rec["ab"]["gpt2"]["final_val_loss"] == 9.5
     assert "interrupted: A/B runs finished: gpt2" in capsys.readouterr().err
     assert "--recipe" in calls[1] and calls[1][calls[1].index("--recipe") + 1] == "speedrun"
+
+
+def test_full_budget_sweep_is_the_ab_run(tmp_path, monkeypatch):
+    """With --sweep-steps = --steps (the default outside --smoke) the sweep's best run is the A/B run: nothing is
+    trained twice, and the record says where the A/B came from."""
+    mod = load_script("bench/recipes.py", "bench_recipes_full_sweep")
+    runs = []
+
+    def fake_training(argv):  # the middle lr wins
+        lr = float(argv[argv.index("--lr") + 1])
+        steps = int(argv[argv.index("--max-steps") + 1])
+        runs.append((lr, steps))
+        loss = 5.0 + abs(lr - 1.0)
+        return {"steps_done": steps, "tokens_seen": 128 * steps, "final_val_loss": loss, "train_losses": [loss],
+                "val": [{"step": steps, "tokens": 128 * steps, "loss": loss}], "train_time_s": 1.0, "parameters": 1,
+                "flops_per_token": 1, "config": {}}
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    assert mod.main(["--smoke", "--recipes", "speedrun", "--lrs", "speedrun=0.5,1,2", "--steps", "4",
+                     "--sweep-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    assert runs == [(0.5, 4), (1.0, 4), (2.0, 4)]
+    [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
+    ab = json.loads(path.read_text())["ab"]["speedrun"]
+    assert ab["lr"] == 1.0 and ab["from_sweep"] is True and ab["final_val_loss"] == 5.0
+    assert mod.parse_args([]).sweep_steps == mod.parse_args([]).steps == 150  # the default: full-budget sweeps
