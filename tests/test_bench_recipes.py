@@ -155,3 +155,20 @@ def test_full_budget_sweep_is_the_ab_run(tmp_path, monkeypatch):
     ab = json.loads(path.read_text())["ab"]["speedrun"]
     assert ab["lr"] == 1.0 and ab["from_sweep"] is True and ab["final_val_loss"] == 5.0
     assert mod.parse_args([]).sweep_steps == mod.parse_args([]).steps == 150  # the default: full-budget sweeps
+
+
+def test_committed_cpu_record_speedrun_below_gpt2_at_tuned_lrs():
+    """The committed CPU A/B (README's figures): complete, equal tokens, each recipe's lr inside its sweep (not at an
+    end), and speedrun's final val below gpt2's, as README states."""
+    paths = sorted((REPO / "bench" / "results").glob("recipes-cpu-*.json"))
+    assert paths, "no bench/results/recipes-cpu-*.json: run python bench/recipes.py and commit its record"
+    rec = json.loads(paths[-1].read_text())
+    assert rec["complete"] and not rec["smoke"] and not rec["dirty"] and rec["result"]["equal_tokens"]
+    assert rec["config"]["model"] == "tiny" and rec["config"]["data"] == "sample"
+    for recipe, run in rec["ab"].items():
+        lrs = sorted(s["lr"] for s in rec["sweep"][recipe])
+        assert lrs[0] < run["lr"] < lrs[-1], f"{recipe}: lr {run['lr']} at an end of its sweep {lrs}"
+        assert run["final_val_loss"] == min(s["final_val_loss"] for s in rec["sweep"][recipe])
+    assert rec["ab"]["speedrun"]["final_val_loss"] < rec["ab"]["gpt2"]["final_val_loss"]
+    readme = (REPO / "README.md").read_text()
+    assert paths[-1].name in readme and f"{rec['ab']['speedrun']['final_val_loss']:.4f}" in readme
