@@ -10,8 +10,8 @@ this order, within a fixed time (a lent GPU's lease):
                     --data sample, MFU against the peak of the GPU it runs on (--peak-tflops from the probe)
   4. train-mb8      bench/train.py at micro-batch 8: triton, triton+compile, torch+compile in one round-robin,
                     then the rtx4070 preset's cap check at micro-batch 8 (peak reserved + context allowance)
-  5. memory         bench/memory.py's GPU-free estimate against the cap check's measured peak (skipped with one
-                    line while bench/memory.py does not exist)
+  5. memory         bench/memory.py's GPU-free estimate against the cap check's measured peak (same recipe and
+                    preset; skipped with one line in a tree without bench/memory.py)
   then, only with time left:
   6. kernel-bench   bench/kernels.py --quick for attention and cross-entropy
   7. autotune-tests every autotune candidate of attention and cross-entropy, natively
@@ -76,9 +76,9 @@ KERNEL_TESTS = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests
 # autotune candidates are step 7; the static sm_89 compile checks run on CPU (.ci/run)
 KERNEL_TESTS_K = "(bf16 or cuda or gpu or masters_match) and not every_autotune_candidate"
 MEMORY_SCRIPT = "bench/memory.py"
-# bench/memory.py --json (written on another branch; these field names are an assumption, first present wins):
-# the estimate of peak reserved memory, compared with the measured peak reserved, and of peak live (allocated)
-# memory, compared with the measured peak allocated
+# bench/memory.py --json: the estimate of peak reserved memory, compared with the measured peak reserved, and of
+# peak live (allocated) memory, compared with the measured peak allocated. The first name of each is the one
+# bench/memory.py writes (tests/test_memory.py checks it); the others, first present wins, read older records.
 RESERVED_FIELDS = (("peak_reserved_estimate_bytes", 2**-30), ("peak_reserved_bytes", 2**-30),
                    ("peak_reserved_estimate_gib", 1.0), ("peak_reserved_gib", 1.0))
 ALLOC_FIELDS = (("peak_bytes", 2**-30), ("peak_alloc_bytes", 2**-30), ("peak_gib", 1.0))
@@ -235,7 +235,12 @@ def memory_comparison(estimate: dict, train: dict | None, backend: str = "triton
            "estimate_reserved_gib": reserved, "estimate_reserved_field": reserved_key,
            "estimate_alloc_gib": alloc, "estimate_alloc_field": alloc_key,
            "measured_reserved_gib": None, "measured_alloc_gib": None}
+    out["recipe"] = estimate.get("recipe")
     runs = ((train or {}).get("cap") or {}).get("runs") or []
+    measured_recipe = (train or {}).get("recipe")
+    if out["recipe"] and measured_recipe and measured_recipe != out["recipe"]:  # not the same step: no ratio
+        out["recipe_mismatch"] = f"estimate {out['recipe']}, measured {measured_recipe}"
+        runs = []
     run = next((r for r in runs if r.get("backend") == backend and r.get("micro_batch") == micro_batch
                 and r.get("fits")), None)
     if run is not None:
@@ -255,7 +260,9 @@ def describe_comparison(c: dict) -> str:
         ratio = c.get(f"{kind}_estimate_over_measured")
         return text + ("" if ratio is None else f" (x{ratio:.3f})")
 
-    where = "" if c["measured_reserved_gib"] is not None else " (no fitting cap-check run in train.json)"
+    where = "" if c["measured_reserved_gib"] is not None else (
+        f" (recipes differ: {c['recipe_mismatch']})" if c.get("recipe_mismatch")
+        else " (no fitting cap-check run in train.json)")
     return (f"memory: rtx4070 {c['backend']}+compile mb {c['micro_batch']}{where}: {one('reserved', 'reserved')}; "
             f"{one('alloc', 'allocated')}")
 

@@ -736,12 +736,15 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
     bad = [r for r in rows if not r["fits"]]
     presets = sorted({u.split("/")[0] for r in rows for u in r["used_by"]})
     models = sorted({u.split("/")[1].split(":")[0] for r in rows for u in r["used_by"]})
+    speedrun = sorted({r["kernel"].split(".")[0] for r in rows if r["kernel"].split(".")[0] in SPEEDRUN_KERNELS})
+    also = f" and the speedrun model's {', '.join(speedrun)} at d12" if speedrun else ""
     merged = merge_specializations(rows)
     lines = [
         "## Ada fit" if arch == "sm_89" else f"## {arch} fit",
         "",
         f"Every Triton kernel launch that the {', '.join(presets)} preset{'s' if len(presets) > 1 else ''} can make "
-        f"({arch}; GPT-2 {', '.join(models)} at their training shapes, bf16 autocast), compiled for {arch} without "
+        f"({arch}; GPT-2 {', '.join(models)}{also} at their training shapes, bf16 autocast), compiled for {arch} "
+        f"without "
         f"a GPU by `python bench/ada.py --arch {arch}` (triton {first['triton']}, ptxas {first['ptxas']}, commit "
         f"`{first['commit'][:10]}`{f'; record `{source}`' if source else ''}). Limits: {lim.shared_per_block:,} B of "
         f"shared memory per block, 255 registers per thread; per SM {REGS_PER_SM // 1024}K registers, "
@@ -760,6 +763,10 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
         lines.append(f"| `{m['kernel']}` | {m['config']}{flag} | {m['shared']} | {m['registers']} | {m['spills']} "
                      f"| {m['mma']} | {m['occupancy']} |")
     return "\n".join(lines) + "\n"
+
+
+# Kernels only the speedrun model launches (issues 26-27): named in the document's opening line.
+SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention")
 
 
 def document(records: list[dict], archs: list[str], source: str, out: str) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""A/B of the two recipes at small scale: gpt2 (llm.c) against speedrun (modded-nanogpt 2024-11-10: the trainer's
---recipe speedrun-dense since the 2024-12-17 record took the name speedrun; this record keeps the key "speedrun"),
-equal model size and equal tokens, each at its own tuned lr.
+"""A/B of the recipes at small scale: gpt2 (llm.c) against the speedrun recipes (modded-nanogpt records:
+speedrun-dense, the 2024-11-10 one at T = --seq-len; speedrun, the 2024-12-17 one, packed sequences of
+--packed-seq-len tokens with its sliding window), equal model size and equal tokens, each at its own tuned lr.
 
     python bench/recipes.py                                   # CPU: tiny model, sample data; writes the record
     python bench/recipes.py --data data/fineweb10B --gpu auto --model d12 --steps 500 --total-batch-tokens 65536
@@ -10,16 +10,21 @@ equal model size and equal tokens, each at its own tuned lr.
 On a shared CPU run it with OMP_NUM_THREADS=1 (every training inherits it): one intra-op thread is the fastest for the
 tiny model there (1.2 s a step instead of 2-3 s with 8 processes on 2 cores); the record notes the setting.
 
-Each recipe first sweeps its lrs (--lrs-gpt2: AdamW's peak lr; --lrs-speedrun: the multiplier on every optimizer
-group's base lr, 1.0 = the record's) at a short budget (--sweep-steps, the schedule scaled to that length), keeps
-the lr with the lowest final val loss, and then trains at the full budget (--steps x --total-batch-tokens). A list
-of one lr skips that recipe's sweep. Every training is a fresh `train_speedrun.py` process (no state shared
-between runs) with its own out dir under --work-dir, on the same data, seed, --val-every and --val-tokens; its
-result.json gives the val curve. gpt2 warms up over llm.c's fraction of the run (700 of 18,865 steps), speedrun
-over none (the record's); each then follows its own schedule (cosine to 0; constant, then linear to 0 over the last
-30 %). The record (bench/results/recipes-<device>-<date>.json; "complete": false until the A/B is done, rewritten
-after every run, so an interrupt keeps the finished runs) holds the sweep, both val curves, the winner and the
-difference of final val losses; a plot goes beside it when matplotlib is installed.
+Each recipe (--recipes, default all) sweeps its lrs (--lrs RECIPE=LR,LR,...: for gpt2 AdamW's peak lr, default
+1e-3,2e-3,4e-3; for a speedrun recipe the multiplier on every optimizer group's base lr, 1.0 = the record's,
+default 0.5,1,2) and keeps the lr with the lowest final val loss. A best lr at either end of what was swept is not
+a tuned one: the sweep then goes on past that end by the sweep's own ratio (up to --extend more runs, default 2).
+By default every sweep run trains the full budget (--steps x --total-batch-tokens) and the best one is the A/B
+run: a shorter sweep (--sweep-steps, the schedule scaled to that length, the kept lr then retrained at the full
+budget) is cheaper but favours high lrs (measured here: gpt2's 30-step sweep picked 1.6e-2, which ends 150 steps
+at 5.92 where 4e-3 reaches 5.84). A list of one lr skips that recipe's sweep. Every training is a fresh
+`train_speedrun.py` process (no state shared between runs) with its own out dir under --work-dir, on the same
+data, seed, --val-every and --val-tokens; its result.json gives the val curve. gpt2 warms up over llm.c's
+fraction of the run (700 of 18,865 steps), the speedrun recipes over none (the records'); each then follows its
+own schedule (cosine to 0; constant, then linear to 0 over the record's last fraction). The record
+(bench/results/recipes-<device>-<date>.json; "complete": false until every A/B run is done, rewritten after every
+run, so an interrupt keeps the finished runs) holds the sweeps, every recipe's val curve, the ranking and each
+recipe's difference from gpt2; a plot goes beside it when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -41,12 +46,25 @@ import time  # noqa: E402
 
 from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
-RECIPES = ("gpt2", "speedrun")
-# The trainer's --recipe for each A/B key: the A/B's "speedrun" is the 2024-11-10 dense recipe it has always measured
-# (its committed records say so); issue 27 item 5 adds the packed windowed --recipe speedrun beside it.
-TRAINER_RECIPE = {"gpt2": "gpt2", "speedrun": "speedrun-dense"}
-# Default sweeps: around the cpu preset's AdamW peak (2e-3) and around the record's lrs (multiplier 1.0).
-DEFAULT_LRS = {"gpt2": (1e-3, 2e-3, 4e-3), "speedrun": (0.5, 1.0, 2.0)}
+# train_speedrun.RECIPES, gpt2 first (the baseline the others are compared with), then in the records' order;
+# spelled out here so that a bad flag gets its error line without torch's import time (tests/test_bench_recipes.py
+# checks the two agree).
+RECIPES = ("gpt2", "speedrun-dense", "speedrun")
+PACKED = ("speedrun",)  # recipes whose micro-batch is one packed sequence of --packed-seq-len tokens
+
+
+def known_recipes() -> tuple[str, ...]:
+    return RECIPES
+
+
+# Default sweeps: around the cpu preset's AdamW peak (2e-3), and around the records' lrs (multiplier 1.0).
+DEFAULT_LRS_GPT2 = (1e-3, 2e-3, 4e-3)
+DEFAULT_LRS_MULT = (0.5, 1.0, 2.0)
+
+
+def default_lrs(recipe: str, smoke: bool) -> tuple[float, ...]:
+    lrs = DEFAULT_LRS_GPT2 if recipe == "gpt2" else DEFAULT_LRS_MULT
+    return (lrs[1],) if smoke else lrs
 GPT2_WARMUP_FRAC = 700 / 18_865  # llm.c's GPT-2 124M run: 700 warmup steps of 18,865
 
 
@@ -64,6 +82,24 @@ def lr_list(text: str) -> tuple[float, ...]:
     return lrs
 
 
+def lrs_entry(text: str) -> tuple[str, tuple[float, ...]]:
+    recipe, sep, values = text.partition("=")
+    if not sep or not recipe.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give RECIPE=LR,LR,..., e.g. gpt2=1e-3,2e-3")
+    return recipe.strip(), lr_list(values)
+
+
+def recipe_list(text: str) -> tuple[str, ...]:
+    names = tuple(r.strip() for r in text.split(",") if r.strip())
+    known = known_recipes()
+    bad = [r for r in names if r not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: the recipes are {', '.join(known)} (comma-separated)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a recipe is named twice")
+    return names
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -77,17 +113,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="sample", help="'sample' (built-in corpus) or a dir of shards (default sample)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 150; smoke 4)")
     p.add_argument("--sweep-steps", type=int, default=None,
-                   help="steps of each lr-sweep run (default steps/5; smoke 2)")
+                   help="steps of each lr-sweep run (default --steps: the sweep's best run is the A/B run; shorter "
+                        "sweeps favour high lrs; smoke 2)")
     p.add_argument("--total-batch-tokens", type=int, default=None, help="tokens per step (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default 128; smoke 64)")
+    p.add_argument("--packed-seq-len", type=int, default=None,
+                   help="tokens per packed sequence of --recipe speedrun, whose window grows in blocks of 128 tokens "
+                        "(default 1024: the window grows 128 -> 1024; smoke 128)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: the preset's)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default steps/10)")
     p.add_argument("--val-tokens", type=int, default=None, help="val tokens per validation (default 8192; smoke "
                                                                  "the batch)")
-    p.add_argument("--lrs-gpt2", type=lr_list, default=None,
-                   help="gpt2 AdamW peak lrs to sweep, comma list (default 1e-3,2e-3,4e-3)")
-    p.add_argument("--lrs-speedrun", type=lr_list, default=None,
-                   help="speedrun lr multipliers to sweep, comma list (default 0.5,1,2)")
+    p.add_argument("--recipes", type=recipe_list, default=None,
+                   help=f"recipes to compare, comma list (default all: {','.join(known_recipes())})")
+    p.add_argument("--lrs", type=lrs_entry, action="append", default=[], metavar="RECIPE=LR,LR,...",
+                   help="a recipe's lrs to sweep (repeat per recipe): gpt2's AdamW peak lr (default 1e-3,2e-3,4e-3), "
+                        "a speedrun recipe's multiplier on its base lrs (default 0.5,1,2)")
+    p.add_argument("--extend", type=int, default=2,
+                   help="more sweep runs past an end when the best lr is at it (default 2; 0 = the list only)")
     p.add_argument("--seed", type=int, default=1337, help="init seed of every run (default 1337)")
     p.add_argument("--smoke", action="store_true", help="a few steps per run, one lr each: the plumbing only")
     p.add_argument("--out-dir", type=Path, default=None,
@@ -98,32 +141,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     smoke = args.smoke
     args.gpu = args.gpu or "cpu"
     args.steps = (4 if smoke else 150) if args.steps is None else args.steps
-    args.sweep_steps = (2 if smoke else max(1, args.steps // 5)) if args.sweep_steps is None else args.sweep_steps
+    args.sweep_steps = (2 if smoke else args.steps) if args.sweep_steps is None else args.sweep_steps
     args.total_batch_tokens = (128 if smoke else 1024) if args.total_batch_tokens is None else args.total_batch_tokens
     args.seq_len = (64 if smoke else 128) if args.seq_len is None else args.seq_len
     args.micro_batch = args.micro_batch or (2 if smoke else None)
+    args.packed_seq_len = (128 if smoke else 1024) if args.packed_seq_len is None else args.packed_seq_len
     args.val_every = max(1, args.steps // (2 if smoke else 10)) if args.val_every is None else args.val_every
     args.val_tokens = (args.total_batch_tokens if smoke else 8192) if args.val_tokens is None else args.val_tokens
-    args.lrs = {"gpt2": args.lrs_gpt2 or ((DEFAULT_LRS["gpt2"][1],) if smoke else DEFAULT_LRS["gpt2"]),
-                "speedrun": args.lrs_speedrun or ((1.0,) if smoke else DEFAULT_LRS["speedrun"])}
-    for name in ("steps", "sweep_steps", "total_batch_tokens", "seq_len", "val_every", "val_tokens"):
+    args.recipes = args.recipes or known_recipes()
+    given = dict(args.lrs)
+    for recipe in given:
+        if recipe not in args.recipes:
+            p.error(f"--lrs {recipe}=...: {recipe} is not among the recipes compared ({', '.join(args.recipes)})")
+    args.lrs = {r: given.get(r) or default_lrs(r, smoke) for r in args.recipes}
+    if args.extend < 0:
+        p.error(f"--extend {args.extend}: needs 0 or more")
+    for name in ("steps", "sweep_steps", "total_batch_tokens", "seq_len", "packed_seq_len", "val_every",
+                 "val_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: needs a positive number")
     if args.total_batch_tokens % args.seq_len:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --seq-len {args.seq_len}: "
                 f"pick e.g. --total-batch-tokens {args.seq_len * max(1, args.total_batch_tokens // args.seq_len)}")
+    if any(r in PACKED for r in args.recipes) and args.total_batch_tokens % args.packed_seq_len:
+        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --packed-seq-len "
+                f"{args.packed_seq_len} (the speedrun recipe's packed sequence): make it a multiple of both")
     return args
 
 
 def train_argv(args, recipe: str, lr: float, steps: int, out_dir: Path) -> list[str]:
-    argv = ["--gpu", args.gpu, "--recipe", TRAINER_RECIPE[recipe], "--model", args.model, "--data", args.data,
-            "--seq-len", str(args.seq_len), "--total-batch-tokens", str(args.total_batch_tokens),
+    argv = ["--gpu", args.gpu, "--recipe", recipe, "--model", args.model, "--data", args.data,
+            "--seq-len", str(args.packed_seq_len if recipe in PACKED else args.seq_len),
+            "--total-batch-tokens", str(args.total_batch_tokens),
             "--max-steps", str(steps), "--lr", repr(lr), "--val-every", str(min(args.val_every, steps)),
             "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--target-val-loss", "0",
             "--checkpoint-every", "0", "--keep-checkpoints", "1", "--hellaswag-every", "0",
             "--warmup-steps", str(max(1, round(GPT2_WARMUP_FRAC * steps)) if recipe == "gpt2" else 0),
             "--out-dir", str(out_dir)]
-    if args.micro_batch:
+    if args.micro_batch and recipe not in PACKED:  # a packed micro-batch is one sequence
         argv += ["--micro-batch", str(args.micro_batch)]
     return argv
 
@@ -170,7 +225,7 @@ def save_plot(path: Path, record: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for recipe, run in record["ab"].items():
         ax.plot([v["tokens"] for v in run["val"]], [v["loss"] for v in run["val"]], "o-", ms=3,
-                label=f"{recipe} (lr {run['lr']:g}{' x base' if recipe == 'speedrun' else ''}): "
+                label=f"{recipe} (lr {run['lr']:g}{'' if recipe == 'gpt2' else ' x base'}): "
                       f"{run['final_val_loss']:.4f}")
     c = record["config"]
     ax.set(xlabel="tokens", ylabel="val loss",
@@ -182,12 +237,29 @@ def save_plot(path: Path, record: dict) -> str | None:
     return str(path)
 
 
-def verdict(ab: dict) -> dict | None:
-    if not all(r in ab for r in RECIPES):
+def verdict(ab: dict, recipes: tuple[str, ...]) -> dict | None:
+    """Once every recipe's A/B run is in: the ranking by final val loss, each recipe's difference from gpt2's (when
+    gpt2 ran) and whether the token counts were equal."""
+    if not all(r in ab for r in recipes):
         return None
-    g, s = ab["gpt2"]["final_val_loss"], ab["speedrun"]["final_val_loss"]
-    return {"winner": "speedrun" if s < g else "gpt2" if g < s else "tie",
-            "speedrun_minus_gpt2": s - g, "equal_tokens": ab["gpt2"]["tokens"] == ab["speedrun"]["tokens"]}
+    ranking = sorted(recipes, key=lambda r: ab[r]["final_val_loss"])
+    best = [r for r in ranking if ab[r]["final_val_loss"] == ab[ranking[0]]["final_val_loss"]]
+    out = {"winner": best[0] if len(best) == 1 else "tie", "ranking": ranking,
+           "equal_tokens": len({ab[r]["tokens"] for r in recipes}) == 1}
+    if "gpt2" in ab:
+        out["minus_gpt2"] = {r: ab[r]["final_val_loss"] - ab["gpt2"]["final_val_loss"] for r in recipes if r != "gpt2"}
+    return out
+
+
+def next_lr(tried: list[dict]) -> float | None:
+    """The lr past the swept end that won, by the sweep's own ratio; None when the best lies inside what was tried."""
+    lrs = sorted(s["lr"] for s in tried)
+    best = min(tried, key=lambda s: s["final_val_loss"])["lr"]
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    if best == lrs[-1]:
+        return best * (lrs[-1] / lrs[-2])
+    return best / (lrs[1] / lrs[0])
 
 
 def main(argv=None) -> int:
@@ -214,53 +286,78 @@ def main(argv=None) -> int:
         path = out_dir / f"{record_stem('recipes', 'cpu' if not use_cuda else env['device'], args.smoke, now)}.json"
     config = {"gpu": args.gpu, "model": args.model, "data": args.data, "steps": args.steps,
               "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
-              "seq_len": args.seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
+              "seq_len": args.seq_len, "packed_seq_len": args.packed_seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
               "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "lrs_swept": {r: list(args.lrs[r]) for r in RECIPES},
+              "recipes": list(args.recipes), "lrs_given": {r: list(args.lrs[r]) for r in args.recipes},
+              "extend": args.extend,
               "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
-    sweep: dict[str, list] = {r: [] for r in RECIPES}
+    sweep: dict[str, list] = {r: [] for r in args.recipes}
     ab: dict[str, dict] = {}
 
     def record() -> dict:
-        return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(RECIPES),
+        return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(args.recipes),
                 "date": now.isoformat(timespec="seconds"), **env, "config": config,
-                "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr), the lr with the lowest "
-                          "final val kept, then the A/B at --steps; equal model, tokens, data, seed and val set; "
-                          "gpt2 lr = AdamW peak, speedrun lr = multiplier on every group's base lr; each run a "
-                          "fresh train_speedrun.py process",
-                "sweep": sweep, "ab": ab, "result": verdict(ab)}
+                "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr; continued past an end "
+                          "that wins, up to --extend runs), the lr with the lowest final val kept, then the A/B at "
+                          "--steps (the sweep's best run itself when --sweep-steps = --steps); equal model, tokens, "
+                          "data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
+                          "recipe's lr = multiplier on every group's base lr; each run a fresh train_speedrun.py "
+                          "process",
+                "sweep": sweep, "ab": ab, "result": verdict(ab, args.recipes)}
 
     def save() -> None:
         if path is not None:
             atomic_write_json(path, record())
 
     tokens = args.steps * args.total_batch_tokens
+    lrs_text = "; ".join(f"{r} lr {'' if r == 'gpt2' else 'x '}{', '.join(map(str, args.lrs[r]))}"
+                         for r in args.recipes)
     log(f"recipes A/B on {env['device']}: --model {args.model}, --data {args.data}, {args.steps} steps x "
-        f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}); sweep "
-        f"{args.sweep_steps} steps: gpt2 lr {', '.join(map(str, args.lrs['gpt2']))}; speedrun lr x "
-        f"{', '.join(map(str, args.lrs['speedrun']))}")
+        f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}"
+        f"{f'; speedrun packed {args.packed_seq_len}' if any(r in PACKED for r in args.recipes) else ''}); sweep "
+        f"{args.sweep_steps} steps: {lrs_text}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))
     started = time.perf_counter()
     try:
-        for recipe in RECIPES:
-            lrs = args.lrs[recipe]
+        for recipe in args.recipes:
+            lrs = list(args.lrs[recipe])
             best = lrs[0]
+            full_runs = {}  # lr -> summary of a sweep run at the full budget: the A/B run if it wins
             if len(lrs) > 1:
-                for lr in lrs:
+                extended = 0
+                while lrs:
+                    lr = lrs.pop(0)
                     t0 = time.perf_counter()
                     res = run_training(train_argv(args, recipe, lr, args.sweep_steps, work / f"sweep-{recipe}-{lr:g}"))
-                    sweep[recipe].append({k: v for k, v in summary(recipe, lr, res, time.perf_counter() - t0).items()
-                                          if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")})
+                    entry = summary(recipe, lr, res, time.perf_counter() - t0)
+                    if args.sweep_steps == args.steps:
+                        full_runs[lr] = entry
+                    sweep[recipe].append({**{k: v for k, v in entry.items()
+                                             if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
+                                          "extension": extended > 0 and not lrs})
                     log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val {res['final_val_loss']:.4f} "
                         f"({time.perf_counter() - t0:.0f} s, {time.perf_counter() - started:.0f} s so far)")
                     save()
+                    if not lrs and extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
+                        extended += 1
+                        log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
+                            f"({extended} of at most {args.extend} more)")
+                        lrs.append(more)
                 best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
-            t0 = time.perf_counter()
-            res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
-            ab[recipe] = summary(recipe, best, res, time.perf_counter() - t0)
-            log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
-                f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
-                f"{time.perf_counter() - started:.0f} s so far)")
+                if next_lr(sweep[recipe]) is not None:
+                    log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
+                        f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
+            if best in full_runs:  # the sweep ran at the full budget: its best run is the A/B run
+                ab[recipe] = {**full_runs[best], "from_sweep": True}
+                log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps: the sweep's best run, val "
+                    f"{ab[recipe]['final_val_loss']:.4f}")
+            else:
+                t0 = time.perf_counter()
+                res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
+                ab[recipe] = {**summary(recipe, best, res, time.perf_counter() - t0), "from_sweep": False}
+                log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
+                    f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
+                    f"{time.perf_counter() - started:.0f} s so far)")
             save()
     except KeyboardInterrupt:
         done = ", ".join(ab) or "none"
@@ -276,12 +373,14 @@ def main(argv=None) -> int:
     rec = record()
     v = rec["result"]
     log("")
-    log("| recipe   | lr       | tokens     | final val |")
-    log("|----------|----------|------------|-----------|")
-    for recipe, run in ab.items():
-        log(f"| {recipe:8s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} |")
-    log(f"winner: {v['winner']} (speedrun - gpt2 = {v['speedrun_minus_gpt2']:+.4f} val loss at "
-        f"{'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens)")
+    log("| recipe         | lr       | tokens     | final val | - gpt2  |")
+    log("|----------------|----------|------------|-----------|---------|")
+    for recipe in v["ranking"]:
+        run = ab[recipe]
+        diff = v.get("minus_gpt2", {}).get(recipe)
+        log(f"| {recipe:14s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} | "
+            f"{'' if diff is None else f'{diff:+.4f}':7s} |")
+    log(f"winner: {v['winner']} at {'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens")
     if path is None:
         log("no record written (smoke run without --out-dir)")
         return 0

@@ -96,7 +96,7 @@ When the recompute pays (a roofline model, not a measurement: bench/kernels.py m
 
 Configs: CONFIGS[arch] is the per-architecture table; on a GPU each kernel's tiles are autotuned on first
 use per shape (kernels/tune.py: every TUNE_SPACE[arch][kernel] candidate timed on the real inputs, the pick
-cached on disk; key: kernel, dtype, rows rounded up to a power of two, C, vocab, padded vocab), because grid
+cached on disk; key: kernel, dtype, rows rounded up to a power of two, C, vocab, padded vocab, softcap), because grid
 and buffers depend on the tiles (triton.autotune cannot size them). TRITONRUN_AUTOTUNE=0 runs the table;
 fp32 inputs and the interpreter always do. `tuning_decisions()` lists the picks.
 
@@ -574,13 +574,15 @@ def _planned_configs(device: torch.device, dtype: torch.dtype) -> tuple[dict[str
 _TUNER = Tuner("lce", __file__)
 
 
-def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, launch) -> dict:
+def _choose(kind: str, h: torch.Tensor, weight: torch.Tensor, vocab_size: int, launch,
+            softcap: float | None = None) -> dict:
     """The config of kernel `kind` ("fwd", "dh", "dw"): the table's, or on a GPU the autotuner's pick from
-    TUNE_SPACE (kernels/tune.py; key: the kernel, dtype, row bucket, C, vocab, padded vocab)."""
+    TUNE_SPACE (kernels/tune.py; key: the kernel, dtype, row bucket, C, vocab, padded vocab, softcap: the capped
+    kernels are other binaries, with a tanh per logit, so they are timed on their own)."""
     if not _autotuning(h):
         return get_config(h.device, h.dtype)[kind]
     key = (kind, str(h.dtype).removeprefix("torch."), _row_bucket(h.shape[0]), h.shape[1], vocab_size,
-           weight.shape[0])
+           weight.shape[0], _softcap_constexpr(softcap))
     # every call after the first: one dict lookup; under CUDA-graph capture with no pick yet: the table
     return pick_unless_capturing(h.device, _TUNER.known(h.device, key), get_config(h.device, h.dtype)[kind],
                                  lambda: _TUNER.pick(h.device, key, TUNE_SPACE[arch_key(h.device)][kind], launch))
@@ -629,7 +631,7 @@ def lce_forward(h, weight, targets, ignore_index: int, vocab_size: int, config=N
             return lse_part[0], tgt_part[0]
         return torch.logsumexp(lse_part, dim=0), tgt_part.sum(0)  # the splits' epilogue (timed with them)
 
-    lse, tgt = launch(config["fwd"] if config else _choose("fwd", h, weight, vocab_size, launch))
+    lse, tgt = launch(config["fwd"] if config else _choose("fwd", h, weight, vocab_size, launch, softcap))
     row_loss = torch.where(valid, lse - tgt, 0.0)
     bad = valid & ((targets < 0) | (targets >= vocab_size))  # torch raises here; we return nan, no sync
     loss = row_loss.sum() / valid.sum()  # all ignored: 0/0 = nan, like F.cross_entropy
@@ -678,8 +680,8 @@ def lce_backward(grad_loss, h, weight, targets, lse, ignore_index: int, vocab_si
             DOT_PRECISION=prec, SOFTCAP=cap, num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
         return dw
 
-    dh = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh))
-    dw = launch_dw(config["dw"] if config else _choose("dw", h, weight, vocab_size, launch_dw))
+    dh = launch_dh(config["dh"] if config else _choose("dh", h, weight, vocab_size, launch_dh, softcap))
+    dw = launch_dw(config["dw"] if config else _choose("dw", h, weight, vocab_size, launch_dw, softcap))
     return dh, dw
 
 

@@ -16,37 +16,93 @@ def bench(*args, timeout=300):
                           text=True, timeout=timeout, env=one_thread_env())
 
 
-def test_smoke_record_has_both_curves_at_equal_tokens(tmp_path):
-    # two speedrun lrs: the sweep path runs too (2 steps each), then 4-step A/B runs of both recipes
-    proc = bench("--smoke", "--lrs-speedrun", "0.5,1", "--out-dir", tmp_path)
+def test_smoke_record_has_every_curve_at_equal_tokens(tmp_path):
+    # two speedrun-dense lrs: the sweep path runs too (2 steps each), then 4-step A/B runs of the three recipes
+    proc = bench("--smoke", "--lrs", "speedrun-dense=0.5,1", "--extend", "0", "--out-dir", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
     rec = json.loads(path.read_text())
     assert rec["kind"] == "recipes" and rec["smoke"] is True and rec["complete"] is True and rec["commit"]
     c = rec["config"]
     assert c["model"] == "tiny" and c["data"] == "sample" and c["steps"] == 4 and c["sweep_steps"] == 2
-    assert [s["lr"] for s in rec["sweep"]["speedrun"]] == [0.5, 1.0] and rec["sweep"]["gpt2"] == []
-    best = min(rec["sweep"]["speedrun"], key=lambda s: s["final_val_loss"])["lr"]
+    sweep = rec["sweep"]
+    assert [s["lr"] for s in sweep["speedrun-dense"]] == [0.5, 1.0] and sweep["gpt2"] == sweep["speedrun"] == []
+    assert not any(s["extension"] for s in sweep["speedrun-dense"])
+    best = min(sweep["speedrun-dense"], key=lambda s: s["final_val_loss"])["lr"]
     ab = rec["ab"]
-    assert set(ab) == {"gpt2", "speedrun"} and ab["speedrun"]["lr"] == best and ab["gpt2"]["lr"] == 2e-3
-    assert ab["gpt2"]["tokens"] == ab["speedrun"]["tokens"] == 4 * c["total_batch_tokens"]
+    assert list(ab) == ["gpt2", "speedrun-dense", "speedrun"]
+    assert ab["speedrun-dense"]["lr"] == best and ab["gpt2"]["lr"] == 2e-3 and ab["speedrun"]["lr"] == 1.0
+    assert {run["tokens"] for run in ab.values()} == {4 * c["total_batch_tokens"]}
     for recipe, run in ab.items():
-        assert run["config"]["recipe"] == {"gpt2": "gpt2", "speedrun": "speedrun-dense"}[recipe]
-        assert run["config"]["model"] == "tiny"
+        assert run["config"]["recipe"] == recipe and run["config"]["model"] == "tiny"
         assert [v["step"] for v in run["val"]] == [2, 4]
         assert run["final_val_loss"] == run["val"][-1]["loss"] and len(run["train_losses"]) == 4
-    assert ab["gpt2"]["parameters"] != ab["speedrun"]["parameters"]  # two different models of the same size class
+    # the packed recipe trains on one sequence of --packed-seq-len per micro-batch, the others on --seq-len rows
+    assert ab["speedrun"]["config"]["seq_len"] == c["packed_seq_len"] == 128
+    assert ab["speedrun-dense"]["config"]["seq_len"] == ab["gpt2"]["config"]["seq_len"] == c["seq_len"] == 64
+    assert len({run["parameters"] for run in ab.values()}) == 3  # three different models of the same size class
     r = rec["result"]
-    assert r["equal_tokens"] is True
-    assert r["speedrun_minus_gpt2"] == pytest.approx(ab["speedrun"]["final_val_loss"] - ab["gpt2"]["final_val_loss"])
-    assert r["winner"] == ("speedrun" if r["speedrun_minus_gpt2"] < 0 else "gpt2")
-    assert "| speedrun |" in proc.stdout and "winner:" in proc.stdout
+    assert r["equal_tokens"] is True and sorted(r["ranking"]) == sorted(ab)
+    for recipe in ("speedrun-dense", "speedrun"):
+        diff = r["minus_gpt2"][recipe]
+        assert diff == pytest.approx(ab[recipe]["final_val_loss"] - ab["gpt2"]["final_val_loss"])
+    assert r["winner"] == r["ranking"][0] == min(ab, key=lambda k: ab[k]["final_val_loss"])
+    assert "| speedrun-dense " in proc.stdout and "winner:" in proc.stdout
+
+
+def test_recipes_named_as_the_trainer_names_them():
+    mod = load_script("bench/recipes.py", "bench_recipes_names")
+    trainer = load_script("train_speedrun.py", "train_speedrun_names")
+    assert sorted(mod.RECIPES) == sorted(trainer.RECIPES) and mod.RECIPES[0] == "gpt2"
+
+
+@pytest.mark.parametrize("tried, expected", [
+    ([(1e-3, 9.0), (2e-3, 8.0), (4e-3, 7.0)], 8e-3),  # best at the top: one more doubling
+    ([(0.5, 5.0), (1.0, 5.5), (2.0, 6.0)], 0.25),  # best at the bottom: one more halving
+    ([(0.5, 6.0), (1.0, 5.0), (2.0, 5.5)], None),  # best inside: tuned
+    ([(4e-3, 7.0), (1e-3, 9.0), (2e-3, 8.0), (8e-3, 7.5)], None),  # an extension that lost: the old top is inside
+    ([(1.0, 5.0)], None),  # one lr: nothing to extend from
+])
+def test_sweep_goes_on_past_a_winning_end(tried, expected):
+    mod = load_script("bench/recipes.py", "bench_recipes_next_lr")
+    got = mod.next_lr([{"lr": lr, "final_val_loss": loss} for lr, loss in tried])
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_extension_runs_the_next_lr_and_stops_at_the_limit(tmp_path, monkeypatch):
+    mod = load_script("bench/recipes.py", "bench_recipes_extend")
+    runs = []
+
+    def fake_training(argv):  # val loss falls with lr for ever: the sweep extends exactly --extend times
+        lr = float(argv[argv.index("--lr") + 1])
+        steps = int(argv[argv.index("--max-steps") + 1])
+        runs.append((argv[argv.index("--recipe") + 1], lr, steps))
+        loss = 10.0 - lr
+        return {"steps_done": steps, "tokens_seen": 128 * steps, "final_val_loss": loss, "train_losses": [loss],
+                "val": [{"step": steps, "tokens": 128 * steps, "loss": loss}], "train_time_s": 1.0, "parameters": 1,
+                "flops_per_token": 1, "config": {}}
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    assert mod.main(["--smoke", "--recipes", "speedrun", "--lrs", "speedrun=0.5,1", "--extend", "2",
+                     "--out-dir", str(tmp_path)]) == 0
+    assert runs == [("speedrun", 0.5, 2), ("speedrun", 1.0, 2), ("speedrun", 2.0, 2), ("speedrun", 4.0, 2),
+                    ("speedrun", 4.0, 4)]
+    [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
+    rec = json.loads(path.read_text())
+    assert [s["extension"] for s in rec["sweep"]["speedrun"]] == [False, False, True, True]
+    assert rec["ab"]["speedrun"]["lr"] == 4.0 and rec["result"]["winner"] == "speedrun"
+    assert "minus_gpt2" not in rec["result"]
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--steps", "0"], "--steps 0"),
-    (["--lrs-gpt2", "abc"], "comma-separated"),
-    (["--lrs-speedrun", "-1"], "lrs > 0"),
+    (["--lrs", "gpt2=abc"], "comma-separated"),
+    (["--lrs", "speedrun=-1"], "lrs > 0"),
+    (["--lrs", "1e-3"], "RECIPE=LR"),
+    (["--recipes", "gpt2,gpt3"], "the recipes are"),
+    (["--recipes", "speedrun", "--lrs", "gpt2=1e-3"], "not among the recipes compared"),
+    (["--extend", "-1"], "--extend -1"),
+    (["--packed-seq-len", "768"], "not a multiple of --packed-seq-len"),
     (["--seq-len", "100"], "not a multiple of --seq-len"),
     (["--smoke", "--out-dir", "bench/results"], "smoke runs never write into bench/results"),
     (["--data", "/nonexistent/shards"], "no such directory"),
@@ -80,3 +136,61 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, capsys):
     assert rec["ab"]["gpt2"]["final_val_loss"] == 9.5
     assert "interrupted: A/B runs finished: gpt2" in capsys.readouterr().err
     assert "--recipe" in calls[1] and calls[1][calls[1].index("--recipe") + 1] == "speedrun-dense"
+
+
+def test_full_budget_sweep_is_the_ab_run(tmp_path, monkeypatch):
+    """With --sweep-steps = --steps (the default outside --smoke) the sweep's best run is the A/B run: nothing is
+    trained twice, and the record says where the A/B came from."""
+    mod = load_script("bench/recipes.py", "bench_recipes_full_sweep")
+    runs = []
+
+    def fake_training(argv):  # the middle lr wins
+        lr = float(argv[argv.index("--lr") + 1])
+        steps = int(argv[argv.index("--max-steps") + 1])
+        runs.append((lr, steps))
+        loss = 5.0 + abs(lr - 1.0)
+        return {"steps_done": steps, "tokens_seen": 128 * steps, "final_val_loss": loss, "train_losses": [loss],
+                "val": [{"step": steps, "tokens": 128 * steps, "loss": loss}], "train_time_s": 1.0, "parameters": 1,
+                "flops_per_token": 1, "config": {}}
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    assert mod.main(["--smoke", "--recipes", "speedrun", "--lrs", "speedrun=0.5,1,2", "--steps", "4",
+                     "--sweep-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    assert runs == [(0.5, 4), (1.0, 4), (2.0, 4)]
+    [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
+    ab = json.loads(path.read_text())["ab"]["speedrun"]
+    assert ab["lr"] == 1.0 and ab["from_sweep"] is True and ab["final_val_loss"] == 5.0
+    assert mod.parse_args([]).sweep_steps == mod.parse_args([]).steps == 150  # the default: full-budget sweeps
+
+
+def _tuned_in(rec: dict, recipe: str, run: dict) -> bool:
+    """`run`'s lr is the interior best of a sweep of the same model (parameter count) in the record `rec`."""
+    for name, other in rec["ab"].items():
+        sweep = rec["sweep"].get(name) or []
+        lrs = sorted(s["lr"] for s in sweep)
+        if other["parameters"] == run["parameters"] and other["lr"] == run["lr"] and len(lrs) >= 3 and \
+                lrs[0] < run["lr"] < lrs[-1] and other["final_val_loss"] == min(s["final_val_loss"] for s in sweep):
+            return True
+    return False
+
+
+def test_committed_cpu_records_compare_at_tuned_lrs_and_dense_speedrun_beats_gpt2():
+    """The committed CPU A/Bs (README's figures): complete, equal tokens, each recipe at a tuned lr: the interior
+    best of its own sweep, or (an lr pinned by --lrs) of a sweep of the same model in an earlier committed record;
+    the 2024-11-10 recipe (speedrun-dense; "speedrun" in records before 2024-12-17's took the name) ends below
+    gpt2, and README quotes every final val of the newest record."""
+    paths = sorted((REPO / "bench" / "results").glob("recipes-cpu-*.json"))
+    assert paths, "no bench/results/recipes-cpu-*.json: run python bench/recipes.py and commit its record"
+    records = [json.loads(p.read_text()) for p in paths]
+    for i, rec in enumerate(records):
+        assert rec["complete"] and not rec["smoke"] and not rec["dirty"] and rec["result"]["equal_tokens"]
+        assert rec["config"]["model"] == "tiny" and rec["config"]["data"] == "sample"
+        for recipe, run in rec["ab"].items():
+            assert _tuned_in(rec, recipe, run) or any(_tuned_in(r, recipe, run) for r in records[:i]), \
+                f"{paths[i].name}: {recipe} at lr {run['lr']} is not a tuned lr"
+        dense = "speedrun-dense" if "speedrun-dense" in rec["ab"] else "speedrun"
+        assert rec["ab"][dense]["final_val_loss"] < rec["ab"]["gpt2"]["final_val_loss"]
+    readme = (REPO / "README.md").read_text()
+    assert paths[-1].name in readme
+    for recipe, run in records[-1]["ab"].items():
+        assert f"{run['final_val_loss']:.4f}" in readme, recipe

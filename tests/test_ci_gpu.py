@@ -257,7 +257,7 @@ def test_a_step_past_its_deadline_gets_sigint_and_keeps_its_records(tmp_path, mo
 
 
 def test_memory_estimate_against_the_measured_peak():
-    """bench/memory.py's JSON (assumed fields, first present wins: reserved peak_reserved_estimate_bytes,
+    """bench/memory.py's JSON (fields, first present wins: reserved peak_reserved_estimate_bytes,
     peak_reserved_bytes, peak_reserved_estimate_gib, peak_reserved_gib; live peak_bytes, peak_alloc_bytes, peak_gib)
     against the cap check's triton+compile run at micro-batch 8 in bench/train.py's record."""
     m = check_module()
@@ -276,3 +276,9 @@ def test_memory_estimate_against_the_measured_peak():
     assert c["estimate_reserved_gib"] == 9.0 and c["measured_reserved_gib"] is None and c["estimate_alloc_gib"] is None
     assert "(no fitting cap-check run in train.json)" in m.describe_comparison(c)
     assert m.memory_comparison({"fits": True}, train)["estimate_reserved_gib"] is None
+    # an estimate of one recipe's step is never set against a measured peak of the other's
+    est = {"recipe": "speedrun", "peak_reserved_estimate_bytes": 6 * 2**30, "peak_bytes": 3 * 2**30}
+    c = m.memory_comparison(est, {**train, "recipe": "gpt2"})
+    assert c["measured_reserved_gib"] is None and "reserved_estimate_over_measured" not in c
+    assert "(recipes differ: estimate speedrun, measured gpt2)" in m.describe_comparison(c)
+    assert m.memory_comparison(est, {**train, "recipe": "speedrun"})["measured_reserved_gib"] == 8.0

@@ -363,7 +363,8 @@ def test_tuner_drives_the_real_launches(monkeypatch, pretend_rtx4070):
     assert len(launched) == sum(map(len, space.values()))
     picks = {d["key"].split("/")[0]: d for d in ce.tuning_decisions()}
     assert {k: d["config"] for k, d in picks.items()} == {k: c[-1] for k, c in space.items()}
-    assert picks["fwd"]["key"] == "fwd/float16/1024/40/290/300"  # kind, dtype, row bucket, C, vocab, padded
+    # kind, dtype, row bucket, C, vocab, padded vocab, softcap (0.0: none)
+    assert picks["fwd"]["key"] == "fwd/float16/1024/40/290/300/0.0"
     for kind, configs in space.items():  # each candidate timed once, then the pick computes the result
         assert kernel_launches[kind] == [tiles(c) for c in configs] + [tiles(configs[-1])]
     assert_low_rule(ours, reference(h, w, t, V), reference(h, w, t, V, dtype=torch.float16), torch.float16)
@@ -374,6 +375,20 @@ def test_tuner_drives_the_real_launches(monkeypatch, pretend_rtx4070):
     assert [d["how"] for d in ce.tuning_decisions()] == ["cached"] * 3
     for a, b in zip(ours, again):
         assert torch.equal(a, b)
+
+
+def test_softcapped_kernels_are_tuned_on_their_own(monkeypatch, pretend_rtx4070):
+    """The softcap is a constexpr: capped and plain logits are different binaries (a tanh per logit), so a pick
+    timed for one is never reused for the other, in memory or from the disk cache."""
+    tune = pretend_rtx4070
+    timed = []
+    monkeypatch.setattr(tune, "time_ms", lambda fn: timed.append(fn) or 1.0)  # times nothing real
+    h, w = torch.zeros(37, 40, dtype=torch.float16), torch.zeros(300, 40, dtype=torch.float16)
+    for cap in (None, 30.0, None, 30.0):
+        ce._choose("fwd", h, w, 290, lambda cfg: None, cap)
+    assert [d["key"] for d in ce.tuning_decisions()] == ["fwd/float16/1024/40/290/300/0.0",
+                                                         "fwd/float16/1024/40/290/300/30.0"]
+    assert len(timed) == 2 * len(ce.TUNE_SPACE["sm_89"]["fwd"])  # each variant timed once, then reused
 
 
 def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, pretend_rtx4070):

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from gpt2 import GPT
 from gpt2.config import GPTConfig
 from gpt2.ops import get_ops
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -344,6 +345,11 @@ def test_split_sums_to_the_peak_and_the_record_fields(tmp_path, capsys):
     assert torch_4["split_bytes"]["activations"] >= 4 * 128 * 50257 * 4
     out = capsys.readouterr().out
     assert "triton B=4" in out and "torch  B=2" in out and f"record: {path}" in out
+    # the budgeted GPU check (.ci/gpu_check.py) reads this record's first-choice fields, not a fallback
+    check = load_script(".ci/gpu_check.py", "gpu_check_reads_memory")
+    c = check.memory_comparison(record, None)
+    assert (c["estimate_reserved_field"], c["estimate_alloc_field"]) == ("peak_reserved_estimate_bytes", "peak_bytes")
+    assert c["estimate_reserved_gib"] == record["peak_reserved_estimate_bytes"] / 2**30
 
 
 def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, capsys):
