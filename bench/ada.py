@@ -370,7 +370,7 @@ def drive_cross_entropy(rec: Recorder, case: Case) -> None:
     with _device_capability(case):
         table = ce.arch_key(torch.device("cuda"))
 
-    def choose(kind, h, weight, vocab_size, launch):  # stands in for ce._choose, the autotuner
+    def choose(kind, h, weight, vocab_size, launch, softcap=None):  # stands in for ce._choose, the autotuner
         if h.dtype != torch.float32:  # fp32 is never tuned (ce._autotuning)
             for cfg in ce.TUNE_SPACE[table][kind]:  # any of these may be picked on a GPU: record each launch
                 launch(cfg)

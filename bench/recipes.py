@@ -42,7 +42,9 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
@@ -129,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lrs", type=lrs_entry, action="append", default=[], metavar="RECIPE=LR,LR,...",
                    help="a recipe's lrs to sweep (repeat per recipe): gpt2's AdamW peak lr (default 1e-3,2e-3,4e-3), "
                         "a speedrun recipe's multiplier on its base lrs (default 0.5,1,2)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at once (default 1; on a CPU each takes a core: run it with OMP_NUM_THREADS=1)")
     p.add_argument("--extend", type=int, default=2,
                    help="more sweep runs past an end when the best lr is at it (default 2; 0 = the list only)")
     p.add_argument("--seed", type=int, default=1337, help="init seed of every run (default 1337)")
@@ -154,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if recipe not in args.recipes:
             p.error(f"--lrs {recipe}=...: {recipe} is not among the recipes compared ({', '.join(args.recipes)})")
     args.lrs = {r: given.get(r) or default_lrs(r, smoke) for r in args.recipes}
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: needs 1 or more")
     if args.extend < 0:
         p.error(f"--extend {args.extend}: needs 0 or more")
     for name in ("steps", "sweep_steps", "total_batch_tokens", "seq_len", "packed_seq_len", "val_every",
@@ -289,7 +295,7 @@ def main(argv=None) -> int:
               "seq_len": args.seq_len, "packed_seq_len": args.packed_seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
               "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "recipes": list(args.recipes), "lrs_given": {r: list(args.lrs[r]) for r in args.recipes},
-              "extend": args.extend,
+              "extend": args.extend, "jobs": args.jobs,
               "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
     sweep: dict[str, list] = {r: [] for r in args.recipes}
     ab: dict[str, dict] = {}
@@ -303,7 +309,8 @@ def main(argv=None) -> int:
                           "data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
                           "recipe's lr = multiplier on every group's base lr; each run a fresh train_speedrun.py "
                           "process",
-                "sweep": sweep, "ab": ab, "result": verdict(ab, args.recipes)}
+                "sweep": sweep, "ab": {r: ab[r] for r in args.recipes if r in ab},
+                "result": verdict(ab, args.recipes)}
 
     def save() -> None:
         if path is not None:
@@ -318,47 +325,71 @@ def main(argv=None) -> int:
         f"{args.sweep_steps} steps: {lrs_text}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))
     started = time.perf_counter()
-    try:
-        for recipe in args.recipes:
-            lrs = list(args.lrs[recipe])
-            best = lrs[0]
-            full_runs = {}  # lr -> summary of a sweep run at the full budget: the A/B run if it wins
-            if len(lrs) > 1:
-                extended = 0
-                while lrs:
-                    lr = lrs.pop(0)
-                    t0 = time.perf_counter()
-                    res = run_training(train_argv(args, recipe, lr, args.sweep_steps, work / f"sweep-{recipe}-{lr:g}"))
-                    entry = summary(recipe, lr, res, time.perf_counter() - t0)
-                    if args.sweep_steps == args.steps:
-                        full_runs[lr] = entry
-                    sweep[recipe].append({**{k: v for k, v in entry.items()
-                                             if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
-                                          "extension": extended > 0 and not lrs})
-                    log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val {res['final_val_loss']:.4f} "
-                        f"({time.perf_counter() - t0:.0f} s, {time.perf_counter() - started:.0f} s so far)")
-                    save()
-                    if not lrs and extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
-                        extended += 1
-                        log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
-                            f"({extended} of at most {args.extend} more)")
-                        lrs.append(more)
-                best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
-                if next_lr(sweep[recipe]) is not None:
-                    log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
-                        f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
-            if best in full_runs:  # the sweep ran at the full budget: its best run is the A/B run
+    lock = threading.Lock()  # the record's dicts and the log, shared by the recipes' threads under --jobs > 1
+    pool = ThreadPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
+
+    def train(recipe: str, lrs: list[float], steps: int, name) -> list[tuple[float, dict, float]]:
+        """One training per lr (`name(lr)` its out dir under `work`), up to --jobs at once; results in lr order."""
+        def one(lr: float) -> tuple[float, dict, float]:
+            t0 = time.perf_counter()
+            res = run_training(train_argv(args, recipe, lr, steps, work / name(lr)))
+            return lr, res, time.perf_counter() - t0
+
+        if pool is None:
+            return [one(lr) for lr in lrs]
+        return [f.result() for f in [pool.submit(one, lr) for lr in lrs]]
+
+    def tune(recipe: str) -> None:
+        """The recipe's sweep (extended past a winning end) and its A/B run."""
+        lrs = list(args.lrs[recipe])
+        best = lrs[0]
+        full_runs = {}  # lr -> summary of a sweep run at the full budget: the A/B run if it wins
+        if len(lrs) > 1:
+            extended = 0
+            while lrs:
+                for lr, res, wall in train(recipe, lrs, args.sweep_steps, lambda lr: f"sweep-{recipe}-{lr:g}"):
+                    entry = summary(recipe, lr, res, wall)
+                    with lock:
+                        if args.sweep_steps == args.steps:
+                            full_runs[lr] = entry
+                        sweep[recipe].append({**{k: v for k, v in entry.items()
+                                                 if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
+                                              "extension": extended > 0})
+                        log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val "
+                            f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - started:.0f} s so far)")
+                        save()
+                lrs = []
+                if extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
+                    extended += 1
+                    log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
+                        f"({extended} of at most {args.extend} more)")
+                    lrs = [more]
+            best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
+            if next_lr(sweep[recipe]) is not None:
+                log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
+                    f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
+        if best in full_runs:  # the sweep ran at the full budget: its best run is the A/B run
+            with lock:
                 ab[recipe] = {**full_runs[best], "from_sweep": True}
                 log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps: the sweep's best run, val "
                     f"{ab[recipe]['final_val_loss']:.4f}")
-            else:
-                t0 = time.perf_counter()
-                res = run_training(train_argv(args, recipe, best, args.steps, work / f"ab-{recipe}"))
-                ab[recipe] = {**summary(recipe, best, res, time.perf_counter() - t0), "from_sweep": False}
-                log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
-                    f"{res['final_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
-                    f"{time.perf_counter() - started:.0f} s so far)")
+                save()
+            return
+        [(_, res, wall)] = train(recipe, [best], args.steps, lambda lr: f"ab-{recipe}")
+        with lock:
+            ab[recipe] = {**summary(recipe, best, res, wall), "from_sweep": False}
+            log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
+                f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - started:.0f} s so far)")
             save()
+
+    try:
+        if pool is None:
+            for recipe in args.recipes:
+                tune(recipe)
+        else:  # one driver thread per recipe; their trainings share the --jobs slots of the pool
+            with ThreadPoolExecutor(max_workers=len(args.recipes)) as drivers:
+                for f in [drivers.submit(tune, recipe) for recipe in args.recipes]:
+                    f.result()
     except KeyboardInterrupt:
         done = ", ".join(ab) or "none"
         kept = f" (record in {path}, complete: false)" if path is not None and path.exists() else ""
@@ -368,6 +399,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     rec = record()

@@ -35,4 +35,7 @@ MODEL_SIZES: dict[str, GPTConfig] = {
     "d36": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "d48": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "tiny": GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64),  # head dim 32, as the kernels support
+    # bench/recipes.py's CPU A/B: one shape for every recipe (4 blocks of 128, 2 heads of 64: window attention
+    # takes head dim 64 or 128, and the 2024-12-17 U-net value pattern needs 4 blocks)
+    "mini": GPTConfig(block_size=1024, n_layer=4, n_head=2, n_embd=128),
 }

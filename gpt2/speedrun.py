@@ -260,10 +260,13 @@ SPEEDRUN_MODELS: dict[str, SpeedrunConfig] = {
     "tiny": SpeedrunConfig(block_size=1024, n_layer=4, n_head=2, n_embd=128, value_embeds=1,
                            no_attention_layers=(2,)),
 }
+SPEEDRUN_MODELS["mini"] = SPEEDRUN_MODELS["tiny"]  # the recipes A/B's shared shape (gpt2.config "mini") is this one
 # 11-10 tiny: 2 blocks = 1 encoder + 1 decoder, head dim 32 (kernels/attention.py supports 32/64/128).
 SPEEDRUN_DENSE_MODELS: dict[str, SpeedrunConfig] = {
     "d12": SpeedrunConfig(**DENSE_1110),
     "tiny": SpeedrunConfig(**{**DENSE_1110, "block_size": 256}, n_layer=2, n_head=2, n_embd=64),
+    # the recipes A/B's shared shape (gpt2.config "mini"): 4 blocks of 128, 2 heads of 64
+    "mini": SpeedrunConfig(**{**DENSE_1110, "block_size": 1024}, n_layer=4, n_head=2, n_embd=128),
 }
 
 

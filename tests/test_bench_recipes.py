@@ -102,6 +102,7 @@ def test_extension_runs_the_next_lr_and_stops_at_the_limit(tmp_path, monkeypatch
     (["--recipes", "gpt2,gpt3"], "the recipes are"),
     (["--recipes", "speedrun", "--lrs", "gpt2=1e-3"], "not among the recipes compared"),
     (["--extend", "-1"], "--extend -1"),
+    (["--jobs", "0"], "--jobs 0"),
     (["--packed-seq-len", "768"], "not a multiple of --packed-seq-len"),
     (["--seq-len", "100"], "not a multiple of --seq-len"),
     (["--smoke", "--out-dir", "bench/results"], "smoke runs never write into bench/results"),
@@ -194,3 +195,39 @@ def test_committed_cpu_records_compare_at_tuned_lrs_and_dense_speedrun_beats_gpt
     assert paths[-1].name in readme
     for recipe, run in records[-1]["ab"].items():
         assert f"{run['final_val_loss']:.4f}" in readme, recipe
+
+
+def test_jobs_run_trainings_side_by_side_and_keep_the_record_in_order(tmp_path, monkeypatch):
+    """--jobs 2: two trainings at once (measured by overlapping fake runs), the sweeps and the A/B in the record in
+    recipe and lr order as with --jobs 1, and the same verdict."""
+    import threading
+    import time
+
+    mod = load_script("bench/recipes.py", "bench_recipes_jobs")
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fake_training(argv):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        recipe, lr = argv[argv.index("--recipe") + 1], float(argv[argv.index("--lr") + 1])
+        steps = int(argv[argv.index("--max-steps") + 1])
+        loss = {"gpt2": 6.0, "speedrun-dense": 5.0, "speedrun": 4.0}[recipe] + abs(lr - 1.0)
+        return {"steps_done": steps, "tokens_seen": 128 * steps, "final_val_loss": loss, "train_losses": [loss],
+                "val": [{"step": steps, "tokens": 128 * steps, "loss": loss}], "train_time_s": 1.0, "parameters": 1,
+                "flops_per_token": 1, "config": {}}
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    lrs = ["--lrs", "gpt2=0.5,1,2", "--lrs", "speedrun-dense=0.5,1,2", "--lrs", "speedrun=2,1,0.5"]
+    assert mod.main(["--smoke", *lrs, "--steps", "4", "--sweep-steps", "4", "--jobs", "2",
+                     "--out-dir", str(tmp_path)]) == 0
+    assert peak[0] == 2
+    [path] = tmp_path.glob("recipes-smoke-cpu-*.json")
+    rec = json.loads(path.read_text())
+    assert list(rec["ab"]) == ["gpt2", "speedrun-dense", "speedrun"] and rec["config"]["jobs"] == 2
+    assert [s["lr"] for s in rec["sweep"]["speedrun"]] == [2.0, 1.0, 0.5]  # the order given
+    assert all(run["lr"] == 1.0 and run["from_sweep"] for run in rec["ab"].values())
+    assert rec["result"]["ranking"] == ["speedrun", "speedrun-dense", "gpt2"]

@@ -165,7 +165,7 @@ def test_torch_ops_keep_the_named_ops_in_torch():
             assert where.startswith("triton") and getattr(ops, name) is not TORCH_OPS[name], (name, where)
     assert parse_op_list(" linear_cross_entropy,attention,attention, ") == ("attention", "linear_cross_entropy")
     assert parse_op_list("") == ()
-    with pytest.raises(ValueError, match="unknown op 'atention': choose from attention, layer_norm"):
+    with pytest.raises(ValueError, match="unknown op 'atention': choose from attention, window_attention, layer_norm"):
         get_ops("triton", SEAM_DEVICE, torch_ops=("atention",))
 
 
