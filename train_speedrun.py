@@ -97,7 +97,7 @@ class Preset:
     # no (tokens x vocab) fp32 logits, so more sequences fit (see triton_micro_batch_for). None: micro_batch.
     triton_micro_batch: int | None = None
     # micro-batch of the speedrun recipe with the torch LM head (its fp32 softcapped logits and the torch ops' saved
-    # tensors take more than GPT-2's: bench/results/memory-speedrun-<preset>-*.json). None: micro_batch.
+    # tensors take more than GPT-2's: bench/results/memory-speedrun-dense-<preset>-*.json). None: micro_batch.
     speedrun_micro_batch: int | None = None
     muon_coefficients: str = "quintic"  # speedrun: Newton-Schulz coefficients (the record's quintic, polar_express)
     # --recipe speedrun: tokens per packed micro-batch (--seq-len; --micro-batch is 1) with the torch LM head, and

@@ -31,8 +31,7 @@ ops.window_attention: under --backend triton kernels/window_attention.py's fake 
 fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
 same tensors, so the estimate uses the kernel's fake there too (the eager CPU path, a dense T x T mask, is not what
 a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json (speedrun), memory-speedrun-dense-... (speedrun-
-dense); memory-speedrun-<preset>-20261203.json are speedrun-dense records written before the 2024-12-17 recipe took
-the name speedrun (their "recipe" says "speedrun" and they have no "packed" field). The step has
+dense): names no record of the other model ever had. The step has
 no grad clip (the record clips nothing): Adam's step, then Muon's: its fp32 momentum buffers (one per matrix,
 optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ,
 B and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
@@ -578,8 +577,9 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
 
 def record_path(setup: Setup, day: datetime.date | None = None) -> Path:
     """bench/results/memory-<preset>-<date>.json for gpt2 (the first records' names),
-    memory-speedrun-packed-<preset>-... for speedrun, memory-speedrun-dense-<preset>-... for speedrun-dense (memory-speedrun-<preset>-... are speedrun-dense
-    records from before the rename: a new name, so that no record of one model overwrites one of the other)."""
+    memory-speedrun-packed-<preset>-... for speedrun, memory-speedrun-dense-<preset>-... for speedrun-dense (the
+    2024-11-10 model's records were memory-speedrun-<preset>-... before the 2024-12-17 recipe took the name
+    speedrun: new names, so that no record of one model is ever read as the other's)."""
     prefix = {"gpt2": "memory-", "speedrun": "memory-speedrun-packed-"}.get(setup.recipe, f"memory-{setup.recipe}-")
     return REPO / "bench" / "results" / f"{prefix}{setup.preset}-{day or datetime.date.today():%Y%m%d}.json"
 

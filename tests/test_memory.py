@@ -386,20 +386,20 @@ def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, cap
                               day).name == "memory-rtx4070-20261203.json"
 
 
-def test_speedrun_rtx4070_record():
-    """The committed speedrun record for the rtx4070, written when --recipe speedrun was the 2024-11-10 model (now
-    speedrun-dense; the record says "speedrun" and has no "packed" field): d12 (6 heads of 128, untied head),
-    T = 1024, both backends at micro-batch 8 and 16 and the --max search; its fit verdicts follow the fit rule."""
-    paths = sorted((REPO / "bench" / "results").glob("memory-speedrun-rtx4070-*.json"))
-    assert paths, "bench/results/memory-speedrun-rtx4070-*.json: run bench/memory.py --gpu rtx4070 --recipe " \
-                  "speedrun --micro-batch 8,16 --max --record"
+def test_speedrun_dense_rtx4070_record():
+    """The committed speedrun-dense record for the rtx4070 (the 2024-11-10 model): d12 (6 heads of 128, untied
+    head), T = 1024, both backends at micro-batch 8 and 16 and the --max search; its fit verdicts follow the fit
+    rule."""
+    paths = sorted((REPO / "bench" / "results").glob("memory-speedrun-dense-rtx4070-*.json"))
+    assert paths, "bench/results/memory-speedrun-dense-rtx4070-*.json: run bench/memory.py --gpu rtx4070 --recipe " \
+                  "speedrun-dense --backend both --micro-batch 8,16 --max --record"
     record = json.loads(paths[-1].read_text())
-    assert record["recipe"] == "speedrun" and record["model"] == "d12" and record["seq_len"] == 1024
-    assert "packed" not in record
+    assert record["recipe"] == "speedrun-dense" and record["model"] == "d12" and record["seq_len"] == 1024
+    assert not record.get("packed")
     got = {(e["backend"], e["micro_batch"]) for e in record["estimates"]}
     assert {("triton", 8), ("triton", 16), ("torch", 8), ("torch", 16)} <= got
     for e in record["estimates"]:
-        assert e["recipe"] == "speedrun" and e["fits"] == (e["peak_reserved_estimate_bytes"] <= e["budget_bytes"])
+        assert e["recipe"] == "speedrun-dense" and e["fits"] == (e["peak_reserved_estimate_bytes"] <= e["budget_bytes"])
     for backend in ("triton", "torch"):
         found = record["max_micro_batch"][backend]
         assert found["peak_grows_with_micro_batch"] and found["micro_batch"]
@@ -578,15 +578,11 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
 
 
 def _newest_record(preset: str, recipe: str = "gpt2") -> dict | None:
-    """The newest memory record of a recipe for a preset: speedrun-dense's are memory-speedrun-dense-* and, from before
-    the rename, memory-speedrun-* (recipe "speedrun", no "packed" field); speedrun's are memory-speedrun-packed-*."""
+    """The newest memory record of a recipe for a preset: memory-<preset>-* (gpt2), memory-speedrun-dense-*,
+    memory-speedrun-packed-* (speedrun)."""
     results = REPO / "bench" / "results"
-    if recipe == "speedrun-dense":
-        paths = [*results.glob(f"memory-speedrun-{preset}-*.json"), *results.glob(f"memory-speedrun-dense-{preset}-*")]
-        paths = sorted(paths, key=lambda p: p.name.rsplit("-", 1)[-1])  # by date
-    else:
-        prefix = {"gpt2": "memory-", "speedrun": "memory-speedrun-packed-"}[recipe]
-        paths = sorted(results.glob(f"{prefix}{preset}-*.json"))
+    prefix = {"gpt2": "memory-", "speedrun-dense": "memory-speedrun-dense-", "speedrun": "memory-speedrun-packed-"}
+    paths = sorted(results.glob(f"{prefix[recipe]}{preset}-*.json"))
     return json.loads(paths[-1].read_text()) if paths else None
 
 
@@ -608,15 +604,14 @@ def test_gpu_presets_fit_by_their_memory_record():
             assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
         assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
         dense = _newest_record(name, "speedrun-dense")
-        assert dense is not None and dense["recipe"] in ("speedrun", "speedrun-dense") and not dense.get("packed")
+        assert dense is not None and dense["recipe"] == "speedrun-dense" and not dense.get("packed"), name
         fit = dense["max_micro_batch"]
         assert p.speedrun_micro_batch <= fit["torch"]["micro_batch"], name
         assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
         packed = _newest_record(name, "speedrun")  # the GPU presets' default recipe
-        if packed is not None:
-            assert packed["recipe"] == "speedrun" and packed["packed"], name
-            assert p.speedrun_seq_len <= packed["max_seq_len"]["torch"]["seq_len"], name
-            assert p.triton_speedrun_seq_len <= packed["max_seq_len"]["triton"]["seq_len"], name
+        assert packed is not None and packed["recipe"] == "speedrun" and packed["packed"], name
+        assert p.speedrun_seq_len <= packed["max_seq_len"]["torch"]["seq_len"], name
+        assert p.triton_speedrun_seq_len <= packed["max_seq_len"]["triton"]["seq_len"], name
 
 
 def test_fakes_size_scratch_for_the_planned_gpu():
