@@ -91,3 +91,16 @@ def save_speedrun_checkpoint(out_dir, step: int, model) -> Path:
 
     return save_checkpoint(out_dir, step, {"model_kind": model.config.recipe, "model_config": model.config.to_dict(),
                                            "model": model.state_dict()})
+
+
+def random_hellaswag_examples(n: int, seed: int = 0) -> list:
+    """n HellaSwag examples of random token ids (a 5-token context, 4 endings of 1-4 tokens, a random label): enough
+    to drive the trainer's HellaSwag call on any model."""
+    import numpy as np
+
+    from data.hellaswag import Example
+
+    rng = np.random.default_rng(seed)
+    return [Example.of(rng.integers(0, 50257, 5).tolist(),
+                       [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
+            for _ in range(n)]

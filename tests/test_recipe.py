@@ -18,7 +18,7 @@ import training
 from gpt2.checkpoint import list_checkpoints, load_checkpoint
 from gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
 from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
-from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env
+from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
 
@@ -300,14 +300,9 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
 
 def test_trainer_hellaswag_scores_the_speedrun_model(tmp_path):
     """The trainer's HellaSwag call on SpeedrunGPT (model(idx) -> softcapped logits over the real vocabulary)."""
-    import numpy as np
+    from data.hellaswag import evaluate
 
-    from data.hellaswag import Example, evaluate
-
-    rng = np.random.default_rng(0)
-    examples = [Example.of(rng.integers(0, 50257, 5).tolist(),
-                           [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
-                for _ in range(6)]
+    examples = random_hellaswag_examples(6)
     _, tr = make_trainer(tmp_path)
     tr.train_step(0)  # a non-zero head: the endings' losses differ
     hs = tr.hellaswag(examples)

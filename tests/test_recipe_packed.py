@@ -23,7 +23,7 @@ from data.loader import PackedLoader
 from gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from gpt2.ops import SPEEDRUN_OPS, get_ops
 from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
-from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env
+from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
 
@@ -281,14 +281,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 def test_trainer_hellaswag_scores_the_windowed_model(tmp_path):
     """HellaSwag feeds plain rows: one document each, the schedule's final window (SpeedrunGPT's defaults)."""
-    import numpy as np
+    from data.hellaswag import evaluate
 
-    from data.hellaswag import Example, evaluate
-
-    rng = np.random.default_rng(0)
-    examples = [Example.of(rng.integers(0, 50257, 5).tolist(),
-                           [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
-                for _ in range(6)]
+    examples = random_hellaswag_examples(6)
     _, tr = make_trainer(tmp_path)
     tr.train_step(0)  # a non-zero head: the endings' losses differ
     hs = tr.hellaswag(examples)
