@@ -110,7 +110,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one (gpt2 and
     # speedrun-dense); speedrun_micro_batch: the torch LM head under --recipe speedrun-dense. All fit by
-    # bench/memory.py's estimate (bench/results/memory-[speedrun-]<preset>-*.json; tests/test_memory.py checks it).
+    # bench/memory.py's estimate (bench/results/memory-<preset>-*, memory-speedrun-dense-*; tests/test_memory.py
+    # checks it).
     # speedrun_seq_len / triton_speedrun_seq_len: --recipe speedrun's packed length with the torch / fused LM head,
     # the largest power of two `bench/memory.py --gpu <preset> --recipe speedrun --max` finds within memory - 1 GiB
     # (eager; 12 GB cards: 4,096 / 8,192 tokens, 16,384 needs 11.81 GiB reserved with the fused head).
