@@ -3,7 +3,7 @@
 speedrun-dense, the 2024-11-10 one at T = --seq-len; speedrun, the 2024-12-17 one, packed sequences of
 --packed-seq-len tokens with its sliding window), equal model size and equal tokens, each at its own tuned lr.
 
-    python bench/recipes.py                                   # CPU: tiny model, sample data; writes the record
+    OMP_NUM_THREADS=1 python bench/recipes.py --jobs 2        # CPU: mini model, sample data; writes the record
     python bench/recipes.py --data data/fineweb10B --gpu auto --model d12 --steps 500 --total-batch-tokens 65536
     python bench/recipes.py --smoke --out-dir DIR             # a few steps each: checks the plumbing, no figures
 
@@ -111,7 +111,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default=None, help="train_speedrun.py preset (default cpu; auto picks the GPU's)")
-    p.add_argument("--model", default="tiny", help="model size, the same for both recipes (default tiny)")
+    p.add_argument("--model", default=None,
+                   help="model size, the same shape for every recipe (default mini: 4 blocks of 128; smoke tiny)")
     p.add_argument("--data", default="sample", help="'sample' (built-in corpus) or a dir of shards (default sample)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the A/B runs (default 150; smoke 4)")
     p.add_argument("--sweep-steps", type=int, default=None,
@@ -144,6 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     smoke = args.smoke
     args.gpu = args.gpu or "cpu"
+    args.model = args.model or ("tiny" if smoke else "mini")
     args.steps = (4 if smoke else 150) if args.steps is None else args.steps
     args.sweep_steps = (2 if smoke else args.steps) if args.sweep_steps is None else args.sweep_steps
     args.total_batch_tokens = (128 if smoke else 1024) if args.total_batch_tokens is None else args.total_batch_tokens
