@@ -206,9 +206,8 @@ def test_compile_matches_eager(tmp_path):
     assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """Muon shards its Newton-Schulz over the 2 ranks (matrix j on rank j mod 2) and all-gathers the updates."""
-    args = [*SMALL, "--micro-batch", "1", "--max-steps", 3, "--val-every", 3]
+def one_process_and_two_ranks(tmp_path, args) -> tuple:
+    """The trainer with `args` once as one process and once under torchrun with 2 gloo ranks; their out dirs."""
     single = tmp_path / "single"
     proc = run_cli(*args, "--out-dir", single)
     assert proc.returncode == 0, proc.stderr
@@ -217,12 +216,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
            "train_speedrun.py", *map(str, args), "--out-dir", str(ddp)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = result(single), result(ddp)
-    assert b["world_size"] == 2 and b["grad_accum"] == a["grad_accum"] == 4
-    # the same tokens per step; gradients summed in another order (all-reduce), so equal to rounding, not bits
+    return single, ddp
+
+
+def assert_losses_match(a: dict, b: dict) -> None:
+    """Two runs' train losses and final val equal to all-reduce rounding (gradients summed in another order)."""
     for x, y in zip(a["train_losses"], b["train_losses"], strict=True):
         assert abs(x - y) <= 1e-4, (a["train_losses"], b["train_losses"])
     assert abs(a["final_val_loss"] - b["final_val_loss"]) <= 1e-4
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """Muon shards its Newton-Schulz over the 2 ranks (matrix j on rank j mod 2) and all-gathers the updates."""
+    args = [*SMALL, "--micro-batch", "1", "--max-steps", 3, "--val-every", 3]
+    single, ddp = one_process_and_two_ranks(tmp_path, args)
+    a, b = result(single), result(ddp)
+    assert b["world_size"] == 2 and b["grad_accum"] == a["grad_accum"] == 4
+    assert_losses_match(a, b)  # the same tokens per step; summed in another order: rounding, not bits
     assert "sharded over 2 ranks" in (ddp / "train.log").read_text()
 
 

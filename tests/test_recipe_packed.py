@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -23,9 +21,10 @@ from data.loader import PackedLoader
 from gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from gpt2.ops import SPEEDRUN_OPS, get_ops
 from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
-from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
+from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, random_hellaswag_examples
+from tests.test_recipe import assert_losses_match, one_process_and_two_ranks
 from tests.test_resume import start_cli, wait_for
-from tests.test_train_cli import REPO, run_cli
+from tests.test_train_cli import run_cli
 
 PACKED = ["--recipe", "speedrun", "--gpu", "cpu", "--model", "tiny", "--data", "sample"]
 # 2 packed sequences of 256 tokens per step: longer than the first windows (128 tokens), so the window masks.
@@ -264,19 +263,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     the ranks: the same losses as one process, to all-reduce rounding."""
     args = [*PACKED, "--seq-len", "128", "--total-batch-tokens", "256", "--val-tokens", "256", "--max-steps", 3,
             "--val-every", 3]
-    single = tmp_path / "single"
-    proc = run_cli(*args, "--out-dir", single)
-    assert proc.returncode == 0, proc.stderr
-    ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train_speedrun.py", *map(str, args), "--out-dir", str(ddp)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    single, ddp = one_process_and_two_ranks(tmp_path, args)
     a, b = result(single), result(ddp)
     assert b["world_size"] == 2 and b["grad_accum"] == a["grad_accum"] == 2
-    for x, y in zip(a["train_losses"], b["train_losses"], strict=True):
-        assert abs(x - y) <= 1e-4, (a["train_losses"], b["train_losses"])
-    assert abs(a["final_val_loss"] - b["final_val_loss"]) <= 1e-4
+    assert_losses_match(a, b)
 
 
 def test_trainer_hellaswag_scores_the_windowed_model(tmp_path):
