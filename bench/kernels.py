@@ -27,17 +27,17 @@ three elementwise ops above:
                  grads; param groups decay/no-decay from model.param_groups(0.1); lr 6e-4, betas
                  (0.9, 0.95), eps 1e-8), global-norm clip 1.0 inside every timed step: FusedAdamW's
                  clip_grad_norm_ + step vs torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW
-                 (fused=True) and (foreach=True). One pass, "step". GB/s from kernels/adamw.py's
+                 (fused=True) and (foreach=True). One pass, "step". GB/s from tritonrun/kernels/adamw.py's
                  bytes_moved (32 B/param fp32 with clip), the same for every implementation.
   attention      causal attention, B x H = 16 x 12 and 32 x 12, T = 1024, D = 64, bf16, q/k/v in the
                  model's (B, T, H, D) memory viewed as (B, H, T, D). Peers: each SDPA backend that
                  runs (flash, cuDNN, efficient; one that raises is recorded under "skipped" with its
-                 reason), torch.compile'd and eager math attention. TFLOPS from kernels/attention.py's
+                 reason), torch.compile'd and eager math attention. TFLOPS from tritonrun/kernels/attention.py's
                  attention_flops (causal half; bwd 2.5x fwd), the same for every implementation;
                  speedup vs the best SDPA backend; % of a bf16 8192^3 torch.matmul measured once per
                  run ("matmul_peak_tflops").
   cross_entropy  fused LM head + cross-entropy, rows = 16*1024, C = 768, V = 50304 padded (vocab
-                 50257), bf16 h and weight. Peers: gpt2/ops.py's torch_linear_cross_entropy eager
+                 50257), bf16 h and weight. Peers: tritonrun/gpt2/ops.py's torch_linear_cross_entropy eager
                  (fp32-upcast logits) and torch.compile'd, Liger's LigerFusedLinearCrossEntropyLoss
                  and cut-cross-entropy when importable (else recorded under "skipped"). ms, TFLOPS
                  (model FLOPs lce_flops(executed=False): 2NVC fwd, 4NVC bwd, for every
@@ -45,28 +45,29 @@ three elementwise ops above:
                  pass minus what was allocated before it, i.e. beyond the inputs), with speed and
                  memory ratios vs each peer (torch.compile the one the goal names).
   rmsnorm, add_rmsnorm, mix_rmsnorm, relu2
-                 issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py) at the d12 training shape of
-                 the rtx4070 preset: rows = 8*1024 (also under --quick), C = 768; relu2 on 4C = 3072. Peers:
+                 issue 26's speedrun ops (tritonrun/kernels/rmsnorm.py, tritonrun/kernels/relu2.py) at the d12 training
+                 shape of the rtx4070 preset: rows = 8*1024 (also under --quick), C = 768; relu2 on 4C = 3072. Peers:
                  the 2024-11-10 record's PyTorch (F.rms_norm(x, (C,)) with its default eps; x + residual;
                  l0 * x + l1 * x0 with fp32 scalars; F.relu(x).square()), eager and torch.compile'd. Autocast
                  dtypes: rmsnorm fp32 (the embeddings), add_rmsnorm bf16 branch + fp32 stream, mix_rmsnorm fp32
-                 x, x0 and lambdas, relu2 bf16. GB/s from kernels/rmsnorm.py's / kernels/relu2.py's bytes_moved.
-  qk_norm_rope   QK-norm + RoPE (kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
+                 x, x0 and lambdas, relu2 bf16. GB/s from tritonrun/kernels/rmsnorm.py's / tritonrun/kernels/relu2.py's
+                 bytes_moved.
+  qk_norm_rope   QK-norm + RoPE (tritonrun/kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
                  H = 6, D = 128, bf16 q and k as the record's separate c_q / c_k outputs, (B, T, H, D), their
                  gradients as attention returns them ((B, H, T, D) views of (B, T, H, D) memory), fp32
-                 rope_tables. Peers: kernels/rope.py's reference_qk_norm_rope(compute_dtype=None) (F.rms_norm,
+                 rope_tables. Peers: tritonrun/kernels/rope.py's reference_qk_norm_rope(compute_dtype=None) (F.rms_norm,
                  the rotation, transpose + contiguous: the torch path) eager and torch.compile'd. GB/s from
-                 kernels/rope.py's bytes_moved (fwd 4, bwd 6 tensor passes + the tables).
+                 tritonrun/kernels/rope.py's bytes_moved (fwd 4, bwd 6 tensor passes + the tables).
   muon           one Muon step (lr 0.04, momentum 0.95, Nesterov, 5 bf16 quintic Newton-Schulz steps) over the
                  d12 speedrun's 72 hidden matrices (48 x 768x768, 12 x 3072x768, 12 x 768x3072; 84,934,656 fp32
-                 params, random grads): kernels/muon.py's Muon (row "triton": the project's implementation, whose
-                 Newton-Schulz runs batched by shape on torch bf16 GEMMs; muon.py's docstring says why no Triton
+                 params, random grads): tritonrun/kernels/muon.py's Muon (row "triton": the project's implementation,
+                 whose Newton-Schulz runs batched by shape on torch bf16 GEMMs; muon.py's docstring says why no Triton
                  kernel) vs the record's per-tensor loop in plain torch, eager and with its Newton-Schulz
                  torch.compile'd as the record does. One pass, "step"; TFLOPS from newton_schulz_flops (1.63 TFLOP
                  per step at d12), the same for every implementation.
   window_attention
-                 issue 27's document-masked sliding-window attention (kernels/window_attention.py): B = 1 packed
-                 sequence of T = 65,536 (--quick: 16,384), H = 6, D = 128, bf16 in the model's layout, synthetic
+                 issue 27's document-masked sliding-window attention (tritonrun/kernels/window_attention.py): B = 1
+                 packed sequence of T = 65,536 (--quick: 16,384), H = 6, D = 128, bf16 in the model's layout, synthetic
                  documents (lengths uniform in [1, 2000), fixed seed), windows 64 / 256 / 1,024 / 1,792 / 4,096
                  (--quick: 64, 1,792): one row group per window, so time grows with the window at fixed T. Peers:
                  FlexAttention (torch.nn.attention.flex_attention, torch.compile'd) with the same mask, its block
@@ -83,9 +84,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# First, before any import: this script's own folder (bench/) is sys.path[0], and this file is named
-# kernels.py, so `import kernels` would import this script instead of the repo's kernels/ package.
-sys.path.insert(0, str(REPO))
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -97,8 +99,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
-from runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
+from tritonrun.runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.2, 0.5, 0.8)
@@ -372,8 +374,8 @@ def peer_impls(ctx: Ctx, triton_fn: Callable, torch_fn: Callable) -> dict[str, C
 
 
 def case_layernorm(ctx: Ctx) -> None:
-    from gpt2.ops import torch_layer_norm
-    from kernels import layernorm as ln
+    from tritonrun.gpt2.ops import torch_layer_norm
+    from tritonrun.kernels import layernorm as ln
 
     C, dev = ctx.C, ctx.device
     xd, pd = ctx.dtype("high"), ctx.dtype("high")  # the first LN normalizes the fp32 embedding sum
@@ -391,8 +393,8 @@ def case_layernorm(ctx: Ctx) -> None:
 
 
 def case_add_layernorm(ctx: Ctx) -> None:
-    from gpt2.ops import torch_add_layer_norm
-    from kernels import layernorm as ln
+    from tritonrun.gpt2.ops import torch_add_layer_norm
+    from tritonrun.kernels import layernorm as ln
 
     C, dev = ctx.C, ctx.device
     xd, rd, pd = ctx.dtype("low"), ctx.dtype("high"), ctx.dtype("high")
@@ -413,8 +415,8 @@ def case_add_layernorm(ctx: Ctx) -> None:
 
 
 def case_gelu(ctx: Ctx) -> None:
-    from gpt2.ops import torch_gelu
-    from kernels import gelu as ge
+    from tritonrun.gpt2.ops import torch_gelu
+    from tritonrun.kernels import gelu as ge
 
     H, dev, xd = 4 * ctx.C, ctx.device, ctx.dtype("low")  # GELU sits on the MLP's 4C-wide hidden layer
     for rows in ctx.rows:
@@ -428,7 +430,7 @@ def case_gelu(ctx: Ctx) -> None:
                     peer_impls(ctx, ge.gelu, torch_gelu), nbytes)
 
 
-# ---- issue 26's speedrun ops (kernels/rmsnorm.py, kernels/relu2.py): d12 training shapes --------------------
+# ---- issue 26's speedrun ops (tritonrun/kernels/rmsnorm.py, tritonrun/kernels/relu2.py): d12 training shapes ---------
 # rows = 8 * 1024 (the rtx4070 preset's micro-batch x T; --quick too), C = 768, relu2 on the 4C = 3072 MLP hidden
 # layer. Peers: the record's own PyTorch (F.rms_norm with eps=None, F.relu(x).square()), eager and compiled.
 # Dtypes under autocast: the first norm sees the fp32 embeddings, add_rmsnorm a bf16 branch output + the fp32
@@ -459,8 +461,8 @@ def speedrun_torch_relu2(x):
 
 
 def _rms_case(ctx: Ctx, op: str, kernel_op: str, xd: torch.dtype, od: torch.dtype | None) -> None:
-    """One RMSNorm variant: `kernel_op` names the kernels/rmsnorm.py function and its bytes_moved formula."""
-    from kernels import rmsnorm as rn
+    """One RMSNorm variant: `kernel_op` names the tritonrun/kernels/rmsnorm.py function and its bytes_moved formula."""
+    from tritonrun.kernels import rmsnorm as rn
 
     C, dev = ctx.C, ctx.device
     yd = xd if od is None else torch.promote_types(xd, od)
@@ -497,7 +499,7 @@ def case_mix_rmsnorm(ctx: Ctx) -> None:
 
 
 def case_relu2(ctx: Ctx) -> None:
-    from kernels import relu2 as r2
+    from tritonrun.kernels import relu2 as r2
 
     H, dev, xd = 4 * ctx.C, ctx.device, ctx.dtype("low")  # ReLU^2 sits on the MLP's 4C-wide hidden layer
     for rows in _speedrun_rows(ctx):
@@ -552,9 +554,9 @@ ADAMW_WEIGHT_DECAY, ADAMW_CLIP = 0.1, 1.0
 
 
 def case_adamw(ctx: Ctx) -> None:
-    from gpt2.config import MODEL_SIZES, GPTConfig
-    from gpt2.model import GPT
-    from kernels import adamw as aw
+    from tritonrun.gpt2.config import MODEL_SIZES, GPTConfig
+    from tritonrun.gpt2.model import GPT
+    from tritonrun.kernels import adamw as aw
 
     if ctx.smoke:
         name, cfg = "smoke", GPTConfig(block_size=64, vocab_size=250, padded_vocab_size=256, n_layer=2, n_head=2,
@@ -652,7 +654,7 @@ MUON_HYPER = dict(lr=0.04, momentum=0.95)
 
 
 def case_muon(ctx: Ctx) -> None:
-    from kernels import muon as mu
+    from tritonrun.kernels import muon as mu
 
     name, layers, C = ("smoke", 2, 64) if ctx.smoke else ("d12", 12, 768)
     shapes = [(C, C)] * 4 + [(4 * C, C), (C, 4 * C)]
@@ -748,7 +750,7 @@ def sdpa_peers() -> dict[str, Callable]:
 
 
 def case_attention(ctx: Ctx) -> None:
-    from kernels import attention as at
+    from tritonrun.kernels import attention as at
 
     dev, dt = ctx.device, ctx.dtype("low")  # bf16: what autocast's c_attn hands attention
     H, T, D = (1, 64, 64) if ctx.smoke else (12, 1024, 64)
@@ -784,8 +786,8 @@ def case_attention(ctx: Ctx) -> None:
 
 
 def case_cross_entropy(ctx: Ctx) -> None:
-    from gpt2.ops import torch_linear_cross_entropy
-    from kernels import cross_entropy as lce
+    from tritonrun.gpt2.ops import torch_linear_cross_entropy
+    from tritonrun.kernels import cross_entropy as lce
 
     dev, dt = ctx.device, ctx.dtype("low")  # bf16 h (ln_f's output under autocast) and tied wte
     # rows, C, V (padded wte rows), vocab_size (real classes); the smoke shape keeps 6 padded rows
@@ -855,7 +857,7 @@ def case_cross_entropy(ctx: Ctx) -> None:
 
 
 def case_qk_norm_rope(ctx: Ctx) -> None:
-    from kernels import rope
+    from tritonrun.kernels import rope
 
     dev, dt = ctx.device, ctx.dtype("low")  # bf16: c_q / c_k outputs under autocast
     B, T, H, D = (1, 37, 2, 64) if ctx.smoke else (8, 1024, 6, 128)  # d12 speedrun micro-batch: 8 x 1024 tokens
@@ -880,7 +882,7 @@ def case_qk_norm_rope(ctx: Ctx) -> None:
                 peer_impls(ctx, ours, torch_path), nbytes)
 
 
-# ---- window_attention (issue 27: document-masked sliding-window attention, kernels/window_attention.py) ----
+# ---- window_attention (issue 27: document-masked sliding-window attention, tritonrun/kernels/window_attention.py) ----
 WINDOW_T, WINDOW_T_QUICK = 65_536, 16_384  # the speedrun's packed sequence (B = 1), and --quick's
 WINDOWS, WINDOWS_QUICK = (64, 256, 1024, 1_792, 4_096), (64, 1_792)  # the record's schedule spans 64 -> 1,792
 WINDOW_MEAN_DOC = 1_000  # tokens: synthetic documents, lengths uniform in [1, 2 * mean) (fixed seed)
@@ -918,7 +920,7 @@ def case_window_attention(ctx: Ctx) -> None:
     without the sparsity; its rows are checked against nothing but themselves, they compute other math)."""
     import torch.nn.functional as F
 
-    from kernels import window_attention as wa
+    from tritonrun.kernels import window_attention as wa
 
     dev, dt = ctx.device, ctx.dtype("low")
     B, H, D = 1, (1 if ctx.smoke else 6), (64 if ctx.smoke else 128)
@@ -978,7 +980,7 @@ def case_window_attention(ctx: Ctx) -> None:
 
 
 def attention_flops_dense(B: int, H: int, T: int, D: int, pass_: str) -> float:
-    from kernels.attention import attention_flops
+    from tritonrun.kernels.attention import attention_flops
 
     return attention_flops(B, H, T, D, causal=True, mode=pass_.replace("+", "_"))
 # ---- end of window_attention ----------------------------------------------------------------------------------
@@ -994,11 +996,11 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "qk_norm_rope": case_qk_norm_rope,
     "muon": case_muon,
     # ---- later kernels register here, one entry each ----
-    "rmsnorm": case_rmsnorm,  # issue 26 (speedrun model): kernels/rmsnorm.py, kernels/relu2.py
+    "rmsnorm": case_rmsnorm,  # issue 26 (speedrun model): tritonrun/kernels/rmsnorm.py, tritonrun/kernels/relu2.py
     "add_rmsnorm": case_add_rmsnorm,
     "mix_rmsnorm": case_mix_rmsnorm,
     "relu2": case_relu2,
-    "window_attention": case_window_attention,  # issue 27: kernels/window_attention.py
+    "window_attention": case_window_attention,  # issue 27: tritonrun/kernels/window_attention.py
 }
 
 
@@ -1160,9 +1162,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if smoke:
-        from gpt2.ops import use_cpu_interpreter
+        from tritonrun.gpt2.ops import use_cpu_interpreter
 
-        try:  # before any kernels/ module is imported (the cases import lazily)
+        try:  # before any tritonrun/kernels/ module is imported (the cases import lazily)
             use_cpu_interpreter()
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -1203,15 +1205,17 @@ def main(argv=None) -> int:
             "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
                      f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
             "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
-                             "(adamw: kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
-            "flops_formula": {"attention": "kernels/attention.py attention_flops(B, H, T, D, causal=True): "
+                             "(adamw: tritonrun/kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
+            "flops_formula": {"attention": "tritonrun/kernels/attention.py attention_flops(B, H, T, D, causal=True): "
                                            "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
-                              "cross_entropy": "kernels/cross_entropy.py lce_flops(N, vocab_size, C, executed=False): "
+                              "cross_entropy": "tritonrun/kernels/cross_entropy.py "
+                                               "lce_flops(N, vocab_size, C, executed=False): "
                                                "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
-                              "muon": "kernels/muon.py newton_schulz_flops(rows, cols, 5) summed over the matrices: "
+                              "muon": "tritonrun/kernels/muon.py newton_schulz_flops(rows, cols, 5) "
+                                      "summed over the matrices: "
                                       "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each",
-                              "window_attention": "kernels/window_attention.py window_attention_flops: 4*D per "
-                                                  "allowed (q, kv) pair fwd, bwd 2.5x, fwd+bwd 3.5x; the "
+                              "window_attention": "tritonrun/kernels/window_attention.py window_attention_flops: "
+                                                  "4*D per allowed (q, kv) pair fwd, bwd 2.5x, fwd+bwd 3.5x; the "
                                                   "sdpa.causal_dense rows: attention_flops(causal=True)"},
             "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
                        "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
@@ -1225,8 +1229,8 @@ def main(argv=None) -> int:
                      "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
                      "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
             "results": ctx.results, "speedups": speedups(ctx.results), "skipped": ctx.skipped,
-            # the tiles attention and cross-entropy ran with: the autotuners' picks (kernels/tune.py), with the ms
-            # of every cross-entropy candidate when measured in this run; empty when nothing was tuned
+            # the tiles attention and cross-entropy ran with: the autotuners' picks (tritonrun/kernels/tune.py), with
+            # the ms of every cross-entropy candidate when measured in this run; empty when nothing was tuned
             "autotune": autotune_picks(),
         }
 

@@ -7,28 +7,28 @@
     python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-packed-rtx4070-<date>.json
     python bench/memory.py --gpu rtx4070 --recipe speedrun-dense --max --record  # memory-speedrun-dense-rtx4070-...
 
-What runs. The real GPT-2 (gpt2/model.py) with the preset's model, T and the backend's ops (gpt2/ops.py), and the
-real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's FakeTensorMode: every tensor has
-a shape, dtype and storage but no data, so nothing is computed and a d12 step at any micro-batch takes seconds.
-One warm-up step (with one micro-batch) creates the optimizer state, then the measured step runs what
-Trainer.train_step runs: min(2, grad accumulation) micro-batches of forward under bf16 autocast and backward
+What runs. The real GPT-2 (tritonrun/gpt2/model.py) with the preset's model, T and the backend's ops
+(tritonrun/gpt2/ops.py), and the real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's
+FakeTensorMode: every tensor has a shape, dtype and storage but no data, so nothing is computed and a d12 step at any
+micro-batch takes seconds. One warm-up step (with one micro-batch) creates the optimizer state, then the measured step
+runs what Trainer.train_step runs: min(2, grad accumulation) micro-batches of forward under bf16 autocast and backward
 (the second one adds into existing grads, as every micro-batch after the first does), the global grad-norm clip
 (the fused one of FusedAdamW, or torch's foreach clip), the optimizer step and zero_grad. The Triton ops' fake
 implementations (register_fake in kernels/*.py; FusedAdamW allocates its buffers and skips the launch) allocate
 what their real launches allocate, scratch included, sized for the preset's GPU (SM count, arch config table:
-kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's activations
-differ (often lower); the record says "mode": "eager".
+tritonrun/kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's
+activations differ (often lower); the record says "mode": "eager".
 
 Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun-dense
-(the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): gpt2/speedrun.py's SpeedrunGPT
-(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it (training.py's
+(the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): tritonrun/gpt2/speedrun.py's SpeedrunGPT
+(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it (tritonrun/training.py's
 SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the Triton FusedAdamW, weight_decay 0) over
 optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head, scalars) and kernels/muon.Muon over the
 blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len tokens (default the preset's
 speedrun_seq_len) with its document bounds and the schedule's last (largest) window, 1,792; --max searches the
 largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a micro-batch. Its attention is
-ops.window_attention: under --backend triton kernels/window_attention.py's fake (saves q, k, v, the output and an
-fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
+ops.window_attention: under --backend triton tritonrun/kernels/window_attention.py's fake (saves q, k, v, the output and
+an fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
 same tensors, so the estimate uses the kernel's fake there too (the eager CPU path, a dense T x T mask, is not what
 a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json (speedrun), memory-speedrun-dense-... (speedrun-
 dense): names no record of the other model ever had. The step has
@@ -70,7 +70,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the repo root first: `import kernels`, `import gpt2` are the repo's
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -85,8 +88,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-from kernels.target import Target, planning_for  # noqa: E402  (imports no triton)
-from runinfo import atomic_write_json, env_info  # noqa: E402
+from tritonrun.kernels.target import Target, planning_for  # noqa: E402  (imports no triton)
+from tritonrun.runinfo import atomic_write_json, env_info  # noqa: E402
 
 GIB = 2**30
 CATEGORIES = ("parameters", "grads", "optimizer_state", "activations", "temporaries")
@@ -262,7 +265,7 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 def build_optimizer(model, ops, weight_decay: float = 0.1):
     """The optimizer training.Trainer builds (ops.optimizer), with torch's fused AdamW where torch_adamw would pick
     it on CUDA (it picks foreach for CPU params, and these fake params are CPU ones)."""
-    from gpt2.ops import TorchAdamW, torch_adamw
+    from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
 
     groups = model.param_groups(weight_decay)
     if ops.optimizer is torch_adamw:
@@ -271,13 +274,13 @@ def build_optimizer(model, ops, weight_decay: float = 0.1):
 
 
 class SpeedrunOptimizer:
-    """The speedrun recipe's optimizers as the trainer drives them (training.py's SpeedrunOptimizer, which this
-    mirrors for the estimate without the schedule: lr and momentum values do not change what is allocated): the
+    """The speedrun recipe's optimizers as the trainer drives them (tritonrun/training.py's SpeedrunOptimizer, which
+    this mirrors for the estimate without the schedule: lr and momentum values do not change what is allocated): the
     seam's Adam over SpeedrunGPT.optimizer_groups()["adam"], then kernels/muon.Muon over its "muon" group."""
 
     def __init__(self, model, ops):
-        from gpt2.ops import TorchAdamW, torch_adamw
-        from kernels.muon import Muon
+        from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
+        from tritonrun.kernels.muon import Muon
 
         groups, c = model.optimizer_groups(), model.config
         adam_kw = dict(lr=groups["adam"][0]["lr"], betas=c.adam_betas, eps=c.adam_eps)
@@ -354,7 +357,7 @@ def packed_ops(ops):
         return ops
     import dataclasses
 
-    from kernels.window_attention import window_attention
+    from tritonrun.kernels.window_attention import window_attention
 
     placement = {**ops.placement, "window_attention": "torch (FlexAttention under compile; estimated by the "
                                                       "kernel's saved tensors)"}
@@ -399,7 +402,7 @@ class Setup:
 
 def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     """One fake training step of `setup` with `backend` at `micro_batch`; the record entry (see --json)."""
-    from gpt2.ops import get_ops
+    from tritonrun.gpt2.ops import get_ops
 
     t0 = time.perf_counter()
     ledger = Ledger(granularity=CUDA_BLOCK)
@@ -451,10 +454,10 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
 def recipe_parts(recipe: str, model: str):
     """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step."""
     if recipe in SPEEDRUN_RECIPES:
-        from gpt2.speedrun import SpeedrunGPT, speedrun_models
+        from tritonrun.gpt2.speedrun import SpeedrunGPT, speedrun_models
 
         return SpeedrunGPT, build_speedrun_optimizer, speedrun_models(recipe)[model], 0.0  # the records clip nothing
-    from gpt2 import GPT, MODEL_SIZES
+    from tritonrun.gpt2 import GPT, MODEL_SIZES
 
     return GPT, build_optimizer, MODEL_SIZES[model], 1.0
 
@@ -462,10 +465,10 @@ def recipe_parts(recipe: str, model: str):
 def model_sizes(recipe: str) -> dict:
     """--model's names under a recipe: gpt2.MODEL_SIZES or gpt2.speedrun's SPEEDRUN_MODELS / SPEEDRUN_DENSE_MODELS."""
     if recipe in SPEEDRUN_RECIPES:
-        from gpt2.speedrun import speedrun_models
+        from tritonrun.gpt2.speedrun import speedrun_models
 
         return speedrun_models(recipe)
-    from gpt2 import MODEL_SIZES
+    from tritonrun.gpt2 import MODEL_SIZES
 
     return MODEL_SIZES
 
@@ -503,7 +506,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train_speedrun import PRESETS
+    from tritonrun.train import PRESETS
 
     gpus = [name for name, p in PRESETS.items() if p.device == "cuda"]
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -539,7 +542,7 @@ def parse_micro_batches(text: str) -> list[int]:
 
 
 def resolve(args) -> tuple[Setup, list[str], list[int]]:
-    from train_speedrun import PRESETS
+    from tritonrun.train import PRESETS
 
     preset = PRESETS[args.gpu]
     recipe = args.recipe or getattr(preset, "recipe", "gpt2")

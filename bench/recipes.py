@@ -32,8 +32,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# bench/ is sys.path[0] when run as a script: the repo root must come first so repo modules resolve.
-sys.path.insert(0, str(REPO))
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -46,7 +48,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
 # train_speedrun.RECIPES, gpt2 first (the baseline the others are compared with), then in the records' order;
 # spelled out here so that a bad flag gets its error line without torch's import time (tests/test_bench_recipes.py

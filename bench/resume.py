@@ -13,8 +13,8 @@ Recorded: the per-step train losses and grad norms of A, B and C, and for C-vs-A
 largest absolute and relative difference of the loss, of the grad norm, and of the final val loss, plus whether they
 are bitwise equal. Resume adds error of its own only if C-vs-A exceeds B-vs-A. README's "Long runs" section quotes
 the GPU record. Under --compile, Inductor would lower nn.Embedding's backward (wte, wpe) to a scatter-add run with
-atomics on CUDA; the model's lookups go through gpt2/embedding.py (an eager, deterministic backward) so that the
-Triton backend's compiled runs can be bitwise too. The compiled rows measure whether they are.
+atomics on CUDA; the model's lookups go through tritonrun/gpt2/embedding.py (an eager, deterministic backward) so that
+the Triton backend's compiled runs can be bitwise too. The compiled rows measure whether they are.
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# bench/ is sys.path[0] when run as a script: the repo root must come first so repo modules resolve.
-sys.path.insert(0, str(REPO))
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -34,7 +36,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
 
 
 def log(msg: str = "") -> None:

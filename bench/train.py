@@ -36,7 +36,7 @@ is recorded {"fits": false}, freed, and the others go on. Peak memory per config
 over its own timed blocks minus what the other configurations of the group hold resident at that time (their
 weights and optimizer state), i.e. its own peak as if it ran alone; peak_reserved_gib is the shared allocator's
 reserved peak during its blocks (an upper bound, the pool is shared). Triton runs also list the autotuned tiles
-the process has picked by then ("autotune", kernels/tune.py picks(); tuning happens in the warm-up).
+the process has picked by then ("autotune", tritonrun/kernels/tune.py picks(); tuning happens in the warm-up).
 
 12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
@@ -68,9 +68,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# First, before any import: this script's folder (bench/) is sys.path[0]; the repo root must win so that
-# `import kernels`, `import training` resolve to the repo's modules.
-sys.path.insert(0, str(REPO))
+# First, before any import: this checkout's tritonrun first, and bench/ (sys.path[0] when a script here runs) out,
+# so bench/kernels.py never becomes the top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -83,8 +84,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
-from runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
+from tritonrun.runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
 
 GIB = 2**30
 SEQ_LEN = 1024
@@ -128,7 +129,7 @@ def synthetic_data(tmp: Path, vocab_size: int, tokens: int) -> Path:
     """An llm.c-format train and val shard of uniformly random tokens (seed 0) in tmp."""
     import numpy as np
 
-    from data.shards import write_shard
+    from tritonrun.data.shards import write_shard
 
     rng = np.random.default_rng(0)
     write_shard(tmp / "synthetic_train_000001.bin", rng.integers(0, vocab_size, tokens, dtype=np.uint16))
@@ -154,7 +155,7 @@ def sweep_configs(backends: list[str], compiles: list[bool], torch_ops: list[str
 
 
 def make_config(spec: Spec, data_dir: Path, out_dir: Path):
-    import train_speedrun as ts
+    from tritonrun import train as ts
 
     a = spec.args
     tokens = spec.micro_batch * a.seq_len
@@ -175,8 +176,8 @@ def make_config(spec: Spec, data_dir: Path, out_dir: Path):
 
 def build_trainer(spec: Spec, data_dir: Path, out_dir: Path, warmup: int = 0):
     """A real training.Trainer for `spec`, after `warmup` untimed steps (compile, autotune, allocator)."""
-    import train_speedrun as ts
-    import training
+    from tritonrun import train as ts
+    from tritonrun import training
 
     cfg = make_config(spec, data_dir, out_dir)
     train_files, val_file = ts.open_data(cfg)
@@ -345,8 +346,8 @@ def speedups(runs: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------------- cap
 def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
-    from train_speedrun import PRESETS
-    from training import CUDA_CONTEXT_GIB, allocator_fraction
+    from tritonrun.train import PRESETS
+    from tritonrun.training import CUDA_CONTEXT_GIB, allocator_fraction
 
     preset = PRESETS["rtx4070"]
     total = torch.cuda.get_device_properties(device).total_memory
@@ -376,7 +377,7 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
 
 
 def _cap_runs(out: dict, backends, args, data_dir: Path, out_dir: Path, device, total: int, preset) -> None:
-    from training import CUDA_CONTEXT_GIB, memory_fit
+    from tritonrun.training import CUDA_CONTEXT_GIB, memory_fit
 
     for backend, comp in backends:
         name = f"{backend}{'+compile' if comp else ''}"
@@ -608,16 +609,16 @@ def merge_command(paths: list[Path], out_dir: Path | None) -> int:
 RECIPE_TOKENS = {
     "gpt2": (9.0e9, "llm.c 124M recipe: first val <= 3.28 at step ~17,250 x 524,288 tokens; /work/shared/REFERENCE.md"),
     "speedrun-dense": (3000 * 524_288, "modded-nanogpt 2024-11-10 record: 3000 steps x 524,288 tokens, val 3.2753; "
-                                       "gpt2/speedrun.py"),
+                                       "tritonrun/gpt2/speedrun.py"),
 }
 # Records written before the 2024-12-17 recipe took the name "speedrun" measured the 2024-11-10 model under it.
 LEGACY_RECIPES = {"speedrun": "speedrun-dense"}
 
 
 def project(target: str, record_path: Path | None) -> int:
-    from gpt2 import GPT, MODEL_SIZES
-    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SpeedrunGPT
-    from train_speedrun import PRESETS
+    from tritonrun.gpt2 import GPT, MODEL_SIZES
+    from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SpeedrunGPT
+    from tritonrun.train import PRESETS
 
     peak = PRESETS[target].peak_tflops
     if record_path is None:
@@ -742,7 +743,7 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU: bench/train.py measures GPU training; use --smoke --out-dir DIR for a CPU smoke "
               "run (not a timing), or --project rtx4070 --from-record PATH", file=sys.stderr)
         return 2
-    import train_speedrun as ts  # imports no triton: the smoke path below may still pick the CPU interpreter
+    from tritonrun import train as ts  # imports no triton: the smoke path below may still pick the CPU interpreter
 
     smoke = args.smoke
     try:
@@ -765,7 +766,7 @@ def main(argv=None) -> int:
         log("SMOKE RUN: tiny model, seq 64, a few steps. NOT A TIMING: never quote these numbers.")
         log("=" * 88)
         if "triton" in backends and device.type == "cpu":
-            from gpt2.ops import use_cpu_interpreter
+            from tritonrun.gpt2.ops import use_cpu_interpreter
 
             try:
                 use_cpu_interpreter()
@@ -801,7 +802,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         mbs = []
-    from gpt2.ops import parse_op_list
+    from tritonrun.gpt2.ops import parse_op_list
 
     try:
         torch_ops = [",".join(parse_op_list(ops)) for ops in args.torch_ops]
@@ -821,7 +822,7 @@ def main(argv=None) -> int:
             return 2
     configs = sweep_configs(backends, compiles, torch_ops, names)
 
-    from gpt2 import MODEL_SIZES
+    from tritonrun.gpt2 import MODEL_SIZES
 
     env = env_info(device)
     log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"

@@ -1,14 +1,14 @@
 """Test setup: run the real Triton kernels through the interpreter when no CUDA GPU is present.
 
 TRITON_INTERPRET must be set before any module containing @triton.jit is imported, so it is set
-here, at conftest import time, before test modules import kernels/.
+here, at conftest import time, before test modules import tritonrun/kernels/.
 """
 import os
 
 import pytest
 import torch
 
-from gpt2.ops import interpreter_problem  # imports no triton
+from tritonrun.gpt2.ops import interpreter_problem  # imports no triton
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.ops import interpreter_problem
+from tritonrun.gpt2.ops import interpreter_problem
 
 HAS_CUDA = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parent.parent
@@ -64,14 +64,14 @@ def poison_allocations(monkeypatch, module) -> None:
 
 
 def tiny_speedrun(seed: int = 0, block_size: int = 64, dense: bool = False):
-    """A tiny SpeedrunGPT (gpt2/speedrun.py: the 12-17 windowed model, or with dense the 11-10 one) on the real
-    GPT-2 vocabulary (sample.py checks it against the
+    """A tiny SpeedrunGPT (tritonrun/gpt2/speedrun.py: the 12-17 windowed model, or with dense the 11-10 one) on the
+    real GPT-2 vocabulary (sample.py checks it against the
     tokenizer; HellaSwag endings use any of its tokens), with random weights where the record zero-inits
     (projections, lm_head), so its logits depend on every layer and its text is not one repeated token."""
     import dataclasses
     import math
 
-    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT
+    from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT
 
     torch.manual_seed(seed)
     sizes = SPEEDRUN_DENSE_MODELS if dense else SPEEDRUN_MODELS
@@ -87,7 +87,7 @@ def tiny_speedrun(seed: int = 0, block_size: int = 64, dense: bool = False):
 def save_speedrun_checkpoint(out_dir, step: int, model) -> Path:
     """A checkpoint as a --recipe speedrun / speedrun-dense run writes its model: model_kind (the config's recipe)
     + SpeedrunConfig dict."""
-    from gpt2.checkpoint import save_checkpoint
+    from tritonrun.gpt2.checkpoint import save_checkpoint
 
     return save_checkpoint(out_dir, step, {"model_kind": model.config.recipe, "model_config": model.config.to_dict(),
                                            "model": model.state_dict()})
@@ -98,7 +98,7 @@ def random_hellaswag_examples(n: int, seed: int = 0) -> list:
     to drive the trainer's HellaSwag call on any model."""
     import numpy as np
 
-    from data.hellaswag import Example
+    from tritonrun.data.hellaswag import Example
 
     rng = np.random.default_rng(seed)
     return [Example.of(rng.integers(0, 50257, 5).tolist(),

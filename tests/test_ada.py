@@ -111,8 +111,8 @@ def test_autotune_spaces_and_layernorm_widths_recorded(records, arch):
     """The autotuners (attention, cross-entropy) may pick any TUNE_SPACE config on a GPU: all of them are
     compiled. LayerNorm's config depends on C: both widths of GPT-2 d12..d48 (BLOCK_N 1024 for C = 768/1024,
     2048 for 1280/1600) are."""
-    from kernels import attention as attn
-    from kernels import cross_entropy as ce
+    from tritonrun.kernels import attention as attn
+    from tritonrun.kernels import cross_entropy as ce
 
     rows = [r for r in records if r["arch"] == arch]
 
@@ -141,7 +141,7 @@ def test_window_attention_one_kernel_for_every_window(records, arch):
     """issue 27: window_attention at T = 65,536 and 16,384, windows 64 and 1,792, 6 heads of 128: each kernel is
     ONE compiled launch (its table config) used by all four -- the window is a runtime argument, never a
     specialization -- and it fits (test_every_launch_fits checks the numbers)."""
-    from kernels import window_attention as wa
+    from tritonrun.kernels import window_attention as wa
 
     rows = [r for r in records if r["arch"] == arch and r["kernel"] in WINDOW_KERNELS]
     assert {r["kernel"] for r in rows} == WINDOW_KERNELS
@@ -179,7 +179,7 @@ def test_markdown_section_from_record(records, tmp_path):
 
 
 def test_every_gpu_preset_has_an_architecture():
-    from train_speedrun import PRESETS
+    from tritonrun.train import PRESETS
 
     cuda = {name for name, p in PRESETS.items() if p.device == "cuda"}
     assert cuda == set(ada.GPU_PRESETS), "add the new preset's (arch, SM count) to bench/ada.py GPU_PRESETS"
@@ -187,8 +187,8 @@ def test_every_gpu_preset_has_an_architecture():
 
 
 def test_shared_limits_agree_with_the_kernel_files():
-    from kernels import attention as attn
-    from kernels import cross_entropy as ce
+    from tritonrun.kernels import attention as attn
+    from tritonrun.kernels import cross_entropy as ce
 
     for arch, limit in {**attn.SHARED_LIMIT, **ce.ARCH_SHARED_LIMIT}.items():
         assert ada.ARCHS[arch].shared_per_block == limit == attn.SHARED_LIMIT[arch] == ce.ARCH_SHARED_LIMIT[arch]

@@ -1,4 +1,4 @@
-"""FusedAdamW (kernels/adamw.py) against torch.optim.AdamW and the in-file reference.
+"""FusedAdamW (tritonrun/kernels/adamw.py) against torch.optim.AdamW and the in-file reference.
 
 Relative error, used throughout: rel_err(x, ref) = max_i |x_i - ref_i| / max_i |ref_i| per tensor (the normwise
 ∞-norm error, in float64). Normwise rather than elementwise because an element that happens to sit near zero has
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import adamw
-from kernels.adamw import FusedAdamW, _bf16_bits, bytes_moved, reference_adamw_step
+from tritonrun.kernels import adamw
+from tritonrun.kernels.adamw import FusedAdamW, _bf16_bits, bytes_moved, reference_adamw_step
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -498,8 +498,8 @@ def test_tiny_gpt2_three_trainer_steps_match_torch_adamw():
     exactly zero true gradient), and Adam's normalization would blow that noise up to lr-sized updates. The
     forward uses the torch ops: the other Triton kernels are tested in their own files, and through the
     interpreter they would make this test take minutes. Bound: 1e-6 normwise, as for the 20-step test."""
-    from gpt2 import GPT, MODEL_SIZES
-    from gpt2.ops import _load_triton_op, get_ops
+    from tritonrun.gpt2 import GPT, MODEL_SIZES
+    from tritonrun.gpt2.ops import _load_triton_op, get_ops
 
     optimizer, where = _load_triton_op("optimizer")  # what get_ops("triton") puts in Ops.optimizer
     assert optimizer is FusedAdamW and where == "triton"
@@ -558,7 +558,7 @@ def test_kernels_compile_natively_for_sm89(tmp_path):
         import re, triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from kernels import adamw
+        from tritonrun.kernels import adamw
         target = GPUTarget("cuda", 89, 32)
         cfg = adamw.CONFIGS["sm_89"]
         def compile(fn, sig, constexprs, num_warps):

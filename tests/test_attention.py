@@ -1,4 +1,4 @@
-"""kernels/attention.py: fused causal attention (forward + FlashAttention-2 backward).
+"""tritonrun/kernels/attention.py: fused causal attention (forward + FlashAttention-2 backward).
 
 Every case: fresh random inputs, every buffer the op allocates NaN-poisoned first (`poison` fixture),
 output, logsumexp and all three gradients compared against the fp64 math reference.
@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import attention as attn
-from kernels.attention import attention_flops, attention_reference, causal_attention, causal_attention_op
+from tritonrun.kernels import attention as attn
+from tritonrun.kernels.attention import attention_flops, attention_reference, causal_attention, causal_attention_op
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -185,12 +185,12 @@ def test_autotuned_path_on_gpu(poison, monkeypatch):
 
 
 def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, poison):
-    """The autotuner's CUDA-graph guard (kernels/tune.py pick_unless_capturing, as cross-entropy's): during a
+    """The autotuner's CUDA-graph guard (tritonrun/kernels/tune.py pick_unless_capturing, as cross-entropy's): during a
     capture, before any pick for the key, the table's config runs and triton.autotune is not called (it would
     time every candidate inside the capture); a key tuned earlier in the process reuses its pick. The
     interpreter stands in for an sm_89 GPU; a fake autotuner "picks" each space's last candidate and says when
     it would time."""
-    from kernels import tune
+    from tritonrun.kernels import tune
 
     state = {"capturing": False}
     events = []
@@ -332,14 +332,15 @@ def test_config_tables_are_consistent():
 # ------------------------------------------------------------------ compile for real GPUs, no GPU needed
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, list[dict]]:
-    """One `python -m kernels.attention` run without TRITON_INTERPRET (real compilation, 2 processes):
+    """One `python -m tritonrun.kernels.attention` run without TRITON_INTERPRET (real compilation, 2 processes):
     sm_89 everything (table, autotune space, fp32 fallback); sm_80 and sm_90 their tables and fp32
     fallback, plus their autotune spaces with TRITONRUN_FULL_COMPILE_CHECK=1. Cold: ~2 min on 2 cores;
     later runs hit Triton's cache (the ptxas numbers are cached beside each kernel): ~10 s."""
     other = "" if os.environ.get("TRITONRUN_FULL_COMPILE_CHECK") == "1" else ":table"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "kernels.attention", "sm_89", f"sm_80{other}", f"sm_90{other}"],
+    out = subprocess.run([sys.executable, "-m", "tritonrun.kernels.attention",
+                          "sm_89", f"sm_80{other}", f"sm_90{other}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

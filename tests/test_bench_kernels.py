@@ -19,10 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "kernels.py"
 HAS_CUDA = torch.cuda.is_available()
 PASSES = ("fwd", "bwd", "fwd+bwd")
-SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")  # issue 26: kernels/rmsnorm.py, kernels/relu2.py
+# issue 26: tritonrun/kernels/rmsnorm.py, tritonrun/kernels/relu2.py
+SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")
 ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS + ("qk_norm_rope",)
 NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
-WINDOW_OP = "window_attention"  # issue 27: kernels/window_attention.py
+WINDOW_OP = "window_attention"  # issue 27: tritonrun/kernels/window_attention.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -114,7 +115,7 @@ def skipped_of(rec, op):
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the smoke fixture times gelu only")
 def test_speedrun_op_rows_use_the_kernel_files_bytes(smoke):
     """Each speedrun op's GB/s numerator is its kernel file's bytes_moved for the row's shape and dtypes."""
-    from kernels import relu2, rmsnorm
+    from tritonrun.kernels import relu2, rmsnorm
 
     dt = lambda r, k: getattr(torch, r["dtypes"][k]) if k in r["dtypes"] else None  # noqa: E731
     for op in SPEEDRUN_OPS:
@@ -143,7 +144,7 @@ def test_adamw_rows(new_ops_record):
 
 
 def test_muon_rows(new_ops_record):
-    from kernels.muon import newton_schulz_flops
+    from tritonrun.kernels.muon import newton_schulz_flops
 
     rows = rows_of(new_ops_record, "muon")
     impls = {"triton", "torch"} | ({"torch.compile"} if HAS_CUDA else set())  # no compile in the CPU smoke run
@@ -279,13 +280,13 @@ def test_a_raising_optimizer_costs_only_its_own_row(monkeypatch):
     """The adamw case catches what bench_impls catches: FusedAdamW raising is recorded (skipped + an error of
     ours) and torch's optimizers still get their rows, instead of the exception ending the run unrecorded."""
     mod = load_script("bench/kernels.py", "bench_kernels")
-    import kernels.adamw
+    from tritonrun.kernels import adamw
 
     class Exploding:
         def __init__(self, *args, **kwargs):
             raise RuntimeError("fused adamw exploded\nsecond line")
 
-    monkeypatch.setattr(kernels.adamw, "FusedAdamW", Exploding)
+    monkeypatch.setattr(adamw, "FusedAdamW", Exploding)
     ctx = mod.Ctx(device=torch.device("cpu"), smoke=True, quick=True, dtype_mode="fp32", peers=[], rows=[4], C=8)
     mod.case_adamw(ctx)
     assert sorted(r["impl"] for r in ctx.results) == ["torch.foreach", "torch.fused"]
@@ -323,7 +324,7 @@ def test_window_attention_rows(window_record):
     """One row group per window at one fixed T (time vs window): ours, FlexAttention with the same mask (or its
     skip reason: always skipped on CPU), dense causal SDPA, and the eager dense-masked math only where T is
     small; TFLOPS from each row's own work (allowed pairs for the masked ones, the causal half for SDPA)."""
-    from kernels import window_attention as wa
+    from tritonrun.kernels import window_attention as wa
 
     bk = load_script("bench/kernels.py", "bench_kernels_window")
     rec = window_record

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from gpt2.ops import GPT2_OPS
+from tritonrun.gpt2.ops import GPT2_OPS
 from tests.helpers import NEEDS_INTERPRETER, load_script
 
 REPO = Path(__file__).resolve().parent.parent

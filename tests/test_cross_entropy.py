@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy (kernels/cross_entropy.py) against F.cross_entropy(h @ weight[:V].T) in fp64.
+"""Fused linear + cross-entropy (tritonrun/kernels/cross_entropy.py) against F.cross_entropy(h @ weight[:V].T) in fp64.
 
 On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small:
 odd rows (37, 19), odd vocab (117 of 131 padded rows, 181 of 200), widths 40/64/100 (not powers of two).
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.cross_entropy as ce
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from tritonrun.kernels import cross_entropy as ce
+from tritonrun.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -319,7 +319,7 @@ def test_autotuned_path_on_gpu(monkeypatch, tmp_path):
 def pretend_rtx4070(monkeypatch, tmp_path):
     """The autotuning path on CPU: the interpreter stands in for an sm_89 GPU, with a fresh tuner and a private
     Triton cache dir; tests then replace kernels.tune.time_ms with a fake clock."""
-    from kernels import tune
+    from tritonrun.kernels import tune
 
     monkeypatch.setattr(ce, "_autotuning", lambda h: True)
     monkeypatch.setattr(ce, "arch_key", lambda device: "sm_89")
@@ -393,7 +393,7 @@ def test_softcapped_kernels_are_tuned_on_their_own(monkeypatch, pretend_rtx4070)
 
 def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, pretend_rtx4070):
     """Under CUDA graph capture nothing may be timed: before any pick the table's tiles run; a pick made
-    earlier in the process is reused (the graph then replays what eager ran). The policy is kernels/tune.py's
+    earlier in the process is reused (the graph then replays what eager ran). The policy is tritonrun/kernels/tune.py's
     pick_unless_capturing, which attention's autotuner shares (tests/test_attention.py has the same test)."""
     tune = pretend_rtx4070
     h, w, t = make_inputs(37, 300, 290, 40, torch.float16, seed=6)
@@ -537,7 +537,7 @@ def test_torch_compile_traces_through(softcap):
 def test_seam_picks_fused_kernel():
     import inspect
 
-    from gpt2.ops import _load_triton_op
+    from tritonrun.gpt2.ops import _load_triton_op
     fn, where = _load_triton_op("linear_cross_entropy")
     if "softcap" in inspect.signature(linear_cross_entropy).parameters:
         assert fn is linear_cross_entropy and where == "triton"
@@ -613,7 +613,7 @@ def test_backward_workspace_is_what_the_launcher_allocates(monkeypatch, N, sm_co
 
 def _compile_report(arch: str, dtype: str, softcap: float | None = None) -> list[dict]:
     """compile_configs must run with TRITON_INTERPRET unset (real JITFunctions): a subprocess."""
-    code = ("import json, torch, kernels.cross_entropy as ce; "
+    code = ("import json, torch, tritonrun.kernels.cross_entropy as ce; "
             f"print('REPORT' + json.dumps(ce.compile_configs({arch!r}, torch.{dtype}, space=True, "
             f"softcap={softcap!r})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -626,7 +626,7 @@ def _compile_report(arch: str, dtype: str, softcap: float | None = None) -> list
 
 
 def _ptxas_path():
-    from kernels.aot import ptxas_info
+    from tritonrun.kernels.aot import ptxas_info
 
     return ptxas_info(89)[0]
 
@@ -655,7 +655,7 @@ def test_sm89_configs_fit(dtype, softcap):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: peak memory is measured with torch.cuda.max_memory_allocated")
 def test_peak_memory_eighth_of_materialized_cuda():
     """fwd+bwd peak extra memory at N=4096, V=50304, C=768 (bf16) <= 1/8 of the materialized version."""
-    from gpt2.ops import torch_linear_cross_entropy
+    from tritonrun.gpt2.ops import torch_linear_cross_entropy
     N, Vp, V, C = 4096, 50304, 50257, 768
     h, w, t = make_inputs(N, Vp, V, C, torch.bfloat16, seed=8)
     h.requires_grad_(), w.requires_grad_()

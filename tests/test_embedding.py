@@ -1,9 +1,10 @@
-"""gpt2/embedding.py: F.embedding's math, with a backward Inductor calls instead of lowering to a scatter-add."""
+"""tritonrun/gpt2/embedding.py: F.embedding's math, with a backward Inductor calls instead of lowering to a
+scatter-add."""
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from gpt2.embedding import embedding
+from tritonrun.gpt2.embedding import embedding
 from tests.helpers import HAS_CUDA
 
 SHAPES = [((3, 7), 50, 16), ((1, 13), 11, 40), ((5,), 9, 24)]  # idx shape, rows, width (repeats guaranteed)
@@ -66,8 +67,8 @@ def test_compiled_backward_calls_the_op_not_an_atomic_scatter():
 def test_compiled_triton_model_grads_are_bitwise_repeatable_on_gpu():
     """The tiny GPT-2 under torch.compile, bf16 autocast, Triton backend, twice from the same weights and batch:
     every gradient, wte and wpe included, bitwise equal (what --compile resume exactness rests on)."""
-    from gpt2 import GPT, GPTConfig
-    from gpt2.ops import get_ops
+    from tritonrun.gpt2 import GPT, GPTConfig
+    from tritonrun.gpt2.ops import get_ops
 
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=128, vocab_size=257, padded_vocab_size=320, n_layer=2, n_head=2, n_embd=64)

@@ -1,4 +1,4 @@
-"""data/fineweb.py: tokenizing local files into shards, resuming, and downloading through huggingface_hub.
+"""tritonrun/data/fineweb.py: tokenizing local files into shards, resuming, and downloading through huggingface_hub.
 
 Everything runs offline. The download and hub-tokenize paths go through the real huggingface_hub client
 (hf_hub_download, get_hf_file_metadata, HfApi.list_repo_tree) pointed with --endpoint / HF_ENDPOINT at
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import fineweb
-from data.sample import sample_documents
-from data.shards import HEADER_BYTES, find_shards, load_tokens, read_header, write_shard
-from data.tokenizer import EOT, gpt2_tokenizer
+from tritonrun.data import fineweb
+from tritonrun.data.sample import sample_documents
+from tritonrun.data.shards import HEADER_BYTES, find_shards, load_tokens, read_header, write_shard
+from tritonrun.data.tokenizer import EOT, gpt2_tokenizer
 from tests.hubserver import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (prefix or []) + [sys.executable, "data/fineweb.py", *args]
+    cmd = (prefix or []) + [sys.executable, "-m", "tritonrun.data.fineweb", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
 
 
@@ -153,8 +153,8 @@ def test_default_train_shards_cover_the_llmc_recipe():
     tokens = 18_865 * 524_288  # llm.c: steps x tokens per step = 9,890,693,120
     assert fineweb.DEFAULT_TRAIN_SHARDS == 99
     assert 98 * 100_000_000 < tokens <= 99 * 100_000_000
-    assert fineweb.download_command("data/fineweb10B") == "python data/fineweb.py --out-dir data/fineweb10B"
-    assert fineweb.download_command("my dir") == "python data/fineweb.py --out-dir 'my dir'"
+    assert fineweb.download_command("data/fineweb10B") == "python -m tritonrun.data.fineweb --out-dir data/fineweb10B"
+    assert fineweb.download_command("my dir") == "python -m tritonrun.data.fineweb --out-dir 'my dir'"
 
 
 def test_tokenized_shards_hold_the_gpt2_stream(reference, docs):
@@ -213,7 +213,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, sources, txt_docs, refe
     env = _env(tmp_path, **{fineweb._TEST_PAUSE_ENV: "30"})  # test-only: sleep after each shard
     args = ["--tokenize", "--out-dir", str(out), "--shard-tokens", str(SHARD_TOKENS), "--workers", "2",
             "--source", *map(str, sources)]
-    proc = subprocess.Popen([sys.executable, "data/fineweb.py", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tritonrun.data.fineweb", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + DEADLINE_S
@@ -398,8 +398,8 @@ def hub(tmp_path):
 def _download_args(out: Path, hub: HubServer, n_train: int = 2) -> list[str]:
     # the trainer's command, as printed by download_command(), plus test-sized options
     cmd = shlex.split(fineweb.download_command(out))
-    assert cmd[:2] == ["python", "data/fineweb.py"]
-    return cmd[2:] + ["--train-shards", str(n_train), "--endpoint", hub.url]
+    assert cmd[:3] == ["python", "-m", "tritonrun.data.fineweb"]
+    return cmd[3:] + ["--train-shards", str(n_train), "--endpoint", hub.url]
 
 
 def test_download_lands_verified_files(tmp_path, hub):
@@ -501,11 +501,11 @@ def test_download_disk_full_real(tmp_path, hub):
         hub.add(DL_REPO, name, hub.shards[name])
     mnt = tmp_path / "small"
     mnt.mkdir()
-    check = ("import sys, pathlib; from data.shards import read_header; "
+    check = ("import sys, pathlib; from tritonrun.data.shards import read_header; "
              "[read_header(p) for p in pathlib.Path(sys.argv[1]).glob('*.bin')]; print('ALL-VALID')")
     script = (f"mount -t tmpfs -o size=64k none {shlex.quote(str(mnt))} || exit 99; "
-              f"{shlex.quote(sys.executable)} data/fineweb.py --out-dir {shlex.quote(str(mnt))} --train-shards 2 "
-              f"--endpoint {hub.url}; echo rc=$?; "
+              f"{shlex.quote(sys.executable)} -m tritonrun.data.fineweb --out-dir {shlex.quote(str(mnt))} "
+              f"--train-shards 2 --endpoint {hub.url}; echo rc=$?; "
               f"{shlex.quote(sys.executable)} -c {shlex.quote(check)} {shlex.quote(str(mnt))}")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=DEADLINE_S)

@@ -1,11 +1,11 @@
-"""kernels/gelu.py: forward and dx against an fp64 reference, fp32 / fp16 / bf16 (GPU), odd sizes,
+"""tritonrun/kernels/gelu.py: forward and dx against an fp64 reference, fp32 / fp16 / bf16 (GPU), odd sizes,
 poisoned outputs, extremes, determinism, torch.compile, the seam."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.gelu as ge
-from gpt2.ops import get_ops, torch_gelu
+from tritonrun.kernels import gelu as ge
+from tritonrun.gpt2.ops import get_ops, torch_gelu
 from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""data/hellaswag.py: scoring (hand-made examples with known losses, the tiny GPT against a per-row fp64
+"""tritonrun/data/hellaswag.py: scoring (hand-made examples with known losses, the tiny GPT against a per-row fp64
 reference), the tokenized file format, and the download / tokenize / eval CLI against a local HTTP server."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.hellaswag import (
+from tritonrun.data.hellaswag import (
     HEADER_BYTES, MAGIC, Example, HellaSwagError, download, ending_losses, evaluate, load_examples, main,
     read_jsonl, write_examples,
 )
-from data.tokenizer import EOT, gpt2_tokenizer
-from gpt2 import GPT, MODEL_SIZES
-from gpt2.checkpoint import save_checkpoint
+from tritonrun.data.tokenizer import EOT, gpt2_tokenizer
+from tritonrun.gpt2 import GPT, MODEL_SIZES
+from tritonrun.gpt2.checkpoint import save_checkpoint
 from tests.helpers import save_speedrun_checkpoint, tiny_speedrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_damaged_file_rejected(tmp_path, damage, message):
 
 
 def test_missing_file_says_how_to_make_it(tmp_path):
-    with pytest.raises(HellaSwagError, match=r"run `python data/hellaswag.py`"):
+    with pytest.raises(HellaSwagError, match=r"run `python -m tritonrun.data.hellaswag`"):
         load_examples(tmp_path / "nope.bin")
 
 
@@ -348,7 +348,7 @@ def test_not_a_url(tmp_path, capsys):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "data/hellaswag.py", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tritonrun.data.hellaswag", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -423,7 +423,7 @@ def test_cli_eval_user_errors(tmp_path, capsys):
     assert main(["--eval", "--data", str(tmp_path / "none.bin")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["--eval", "--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path / "none.bin")]) == 2
-    assert "python data/hellaswag.py" in capsys.readouterr().err
+    assert "python -m tritonrun.data.hellaswag" in capsys.readouterr().err
     write_examples(tmp_path / "hs.bin", hand_made_set())
     assert main(["--eval", "--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path / "hs.bin")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.checkpoint import CheckpointError, save_checkpoint
-from gpt2.config import GPTConfig
-from gpt2.hf import HFFormatError, init_from, load_hf, save_hf
-from gpt2.hf import main as hf_cli
-from gpt2.llmc import LlmcFormatError, load_llmc, save_llmc
-from gpt2.model import GPT
-from gpt2.speedrun import SpeedrunGPT
+from tritonrun.gpt2.checkpoint import CheckpointError, save_checkpoint
+from tritonrun.gpt2.config import GPTConfig
+from tritonrun.gpt2.hf import HFFormatError, init_from, load_hf, save_hf
+from tritonrun.gpt2.hf import main as hf_cli
+from tritonrun.gpt2.llmc import LlmcFormatError, load_llmc, save_llmc
+from tritonrun.gpt2.model import GPT
+from tritonrun.gpt2.speedrun import SpeedrunGPT
 from tests.helpers import ONE_THREAD_ENV, save_speedrun_checkpoint, tiny_speedrun
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install transformers)")
@@ -239,7 +239,7 @@ def test_load_hf_errors(hf_dir, tmp_path, case):
 
 
 # --------------------------------------------------------------------------------------- llm.c
-# An independent writer of the llm.c model file, straight from the layout documented in gpt2/llmc.py
+# An independent writer of the llm.c model file, straight from the layout documented in tritonrun/gpt2/llmc.py
 # (llm.c's train_gpt2.py write_model/write_tensors): header, then each kind of tensor across all layers.
 
 LLMC_ORDER = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
@@ -382,7 +382,7 @@ def test_init_from_empty_run_dir(tmp_path):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "-m", "gpt2.hf", "export", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tritonrun.gpt2.hf", "export", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
 
 
@@ -460,8 +460,8 @@ def test_init_config_reads_a_speedrun_checkpoints_own_config(tmp_path):
     """--init-from ckpt: sizes the model from the checkpoint without loading weights (init_config ->
     read_model_config): a speedrun checkpoint gives back its SpeedrunConfig, not a GPTConfig built from the wrong
     fields (which read as an unreadable checkpoint)."""
-    from gpt2.hf import init_config
-    from gpt2.speedrun import SpeedrunConfig
+    from tritonrun.gpt2.hf import init_config
+    from tritonrun.gpt2.speedrun import SpeedrunConfig
 
     model = tiny_speedrun(block_size=16)
     (tmp_path / "run").mkdir()

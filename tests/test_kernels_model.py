@@ -8,9 +8,9 @@ backend in fp32 with exact fp32 matmuls (no TF32)."""
 import pytest
 import torch
 
-import train_speedrun
-import training
-from gpt2.ops import GPT2_OPS
+from tritonrun import train as train_speedrun
+from tritonrun import training
+from tritonrun.gpt2.ops import GPT2_OPS
 from tests.helpers import HAS_CUDA
 
 CPU_ARGS = ["--gpu", "cpu", "--data", "sample", "--micro-batch", "1", "--seq-len", "16", "--total-batch-tokens",

@@ -1,11 +1,11 @@
-"""kernels/layernorm.py: forward and every gradient against an fp64 reference, fp32 / fp16 / bf16 (GPU),
+"""tritonrun/kernels/layernorm.py: forward and every gradient against an fp64 reference, fp32 / fp16 / bf16 (GPU),
 odd shapes, poisoned outputs, deterministic backward, mixed dtypes, torch.compile, the seam."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.layernorm as ln
-from gpt2.ops import get_ops, torch_add_layer_norm, torch_layer_norm
+from tritonrun.kernels import layernorm as ln
+from tritonrun.gpt2.ops import get_ops, torch_add_layer_norm, torch_layer_norm
 from tests.helpers import ELEMENTWISE_DTYPES, NO_BF16, poison_allocations
 HAS_CUDA = torch.cuda.is_available()
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import ShardLoader
-from data.shards import ShardError, write_shard
+from tritonrun.data.loader import ShardLoader
+from tritonrun.data.shards import ShardError, write_shard
 
 
 def _make_shards(tmp_path: Path, lengths: list[int]) -> tuple[list[Path], list[np.ndarray]]:

@@ -12,14 +12,13 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from gpt2 import GPT
-from gpt2.config import GPTConfig
-from gpt2.ops import get_ops
+from tritonrun.gpt2 import GPT
+from tritonrun.gpt2.config import GPTConfig
+from tritonrun.gpt2.ops import get_ops
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import memory  # noqa: E402
+memory = load_script("bench/memory.py", "bench_memory")
 
 # A small vocabulary keeps the Triton interpreter fast; two layers, head dim 32 (the kernels' smallest).
 SMALL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64, vocab_size=1000, padded_vocab_size=1024)
@@ -116,7 +115,7 @@ def test_tracker_matches_the_cpu_allocator_on_the_speedrun_step(one_torch_thread
     assert _fake_step_peak("torch", B=2, T=32, parts=_speedrun_parts) == ledger.peak_bytes - base
 
     # the Muon step alone, real tensors: ledger vs allocator, and the state it leaves is the momentum buffers
-    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
+    from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 
     torch.manual_seed(0)
     model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"], get_ops("torch", "cpu"))
@@ -168,9 +167,9 @@ def _fake_op_allocations(make_inputs, fn, min_bytes: int, inside: str) -> list[i
 def test_fakes_allocate_what_the_launches_allocate(one_torch_thread):
     """Every buffer of >= 1 KiB that the Triton ops' real launches allocate inside the op (interpreter, CPU) is
     allocated by their fake implementations too, with the same sizes: outputs, partials and scratch."""
-    from kernels.attention import causal_attention
-    from kernels.cross_entropy import linear_cross_entropy
-    from kernels.layernorm import add_layer_norm
+    from tritonrun.kernels.attention import causal_attention
+    from tritonrun.kernels.cross_entropy import linear_cross_entropy
+    from tritonrun.kernels.layernorm import add_layer_norm
 
     N, C, V, Vp, min_bytes = 1031, 64, 1000, 1024, 1024  # N > 4 row blocks of 256: one vocab split
 
@@ -210,16 +209,16 @@ def test_fakes_allocate_what_the_launches_allocate(one_torch_thread):
 
 
 # The softcapped kernel's tanh is 1 - 2 / (exp2(2x log2 e) + 1), which saturates through an inf exp2 by design
-# (kernels/cross_entropy.py _tanh); numpy's interpreter warns about that inf.
+# (tritonrun/kernels/cross_entropy.py _tanh); numpy's interpreter warns about that inf.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_speedrun_fakes_allocate_what_the_launches_allocate(one_torch_thread):
     """The speedrun ops' fakes (rms_norm, add_rms_norm, mix_rms_norm, relu2, qk_norm_rope, the softcapped
     linear_cross_entropy) allocate every >= 1 KiB buffer their real launches allocate (interpreter), same sizes:
     outputs, mix_rms_norm's per-program lambda partials, the contiguous copies of strided inputs."""
-    from kernels.cross_entropy import linear_cross_entropy
-    from kernels.relu2 import relu2
-    from kernels.rmsnorm import add_rms_norm, mix_rms_norm, rms_norm
-    from kernels.rope import qk_norm_rope, rope_tables
+    from tritonrun.kernels.cross_entropy import linear_cross_entropy
+    from tritonrun.kernels.relu2 import relu2
+    from tritonrun.kernels.rmsnorm import add_rms_norm, mix_rms_norm, rms_norm
+    from tritonrun.kernels.rope import qk_norm_rope, rope_tables
 
     B, T, C, H, D, min_bytes = 3, 67, 96, 2, 32, 1024
 
@@ -286,7 +285,7 @@ def test_speedrun_fakes_allocate_what_the_launches_allocate(one_torch_thread):
 def test_fused_adamw_under_fake_tensors_allocates_what_it_does_for_real(one_torch_thread):
     """FusedAdamW has no custom op: under FakeTensorMode it runs its own host code and skips the launches, so the
     clip + step allocate the same buffers (pointer tables, norm partials) as a real step."""
-    from kernels.adamw import FusedAdamW
+    from tritonrun.kernels.adamw import FusedAdamW
 
     shapes = [(300, 64), (64,), (1000, 3)]
 
@@ -357,7 +356,7 @@ def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, cap
     optimizer state = Adam's two fp32 moments of wte, lm_head and the scalars + Muon's one fp32 momentum buffer per
     matrix; --record names the file memory-speedrun-dense-<preset>-<date>.json (speedrun's:
     memory-speedrun-packed-...; gpt2's keep memory-<preset>-<date>.json)."""
-    from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
+    from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 
     path = tmp_path / "speedrun.json"
     assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--model", "tiny", "--seq-len", "128",
@@ -488,8 +487,8 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from gpt2 import GPT, MODEL_SIZES
-from gpt2.ops import get_ops
+from tritonrun.gpt2 import GPT, MODEL_SIZES
+from tritonrun.gpt2.ops import get_ops
 
 class Log(TorchDispatchMode):
     def __init__(self):
@@ -547,8 +546,8 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     """--backend triton with the fused LM head takes the preset's triton_micro_batch; the torch LM head (the torch
     backend, or linear_cross_entropy kept in torch) the preset's micro_batch; an explicit --micro-batch wins.
     (Config resolution on a GPU, faked on CPU: it reads only is_available and the device name.)"""
-    import train_speedrun
-    from train_speedrun import PRESETS, preset_micro_batch, resolve_config
+    from tritonrun import train as train_speedrun
+    from tritonrun.train import PRESETS, preset_micro_batch, resolve_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4070")
@@ -591,7 +590,7 @@ def test_gpu_presets_fit_by_their_memory_record():
     the torch LM head, triton_micro_batch for the fused one (gpt2 and speedrun-dense), speedrun_micro_batch for the
     speedrun-dense recipe's torch LM head; and, where a packed record exists, speedrun_seq_len (torch LM head) and
     triton_speedrun_seq_len (fused) within its --max search."""
-    from train_speedrun import PRESETS
+    from tritonrun.train import PRESETS
 
     assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
     for name, p in PRESETS.items():
@@ -620,9 +619,9 @@ def test_fakes_size_scratch_for_the_planned_gpu():
     dW 256 rows x 64 vocab) give each program a 64 x 768 fp32 slot, so on the rtx4070 (46 SMs) each backward
     kernel's scratch is 46 x 64 x 768 x 4 B (~9 MB) and on an H100 (132 SMs) 132 x 64 x 768 x 4 B (~26 MB): both
     grids are capped by the SM count (256 row blocks, 786 vocab blocks). The launcher's own plan agrees."""
-    from kernels.cross_entropy import backward_workspace, linear_cross_entropy
-    from kernels.target import planning_for
-    from train_speedrun import PRESETS
+    from tritonrun.kernels.cross_entropy import backward_workspace, linear_cross_entropy
+    from tritonrun.kernels.target import planning_for
+    from tritonrun.train import PRESETS
 
     assert {n for n, p in PRESETS.items() if p.device == "cuda"} == set(memory.GPUS)
     N, C, Vp = 16 * 1024, 768, 50304

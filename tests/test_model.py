@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import GPT, MODEL_SIZES, GPTConfig
-from gpt2.ops import get_ops
+from tritonrun.gpt2 import GPT, MODEL_SIZES, GPTConfig
+from tritonrun.gpt2.ops import get_ops
 
 
 def tiny_model(dtype=torch.float32, seed=0):
@@ -155,7 +155,7 @@ def test_ops_seam_backends():
 def test_torch_ops_keep_the_named_ops_in_torch():
     """--torch-ops: under the triton backend the named ops run their torch implementation, the rest Triton;
     a misspelt op is an error, not a kernel silently left in."""
-    from gpt2.ops import GPT2_OPS, TORCH_OPS, parse_op_list
+    from tritonrun.gpt2.ops import GPT2_OPS, TORCH_OPS, parse_op_list
 
     ops = get_ops("triton", SEAM_DEVICE, torch_ops=("attention", "linear_cross_entropy"))
     for name, where in ops.placement.items():
@@ -177,7 +177,7 @@ def test_interpreter_problem_names_the_fix(monkeypatch, triton_v, numpy_v, bad):
     2.4.6): the CLI, the benches and conftest say so in one line with the fix instead."""
     import importlib.metadata
 
-    from gpt2 import ops
+    from tritonrun.gpt2 import ops
 
     monkeypatch.setattr(importlib.metadata, "version", {"triton": triton_v, "numpy": numpy_v}.__getitem__)
     problem = ops.interpreter_problem()
@@ -215,8 +215,8 @@ def test_torch_adamw_keeps_its_implementation_across_load_state_dict():
     CPU) or from FusedAdamW (the Triton backend, whose groups have no such keys): torch's own load_state_dict takes
     the saved groups' flags and would fall back to foreach. The state itself still loads: one step after the load
     equals a plain torch AdamW's from the same state. (torch's fused AdamW also runs on CPU.)"""
-    from gpt2.ops import TorchAdamW, torch_adamw
-    from kernels.adamw import FusedAdamW
+    from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
+    from tritonrun.kernels.adamw import FusedAdamW
 
     assert isinstance(torch_adamw(tiny_model().param_groups(0.1), lr=1e-3), TorchAdamW)
     idx = torch.randint(0, MODEL_SIZES["tiny"].vocab_size, (2, 16))

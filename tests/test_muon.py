@@ -1,10 +1,10 @@
-"""Muon (kernels/muon.py) against float64 references, the SVD polar factor, and a plain-torch Muon.
+"""Muon (tritonrun/kernels/muon.py) against float64 references, the SVD polar factor, and a plain-torch Muon.
 
 References: `svd_newton_schulz` (float64, through the SVD: U·p_k(...p_1(σ/‖G‖))·Vᵀ, no matmul iteration at all),
 `reference_newton_schulz_fp64` (the iteration, float64), `polar_factor` (U·Vᵀ, the limit), `reference_newton_schulz`
 (plain torch, the record's op order, bf16) and `reference_muon_step` (the record's per-tensor loop).
 
-All on CPU (Muon has no Triton kernel: kernels/muon.py says why), small shapes except the d12 band fixture.
+All on CPU (Muon has no Triton kernel: tritonrun/kernels/muon.py says why), small shapes except the d12 band fixture.
 DDP sharding: 2 gloo ranks under torchrun.
 
 Low-precision rule (REFERENCE.md): max|ours - ref64| <= 2·max|torch_lowprec - ref64| + floor, where torch_lowprec is
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import muon
+from tritonrun.kernels import muon
 from tests.helpers import one_thread_env
-from kernels.muon import (POLAR_EXPRESS, QUINTIC, Muon, muon_momentum_at, newton_schulz, ns_coefficients,
+from tritonrun.kernels.muon import (POLAR_EXPRESS, QUINTIC, Muon, muon_momentum_at, newton_schulz, ns_coefficients,
                           polar_factor, reference_muon_step, reference_newton_schulz, reference_newton_schulz_fp64,
                           shape_scale, svd_newton_schulz)
 
@@ -390,7 +390,7 @@ SHARD_WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
-    from kernels import muon
+    from tritonrun.kernels import muon
     from tests.test_muon import make_params, run_ours
 
     dist.init_process_group("gloo")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import EOT, PackedLoader, ShardLoader, doc_bounds
-from data.shards import ShardError, write_shard
+from tritonrun.data.loader import EOT, PackedLoader, ShardLoader, doc_bounds
+from tritonrun.data.shards import ShardError, write_shard
 
 
 def _docs_stream(rng: np.random.Generator, n_tokens: int, max_len: int, p_one: float) -> np.ndarray:

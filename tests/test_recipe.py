@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import train_speedrun
-import training
-from gpt2.checkpoint import list_checkpoints, load_checkpoint
-from gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
-from gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
+from tritonrun import train as train_speedrun
+from tritonrun import training
+from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint
+from tritonrun.gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
+from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
@@ -57,7 +57,7 @@ def test_speedrun_run_learns_and_records_name_the_recipe(run16):
     assert rec["flops_per_token"] == model.flops_per_token(64)  # MFU's FLOPs are the speedrun model's
     assert rec["parameters"] == model.num_parameters(include_padding=False)
     log = (run16 / "train.log").read_text()
-    assert "\nrecipe speedrun-dense\n" in log and "muon  torch (kernels/muon.py" in log
+    assert "\nrecipe speedrun-dense\n" in log and "muon  torch (tritonrun/kernels/muon.py" in log
     for name in SPEEDRUN_OPS:
         assert f"\n  {name} " in log
     assert "\n  gelu " not in log and "\n  layer_norm " not in log
@@ -288,7 +288,7 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
     without "recipe" (older ones) stays llm.c's 9.0e9 at GPT-2's."""
     import re
 
-    from gpt2 import GPT, MODEL_SIZES
+    from tritonrun.gpt2 import GPT, MODEL_SIZES
     from tests.test_bench_train import bench
 
     runs = [{"name": "triton+compile", "backend": "triton", "compile": True, "micro_batch": 8, "fits": True,
@@ -310,7 +310,7 @@ def test_bench_project_takes_the_token_count_of_the_recipe_it_measured(tmp_path)
 
 def test_trainer_hellaswag_scores_the_speedrun_model(tmp_path):
     """The trainer's HellaSwag call on SpeedrunGPT (model(idx) -> softcapped logits over the real vocabulary)."""
-    from data.hellaswag import evaluate
+    from tritonrun.data.hellaswag import evaluate
 
     examples = random_hellaswag_examples(6)
     _, tr = make_trainer(tmp_path)

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import train_speedrun
-import training
-from data.loader import PackedLoader
-from gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from gpt2.ops import SPEEDRUN_OPS, get_ops
-from gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
+from tritonrun import train as train_speedrun
+from tritonrun import training
+from tritonrun.data.loader import PackedLoader
+from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tritonrun.gpt2.ops import SPEEDRUN_OPS, get_ops
+from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, random_hellaswag_examples
 from tests.test_recipe import assert_losses_match, one_process_and_two_ranks
 from tests.test_resume import start_cli, wait_for
@@ -271,7 +271,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 def test_trainer_hellaswag_scores_the_windowed_model(tmp_path):
     """HellaSwag feeds plain rows: one document each, the schedule's final window (SpeedrunGPT's defaults)."""
-    from data.hellaswag import evaluate
+    from tritonrun.data.hellaswag import evaluate
 
     examples = random_hellaswag_examples(6)
     _, tr = make_trainer(tmp_path)

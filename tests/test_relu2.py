@@ -1,11 +1,11 @@
-"""kernels/relu2.py: forward and dx against an fp64 reference, fp32 / fp16 / bf16 (GPU), odd sizes, poisoned
+"""tritonrun/kernels/relu2.py: forward and dx against an fp64 reference, fp32 / fp16 / bf16 (GPU), odd sizes, poisoned
 outputs, NaN and overflow behaviour, strided input, only x saved, torch.compile, the seam."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.relu2 as r2
-from gpt2.ops import TRITON_OPS, get_ops
+from tritonrun.kernels import relu2 as r2
+from tritonrun.gpt2.ops import TRITON_OPS, get_ops
 from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()
@@ -109,7 +109,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_seam_picks_the_kernel():
-    assert TRITON_OPS["relu2"] == ("kernels.relu2", "relu2")
+    assert TRITON_OPS["relu2"] == ("tritonrun.kernels.relu2", "relu2")
     ops = get_ops("triton", DEVICE)
     assert ops.relu2 is r2.relu2 and ops.placement["relu2"].startswith("triton")
     x = torch.randn(4, 9, device=DEVICE)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_speedrun
-from gpt2 import GPT
-from gpt2.checkpoint import list_checkpoints, load_checkpoint, load_model
+from tritonrun import train as train_speedrun
+from tritonrun.gpt2 import GPT
+from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint, load_model
 from tests.helpers import one_thread_env
 from tests.test_train_cli import REPO, SMALL, assert_user_error, run_cli
 
@@ -102,8 +102,8 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     script = f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-from gpt2 import GPT, MODEL_SIZES
-from gpt2.checkpoint import save_checkpoint
+from tritonrun.gpt2 import GPT, MODEL_SIZES
+from tritonrun.gpt2.checkpoint import save_checkpoint
 model = GPT(MODEL_SIZES["tiny"])
 state = {{"model_config": model.config.to_dict(), "model": model.state_dict()}}
 save_checkpoint({str(tmp_path)!r}, 1, state)
@@ -122,7 +122,7 @@ save_checkpoint({str(tmp_path)!r}, 2, state)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000001.pt"]
     model = load_model(tmp_path / "ckpt_00000001.pt")
     assert isinstance(model, GPT)
-    from gpt2.checkpoint import save_checkpoint
+    from tritonrun.gpt2.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path, 3, {"model_config": model.config.to_dict(), "model": model.state_dict()}, keep=1)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000003.pt"]

@@ -1,12 +1,12 @@
-"""kernels/rmsnorm.py: rms_norm, add_rms_norm and mix_rms_norm, forward and every gradient against an fp64
+"""tritonrun/kernels/rmsnorm.py: rms_norm, add_rms_norm and mix_rms_norm, forward and every gradient against an fp64
 reference, fp32 / fp16 / bf16 (GPU), odd shapes, poisoned outputs, mixed dtypes, deterministic lambdas grads,
 strided inputs, torch.compile, the seam."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.rmsnorm as rn
-from gpt2.ops import TRITON_OPS, get_ops
+from tritonrun.kernels import rmsnorm as rn
+from tritonrun.gpt2.ops import TRITON_OPS, get_ops
 from tests.helpers import ELEMENTWISE_DTYPES, NO_BF16, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()
@@ -257,6 +257,6 @@ def test_torch_compile_matches_eager():
 @pytest.mark.parametrize("name,attr", [("rms_norm", "rms_norm"), ("add_rms_norm", "add_rms_norm"),
                                        ("mix_rms_norm", "mix_rms_norm")])
 def test_seam_picks_the_kernel(name, attr):
-    assert TRITON_OPS[name] == ("kernels.rmsnorm", attr)
+    assert TRITON_OPS[name] == ("tritonrun.kernels.rmsnorm", attr)
     ops = get_ops("triton", DEVICE)
     assert getattr(ops, name) is getattr(rn, attr) and ops.placement[name].startswith("triton")

@@ -1,13 +1,13 @@
-"""kernels/rope.py: QK-norm + RoPE forward and the gradients of q and k against an fp64 reference, fp32 / fp16 /
-bf16 (GPU), odd shapes, the model's strided q/k views, poisoned outputs, the rotation convention, the tables,
+"""tritonrun/kernels/rope.py: QK-norm + RoPE forward and the gradients of q and k against an fp64 reference, fp32 /
+fp16 / bf16 (GPU), odd shapes, the model's strided q/k views, poisoned outputs, the rotation convention, the tables,
 torch.compile, and the composition with kernels.attention.causal_attention."""
 import math
 
 import pytest
 import torch
 
-import kernels.attention as attn
-import kernels.rope as rope
+from tritonrun.kernels import attention as attn
+from tritonrun.kernels import rope as rope
 from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()
@@ -234,9 +234,9 @@ def test_composes_with_causal_attention(monkeypatch, B, T, H, D, dtype, floor):
 
 
 def test_seam_entry():
-    """gpt2/ops.py's TRITON_OPS names this module's function under the contract's name."""
-    from gpt2 import ops
+    """tritonrun/gpt2/ops.py's TRITON_OPS names this module's function under the contract's name."""
+    from tritonrun.gpt2 import ops
 
-    assert ops.TRITON_OPS["qk_norm_rope"] == ("kernels.rope", "qk_norm_rope")
+    assert ops.TRITON_OPS["qk_norm_rope"] == ("tritonrun.kernels.rope", "qk_norm_rope")
     fn, where = ops._load_triton_op("qk_norm_rope")
     assert fn is rope.qk_norm_rope and where == "triton"

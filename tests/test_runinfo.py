@@ -4,7 +4,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import runinfo
+from tritonrun import runinfo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,9 +16,10 @@ def test_commit_of_this_checkout():
 
 
 def test_copy_without_git_takes_the_commit_from_the_environment(tmp_path, monkeypatch):
-    shutil.copy(REPO / "runinfo.py", tmp_path / "runinfo.py")  # a copy of the tree with no .git beside it
+    (tmp_path / "tritonrun").mkdir()  # a copy of the tree with no .git beside it
+    shutil.copy(REPO / "tritonrun" / "runinfo.py", tmp_path / "tritonrun" / "runinfo.py")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find a repo above it
-    spec = importlib.util.spec_from_file_location("runinfo_copy", tmp_path / "runinfo.py")
+    spec = importlib.util.spec_from_file_location("runinfo_copy", tmp_path / "tritonrun" / "runinfo.py")
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
     monkeypatch.delenv("TRITONRUN_COMMIT", raising=False)

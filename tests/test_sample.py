@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
-from data.sample import TRAIN_NAME, VAL_NAME, prepare_sample
-from data.shards import find_shards, load_tokens, read_header
-from data.tokenizer import EOT, gpt2_tokenizer
+from tritonrun.data.sample import TRAIN_NAME, VAL_NAME, prepare_sample
+from tritonrun.data.shards import find_shards, load_tokens, read_header
+from tritonrun.data.tokenizer import EOT, gpt2_tokenizer
 
 
 def _documents(tokens: np.ndarray) -> list[str]:

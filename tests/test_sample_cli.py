@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2.checkpoint import save_checkpoint
-from gpt2.config import GPTConfig
-from gpt2.hf import save_hf
-from gpt2.llmc import save_llmc
-from gpt2.model import GPT
-from tests.helpers import ONE_THREAD_ENV, load_script, save_speedrun_checkpoint, tiny_speedrun
+from tritonrun import generate as sample_cli  # sample.py's code
+from tritonrun.gpt2.checkpoint import save_checkpoint
+from tritonrun.gpt2.config import GPTConfig
+from tritonrun.gpt2.hf import save_hf
+from tritonrun.gpt2.llmc import save_llmc
+from tritonrun.gpt2.model import GPT
+from tests.helpers import ONE_THREAD_ENV, save_speedrun_checkpoint, tiny_speedrun
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = ONE_THREAD_ENV
@@ -22,8 +23,6 @@ SUBPROCESS_ENV = ONE_THREAD_ENV
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "The quick brown fox"
 
-
-sample_cli = load_script("sample.py", "sample_cli")
 
 
 @pytest.fixture(scope="module")

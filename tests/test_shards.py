@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data.shards as shards
-from data.shards import (
+from tritonrun.data import shards as shards
+from tritonrun.data.shards import (
     GPT2_VOCAB, HEADER_BYTES, MAGIC, VERSION, ShardError, check_token_ids, find_shards, load_tokens, read_header,
     write_shard,
 )
@@ -82,7 +82,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("data.shards.os.fsync", broken_fsync)
+    monkeypatch.setattr("tritonrun.data.shards.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk on fire"):
         write_shard(path, np.arange(100))
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Speedrun model (gpt2/speedrun.py): the record's size and init, an independent fp64 re-implementation of the
+"""Speedrun model (tritonrun/gpt2/speedrun.py): the record's size and init, an independent fp64 re-implementation of the
 record's math, padded vocab never leaks, --backend triton against --backend torch (logits, loss, every grad; a
 20-step curve), FLOPs per token, the optimizer split, the schedules, checkpoints (model_kind "speedrun-dense").
 This is the 2024-11-10 model (--recipe speedrun-dense, SPEEDRUN_DENSE_MODELS); tests/test_speedrun_window_model.py has the 12-17.
@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.checkpoint import CheckpointError, build_model_from_config, load_model, model_kind_of, save_checkpoint
-from gpt2.ops import SPEEDRUN_OPS, get_ops, torch_linear_cross_entropy
-from gpt2.speedrun import (DENSE_1110, SPEEDRUN_DENSE_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables,
+from tritonrun.gpt2.checkpoint import (CheckpointError, build_model_from_config, load_model, model_kind_of,
+                                       save_checkpoint)
+from tritonrun.gpt2.ops import SPEEDRUN_OPS, get_ops, torch_linear_cross_entropy
+from tritonrun.gpt2.speedrun import (DENSE_1110, SPEEDRUN_DENSE_MODELS, SpeedrunConfig, SpeedrunGPT, rope_tables,
                            speedrun_lr_multiplier, speedrun_muon_momentum)
 from tests.helpers import HAS_CUDA, save_speedrun_checkpoint
 
@@ -211,8 +212,8 @@ def test_rope_tables():
 
 
 def test_wte_lookup_is_the_deterministic_embedding_op():
-    """The wte lookup runs gpt2/embedding.py's custom ops forward and backward (not aten.embedding's, which
-    Inductor lowers to an atomic scatter-add under --compile), as gpt2/model.py's lookups do."""
+    """The wte lookup runs tritonrun/gpt2/embedding.py's custom ops forward and backward (not aten.embedding's, which
+    Inductor lowers to an atomic scatter-add under --compile), as tritonrun/gpt2/model.py's lookups do."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -492,7 +493,7 @@ def test_checkpoint_rebuilds_the_speedrun_model(tmp_path):
 
 def test_build_model_from_config_by_kind():
     """The helper the trainer and every loader share: kind + config dict (JSON round trip included) -> class."""
-    from gpt2 import GPT, GPTConfig
+    from tritonrun.gpt2 import GPT, GPTConfig
 
     gpt_cfg = GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32)
     m = build_model_from_config("speedrun-dense", json.loads(json.dumps(SMALL.to_dict())))
@@ -511,7 +512,7 @@ def test_build_model_from_config_by_kind():
 
 def test_checkpoint_kind_errors_are_one_line(tmp_path):
     """Weights that do not fit the recorded kind, or an unknown kind: CheckpointError naming the file."""
-    from gpt2 import GPT, GPTConfig
+    from tritonrun.gpt2 import GPT, GPTConfig
 
     gpt = GPT(GPTConfig(block_size=16, vocab_size=101, padded_vocab_size=128, n_layer=1, n_head=2, n_embd=32))
     bad = save_checkpoint(tmp_path, 1, {"model_kind": "speedrun-dense", "model_config": SMALL.to_dict(),

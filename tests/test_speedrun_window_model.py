@@ -1,8 +1,8 @@
-"""The 2024-12-17 speedrun model (gpt2/speedrun.py, --recipe speedrun): the record's parameter count, value-embedding
-pattern, dropped attention layer, rotary tables, window schedule and hyperparameters against the numbers and formulas
-of its log; an independent fp64 re-implementation of its forward pass (document-masked sliding window, value
-embeddings); --backend triton (kernels/window_attention.py) against --backend torch (logits, loss, every grad
-including the value embeddings', and a 20-step curve) on 3 packed documents with a window shorter than T; FLOPs per
+"""The 2024-12-17 speedrun model (tritonrun/gpt2/speedrun.py, --recipe speedrun): the record's parameter count,
+value-embedding pattern, dropped attention layer, rotary tables, window schedule and hyperparameters against the numbers
+and formulas of its log; an independent fp64 re-implementation of its forward pass (document-masked sliding window,
+value embeddings); --backend triton (tritonrun/kernels/window_attention.py) against --backend torch (logits, loss, every
+grad including the value embeddings', and a 20-step curve) on 3 packed documents with a window shorter than T; FLOPs per
 token; torch.compile against eager as the window changes (one recompile); checkpoints of both speedrun kinds, and a
 2024-11-10 checkpoint written before this recipe.
 
@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.checkpoint import build_model_from_config, checkpoint_model_kind, load_model, model_kind_of, save_checkpoint
-from gpt2.ops import get_ops
-from gpt2.speedrun import (DENSE_1110, SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT,
+from tritonrun.gpt2.checkpoint import (build_model_from_config, checkpoint_model_kind, load_model, model_kind_of,
+                                       save_checkpoint)
+from tritonrun.gpt2.ops import get_ops
+from tritonrun.gpt2.speedrun import (DENSE_1110, SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunConfig, SpeedrunGPT,
                            rope_tables, speedrun_lr_multiplier, speedrun_muon_momentum, speedrun_window)
 from tests.helpers import HAS_CUDA
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data.tokenizer as tok
-from data.tokenizer import EOT, TokenizerError, encode_document, gpt2_tokenizer
+from tritonrun.data import tokenizer as tok
+from tritonrun.data.tokenizer import EOT, TokenizerError, encode_document, gpt2_tokenizer
 
 SAMPLES = [
     "Hello world",

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import train_speedrun
-import training
-from data.shards import write_shard
-from gpt2.checkpoint import save_checkpoint
-from gpt2.ops import GPT2_OPS
+from tritonrun import train as train_speedrun
+from tritonrun import training
+from tritonrun.data.shards import write_shard
+from tritonrun.gpt2.checkpoint import save_checkpoint
+from tritonrun.gpt2.ops import GPT2_OPS
 from tests.helpers import NEEDS_INTERPRETER, one_thread_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,11 +137,11 @@ def test_compile_matches_eager(tmp_path, backend):
 
 def test_eval_only_scores_imported_weights(tmp_path):
     """--init-from hf:DIR --eval-only: val loss (and HellaSwag) of those weights, no training."""
-    from data.hellaswag import Example, write_examples
-    from data.loader import ShardLoader
-    from data.sample import prepare_sample
-    from gpt2 import GPT, MODEL_SIZES
-    from gpt2.hf import save_hf
+    from tritonrun.data.hellaswag import Example, write_examples
+    from tritonrun.data.loader import ShardLoader
+    from tritonrun.data.sample import prepare_sample
+    from tritonrun.gpt2 import GPT, MODEL_SIZES
+    from tritonrun.gpt2.hf import save_hf
 
     torch.manual_seed(3)
     model = GPT(MODEL_SIZES["tiny"])
@@ -396,8 +396,8 @@ def test_missing_data_dir(tmp_path):
 def test_data_dir_without_shards_prints_the_fetch_command(tmp_path):
     (tmp_path / "d").mkdir()
     assert_user_error(run_cli(*SMALL, "--data", tmp_path / "d", "--out-dir", tmp_path / "o"),
-                      "_train_", "_val_", "--data sample", f"`python data/fineweb.py --out-dir {tmp_path / 'd'}`",
-                      "--download")
+                      "_train_", "_val_", "--data sample",
+                      f"`python -m tritonrun.data.fineweb --out-dir {tmp_path / 'd'}`", "--download")
 
 
 def _hub_env(tmp_path, url):
@@ -410,7 +410,7 @@ def _hub_env(tmp_path, url):
 
 def test_download_flag_fetches_the_shards_then_trains(tmp_path):
     """--download runs the printed fetch command for real (huggingface_hub against a local stand-in hub)."""
-    from data import fineweb
+    from tritonrun.data import fineweb
     from tests.hubserver import HubServer
 
     with HubServer() as hub:
@@ -426,7 +426,7 @@ def test_download_flag_fetches_the_shards_then_trains(tmp_path):
                                "--max-steps", "1", "--val-tokens", "1024", "--out-dir", str(tmp_path / "o")],
                               cwd=REPO, capture_output=True, text=True, timeout=600, env=_hub_env(tmp_path, hub.url))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--download: python data/fineweb.py --out-dir {data}" in proc.stdout
+    assert f"--download: python -m tritonrun.data.fineweb --out-dir {data}" in proc.stdout
     assert len(list(data.glob("fineweb_train_*.bin"))) == fineweb.DEFAULT_TRAIN_SHARDS
     assert json.loads((tmp_path / "o" / "result.json").read_text())["steps_done"] == 1
 
@@ -444,12 +444,12 @@ def test_download_flag_with_dead_hub_is_one_error_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 2  # the fetcher's own line (what broke) and the trainer's (how to retry)
-    assert "--download into" in errors[1] and "python data/fineweb.py" in errors[1]
+    assert "--download into" in errors[1] and "python -m tritonrun.data.fineweb" in errors[1]
     assert not list(data.glob("*.bin"))
 
 
 def test_hellaswag_runs_every_n_steps_and_lands_in_records(tmp_path):
-    from data.hellaswag import Example, write_examples
+    from tritonrun.data.hellaswag import Example, write_examples
 
     rng = np.random.default_rng(0)
     examples = [Example.of(rng.integers(0, 50257, 5).tolist(),

@@ -1,4 +1,4 @@
-"""kernels/tune.py: the host-side autotuner's choice, its disk cache and its failure modes.
+"""tritonrun/kernels/tune.py: the host-side autotuner's choice, its disk cache and its failure modes.
 
 The timing function and the device description are replaced (no GPU here); what each candidate's launch
 does is the caller's business, so the launches below only count calls. tests/test_cross_entropy.py runs the
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from kernels import tune
+from tritonrun.kernels import tune
 
 CANDIDATES = [{"BLOCK": 128, "num_warps": 8}, {"BLOCK": 64, "num_warps": 4}, {"BLOCK": 256, "num_warps": 8}]
 
@@ -232,3 +232,16 @@ def test_capture_policy_reuses_a_pick_else_runs_the_table(monkeypatch):
     assert tune.pick_unless_capturing(dev, None, "table", lambda: "tuned") == "tuned"
     assert tune.pick_unless_capturing(dev, "pick", "table", lambda: "tuned") == "pick"
     assert not tune.capturing(torch.device("cpu"))  # the real check: a CPU device never captures
+
+
+def test_picks_reads_each_imported_kernel_module(monkeypatch):
+    """picks() (what bench and training records list under "autotune") finds the kernel modules under their
+    package names: it once looked for `kernels.attention`, which after the move to tritonrun/ is never imported,
+    so every record's autotune field would have stayed empty."""
+    from tritonrun.kernels import attention, cross_entropy
+
+    made = {"attention": [{"kernel": "fwd", "D": 64, "config": [64, 64, 4, 3]}],
+            "cross_entropy": [{"kernel": "lce_fwd", "config": {"BLOCK_N": 64}}]}
+    monkeypatch.setattr(attention, "tuning_decisions", lambda: made["attention"])
+    monkeypatch.setattr(cross_entropy, "tuning_decisions", lambda: made["cross_entropy"])
+    assert tune.picks() == made

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train_speedrun
-from data.sample import prepare_sample
-from data.shards import find_shards, load_tokens, write_shard
-from gpt2.checkpoint import list_checkpoints
+from tritonrun import train as train_speedrun
+from tritonrun.data.sample import prepare_sample
+from tritonrun.data.shards import find_shards, load_tokens, write_shard
+from tritonrun.gpt2.checkpoint import list_checkpoints
 from tests.helpers import load_script, one_thread_env
 from tests.test_train_cli import REPO, SMALL, assert_user_error, run_cli
 

@@ -1,4 +1,4 @@
-"""kernels/window_attention.py: document-masked sliding-window attention (block-sparse FlashAttention-2).
+"""tritonrun/kernels/window_attention.py: document-masked sliding-window attention (block-sparse FlashAttention-2).
 
 Every numeric case: fresh random inputs and random document boundaries (one-token documents included), every
 buffer the op allocates NaN-poisoned first (`poison`), output, logsumexp and all three gradients compared with
@@ -25,9 +25,10 @@ import random
 import pytest
 import torch
 
-from kernels import window_attention as wa
-from kernels.attention import attention_flops, causal_attention
-from kernels.window_attention import window_attention, window_attention_op, window_attention_reference, window_mask
+from tritonrun.kernels import window_attention as wa
+from tritonrun.kernels.attention import attention_flops, causal_attention
+from tritonrun.kernels.window_attention import (window_attention, window_attention_op, window_attention_reference,
+                                               window_mask)
 from tests.conftest import requires_cuda
 
 HAS_CUDA = torch.cuda.is_available()

@@ -1,0 +1,334 @@
+"""The ops seam: every op the model and trainer need that a Triton kernel may replace.
+
+`get_ops("torch")` gives the best plain PyTorch (SDPA, F.layer_norm, tanh-GELU, F.cross_entropy,
+fused AdamW on CUDA). `get_ops("triton")` takes each op from `kernels/<file>.py` when that kernel has
+landed and falls back to the torch op otherwise; `get_ops("triton", torch_ops=("attention",))` keeps the
+named ops in torch (the trainer's --torch-ops: a mix per op, where a kernel loses on some GPU).
+`Ops.placement` records which one runs, and the trainer prints it at startup.
+
+Signatures (the contract a kernel must match; the speedrun ops are issue 26's CONTRACT26.md):
+  attention(q, k, v) -> o                         q, k, v, o: (B, H, T, D), causal, scale 1/sqrt(D)
+  window_attention(q, k, v, cu_seqlens, window) -> o   as attention, but query i attends key j iff both lie in
+        the same document of cu_seqlens (int32 (n_docs + 1,), 0 first, T last, shared by the batch rows) and
+        0 <= i - j < window (a Python int >= 1: the speedrun's window schedule changes it every few steps)
+  layer_norm(x, weight, bias, eps) -> y           normalizes over the last dim
+  add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
+  gelu(x) -> y                                    tanh approximation
+  linear_cross_entropy(h, weight, targets, ignore_index, vocab_size, softcap=None) -> mean loss
+        h (N, C), weight (V_padded, C), targets (N,) int64; only the first vocab_size rows of
+        weight are classes (padded rows never receive loss). softcap: logits z = softcap * tanh(z / softcap)
+        before the fp32 softmax when set (the speedrun model's 30), else plain logits.
+  optimizer(param_groups, lr, betas, eps) -> torch.optim.Optimizer (AdamW; per-group weight_decay)
+  rms_norm(x, eps) -> y                           y = x / sqrt(mean(x^2, -1) + eps), no weight
+  add_rms_norm(x, residual, eps) -> (rms_norm(x + residual, eps), x + residual)
+  mix_rms_norm(x, x0, lambdas, eps) -> (rms_norm(s, eps), s), s = lambdas[0] * x + lambdas[1] * x0 (the speedrun
+        block's x0 mix, lambdas a (2,) tensor; grads for x, x0 and lambdas)
+  relu2(x) -> y                                   relu(x)^2
+  qk_norm_rope(q, k, cos, sin, eps) -> (q2, k2)   q, k: (B, T, H, D) (last dim contiguous); cos, sin: (T, D/2)
+        fp32. Per head vector: rms_norm over D, then rotary on halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
+        y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos; in the input dtype, returned as (B, H, T, D)
+        (the kernel writes them contiguous in that order; the torch op returns transposed views).
+
+GPT2_OPS, SPEEDRUN_OPS (the 2024-12-17 windowed model) and SPEEDRUN_DENSE_OPS (2024-11-10) name the ops each model
+calls: the other ops' placement does not matter to a run.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------- torch implementations
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           window: int) -> torch.Tensor:
+    """Document-masked sliding-window attention in plain torch. Under torch.compile on CUDA: FlexAttention with a
+    block mask built in the graph (block-sparse, as the records run it; the window is a value the mask closes
+    over, so a changed window rebuilds the mask, not the kernel). Elsewhere (eager, CPU): SDPA with the dense
+    (T, T) boolean mask, which materializes T^2 scores: fine for tests and CPU runs of a few thousand tokens, not
+    for a 64K-token sequence on a GPU without --compile (use --backend triton there)."""
+    T = q.shape[-2]
+    pos = torch.arange(T, dtype=cu_seqlens.dtype, device=q.device)
+    doc = torch.searchsorted(cu_seqlens, pos, right=True)  # document id per position
+    if q.is_cuda and torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki) & (qi - ki < window)
+
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask)
+    diff = pos[:, None] - pos[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (diff >= 0) & (diff < window)  # the diagonal: no empty row
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def torch_layer_norm(x, weight, bias, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_add_layer_norm(x, residual, weight, bias, eps: float = 1e-5):
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def torch_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
+                               softcap: float | None = None):
+    # Materializes (N, V) logits: the memory the fused Triton kernel avoids.
+    # The matmul runs over all padded rows (aligned shapes tile better); the padded columns are
+    # sliced off before the softmax, so they never enter the normalizer nor receive gradient.
+    logits = F.linear(h, weight)[:, :vocab_size]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32 softmax
+    if softcap is not None:  # tanh in fp32 too (the record rounds it in bf16; the kernel computes it in fp32)
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def torch_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # torch computes the statistic in fp32 for bf16/fp16 inputs. The cast keeps the input dtype where an
+    # autocast policy runs the norm in fp32 (the contract: outputs in the input dtype); a no-op otherwise.
+    return F.rms_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float):
+    s = x + residual
+    return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
+
+
+def torch_mix_rms_norm(x: torch.Tensor, x0: torch.Tensor, lambdas: torch.Tensor, eps: float):
+    s = lambdas[0] * x + lambdas[1] * x0
+    return F.rms_norm(s, (s.shape[-1],), eps=eps).to(s.dtype), s
+
+
+def torch_relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def torch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+    """q, k (B, T, H, D) -> RMS-normed and rotated (B, H, T, D) views. cos, sin (T, D/2) broadcast over B and H;
+    the rotation runs in fp32 (promoted by cos/sin) and is cast back to the input dtype."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = F.rms_norm(x, (x.shape[-1],), eps=eps).chunk(2, dim=-1)
+        y = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return y.to(x.dtype).transpose(1, 2)  # (B, H, T, D) view: SDPA and causal_attention take any strides
+
+    return rotate(q), rotate(k)
+
+
+class TorchAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW that keeps the implementation it was built with (fused / foreach) across load_state_dict.
+
+    torch's load_state_dict takes every group setting from the saved dict, the implementation flags included: a
+    checkpoint written on CPU (foreach) or by the Triton FusedAdamW (no such keys) would turn a CUDA run's
+    fused=True into the slower foreach path on resume. Those flags describe this process, not the run's math."""
+
+    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_groups"]
+        if len(saved) == len(self.param_groups):  # else torch's own load raises its error
+            # Rewritten before the load: torch places each "step" tensor by the loaded group's fused/capturable.
+            saved = [{**sg, **{k: g[k] for k in self.IMPLEMENTATION if k in g}}
+                     for sg, g in zip(saved, self.param_groups)]
+        super().load_state_dict({**state_dict, "param_groups": saved})
+
+
+def torch_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
+    params = [p for g in param_groups for p in g["params"]]
+    on_cuda = all(p.is_cuda for p in params)
+    # fused=True: one multi-tensor CUDA kernel. On CPU keep the default (foreach) path: deterministic
+    # and fast enough for the tiny model.
+    return TorchAdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+
+
+TORCH_OPS: dict[str, Callable] = {
+    "attention": torch_attention,
+    "window_attention": torch_window_attention,
+    "layer_norm": torch_layer_norm,
+    "add_layer_norm": torch_add_layer_norm,
+    "gelu": torch_gelu,
+    "linear_cross_entropy": torch_linear_cross_entropy,
+    "optimizer": torch_adamw,
+    "rms_norm": torch_rms_norm,
+    "add_rms_norm": torch_add_rms_norm,
+    "mix_rms_norm": torch_mix_rms_norm,
+    "relu2": torch_relu2,
+    "qk_norm_rope": torch_qk_norm_rope,
+}
+
+# Where each op's Triton kernel lives: (module, attribute). A missing module means "not landed yet".
+TRITON_OPS: dict[str, tuple[str, str]] = {
+    "attention": ("tritonrun.kernels.attention", "causal_attention"),
+    "window_attention": ("tritonrun.kernels.window_attention", "window_attention"),
+    "layer_norm": ("tritonrun.kernels.layernorm", "layer_norm"),
+    "add_layer_norm": ("tritonrun.kernels.layernorm", "add_layer_norm"),
+    "gelu": ("tritonrun.kernels.gelu", "gelu"),
+    "linear_cross_entropy": ("tritonrun.kernels.cross_entropy", "linear_cross_entropy"),
+    "optimizer": ("tritonrun.kernels.adamw", "FusedAdamW"),
+    "rms_norm": ("tritonrun.kernels.rmsnorm", "rms_norm"),
+    "add_rms_norm": ("tritonrun.kernels.rmsnorm", "add_rms_norm"),
+    "mix_rms_norm": ("tritonrun.kernels.rmsnorm", "mix_rms_norm"),
+    "relu2": ("tritonrun.kernels.relu2", "relu2"),
+    "qk_norm_rope": ("tritonrun.kernels.rope", "qk_norm_rope"),
+}
+
+# The ops each model calls (tritonrun/gpt2/model.py, tritonrun/gpt2/speedrun.py). The speedrun recipe's Adam groups may
+# use `optimizer` (AdamW with weight_decay 0 is Adam); its Muon is tritonrun/kernels/muon.py, outside the seam.
+GPT2_OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "linear_cross_entropy", "optimizer")
+SPEEDRUN_OPS = ("window_attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
+                "linear_cross_entropy", "optimizer")
+SPEEDRUN_DENSE_OPS = ("attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
+                      "linear_cross_entropy", "optimizer")
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class Ops:
+    backend: str
+    attention: Callable
+    window_attention: Callable
+    layer_norm: Callable
+    add_layer_norm: Callable
+    gelu: Callable
+    linear_cross_entropy: Callable
+    optimizer: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    mix_rms_norm: Callable
+    relu2: Callable
+    qk_norm_rope: Callable
+    placement: dict[str, str] = field(default_factory=dict)  # op -> "triton" | "torch" | "torch (why)"
+
+    def describe(self, names: Iterable[str] | None = None) -> str:
+        """One line per op (the ops in `names` only, e.g. GPT2_OPS, when given): name and where it runs."""
+        names = set(self.placement if names is None else names)
+        shown = {k: v for k, v in self.placement.items() if k in names}
+        width = max(len(k) for k in shown)
+        return "\n".join(f"  {name:<{width}}  {where}" for name, where in shown.items())
+
+
+def _load_triton_op(name: str) -> tuple[Callable | None, str]:
+    module_name, attr = TRITON_OPS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name in (module_name, "kernels"):
+            return None, f"torch (fallback: {module_name.replace('.', '/')}.py has not landed)"
+        if e.name == "triton" or (e.name or "").startswith("triton."):
+            return None, "torch (fallback: triton is not installed)"
+        raise
+    if not hasattr(module, attr):
+        return None, f"torch (fallback: {module_name} has no {attr} yet)"
+    fn = getattr(module, attr)
+    if name == "linear_cross_entropy" and "softcap" not in inspect.signature(fn).parameters:
+        return _softcap_in_torch(fn), "triton (softcap: torch; tritonrun.kernels.cross_entropy has no softcap yet)"
+    return fn, "triton"
+
+
+def _softcap_in_torch(kernel: Callable) -> Callable:
+    """A Triton linear_cross_entropy from before the softcap keyword: calls without softcap (GPT-2) still run
+    the kernel; calls with it (the speedrun model) run the torch op, which caps, instead of failing or
+    silently dropping the cap."""
+
+    def linear_cross_entropy(h, weight, targets, ignore_index: int = -1, vocab_size: int = 50257,
+                             softcap: float | None = None):
+        if softcap is None:
+            return kernel(h, weight, targets, ignore_index, vocab_size)
+        return torch_linear_cross_entropy(h, weight, targets, ignore_index, vocab_size, softcap)
+
+    return linear_cross_entropy
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, or None. Triton <= 3.6 turns loop bounds into Python
+    ints with int() on 1-element arrays, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); Triton 3.7 fixed it. Versions come from package metadata: importing
+    triton here would fix its interpreter mode too early."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_v, numpy_v = version("triton"), version("numpy")
+    except PackageNotFoundError as e:
+        return f"{e.name} is not installed (pip install -e .)"
+    if _major_minor(triton_v) < (3, 7) and _major_minor(numpy_v) >= (2, 4):
+        return (f"Triton {triton_v}'s CPU interpreter does not work with NumPy {numpy_v}: "
+                f"pip install 'numpy<2.4' (or triton>=3.7), or use --backend torch")
+    return None
+
+
+def use_cpu_interpreter() -> None:
+    """Run the Triton kernels on CPU tensors through Triton's interpreter. TRITON_INTERPRET is read when
+    @triton.jit functions are defined, triton's own helpers (tl.sum, ...) included, so it must be set before
+    triton is first imported; a process that imported triton without it cannot run the kernels on CPU.
+    Raises RuntimeError with the fix when that cannot work."""
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(problem)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") not in (None, ""):
+        raise RuntimeError("the Triton kernels run on CPU only through the interpreter: set TRITON_INTERPRET=1 "
+                           "in the environment (before triton is imported), or use --backend torch")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def canonical_ops(names: Iterable[str]) -> tuple[str, ...]:
+    """The named ops in the seam's order, each once. ValueError naming an unknown op and the known ones: a typo
+    must not silently run the kernel it meant to leave out."""
+    names = set(names)
+    unknown = sorted(names - set(TRITON_OPS))
+    if unknown:
+        raise ValueError(f"unknown op {unknown[0]!r}: choose from {', '.join(TRITON_OPS)}")
+    return tuple(n for n in TRITON_OPS if n in names)
+
+
+def parse_op_list(text: str) -> tuple[str, ...]:
+    """'linear_cross_entropy,attention' -> ('attention', 'linear_cross_entropy') ('' -> ()), as canonical_ops."""
+    return canonical_ops(n.strip() for n in text.split(",") if n.strip())
+
+
+def get_ops(backend: str = "torch", device: str | torch.device = "cpu", torch_ops: tuple[str, ...] = ()) -> Ops:
+    """Resolve every op for `backend`; on CPU the Triton kernels run through the interpreter. Under "triton",
+    the ops named in `torch_ops` stay torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    torch_ops = canonical_ops(torch_ops)
+    impls, placement = dict(TORCH_OPS), {name: "torch" for name in TORCH_OPS}
+    if backend == "triton":
+        if torch.device(device).type != "cuda":
+            use_cpu_interpreter()
+        for name in TRITON_OPS:
+            if name in torch_ops:
+                placement[name] = "torch (--torch-ops)"
+                continue
+            fn, where = _load_triton_op(name)
+            if fn is not None:
+                impls[name] = fn
+                if os.environ.get("TRITON_INTERPRET") == "1":  # "triton (interpreter)", "triton (interpreter; ...)"
+                    where = "triton (interpreter)" if where == "triton" else where.replace("(", "(interpreter; ", 1)
+            placement[name] = where
+    return Ops(backend=backend, placement=placement, **impls)
