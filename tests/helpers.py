@@ -104,3 +104,15 @@ def random_hellaswag_examples(n: int, seed: int = 0) -> list:
     return [Example.of(rng.integers(0, 50257, 5).tolist(),
                        [rng.integers(0, 50257, 1 + k).tolist() for k in range(4)], int(rng.integers(4)))
             for _ in range(n)]
+
+
+def assert_same_numbers(got: list[float], want: list[float], recorded: dict, rel: float = 1e-4) -> None:
+    """`got` (losses, norms: floats a run computed here) against `want`, recorded by an earlier version of the code on
+    the machine `recorded` describes ("torch", "cpu_capability"). Bitwise where this machine's torch and CPU SIMD
+    path are the recording's: the same fp32 operations in the same order give the same bits. Elsewhere rounding may
+    differ; `rel` bounds what a few ulps per op can grow to over the caller's few optimizer steps."""
+    here = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    if here == (recorded["torch"], recorded["cpu_capability"]):
+        assert got == want
+    else:
+        assert got == pytest.approx(want, rel=rel)

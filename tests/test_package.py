@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import one_thread_env
+from tests.helpers import assert_same_numbers, one_thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 PREMOVE = REPO / "tests" / "fixtures" / "premove"
@@ -167,9 +167,7 @@ def test_pip_install_target_is_a_library_usable_from_anywhere(tmp_path):
 def test_a_checkpoint_written_before_the_move_resumes_the_same_run(recipe, tmp_path, monkeypatch, one_torch_thread):
     """The fixture's step-2 checkpoint, written by 21a1c21's top-level modules, resumed through today's CLI with
     the argv it was written under: steps 3-4 and the step-4 val loss equal what the old code logged for its own
-    uninterrupted 4 steps. Bitwise where the fixture's torch version and CPU SIMD path are this machine's (the
-    same fp32 operations in the same order); elsewhere rounding may differ, and 1e-4 relative bounds what a few
-    ulps per op can grow to over two Adam steps on a 4.5 loss."""
+    uninterrupted 4 steps: bitwise on a machine like the fixture's (tests/helpers.assert_same_numbers)."""
     from tritonrun import train as train_speedrun
     from tritonrun.gpt2 import config as gpt2_config, speedrun as gpt2_speedrun
     from tritonrun.gpt2.checkpoint import load_checkpoint, read_model_config
@@ -193,11 +191,8 @@ def test_a_checkpoint_written_before_the_move_resumes_the_same_run(recipe, tmp_p
     got = [(s["loss"], s["grad_norm"]) for s in result["steps"][2:]] + [result["val"][-1]["loss"]]
     want = [(s["loss"], s["grad_norm"]) for s in expected["steps"][2:]] + [expected["val"][-1]["loss"]]
     assert [v["step"] for v in result["val"]] == [v["step"] for v in expected["val"]] == [2, 4]
-    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) == (expected["torch"], expected["cpu_capability"]):
-        assert got == want
-    else:
-        assert [x for pair in got[:2] for x in pair] + got[2:] == pytest.approx(
-            [x for pair in want[:2] for x in pair] + want[2:], rel=1e-4)
+    assert_same_numbers([x for pair in got[:2] for x in pair] + got[2:], [x for pair in want[:2] for x in pair] + want[2:],
+                        expected)
     assert dataclasses.asdict(read_model_config(Path("run/ckpt_00000004.pt"))) == dataclasses.asdict(
         read_model_config(PREMOVE / recipe / "ckpt_00000002.pt"))
     assert os.path.exists("run/ckpt_00000004.pt")
