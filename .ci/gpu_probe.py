@@ -61,10 +61,10 @@ def main() -> int:
             device = (f"{p.name} ({p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
                       f"sm_{p.major}{p.minor})")
             try:
-                from tritonrun import train as ts
+                from tritonrun.presets import peak_tflops_for, resolve_preset
 
-                out["device_preset"] = ts.resolve_preset("auto")
-                out["device_peak_tflops"] = ts.peak_tflops_for(out["device_preset"])
+                out["device_preset"] = resolve_preset("auto")
+                out["device_peak_tflops"] = peak_tflops_for(out["device_preset"])
             except Exception as e:  # noqa: BLE001 - no preset for this GPU: the canary keeps the preset's peak
                 out["device_preset"] = out["device_peak_tflops"] = None
                 out["problems"].append(f"no preset for {p.name}: {e}")

@@ -188,7 +188,7 @@ class Case:
 def cases_for(arch: str, models=GPT2_MODELS, presets=None) -> list[Case]:
     import torch
     from tritonrun.gpt2.config import MODEL_SIZES
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     out = []
     for name, (gpu_arch, sms) in GPU_PRESETS.items():
@@ -403,7 +403,7 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
     from tritonrun.gpt2.config import MODEL_SIZES
     from tritonrun.kernels import adamw
 
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     preset = PRESETS[case.preset]
     with torch.device("meta"):  # the real parameter list and groups, no memory

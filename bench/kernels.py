@@ -1144,37 +1144,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.plot:  # record paths given: plot only
-        for path in args.plot:
-            print(f"wrote {plot_record(Path(path))}")
-        return 0
+class Refused(Exception):
+    """A run the flags or the machine rule out: main prints "error: <message>" and exits 2."""
+
+
+@dataclass
+class Run:
+    """One measuring run: the cases' context and what its record is made of besides the results."""
+    args: argparse.Namespace
+    ctx: Ctx
+    env: dict
+    peak: float | None  # the device's peak bandwidth, GB/s (None: unknown, or a smoke run)
+    now: datetime.datetime
+    ops: list[str]
+    path: Path | None  # the record's file (None: a smoke run without --out-dir writes none)
+
+
+def plot_records(paths: list[str]) -> int:
+    """--plot with record paths: a PNG beside each record, no GPU needed."""
+    for path in paths:
+        print(f"wrote {plot_record(Path(path))}")
+    return 0
+
+
+def prepare_device(args) -> tuple[torch.device, bool, Path | None]:
+    """The device, whether this is a smoke run (no GPU: the Triton interpreter, announced) and the record's
+    folder; Refused when there is no GPU without --allow-cpu, or the folder or the interpreter cannot be used."""
     has_cuda = torch.cuda.is_available()
     if not has_cuda and not args.allow_cpu:
-        print("error: no CUDA GPU: bench/kernels.py times GPU kernels; pass --allow-cpu for an interpreter "
-              "smoke run (not a timing)", file=sys.stderr)
-        return 2
+        raise Refused("no CUDA GPU: bench/kernels.py times GPU kernels; pass --allow-cpu for an interpreter "
+                      "smoke run (not a timing)")
     smoke = not has_cuda
     try:
         out_dir = record_dir(args.out_dir, smoke)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
     if smoke:
         from tritonrun.gpt2.ops import use_cpu_interpreter
 
         try:  # before any tritonrun/kernels/ module is imported (the cases import lazily)
             use_cpu_interpreter()
         except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise Refused(str(e)) from None
         print("=" * 88)
         print("SMOKE RUN ON CPU through the Triton interpreter: NOT A TIMING. The numbers below only show")
         print("that every case, peer and record field works; never quote them. Run on a CUDA GPU to measure.")
         print("=" * 88)
-    device = torch.device("cuda" if has_cuda else "cpu")
+    return torch.device("cuda" if has_cuda else "cpu"), smoke, out_dir
 
+
+def plan_run(args, device: torch.device, smoke: bool, out_dir: Path | None) -> Run:
+    """The cases' context, the environment (printed with the peak bandwidth), the ops and the record's path."""
     ctx = Ctx(device=device, smoke=smoke, quick=args.quick, dtype_mode=args.dtype,
               peers=[p.strip() for p in args.peers.split(",") if p.strip()],
               rows=[16] if smoke else ([16 * 1024] if args.quick else [16 * 1024, 32 * 1024]),
@@ -1189,80 +1209,94 @@ def main(argv=None) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record_stem('kernels', env['device'], smoke, now)}.json"
+    return Run(args=args, ctx=ctx, env=env, peak=peak, now=now, ops=ops, path=path)
 
-    def make_record(done: list[str]) -> dict:
-        """The record of the ops measured so far ("complete": false until all of them are); first sets each
-        row's % of the peaks (the matmul peak is measured by the first TFLOPS case)."""
-        mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
-        for r in ctx.results:
-            r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
-            r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
-        return {
-            "kind": "kernels", "smoke": smoke, "complete": done == ops, "ops_done": list(done),
-            "date": now.isoformat(timespec="seconds"), "env": env,
-            "peak_gbps": peak, "args": {"op": ops, "quick": args.quick, "dtype": args.dtype,
-                                        "peers": ctx.peers},
-            "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
-                     f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
-            "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
-                             "(adamw: tritonrun/kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
-            "flops_formula": {"attention": "tritonrun/kernels/attention.py attention_flops(B, H, T, D, causal=True): "
-                                           "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
-                              "cross_entropy": "tritonrun/kernels/cross_entropy.py "
-                                               "lce_flops(N, vocab_size, C, executed=False): "
-                                               "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
-                              "muon": "tritonrun/kernels/muon.py newton_schulz_flops(rows, cols, 5) "
-                                      "summed over the matrices: "
-                                      "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each",
-                              "window_attention": "tritonrun/kernels/window_attention.py window_attention_flops: "
-                                                  "4*D per allowed (q, kv) pair fwd, bwd 2.5x, fwd+bwd 3.5x; the "
-                                                  "sdpa.causal_dense rows: attention_flops(causal=True)"},
-            "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
-                       "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
-                       "its forward saved",
-            "matmul_peak_tflops": mm_peak, "matmul_peak": ctx.matmul_peak,
-            "notes": "bwd = autograd.grad on retained graphs (one forward per rotating input set); torch.compile "
-                     "runs with torch._functorch.config.donated_buffer=False, which retained graphs need. adamw: one "
-                     "pass 'step' = clip_grad_norm_(1.0) + step(), timed after one untimed step that creates the "
-                     "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
-                     "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
-                     "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
-                     "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
-            "results": ctx.results, "speedups": speedups(ctx.results), "skipped": ctx.skipped,
-            # the tiles attention and cross-entropy ran with: the autotuners' picks (tritonrun/kernels/tune.py), with
-            # the ms of every cross-entropy candidate when measured in this run; empty when nothing was tuned
-            "autotune": autotune_picks(),
-        }
 
+def make_record(run: Run, done: list[str]) -> dict:
+    """The record of the ops measured so far ("complete": false until all of them are); first sets each
+    row's % of the peaks (the matmul peak is measured by the first TFLOPS case)."""
+    ctx, peak, smoke, args = run.ctx, run.peak, run.ctx.smoke, run.args
+    mm_peak = ctx.matmul_peak["tflops"] if ctx.matmul_peak else None
+    for r in ctx.results:
+        r["pct_peak"] = 100 * r["gbps"] / peak if peak and r["gbps"] else None
+        r["pct_matmul_peak"] = 100 * r["tflops"] / mm_peak if mm_peak and r["tflops"] else None
+    return {
+        "kind": "kernels", "smoke": smoke, "complete": done == run.ops, "ops_done": list(done),
+        "date": run.now.isoformat(timespec="seconds"), "env": run.env,
+        "peak_gbps": peak, "args": {"op": run.ops, "quick": args.quick, "dtype": args.dtype,
+                                    "peers": ctx.peers},
+        "timer": "perf_counter x3 (smoke: not a timing)" if smoke else
+                 f"triton.testing.do_bench quantiles {list(QUANTILES)}, L2 flushed, inputs rotated",
+        "bytes_formula": "kernels/<op>.py bytes_moved(): minimum DRAM traffic, same for every implementation "
+                         "(adamw: tritonrun/kernels/adamw.py bytes_moved(n, dtype, clip=True), per optimizer step)",
+        "flops_formula": {"attention": "tritonrun/kernels/attention.py attention_flops(B, H, T, D, causal=True): "
+                                       "fwd 4*B*H*T^2*D/2, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
+                          "cross_entropy": "tritonrun/kernels/cross_entropy.py "
+                                           "lce_flops(N, vocab_size, C, executed=False): "
+                                           "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
+                          "muon": "tritonrun/kernels/muon.py newton_schulz_flops(rows, cols, 5) "
+                                  "summed over the matrices: "
+                                  "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each",
+                          "window_attention": "tritonrun/kernels/window_attention.py window_attention_flops: "
+                                              "4*D per allowed (q, kv) pair fwd, bwd 2.5x, fwd+bwd 3.5x; the "
+                                              "sdpa.causal_dense rows: attention_flops(causal=True)"},
+        "peak_mb": "CUDA only (null elsewhere): MiB, torch.cuda.max_memory_allocated during the pass minus "
+                   "memory_allocated just before its forward (i.e. beyond the inputs); bwd includes the graph "
+                   "its forward saved",
+        "matmul_peak_tflops": mm_peak, "matmul_peak": ctx.matmul_peak,
+        "notes": "bwd = autograd.grad on retained graphs (one forward per rotating input set); torch.compile "
+                 "runs with torch._functorch.config.donated_buffer=False, which retained graphs need. adamw: one "
+                 "pass 'step' = clip_grad_norm_(1.0) + step(), timed after one untimed step that creates the "
+                 "state. attention: 'torch' and 'torch.compile' are the written-out math attention "
+                 "(softmax in fp32); sdpa.* force one backend each with torch.nn.attention.sdpa_kernel. "
+                 "cross_entropy: Liger computes the gradients inside its forward (its bwd only scales them); "
+                 "cut-cross-entropy runs with filter_eps=None (exact gradients, as ours; its default filters).",
+        "results": ctx.results, "speedups": speedups(ctx.results), "skipped": ctx.skipped,
+        # the tiles attention and cross-entropy ran with: the autotuners' picks (tritonrun/kernels/tune.py), with
+        # the ms of every cross-entropy candidate when measured in this run; empty when nothing was tuned
+        "autotune": autotune_picks(),
+    }
+
+
+def run_ops(run: Run) -> list[str] | None:
+    """Every op's case in turn, a partial record written after each; None (after saying what was kept) when
+    interrupted."""
     torch.manual_seed(0)
     done = []
-    for op in ops:
+    for op in run.ops:
         t0 = time.perf_counter()
         try:
-            CASES[op](ctx)
+            CASES[op](run.ctx)
         except KeyboardInterrupt:  # e.g. a time limit's SIGINT (.ci/gpu): the record after the last finished
             kept = "no op had finished"  # op is already on disk, without the rows of the interrupted one
             if done:
-                kept = f"finished: {', '.join(done)}" + (f" (record: {path})" if path is not None else "")
+                kept = f"finished: {', '.join(done)}" + (f" (record: {run.path})" if run.path is not None else "")
             print(f"interrupted during {op}; {kept}", file=sys.stderr)
-            return 130
+            return None
         done.append(op)
         print(f"  {op}: {time.perf_counter() - t0:.1f} s")
-        if path is not None and done != ops:  # a partial record after every op: a killed run keeps them
-            atomic_write_json(path, make_record(done))
-    record = make_record(done)
-    print_table(ctx.results, record["speedups"], peak, ctx.skipped)
+        if run.path is not None and done != run.ops:  # a partial record after every op: a killed run keeps them
+            atomic_write_json(run.path, make_record(run, done))
+    return done
+
+
+def write_record(run: Run, record: dict) -> None:
+    """The final record (and with --plot its PNG), or why there is none."""
+    if run.path is not None:
+        atomic_write_json(run.path, record)
+        print(f"wrote {run.path}")
+        if run.args.plot is not None:
+            print(f"wrote {plot_record(run.path)}")
+    elif run.args.plot is not None:
+        print("no record written (smoke run without --out-dir): nothing to plot")
+
+
+def exit_status(ctx: Ctx) -> int:
+    """Warns about peers that failed their check; 1 when one of ours failed its check or raised, else 0."""
     # Only our kernels decide the exit status; a peer that fails its check stays in the record, marked.
     bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] == "triton"]
     peers_bad = [r for r in ctx.results if r["check"] != "ok" and r["impl"] != "triton"]
-    if path is not None:
-        atomic_write_json(path, record)
-        print(f"wrote {path}")
-        if args.plot is not None:
-            print(f"wrote {plot_record(path)}")
-    elif args.plot is not None:
-        print("no record written (smoke run without --out-dir): nothing to plot")
-    if smoke:
+    if ctx.smoke:
         print("SMOKE RUN: NOT A TIMING.")
     for r in peers_bad:
         print(f"warning: peer {r['impl']} failed the correctness check on {r['op']} {shape_label(r['shape'])} "
@@ -1273,6 +1307,25 @@ def main(argv=None) -> int:
         print(f"error: {'; '.join(what)}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:  # record paths given: plot only
+        return plot_records(args.plot)
+    try:
+        device, smoke, out_dir = prepare_device(args)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = plan_run(args, device, smoke, out_dir)
+    done = run_ops(run)
+    if done is None:
+        return 130
+    record = make_record(run, done)
+    print_table(run.ctx.results, record["speedups"], run.peak, run.ctx.skipped)
+    write_record(run, record)
+    return exit_status(run.ctx)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
 from tritonrun.kernels.target import Target, planning_for  # noqa: E402  (imports no triton)
 from tritonrun.runinfo import atomic_write_json, env_info  # noqa: E402
+from tritonrun.recipes import RECIPES as RECIPE_REGISTRY, get_recipe  # noqa: E402
 
 GIB = 2**30
 CATEGORIES = ("parameters", "grads", "optimizer_state", "activations", "temporaries")
@@ -380,7 +381,7 @@ class Setup:
 
     @property
     def packed(self) -> bool:
-        return self.recipe == "speedrun"
+        return get_recipe(self.recipe).packed
 
     @property
     def budget_bytes(self) -> int:
@@ -451,30 +452,19 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     }
 
 
-def recipe_parts(recipe: str, model: str):
-    """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step."""
-    if recipe in SPEEDRUN_RECIPES:
-        from tritonrun.gpt2.speedrun import SpeedrunGPT, speedrun_models
+def recipe_parts(name: str, model: str):
+    """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step: the
+    recipe's model; the optimizer the trainer builds for it (Adam + Muon for a model with Muon groups, else AdamW);
+    the recipe's grad clip over the presets' llm.c 1.0."""
+    recipe = get_recipe(name)
 
-        return SpeedrunGPT, build_speedrun_optimizer, speedrun_models(recipe)[model], 0.0  # the records clip nothing
-    from tritonrun.gpt2 import GPT, MODEL_SIZES
+    def build_opt(model, ops):
+        return build_speedrun_optimizer(model, ops) if hasattr(model, "optimizer_groups") else build_optimizer(model, ops)
 
-    return GPT, build_optimizer, MODEL_SIZES[model], 1.0
-
-
-def model_sizes(recipe: str) -> dict:
-    """--model's names under a recipe: gpt2.MODEL_SIZES or gpt2.speedrun's SPEEDRUN_MODELS / SPEEDRUN_DENSE_MODELS."""
-    if recipe in SPEEDRUN_RECIPES:
-        from tritonrun.gpt2.speedrun import speedrun_models
-
-        return speedrun_models(recipe)
-    from tritonrun.gpt2 import MODEL_SIZES
-
-    return MODEL_SIZES
+    return recipe.model_for, build_opt, recipe.sizes()[model], recipe.defaults(on_gpu=True).get("grad_clip", 1.0)
 
 
-RECIPES = ("gpt2", "speedrun", "speedrun-dense")
-SPEEDRUN_RECIPES = ("speedrun", "speedrun-dense")
+RECIPES = tuple(RECIPE_REGISTRY)
 
 
 def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[int, bool]]]:
@@ -506,7 +496,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     gpus = [name for name, p in PRESETS.items() if p.device == "cuda"]
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -542,19 +532,20 @@ def parse_micro_batches(text: str) -> list[int]:
 
 
 def resolve(args) -> tuple[Setup, list[str], list[int]]:
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     preset = PRESETS[args.gpu]
     recipe = args.recipe or getattr(preset, "recipe", "gpt2")
-    sizes = model_sizes(recipe)
+    sizes = get_recipe(recipe).sizes()
     model = args.model or preset.model
     if model not in sizes:
+        takers = [r.name for r in RECIPE_REGISTRY.values() if model in r.sizes()]
         raise UserError(f"--model {model!r} is not a {recipe} model: choose from {', '.join(sizes)}"
-                        + (" (or --recipe gpt2)" if recipe in SPEEDRUN_RECIPES else ""))
-    packed = recipe == "speedrun"
+                        + (f" (or --recipe {takers[0]})" if takers else ""))
+    packed = get_recipe(recipe).packed
     seq_len = args.seq_len or (preset.speedrun_seq_len if packed else preset.seq_len)
     if packed and args.micro_batch and args.micro_batch.strip() != "1":
-        raise UserError(f"--micro-batch {args.micro_batch}: --recipe speedrun packs one sequence per micro-batch; "
+        raise UserError(f"--micro-batch {args.micro_batch}: --recipe {recipe} packs one sequence per micro-batch; "
                         f"size it with --seq-len (or --max to search it)")
     if seq_len <= 0 or seq_len > sizes[model].block_size:
         raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
@@ -625,7 +616,7 @@ def main(argv=None) -> int:
         for b in micro_batches:
             estimates.append(get(backend, b))
     maxima, seq_maxima = {}, {}
-    block = model_sizes(setup.recipe)[setup.model].block_size
+    block = get_recipe(setup.recipe).sizes()[setup.model].block_size
     for backend in backends if args.max and setup.packed else []:
         best, tried = search_max(lambda t: get(backend, 1, t)["fits"], setup.seq_lens(block))
         peaks = [get(backend, 1, t)["peak_bytes"] for t, _ in tried]
@@ -658,8 +649,9 @@ def main(argv=None) -> int:
                                    "context_allowance_bytes", "budget_bytes", "fits", "split_bytes")},
         "method": ("FakeTensorMode (fake CPU tensors, CPU bf16 autocast), real model and optimizer, warm-up step "
                    "then one measured step; ledger of live tensor storages rounded to 512 B"),
-        "step": ("forward + backward per micro-batch, grad clip 1.0, AdamW step, zero_grad" if setup.recipe == "gpt2"
-                 else packed_step if setup.packed
+        "step": (packed_step if setup.packed
+                 else "forward + backward per micro-batch, grad clip 1.0, AdamW step, zero_grad"
+                 if recipe_parts(setup.recipe, setup.model)[3]
                  else "forward + backward per micro-batch, no grad clip, Adam step (wte, lm_head, scalars) then "
                       "Muon step (fp32 momentum = optimizer_state; bf16 Newton-Schulz batched by shape = "
                       "temporaries), zero_grad"),

@@ -54,7 +54,13 @@ from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_st
 # spelled out here so that a bad flag gets its error line without torch's import time (tests/test_bench_recipes.py
 # checks the two agree).
 RECIPES = ("gpt2", "speedrun-dense", "speedrun")
-PACKED = ("speedrun",)  # recipes whose micro-batch is one packed sequence of --packed-seq-len tokens
+
+
+def recipe_of(name: str):
+    """The recipe object (tritonrun/recipes/) behind a name: whether it packs, its lr's meaning, its warmup."""
+    from tritonrun.recipes import get_recipe
+
+    return get_recipe(name)
 
 
 def known_recipes() -> tuple[str, ...]:
@@ -67,9 +73,14 @@ DEFAULT_LRS_MULT = (0.5, 1.0, 2.0)
 
 
 def default_lrs(recipe: str, smoke: bool) -> tuple[float, ...]:
-    lrs = DEFAULT_LRS_GPT2 if recipe == "gpt2" else DEFAULT_LRS_MULT
+    lrs = DEFAULT_LRS_MULT if recipe_of(recipe).lr_is_multiplier else DEFAULT_LRS_GPT2
     return (lrs[1],) if smoke else lrs
-GPT2_WARMUP_FRAC = 700 / 18_865  # llm.c's GPT-2 124M run: 700 warmup steps of 18,865
+
+
+def warmup_steps(name: str, steps: int) -> int:
+    """The recipe's lr warmup over a run of `steps` (gpt2: llm.c's 700 of 18,865, at least 1; the records': 0)."""
+    frac = recipe_of(name).warmup_fraction
+    return max(1, round(frac * steps)) if frac else 0
 
 
 def log(msg: str = "") -> None:
@@ -173,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.total_batch_tokens % args.seq_len:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --seq-len {args.seq_len}: "
                 f"pick e.g. --total-batch-tokens {args.seq_len * max(1, args.total_batch_tokens // args.seq_len)}")
-    if any(r in PACKED for r in args.recipes) and args.total_batch_tokens % args.packed_seq_len:
+    if any(recipe_of(r).packed for r in args.recipes) and args.total_batch_tokens % args.packed_seq_len:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --packed-seq-len "
                 f"{args.packed_seq_len} (the speedrun recipe's packed sequence): make it a multiple of both")
     return args
@@ -181,14 +192,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_argv(args, recipe: str, lr: float, steps: int, out_dir: Path) -> list[str]:
     argv = ["--gpu", args.gpu, "--recipe", recipe, "--model", args.model, "--data", args.data,
-            "--seq-len", str(args.packed_seq_len if recipe in PACKED else args.seq_len),
+            "--seq-len", str(args.packed_seq_len if recipe_of(recipe).packed else args.seq_len),
             "--total-batch-tokens", str(args.total_batch_tokens),
             "--max-steps", str(steps), "--lr", repr(lr), "--val-every", str(min(args.val_every, steps)),
             "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--target-val-loss", "0",
             "--checkpoint-every", "0", "--keep-checkpoints", "1", "--hellaswag-every", "0",
-            "--warmup-steps", str(max(1, round(GPT2_WARMUP_FRAC * steps)) if recipe == "gpt2" else 0),
+            "--warmup-steps", str(warmup_steps(recipe, steps)),
             "--out-dir", str(out_dir)]
-    if args.micro_batch and recipe not in PACKED:  # a packed micro-batch is one sequence
+    if args.micro_batch and not recipe_of(recipe).packed:  # a packed micro-batch is one sequence
         argv += ["--micro-batch", str(args.micro_batch)]
     return argv
 
@@ -235,7 +246,7 @@ def save_plot(path: Path, record: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for recipe, run in record["ab"].items():
         ax.plot([v["tokens"] for v in run["val"]], [v["loss"] for v in run["val"]], "o-", ms=3,
-                label=f"{recipe} (lr {run['lr']:g}{'' if recipe == 'gpt2' else ' x base'}): "
+                label=f"{recipe} (lr {run['lr']:g}{' x base' if recipe_of(recipe).lr_is_multiplier else ''}): "
                       f"{run['final_val_loss']:.4f}")
     c = record["config"]
     ax.set(xlabel="tokens", ylabel="val loss",
@@ -272,130 +283,169 @@ def next_lr(tried: list[dict]) -> float | None:
     return best / (lrs[1] / lrs[0])
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+class Refused(Exception):
+    """A run the flags or the machine rule out: main prints "error: <message>" and exits 2."""
+
+
+def prepare(args) -> tuple[Path | None, torch.device]:
+    """The record's folder and the trainings' device (CUDA or the CPU); Refused for a bad folder, --data or --gpu."""
     try:
         out_dir = record_dir(args.out_dir, args.smoke)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
     if args.data != "sample" and not Path(args.data).is_dir():
-        print(f"error: --data {args.data}: no such directory (give a dir of shards, or 'sample')", file=sys.stderr)
-        return 2
+        raise Refused(f"--data {args.data}: no such directory (give a dir of shards, or 'sample')")
     import torch  # after the flags: a bad flag's error line comes without torch's import time
 
     use_cuda = args.gpu != "cpu" and torch.cuda.is_available()
     if args.gpu != "cpu" and not use_cuda:
-        print(f"error: --gpu {args.gpu} needs a CUDA GPU and there is none: use --gpu cpu", file=sys.stderr)
-        return 2
-    env = env_info(torch.device("cuda" if use_cuda else "cpu"))
-    now = datetime.datetime.now(datetime.timezone.utc)
-    path = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{record_stem('recipes', 'cpu' if not use_cuda else env['device'], args.smoke, now)}.json"
-    config = {"gpu": args.gpu, "model": args.model, "data": args.data, "steps": args.steps,
-              "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
-              "seq_len": args.seq_len, "packed_seq_len": args.packed_seq_len, "micro_batch": args.micro_batch, "val_every": args.val_every,
-              "val_tokens": args.val_tokens, "seed": args.seed, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "recipes": list(args.recipes), "lrs_given": {r: list(args.lrs[r]) for r in args.recipes},
-              "extend": args.extend, "jobs": args.jobs,
-              "gpt2_warmup_steps": max(1, round(GPT2_WARMUP_FRAC * args.steps)), "speedrun_warmup_steps": 0}
-    sweep: dict[str, list] = {r: [] for r in args.recipes}
-    ab: dict[str, dict] = {}
+        raise Refused(f"--gpu {args.gpu} needs a CUDA GPU and there is none: use --gpu cpu")
+    return out_dir, torch.device("cuda" if use_cuda else "cpu")
 
-    def record() -> dict:
+
+def record_path(out_dir: Path | None, device: str, smoke: bool, now: datetime.datetime) -> Path | None:
+    """Where the record goes (its folder made), None when nothing is written."""
+    if out_dir is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"{record_stem('recipes', device, smoke, now)}.json"
+
+
+def run_config(args) -> dict:
+    """The record's "config": what every training shares, the recipes and their lrs as given."""
+    return {"gpu": args.gpu, "model": args.model, "data": args.data, "steps": args.steps,
+            "sweep_steps": args.sweep_steps, "total_batch_tokens": args.total_batch_tokens,
+            "seq_len": args.seq_len, "packed_seq_len": args.packed_seq_len, "micro_batch": args.micro_batch,
+            "val_every": args.val_every, "val_tokens": args.val_tokens, "seed": args.seed,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "recipes": list(args.recipes), "lrs_given": {r: list(args.lrs[r]) for r in args.recipes},
+            "extend": args.extend, "jobs": args.jobs,
+            "gpt2_warmup_steps": warmup_steps("gpt2", args.steps),
+            "speedrun_warmup_steps": warmup_steps("speedrun", args.steps)}
+
+
+def log_plan(args, device: str) -> None:
+    """The run's one-line header: model, data, the token budget per recipe and the lrs each sweep tries."""
+    tokens = args.steps * args.total_batch_tokens
+    lrs_text = "; ".join(f"{r} lr {'x ' if recipe_of(r).lr_is_multiplier else ''}{', '.join(map(str, args.lrs[r]))}"
+                         for r in args.recipes)
+    log(f"recipes A/B on {device}: --model {args.model}, --data {args.data}, {args.steps} steps x "
+        f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}"
+        f"{f'; speedrun packed {args.packed_seq_len}' if any(recipe_of(r).packed for r in args.recipes) else ''}); sweep "
+        f"{args.sweep_steps} steps: {lrs_text}")
+
+
+class ABRun:
+    """The sweeps and A/B runs of every recipe, and the record made of them so far; shared by the recipes' driver
+    threads under --jobs > 1 (its lock guards the record's dicts and the log)."""
+
+    def __init__(self, args, env: dict, now: datetime.datetime, path: Path | None):
+        self.args, self.env, self.now, self.path = args, env, now, path
+        self.config = run_config(args)
+        self.sweep: dict[str, list] = {r: [] for r in args.recipes}
+        self.ab: dict[str, dict] = {}
+        self.work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))  # the runs' out dirs
+        self.started = time.perf_counter()
+        self.lock = threading.Lock()  # the record's dicts and the log, shared by the recipes' threads
+        self.pool = ThreadPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None  # the trainings' slots
+
+    def record(self) -> dict:
+        """The record so far ("complete": false until every A/B run is in)."""
+        args, ab = self.args, self.ab
         return {"kind": "recipes", "smoke": args.smoke, "complete": len(ab) == len(args.recipes),
-                "date": now.isoformat(timespec="seconds"), **env, "config": config,
+                "date": self.now.isoformat(timespec="seconds"), **self.env, "config": self.config,
                 "method": "per recipe: an lr sweep at --sweep-steps (skipped for a single lr; continued past an end "
                           "that wins, up to --extend runs), the lr with the lowest final val kept, then the A/B at "
                           "--steps (the sweep's best run itself when --sweep-steps = --steps); equal model, tokens, "
                           "data, seed and val set; gpt2 lr = AdamW peak, a speedrun "
                           "recipe's lr = multiplier on every group's base lr; each run a fresh train_speedrun.py "
                           "process",
-                "sweep": sweep, "ab": {r: ab[r] for r in args.recipes if r in ab},
+                "sweep": self.sweep, "ab": {r: ab[r] for r in args.recipes if r in ab},
                 "result": verdict(ab, args.recipes)}
 
-    def save() -> None:
-        if path is not None:
-            atomic_write_json(path, record())
+    def save(self) -> None:
+        """Rewrites the record (when one is written): an interrupt keeps the finished runs."""
+        if self.path is not None:
+            atomic_write_json(self.path, self.record())
 
-    tokens = args.steps * args.total_batch_tokens
-    lrs_text = "; ".join(f"{r} lr {'' if r == 'gpt2' else 'x '}{', '.join(map(str, args.lrs[r]))}"
-                         for r in args.recipes)
-    log(f"recipes A/B on {env['device']}: --model {args.model}, --data {args.data}, {args.steps} steps x "
-        f"{args.total_batch_tokens} tokens = {tokens:,} tokens per recipe (T {args.seq_len}"
-        f"{f'; speedrun packed {args.packed_seq_len}' if any(r in PACKED for r in args.recipes) else ''}); sweep "
-        f"{args.sweep_steps} steps: {lrs_text}")
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tritonrun-recipes-"))
-    started = time.perf_counter()
-    lock = threading.Lock()  # the record's dicts and the log, shared by the recipes' threads under --jobs > 1
-    pool = ThreadPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
-
-    def train(recipe: str, lrs: list[float], steps: int, name) -> list[tuple[float, dict, float]]:
+    def train(self, recipe: str, lrs: list[float], steps: int, name) -> list[tuple[float, dict, float]]:
         """One training per lr (`name(lr)` its out dir under `work`), up to --jobs at once; results in lr order."""
         def one(lr: float) -> tuple[float, dict, float]:
             t0 = time.perf_counter()
-            res = run_training(train_argv(args, recipe, lr, steps, work / name(lr)))
+            res = run_training(train_argv(self.args, recipe, lr, steps, self.work / name(lr)))
             return lr, res, time.perf_counter() - t0
 
-        if pool is None:
+        if self.pool is None:
             return [one(lr) for lr in lrs]
-        return [f.result() for f in [pool.submit(one, lr) for lr in lrs]]
+        return [f.result() for f in [self.pool.submit(one, lr) for lr in lrs]]
 
-    def tune(recipe: str) -> None:
-        """The recipe's sweep (extended past a winning end) and its A/B run."""
+    def sweep_lrs(self, recipe: str, full_runs: dict) -> float:
+        """The recipe's lr sweep, extended past a winning end up to --extend runs; its best lr. Sweep runs at the
+        full budget go into `full_runs` (lr -> summary)."""
+        args, sweep, started = self.args, self.sweep, self.started
         lrs = list(args.lrs[recipe])
-        best = lrs[0]
+        extended = 0
+        while lrs:
+            for lr, res, wall in self.train(recipe, lrs, args.sweep_steps, lambda lr: f"sweep-{recipe}-{lr:g}"):
+                entry = summary(recipe, lr, res, wall)
+                with self.lock:
+                    if args.sweep_steps == args.steps:
+                        full_runs[lr] = entry
+                    sweep[recipe].append({**{k: v for k, v in entry.items()
+                                             if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
+                                          "extension": extended > 0})
+                    log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val "
+                        f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - started:.0f} s so far)")
+                    self.save()
+            lrs = []
+            if extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
+                extended += 1
+                log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
+                    f"({extended} of at most {args.extend} more)")
+                lrs = [more]
+        best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
+        if next_lr(sweep[recipe]) is not None:
+            log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
+                f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
+        return best
+
+    def tune(self, recipe: str) -> None:
+        """The recipe's sweep (extended past a winning end) and its A/B run."""
+        args, ab = self.args, self.ab
+        best = args.lrs[recipe][0]
         full_runs = {}  # lr -> summary of a sweep run at the full budget: the A/B run if it wins
-        if len(lrs) > 1:
-            extended = 0
-            while lrs:
-                for lr, res, wall in train(recipe, lrs, args.sweep_steps, lambda lr: f"sweep-{recipe}-{lr:g}"):
-                    entry = summary(recipe, lr, res, wall)
-                    with lock:
-                        if args.sweep_steps == args.steps:
-                            full_runs[lr] = entry
-                        sweep[recipe].append({**{k: v for k, v in entry.items()
-                                                 if k in ("lr", "steps", "tokens", "final_val_loss", "val", "wall_s")},
-                                              "extension": extended > 0})
-                        log(f"  sweep {recipe:8s} lr {lr:<8g} {args.sweep_steps} steps: val "
-                            f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - started:.0f} s so far)")
-                        save()
-                lrs = []
-                if extended < args.extend and (more := next_lr(sweep[recipe])) is not None:
-                    extended += 1
-                    log(f"  sweep {recipe:8s} best lr at the end swept: trying lr {more:g} "
-                        f"({extended} of at most {args.extend} more)")
-                    lrs = [more]
-            best = min(sweep[recipe], key=lambda s: s["final_val_loss"])["lr"]
-            if next_lr(sweep[recipe]) is not None:
-                log(f"  sweep {recipe:8s} best lr {best:g} is still at an end of the sweep after "
-                    f"{args.extend} more runs: widen --lrs {recipe}=... or raise --extend")
+        if len(args.lrs[recipe]) > 1:
+            best = self.sweep_lrs(recipe, full_runs)
         if best in full_runs:  # the sweep ran at the full budget: its best run is the A/B run
-            with lock:
+            with self.lock:
                 ab[recipe] = {**full_runs[best], "from_sweep": True}
                 log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps: the sweep's best run, val "
                     f"{ab[recipe]['final_val_loss']:.4f}")
-                save()
+                self.save()
             return
-        [(_, res, wall)] = train(recipe, [best], args.steps, lambda lr: f"ab-{recipe}")
-        with lock:
+        [(_, res, wall)] = self.train(recipe, [best], args.steps, lambda lr: f"ab-{recipe}")
+        with self.lock:
             ab[recipe] = {**summary(recipe, best, res, wall), "from_sweep": False}
             log(f"  A/B   {recipe:8s} lr {best:<8g} {args.steps} steps, {res['tokens_seen']:,} tokens: val "
-                f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - started:.0f} s so far)")
-            save()
+                f"{res['final_val_loss']:.4f} ({wall:.0f} s, {time.perf_counter() - self.started:.0f} s so far)")
+            self.save()
 
+
+def run_recipes(ab_run: ABRun) -> int:
+    """Every recipe's sweep and A/B run (one driver thread per recipe under --jobs > 1), then the work dir removed
+    unless --work-dir kept it; 0, or 130 when interrupted, or a failed training's exit status."""
+    args, pool = ab_run.args, ab_run.pool
     try:
         if pool is None:
             for recipe in args.recipes:
-                tune(recipe)
+                ab_run.tune(recipe)
         else:  # one driver thread per recipe; their trainings share the --jobs slots of the pool
             with ThreadPoolExecutor(max_workers=len(args.recipes)) as drivers:
-                for f in [drivers.submit(tune, recipe) for recipe in args.recipes]:
+                for f in [drivers.submit(ab_run.tune, recipe) for recipe in args.recipes]:
                     f.result()
     except KeyboardInterrupt:
-        done = ", ".join(ab) or "none"
+        done = ", ".join(ab_run.ab) or "none"
+        path = ab_run.path
         kept = f" (record in {path}, complete: false)" if path is not None and path.exists() else ""
         print(f"interrupted: A/B runs finished: {done}{kept}", file=sys.stderr)
         return 130
@@ -406,8 +456,12 @@ def main(argv=None) -> int:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    rec = record()
+            shutil.rmtree(ab_run.work, ignore_errors=True)
+    return 0
+
+
+def log_ranking(rec: dict, ab: dict) -> None:
+    """The A/B table, best final val loss first, with each recipe's difference from gpt2, and the winner."""
     v = rec["result"]
     log("")
     log("| recipe         | lr       | tokens     | final val | - gpt2  |")
@@ -418,15 +472,39 @@ def main(argv=None) -> int:
         log(f"| {recipe:14s} | {run['lr']:<8g} | {run['tokens']:>10,} | {run['final_val_loss']:9.4f} | "
             f"{'' if diff is None else f'{diff:+.4f}':7s} |")
     log(f"winner: {v['winner']} at {'equal' if v['equal_tokens'] else 'UNEQUAL'} tokens")
+
+
+def write_record(path: Path | None, rec: dict) -> None:
+    """The final record with its plot beside it (when matplotlib is installed), or why there is none."""
     if path is None:
         log("no record written (smoke run without --out-dir)")
-        return 0
+        return
     plot = save_plot(path.with_suffix(".png"), rec)
     if plot is None:
         log("no plot: matplotlib is not installed (pip install -e '.[plot]')")
     rec["plot"] = Path(plot).name if plot else None
     atomic_write_json(path, rec)
     log(f"wrote {path}" + (f" and {plot}" if plot else ""))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out_dir, device = prepare(args)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = env_info(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    path = record_path(out_dir, env["device"] if device.type == "cuda" else "cpu", args.smoke, now)
+    log_plan(args, env["device"])
+    ab_run = ABRun(args, env, now, path)
+    rc = run_recipes(ab_run)
+    if rc:
+        return rc
+    rec = ab_run.record()
+    log_ranking(rec, ab_run.ab)
+    write_record(path, rec)
     return 0
 
 

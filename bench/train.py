@@ -81,6 +81,7 @@ import re  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -346,7 +347,7 @@ def speedups(runs: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------------- cap
 def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
     from tritonrun.training import CUDA_CONTEXT_GIB, allocator_fraction
 
     preset = PRESETS["rtx4070"]
@@ -605,20 +606,13 @@ def merge_command(paths: list[Path], out_dir: Path | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- project
-# Tokens to the first val <= 3.28 of each recipe, and where the figure comes from.
-RECIPE_TOKENS = {
-    "gpt2": (9.0e9, "llm.c 124M recipe: first val <= 3.28 at step ~17,250 x 524,288 tokens; /work/shared/REFERENCE.md"),
-    "speedrun-dense": (3000 * 524_288, "modded-nanogpt 2024-11-10 record: 3000 steps x 524,288 tokens, val 3.2753; "
-                                       "tritonrun/gpt2/speedrun.py"),
-}
 # Records written before the 2024-12-17 recipe took the name "speedrun" measured the 2024-11-10 model under it.
 LEGACY_RECIPES = {"speedrun": "speedrun-dense"}
 
 
 def project(target: str, record_path: Path | None) -> int:
-    from tritonrun.gpt2 import GPT, MODEL_SIZES
-    from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SpeedrunGPT
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
+    from tritonrun.recipes import RECIPES
 
     peak = PRESETS[target].peak_tflops
     if record_path is None:
@@ -657,18 +651,18 @@ def project(target: str, record_path: Path | None) -> int:
            f"no cap check for {pick['name']} in this record")
     recipe = rec.get("recipe", "gpt2")  # records from before --recipe measured GPT-2 under llm.c's recipe
     recipe = LEGACY_RECIPES.get(recipe, recipe)
-    if recipe not in RECIPE_TOKENS:
+    if recipe not in RECIPES or RECIPES[recipe].packed:  # this bench times dense (micro-batch, T) steps only
         print(f"error: --from-record {record_path}: unknown recipe {recipe!r}", file=sys.stderr)
         return 2
-    published_tokens, source = RECIPE_TOKENS[recipe]
+    published_tokens, source = RECIPES[recipe].tokens_to_target, RECIPES[recipe].tokens_source
     with torch.device("meta"):
-        model = SpeedrunGPT(SPEEDRUN_DENSE_MODELS["d12"]) if recipe == "speedrun-dense" else GPT(MODEL_SIZES["d12"])
+        model = RECIPES[recipe].model_for(RECIPES[recipe].sizes()["d12"])
     flops = model.flops_per_token(SEQ_LEN)
     mfu = pick["mfu"]
     seconds = published_tokens * flops / (peak * 1e12 * mfu)
     device = rec.get("env", {}).get("device", "unknown device")
     log("=" * 88)
-    what = "speedrun-dense d12" if recipe == "speedrun-dense" else "GPT-2 d12"
+    what = f"{recipe} d12"
     log(f"PROJECTION, NOT A MEASUREMENT: time to FineWeb val <= 3.28 on {target} ({what}, --recipe {recipe}, "
         f"T = {SEQ_LEN})")
     log("=" * 88)
@@ -730,6 +724,218 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class Refused(Exception):
+    """A run the flags or the machine rule out: main prints "error: <message>" and exits 2."""
+
+
+def smoke_settings(args, device) -> tuple[list[int], list[str], list[bool]]:
+    """--smoke: the tiny model's flags and defaults, the banner, and the Triton interpreter when triton runs on the
+    CPU; (micro-batches, backends, compile settings)."""
+    args.model, args.seq_len, args.dtype, args.gpu = "tiny", 64, "fp32" if device.type == "cpu" else "bf16", \
+        "cpu" if device.type == "cpu" else "auto"
+    mbs = [2, 4]
+    args.steps = args.steps or 3
+    args.warmup = 1 if args.warmup is None else args.warmup
+    backends = args.backend or ["torch"]
+    compiles = [args.compile] if args.compile is not None else [False]
+    args.cap_gib, args.profile = 0, False
+    log("=" * 88)
+    log("SMOKE RUN: tiny model, seq 64, a few steps. NOT A TIMING: never quote these numbers.")
+    log("=" * 88)
+    if "triton" in backends and device.type == "cpu":
+        from tritonrun.gpt2.ops import use_cpu_interpreter
+
+        try:
+            use_cpu_interpreter()
+        except RuntimeError as e:
+            raise Refused(str(e)) from None
+    return mbs, backends, compiles
+
+
+def gpu_settings(args) -> tuple[list[int], list[str], list[bool]]:
+    """A GPU measurement: d12 at T = 1024 in bf16 under the device's preset, and the flags' defaults; (micro-batches,
+    backends, compile settings). Refused without a preset or --peak-tflops, or with --steps below 20."""
+    from tritonrun.errors import UserError
+    from tritonrun.presets import resolve_preset
+
+    args.model, args.seq_len, args.dtype = "d12", SEQ_LEN, "bf16"
+    try:
+        args.gpu = resolve_preset("auto")
+    except UserError:
+        args.gpu = "h100"
+        if args.peak_tflops is None:
+            raise Refused(f"no preset knows {torch.cuda.get_device_name()}: pass --peak-tflops for MFU") from None
+    mbs = [int(x) for x in args.micro_batches.split(",")] if args.micro_batches else list(DEFAULT_MICRO_BATCHES)
+    args.steps = args.steps or 20
+    if args.steps < 20:
+        raise Refused("--steps must be >= 20 for a GPU measurement")
+    args.warmup = 5 if args.warmup is None else args.warmup
+    backends = args.backend or ["torch", "triton"]
+    compiles = [args.compile] if args.compile is not None else [True, False]
+    return mbs, backends, compiles
+
+
+def pick_configs(args, backends: list[str], compiles: list[bool]) -> list[tuple]:
+    """The configurations the sweep times (sweep_configs), after checking --torch-ops and --configs."""
+    from tritonrun.gpt2.ops import parse_op_list
+
+    try:
+        torch_ops = [",".join(parse_op_list(ops)) for ops in args.torch_ops]
+    except ValueError as e:
+        raise Refused(f"--torch-ops: {e}") from None
+    if torch_ops and "triton" not in backends:
+        raise Refused("--torch-ops makes variants of the triton configurations: add --backend triton")
+    names = None
+    if args.configs is not None:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in [c[0] for c in CONFIGS]]
+        if unknown or not names:
+            raise Refused(f"--configs: unknown configuration {unknown[0] if unknown else repr(args.configs)}: "
+                          f"choose from {', '.join(n for n, _, _ in CONFIGS)}")
+    return sweep_configs(backends, compiles, torch_ops, names)
+
+
+@dataclass
+class BenchRun:
+    """One measuring run: the settled flags, the configurations, where the record goes, and what it has measured
+    so far (the record is rewritten from these after every part)."""
+    args: argparse.Namespace
+    smoke: bool
+    device: torch.device
+    mbs: list[int]  # the sweep's micro-batches (none under --no-sweep)
+    configs: list[tuple]  # (name, backend, compile, torch_ops) of each configuration the sweep times
+    env: dict
+    now: datetime.datetime
+    out_dir: Path | None  # None: a smoke run without --out-dir writes no record
+    stem: str | None = None
+    path: Path | None = None
+    runs: list[dict] = field(default_factory=list)
+    cap: dict | None = None
+    prof: dict | None = None
+
+    def save(self, complete: bool) -> None:
+        """The record so far, rewritten atomically after every part: a run stopped by a time limit (or OOM-killed)
+        keeps what it measured, marked complete: false."""
+        if self.path is None:
+            return
+        from tritonrun.presets import peak_tflops_for
+
+        args, env = self.args, self.env
+        record = {
+            "kind": "train", "smoke": self.smoke, "complete": complete, "date": self.now.isoformat(timespec="seconds"),
+            "env": env, "device": env["device"], "commit": env["commit"],
+            "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
+            "preset": args.gpu, "peak_tflops": args.peak_tflops or peak_tflops_for(args.gpu),
+            "recipe": args.recipe, "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype,
+            "grad_accum": args.grad_accum,
+            "micro_batches": self.mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
+            "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations "
+                      "of one micro-batch in blocks; each step timed alone (synchronize before/after); median. One "
+                      "step = one optimizer step over grad_accum micro-batches (tokens per step = micro_batch x "
+                      "seq_len x grad_accum). Data: synthetic uniformly random tokens in an llm.c shard, read by "
+                      "the real ShardLoader. peak_alloc_gib: own peak as if alone (group's other trainers' resident "
+                      "memory subtracted); peak_reserved_gib: the shared pool's peak (upper bound).",
+            "runs": self.runs, "speedup_vs_compiled_torch": speedups(self.runs), "cap": self.cap,
+            "profile": self.prof,
+        }
+        atomic_write_json(self.path, record)
+        if complete:
+            log(f"wrote {self.path}")
+            if self.prof is not None or not self.smoke:
+                atomic_write_text(self.out_dir / f"{self.stem}.md", markdown(record))
+                log(f"wrote {self.out_dir / (self.stem + '.md')}")
+
+
+def plan(args, has_cuda: bool) -> BenchRun:
+    """The flags settled for a smoke run or a GPU measurement, the configurations, the environment (logged) and the
+    record's path; Refused when the machine or the flags leave nothing to measure."""
+    if not has_cuda and not args.smoke:
+        raise Refused("no CUDA GPU: bench/train.py measures GPU training; use --smoke --out-dir DIR for a CPU smoke "
+                      "run (not a timing), or --project rtx4070 --from-record PATH")
+    smoke = args.smoke
+    try:
+        out_dir = record_dir(args.out_dir, smoke)
+    except ValueError as e:
+        raise Refused(str(e)) from None
+    # an indexed device (cuda:N): torch.cuda.set_per_process_memory_fraction rejects a bare "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda and not smoke else torch.device("cpu")
+    mbs, backends, compiles = smoke_settings(args, device) if smoke else gpu_settings(args)
+    # the GPU presets' default recipe is the packed speedrun, which this (B, T = 1024) timing does not run: its dense
+    # predecessor stands in
+    args.recipe = args.recipe or ("gpt2" if args.gpu == "cpu" else "speedrun-dense")
+    if smoke and args.micro_batches:
+        mbs = [int(x) for x in args.micro_batches.split(",")]
+    if not args.sweep:
+        if not ((args.cap_gib and not smoke) or args.profile):
+            raise Refused("--no-sweep leaves nothing to measure: add --profile, or a --cap-gib above 0 (on a GPU)")
+        mbs = []
+    configs = pick_configs(args, backends, compiles)
+
+    env = env_info(device)
+    log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
+        f"{' (dirty)' if env['dirty'] else ''}  preset {args.gpu}")
+    bench = BenchRun(args=args, smoke=smoke, device=device, mbs=mbs, configs=configs, env=env,
+                     now=datetime.datetime.now(), out_dir=out_dir)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bench.stem = record_stem("train", env["device"], smoke, bench.now)
+        bench.path = out_dir / f"{bench.stem}.json"
+    return bench
+
+
+def measure_parts(bench: BenchRun, data_dir: Path, out_dir: Path) -> None:
+    """The sweep's micro-batch groups, then the cap check and the profile, the record saved after each part."""
+    args, device = bench.args, bench.device
+    for mb in bench.mbs:
+        log(f"micro-batch {mb}:")
+        bench.runs += sweep_group([Spec(n, b, c, mb, args, torch_ops=ops) for n, b, c, ops in bench.configs], args,
+                                  data_dir, out_dir, device)
+        bench.save(complete=False)
+    if args.cap_gib and not bench.smoke:
+        bench.cap = cap_check(args, data_dir, out_dir, device)
+        bench.save(complete=False)
+    if args.profile:
+        bench.prof = profile_split(args, data_dir, out_dir, device)
+
+
+def measure(bench: BenchRun) -> int:
+    """Every part measured on synthetic data in a temp dir; 130 when interrupted (the record so far kept), else 0."""
+    from tritonrun.gpt2 import MODEL_SIZES
+
+    args, path = bench.args, bench.path
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        biggest = max(bench.mbs + ([args.cap_max_micro_batch] if args.cap_gib and not bench.smoke else [])
+                      + ([args.profile_micro_batch] if args.profile else []))
+        synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
+        try:
+            measure_parts(bench, data_dir, tmp / "out")
+        except (Interrupted, KeyboardInterrupt) as e:  # e.g. .ci/gpu's deadline: keep what was measured
+            if isinstance(e, Interrupted) and isinstance(e.part, list):
+                bench.runs += e.part
+            elif isinstance(e, Interrupted):
+                bench.cap = e.part
+            bench.save(complete=False)
+            print(f"interrupted: the record so far{f' is in {path}' if path else ' was not written (no --out-dir)'} "
+                  f"(complete: false)", file=sys.stderr)
+            return 130
+    return 0
+
+
+def finish(bench: BenchRun) -> int:
+    """After the complete record: the smoke warning, and --project from the record just written."""
+    if bench.smoke:
+        log("SMOKE RUN: NOT A TIMING.")
+    if bench.path is not None:
+        if bench.args.project:
+            return project(bench.args.project, bench.path)
+    else:
+        log("no record written (smoke run without --out-dir)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
@@ -739,167 +945,16 @@ def main(argv=None) -> int:
     has_cuda = torch.cuda.is_available()
     if args.project and not has_cuda:
         return project(args.project, None)
-    if not has_cuda and not args.smoke:
-        print("error: no CUDA GPU: bench/train.py measures GPU training; use --smoke --out-dir DIR for a CPU smoke "
-              "run (not a timing), or --project rtx4070 --from-record PATH", file=sys.stderr)
-        return 2
-    from tritonrun import train as ts  # imports no triton: the smoke path below may still pick the CPU interpreter
-
-    smoke = args.smoke
     try:
-        out_dir = record_dir(args.out_dir, smoke)
-    except ValueError as e:
+        bench = plan(args, has_cuda)
+    except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # an indexed device (cuda:N): torch.cuda.set_per_process_memory_fraction rejects a bare "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda and not smoke else torch.device("cpu")
-    if smoke:
-        args.model, args.seq_len, args.dtype, args.gpu = "tiny", 64, "fp32" if device.type == "cpu" else "bf16", \
-            "cpu" if device.type == "cpu" else "auto"
-        mbs = [2, 4]
-        args.steps = args.steps or 3
-        args.warmup = 1 if args.warmup is None else args.warmup
-        backends = args.backend or ["torch"]
-        compiles = [args.compile] if args.compile is not None else [False]
-        args.cap_gib, args.profile = 0, False
-        log("=" * 88)
-        log("SMOKE RUN: tiny model, seq 64, a few steps. NOT A TIMING: never quote these numbers.")
-        log("=" * 88)
-        if "triton" in backends and device.type == "cpu":
-            from tritonrun.gpt2.ops import use_cpu_interpreter
-
-            try:
-                use_cpu_interpreter()
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-    else:
-        args.model, args.seq_len, args.dtype = "d12", SEQ_LEN, "bf16"
-        try:
-            args.gpu = ts.resolve_preset("auto")
-        except ts.UserError:
-            args.gpu = "h100"
-            if args.peak_tflops is None:
-                print(f"error: no preset knows {torch.cuda.get_device_name()}: pass --peak-tflops for MFU",
-                      file=sys.stderr)
-                return 2
-        mbs = [int(x) for x in args.micro_batches.split(",")] if args.micro_batches else list(DEFAULT_MICRO_BATCHES)
-        args.steps = args.steps or 20
-        if args.steps < 20:
-            print("error: --steps must be >= 20 for a GPU measurement", file=sys.stderr)
-            return 2
-        args.warmup = 5 if args.warmup is None else args.warmup
-        backends = args.backend or ["torch", "triton"]
-        compiles = [args.compile] if args.compile is not None else [True, False]
-    # the GPU presets' default recipe is the packed speedrun, which this (B, T = 1024) timing does not run: its dense
-    # predecessor stands in
-    args.recipe = args.recipe or ("gpt2" if args.gpu == "cpu" else "speedrun-dense")
-    if smoke and args.micro_batches:
-        mbs = [int(x) for x in args.micro_batches.split(",")]
-    if not args.sweep:
-        if not ((args.cap_gib and not smoke) or args.profile):
-            print("error: --no-sweep leaves nothing to measure: add --profile, or a --cap-gib above 0 (on a GPU)",
-                  file=sys.stderr)
-            return 2
-        mbs = []
-    from tritonrun.gpt2.ops import parse_op_list
-
-    try:
-        torch_ops = [",".join(parse_op_list(ops)) for ops in args.torch_ops]
-    except ValueError as e:
-        print(f"error: --torch-ops: {e}", file=sys.stderr)
-        return 2
-    if torch_ops and "triton" not in backends:
-        print("error: --torch-ops makes variants of the triton configurations: add --backend triton", file=sys.stderr)
-        return 2
-    names = None
-    if args.configs is not None:
-        names = [n.strip() for n in args.configs.split(",") if n.strip()]
-        unknown = [n for n in names if n not in [c[0] for c in CONFIGS]]
-        if unknown or not names:
-            print(f"error: --configs: unknown configuration {unknown[0] if unknown else repr(args.configs)}: choose "
-                  f"from {', '.join(n for n, _, _ in CONFIGS)}", file=sys.stderr)
-            return 2
-    configs = sweep_configs(backends, compiles, torch_ops, names)
-
-    from tritonrun.gpt2 import MODEL_SIZES
-
-    env = env_info(device)
-    log(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}"
-        f"{' (dirty)' if env['dirty'] else ''}  preset {args.gpu}")
-    now = datetime.datetime.now()
-
-    path = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = record_stem("train", env["device"], smoke, now)
-        path = out_dir / f"{stem}.json"
-    runs, cap, prof = [], None, None
-
-    def save(complete: bool) -> None:
-        """The record so far, rewritten atomically after every part: a run stopped by a time limit (or OOM-killed)
-        keeps what it measured, marked complete: false."""
-        if path is None:
-            return
-        record = {
-            "kind": "train", "smoke": smoke, "complete": complete, "date": now.isoformat(timespec="seconds"),
-            "env": env, "device": env["device"], "commit": env["commit"],
-            "versions": {k: env[k] for k in ("python", "torch", "triton", "cuda")},
-            "preset": args.gpu, "peak_tflops": args.peak_tflops or ts.peak_tflops_for(args.gpu),
-            "recipe": args.recipe, "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype,
-            "grad_accum": args.grad_accum,
-            "micro_batches": mbs, "steps": args.steps, "block": args.block, "warmup": args.warmup,
-            "method": "steady state: warm-up steps untimed, then timed steps round-robin across the configurations "
-                      "of one micro-batch in blocks; each step timed alone (synchronize before/after); median. One "
-                      "step = one optimizer step over grad_accum micro-batches (tokens per step = micro_batch x "
-                      "seq_len x grad_accum). Data: synthetic uniformly random tokens in an llm.c shard, read by "
-                      "the real ShardLoader. peak_alloc_gib: own peak as if alone (group's other trainers' resident "
-                      "memory subtracted); peak_reserved_gib: the shared pool's peak (upper bound).",
-            "runs": runs, "speedup_vs_compiled_torch": speedups(runs), "cap": cap, "profile": prof,
-        }
-        atomic_write_json(path, record)
-        if complete:
-            log(f"wrote {path}")
-            if prof is not None or not smoke:
-                atomic_write_text(out_dir / f"{stem}.md", markdown(record))
-                log(f"wrote {out_dir / (stem + '.md')}")
-
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        tmp = Path(tmp)
-        data_dir = tmp / "data"
-        data_dir.mkdir()
-        biggest = max(mbs + ([args.cap_max_micro_batch] if args.cap_gib and not smoke else [])
-                      + ([args.profile_micro_batch] if args.profile else []))
-        synthetic_data(data_dir, MODEL_SIZES[args.model].vocab_size, 2 * biggest * args.seq_len * args.grad_accum + 2)
-        try:
-            for mb in mbs:
-                log(f"micro-batch {mb}:")
-                runs += sweep_group([Spec(n, b, c, mb, args, torch_ops=ops) for n, b, c, ops in configs], args,
-                                    data_dir, tmp / "out", device)
-                save(complete=False)
-            if args.cap_gib and not smoke:
-                cap = cap_check(args, data_dir, tmp / "out", device)
-                save(complete=False)
-            if args.profile:
-                prof = profile_split(args, data_dir, tmp / "out", device)
-        except (Interrupted, KeyboardInterrupt) as e:  # e.g. .ci/gpu's deadline: keep what was measured
-            if isinstance(e, Interrupted) and isinstance(e.part, list):
-                runs += e.part
-            elif isinstance(e, Interrupted):
-                cap = e.part
-            save(complete=False)
-            print(f"interrupted: the record so far{f' is in {path}' if path else ' was not written (no --out-dir)'} "
-                  f"(complete: false)", file=sys.stderr)
-            return 130
-    save(complete=True)
-    if smoke:
-        log("SMOKE RUN: NOT A TIMING.")
-    if path is not None:
-        if args.project:
-            return project(args.project, path)
-    else:
-        log("no record written (smoke run without --out-dir)")
-    return 0
+    rc = measure(bench)
+    if rc:
+        return rc
+    bench.save(complete=True)
+    return finish(bench)
 
 
 if __name__ == "__main__":

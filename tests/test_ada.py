@@ -179,7 +179,7 @@ def test_markdown_section_from_record(records, tmp_path):
 
 
 def test_every_gpu_preset_has_an_architecture():
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     cuda = {name for name, p in PRESETS.items() if p.device == "cuda"}
     assert cuda == set(ada.GPU_PRESETS), "add the new preset's (arch, SM count) to bench/ada.py GPU_PRESETS"

@@ -546,25 +546,26 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     """--backend triton with the fused LM head takes the preset's triton_micro_batch; the torch LM head (the torch
     backend, or linear_cross_entropy kept in torch) the preset's micro_batch; an explicit --micro-batch wins.
     (Config resolution on a GPU, faked on CPU: it reads only is_available and the device name.)"""
-    from tritonrun import train as train_speedrun
-    from tritonrun.train import PRESETS, preset_micro_batch, resolve_config
+    from tritonrun.presets import PRESETS, Preset, preset_micro_batch
+    from tritonrun.recipes import RECIPES
+    from tritonrun.train import resolve_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4070")
 
     p = PRESETS["rtx4070"]
     assert p.triton_micro_batch and p.triton_micro_batch > p.micro_batch
-    assert preset_micro_batch("rtx4070", "triton") == p.triton_micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "attention") == p.triton_micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy") == p.micro_batch
-    assert preset_micro_batch("rtx4070", "torch") == p.micro_batch
-    assert preset_micro_batch("cpu", "triton") == PRESETS["cpu"].micro_batch
-    assert preset_micro_batch("rtx4070", "torch", recipe="speedrun-dense") == p.speedrun_micro_batch < p.micro_batch
-    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun-dense") == p.triton_micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["gpt2"]) == p.triton_micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "attention", RECIPES["gpt2"]) == p.triton_micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy", RECIPES["gpt2"]) == p.micro_batch
+    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["gpt2"]) == p.micro_batch
+    assert preset_micro_batch("cpu", "triton", "", RECIPES["gpt2"]) == PRESETS["cpu"].micro_batch
+    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["speedrun-dense"]) == p.speedrun_micro_batch < p.micro_batch
+    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["speedrun-dense"]) == p.triton_micro_batch
     assert resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0].micro_batch \
         == p.speedrun_micro_batch  # the speedrun-dense torch LM head (the preset's default backend)
     # the preset's default recipe (speedrun): one packed sequence of the preset's speedrun_seq_len per micro-batch
-    assert preset_micro_batch("rtx4070", "triton", recipe="speedrun") == 1
+    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["speedrun"]) == 1
     default = resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0]
     assert (default.recipe, default.micro_batch, default.seq_len) == ("speedrun", 1, p.speedrun_seq_len)
     base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--out-dir", "unused"]
@@ -573,7 +574,7 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     assert resolve_config(base + ["--backend", "triton", "--torch-ops", "linear_cross_entropy"])[0].micro_batch \
         == p.micro_batch
     assert resolve_config(base + ["--backend", "triton", "--micro-batch", "4"])[0].micro_batch == 4
-    assert train_speedrun.Preset.__dataclass_fields__["triton_micro_batch"].default is None
+    assert Preset.__dataclass_fields__["triton_micro_batch"].default is None
 
 
 def _newest_record(preset: str, recipe: str = "gpt2") -> dict | None:
@@ -590,7 +591,7 @@ def test_gpu_presets_fit_by_their_memory_record():
     the torch LM head, triton_micro_batch for the fused one (gpt2 and speedrun-dense), speedrun_micro_batch for the
     speedrun-dense recipe's torch LM head; and, where a packed record exists, speedrun_seq_len (torch LM head) and
     triton_speedrun_seq_len (fused) within its --max search."""
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
     for name, p in PRESETS.items():
@@ -621,7 +622,7 @@ def test_fakes_size_scratch_for_the_planned_gpu():
     grids are capped by the SM count (256 row blocks, 786 vocab blocks). The launcher's own plan agrees."""
     from tritonrun.kernels.cross_entropy import backward_workspace, linear_cross_entropy
     from tritonrun.kernels.target import planning_for
-    from tritonrun.train import PRESETS
+    from tritonrun.presets import PRESETS
 
     assert {n for n, p in PRESETS.items() if p.device == "cuda"} == set(memory.GPUS)
     N, C, Vp = 16 * 1024, 768, 50304

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.helpers import assert_same_numbers, one_thread_env
 

@@ -16,8 +16,9 @@ import torch
 from tritonrun import train as train_speedrun
 from tritonrun import training
 from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint
-from tritonrun.gpt2.ops import GPT2_OPS, SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
+from tritonrun.gpt2.ops import SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
 from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
+from tritonrun.recipes import get_recipe
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
@@ -67,7 +68,7 @@ def test_schedule_and_momentum_as_applied(run16):
     """From the step records: Muon's lr 0.04 x the record's multiplier (constant, then linear to 0 over the
     last 30% of the steps: 5 of 16), Muon momentum 0.85 -> 0.95 over 500 steps (0.85 + 0.1 step/500)."""
     steps = result(run16)["steps"]
-    cooldown = train_speedrun.cooldown_steps(16, "speedrun-dense")
+    cooldown = get_recipe("speedrun-dense").cooldown_steps(16)
     assert cooldown == 5
     for s in steps:
         i = s["step"] - 1  # 0-based step the schedule was evaluated at
@@ -104,7 +105,7 @@ def test_optimizer_covers_every_parameter_once_with_the_records_lrs(tmp_path):
     assert {id(p) for p in tr.optimizer.muon.param_groups[0]["params"]} == \
         {id(p) for p in tr.model.transformer.h.parameters() if p.dim() == 2}
     # a step past the end (an untimed warm-up step near the end of a resumed run) gets the end's lr, 0
-    assert tr.optimizer.schedule(cfg.max_steps + 2)["lr_scale"] == 0.0
+    assert tr.schedule.apply(tr.optimizer, cfg.max_steps + 2)["lr_scale"] == 0.0
 
 
 def test_warmup_restore_includes_muon_state(tmp_path):
@@ -138,10 +139,10 @@ def test_recipe_defaults_by_preset():
     cpu, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--out-dir", "x"])
     assert cpu.recipe == "gpt2" and (cpu.lr, cpu.weight_decay) == (2e-3, 0.1)  # the smoke preset is unchanged
     assert all(p.recipe == "speedrun" for name, p in train_speedrun.PRESETS.items() if name != "cpu")
-    assert train_speedrun.recipe_defaults("speedrun-dense", "rtx4070") == {
+    assert get_recipe("speedrun-dense").defaults(on_gpu=True) == {
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
         "beta1": 0.9, "beta2": 0.95, "max_steps": 3000, "val_every": 125}
-    assert train_speedrun.cooldown_steps(3000, "speedrun-dense") == 900  # the record's warmdown_iters
+    assert get_recipe("speedrun-dense").cooldown_steps(3000) == 900  # the record's warmdown_iters
     text = " ".join(train_speedrun.build_parser().format_help().split())  # --help says how the flags map
     assert "MULTIPLIER on every group's base lr" in text and "--weight-decay and --final-lr-frac do not apply" in text
     assert "speedrun-dense the 2024-11-10 record" in text
@@ -178,7 +179,7 @@ def test_init_from_a_speedrun_checkpoint_takes_its_recipe_and_model(run16, tmp_p
     assert train_speedrun.main(["--gpu", "cpu", "--recipe", "gpt2", "--init-from", f"ckpt:{run16}",
                                 "--out-dir", str(tmp_path / "o")]) == 2
     assert "holds a speedrun-dense model, which --recipe gpt2 cannot train" in capsys.readouterr().err
-    model = training.build_model(cfg, get_ops("torch"))
+    model = get_recipe(cfg.recipe).build_model(cfg, get_ops("torch"))
     assert torch.equal(model.lm_head.weight, load_checkpoint(list_checkpoints(run16)[-1])["model"]["lm_head.weight"])
 
 
@@ -256,10 +257,11 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
                 if getattr(module, "zero_init", False):
                     module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight.shape[1]))
             model.lm_head.weight[config.vocab_size:].zero_()
-        opt = training.SpeedrunOptimizer(model, model.ops, run)
+        recipe = get_recipe("speedrun-dense")
+        opt, schedule = recipe.build_optimizer(model, model.ops, run), recipe.schedule(run, model)
         losses = []
         for step in range(20):
-            opt.schedule(step)
+            schedule.apply(opt, step)
             loss = model(data[:, :-1], data[:, 1:])
             loss.backward()
             opt.step()

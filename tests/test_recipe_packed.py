@@ -21,6 +21,8 @@ from tritonrun.data.loader import PackedLoader
 from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tritonrun.gpt2.ops import SPEEDRUN_OPS, get_ops
 from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
+from tritonrun.presets import preset_micro_batch, preset_seq_len
+from tritonrun.recipes import get_recipe
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, random_hellaswag_examples
 from tests.test_recipe import assert_losses_match, one_process_and_two_ranks
 from tests.test_resume import start_cli, wait_for
@@ -70,8 +72,8 @@ def test_lr_momentum_and_window_schedules_as_applied(run16):
     600/1490 of the steps: 6 of 16), momentum 0.85 + 0.1 min(step/300, 1), and the window of the record's formula
     over 16 steps: 128 x int(((1 - s/16) 64 + s/16 1792 + 64) // 128)."""
     steps = result(run16)["steps"]
-    cooldown = train_speedrun.cooldown_steps(16)
-    assert cooldown == 6 and train_speedrun.cooldown_steps(1490) == 600
+    cooldown = get_recipe("speedrun").cooldown_steps(16)
+    assert cooldown == 6 and get_recipe("speedrun").cooldown_steps(1490) == 600
     for s in steps:
         i = s["step"] - 1
         scale = 1.0 if i < 16 - cooldown else (16 - i) / cooldown
@@ -131,13 +133,14 @@ def test_flags_that_do_not_fit_are_one_error_line(tmp_path, capsys, args, needle
 
 
 def test_recipe_defaults_by_preset():
-    assert train_speedrun.recipe_defaults("speedrun", "rtx4070") == {
+    assert get_recipe("speedrun").defaults(on_gpu=True) == {
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
-        "beta1": 0.8, "beta2": 0.95, "max_steps": 1490, "val_every": 125, "seq_len": 4096, "micro_batch": 1}
+        "beta1": 0.8, "beta2": 0.95, "max_steps": 1490, "val_every": 125}
+    assert preset_micro_batch("rtx4070", "torch", "", get_recipe("speedrun")) == 1  # one packed sequence
     cfg, _ = train_speedrun.resolve_config([*PACKED, "--out-dir", "x"])
     assert (cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.total_batch_tokens) == (256, 1, 4, 1024)
     # the packed length follows the LM head that runs, as the micro-batch does (bench/memory.py --max, eager)
-    seq = train_speedrun.preset_seq_len
+    seq = preset_seq_len
     assert (seq("rtx4070", "torch"), seq("rtx4070", "triton"), seq("rtx4070", "triton", "linear_cross_entropy")) \
         == (4096, 8192, 4096)
     assert (seq("h100", "triton"), 524288 // seq("h100", "triton")) == (65536, 8)  # the record's 8 GPUs x 64K
@@ -242,10 +245,11 @@ def test_20_steps_triton_follows_torch_with_the_records_optimizers():
                 if getattr(module, "zero_init", False):
                     module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight.shape[1]))
             model.lm_head.weight[config.vocab_size:].zero_()
-        opt = training.SpeedrunOptimizer(model, model.ops, run)
+        recipe = get_recipe("speedrun")
+        opt, schedule = recipe.build_optimizer(model, model.ops, run), recipe.schedule(run, model)
         losses = []
         for step in range(20):
-            opt.schedule(step)
+            schedule.apply(opt, step)
             loss = model(data[:, :-1], data[:, 1:], cu, 7)
             loss.backward()
             opt.step()

@@ -13,6 +13,9 @@ import torch
 
 from tritonrun import train as train_speedrun
 from tritonrun import training
+from tritonrun.presets import mfu_peak_info
+from tritonrun.recipes.gpt2 import lr_at
+from tritonrun.runs import human_count
 from tritonrun.data.shards import write_shard
 from tritonrun.gpt2.checkpoint import save_checkpoint
 from tritonrun.gpt2.ops import GPT2_OPS
@@ -235,7 +238,7 @@ def test_mfu_says_which_peak_it_is_of(monkeypatch, tmp_path, device_name, flags,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
     cfg, _ = train_speedrun.resolve_config(["--gpu", "rtx4070", "--out-dir", str(tmp_path), *flags])
-    info = train_speedrun.mfu_peak_info(cfg, device_name)
+    info = mfu_peak_info(cfg, device_name)
     assert info["text"] == text and info["peak_tflops"] == cfg.peak_tflops and info["device"] == device_name
     assert info["source"] == ("--peak-tflops" if flags else "preset")
     if device_name == "NVIDIA H200":
@@ -362,7 +365,7 @@ def test_memory_cap_is_set_and_lifted_per_trainer():
 def test_lr_schedule_is_llmc():
     cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--lr", "6e-4", "--warmup-steps", "10",
                                            "--max-steps", "110", "--out-dir", "unused"])
-    lr = lambda s: training.lr_at(cfg, s)  # noqa: E731
+    lr = lambda s: lr_at(cfg, s)  # noqa: E731
     assert lr(0) == pytest.approx(6e-5) and lr(9) == pytest.approx(6e-4)
     assert lr(10) == pytest.approx(6e-4) and lr(60) == pytest.approx(3e-4)
     assert lr(110) == pytest.approx(0.0, abs=1e-12)
@@ -521,4 +524,4 @@ def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("n,text", [(0, "0"), (999, "999"), (1000, "1K"), (51_200, "51.2K"), (99_960, "100K"),
                                     (999_999, "1M"), (9_013_559_296, "9.01B"), (123_456_789_012, "123B")])
 def test_leaderboard_token_counts_keep_their_scale(n, text):
-    assert training.human_count(n) == text
+    assert human_count(n) == text

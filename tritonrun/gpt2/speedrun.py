@@ -270,11 +270,6 @@ SPEEDRUN_DENSE_MODELS: dict[str, SpeedrunConfig] = {
 }
 
 
-def speedrun_models(recipe: str) -> dict[str, SpeedrunConfig]:
-    """--model's names under a speedrun recipe."""
-    return SPEEDRUN_DENSE_MODELS if recipe == "speedrun-dense" else SPEEDRUN_MODELS
-
-
 # ---------------------------------------------------------------------------------------------- schedules
 
 

@@ -1,0 +1,126 @@
+"""What a recipe is: everything the trainer, the CLI, the benches and the checkpoints ask of one.
+
+A recipe is one module in tritonrun/recipes/ holding one `Recipe` subclass. It declares (as class attributes) and
+builds (as methods); nothing outside tritonrun/recipes/ tests which recipe it has. The questions, in the order a
+run asks them:
+
+  name, replicates        the --recipe name, and the record or recipe it follows (logs, README)
+  sizes()                 --model's names and their model configs
+  defaults(on_gpu)        the fields it sets over a hardware preset (a GPU run takes the record's length too)
+  refused                 flags with no meaning under it, each with the reason
+  validate(cfg)           what it requires of a resolved config (ValueError: one line, the fix)
+  packed                  the data layout: one packed sequence of seq_len tokens per micro-batch (documents in
+                          cu_seqlens, a sliding window per step) or dense (micro_batch, seq_len) batches
+  model_for(config, ops)  its model class built from a config (the memory estimate builds it alike)
+  build_model(cfg, ops)   the model, from scratch or --init-from (init_sources: the schemes it trains from)
+  build_optimizer(...)    the optimizer(s), one object with step / zero_grad / state_dict / param_groups
+  schedule(cfg, model)    a Schedule: per step, the lr (and momentum, window, ...) it sets on the optimizer
+  flops_per_token(...)    the MFU basis of a run of it
+  op_names                the ops-seam entries its model calls (the ops table of the log)
+  model_kind, hf_export   the "model_kind" its checkpoints carry, and whether HF export takes them
+  lr_is_multiplier        --lr: an absolute peak, or a multiplier on every group's base lr
+  softcapped_head         its torch LM head softcaps fp32 logits (more memory per micro-batch: presets)
+  warmup_fraction         its lr warmup as a fraction of the run; tokens_to_target (+ source): the published
+                          tokens to val <= 3.28 (bench/train.py's projection)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Schedule:
+    """What the loop asks each step: set the optimizer's lr (and whatever else the recipe schedules) for 0-based
+    `step` and say what was set ({"lr": ..., ...}: logged and recorded with the step), and the attention window
+    of the step (None: no window)."""
+
+    def apply(self, optimizer, step: int) -> dict:
+        raise NotImplementedError
+
+    def window(self, step: int) -> int | None:
+        return None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # the --recipe name
+    replicates: str  # what it follows, in words
+    model_kind: str  # checkpoints' "model_kind"
+    packed: bool = False
+    lr_is_multiplier: bool = False
+    hf_export: bool = False
+    init_sources: tuple[str, ...] = ("ckpt",)  # --init-from schemes whose weights it trains
+    ddp_broadcast_buffers: bool = True  # DDP re-broadcasts the model's buffers each forward
+    op_names: tuple[str, ...] = ()
+    # its torch LM head applies a softcap (fp32 logits through tanh): a dense micro-batch of it takes more memory
+    softcapped_head: bool = False
+    warmup_fraction: float = 0.0  # its lr warmup as a fraction of the run (runs of another length scale it)
+    tokens_to_target: float | None = None  # training tokens to the first FineWeb val <= 3.28, as published
+    tokens_source: str = ""  # where tokens_to_target comes from
+
+    # ------------------------------------------------------------------------------ configuration
+    @property
+    def refused(self) -> dict[str, str]:
+        """{config field: why it does not apply}: given as flags, refused with the reason."""
+        return {}
+
+    def sizes(self) -> dict:
+        raise NotImplementedError
+
+    def defaults(self, on_gpu: bool) -> dict:
+        """Fields this recipe sets over a hardware preset's."""
+        return {}
+
+    def validate(self, cfg) -> None:
+        """Raise ValueError (one line with the fix) for a config this recipe cannot train."""
+
+    def init_model_size(self, spec: str, asked: str | None) -> str:
+        """The --model name of the weights --init-from `spec` holds; ValueError (one line) when they are none of
+        sizes(), or not `asked`."""
+        raise NotImplementedError
+
+    def _size_named(self, spec: str, asked: str | None, have: dict, keys: tuple[str, ...], what: str,
+                    kind: str = "", hint: str = "", shape_in_refusal: bool = False) -> str:
+        """init_model_size's matching: the first of sizes() whose `keys` equal `have`'s. Left out, --model is the
+        weights' (not the preset's default), so config, record and leaderboard say it; a --model that differs is
+        refused: training the weights' model under the flag's name would mislabel the run, and building the flag's
+        model would drop the weights asked for."""
+        sizes = self.sizes()
+        names = [n for n, c in sizes.items() if all(getattr(c, k) == have.get(k) for k in keys)]
+        if not names:
+            raise ValueError(f"--init-from {spec}: its {kind}model ({what}) is none of --model's {kind}sizes "
+                             f"({', '.join(sizes)}){hint}")
+        if asked is not None and asked != names[0]:
+            shown = f" ({what})" if shape_in_refusal else ""
+            raise ValueError(f"--init-from {spec} holds {kind}model {names[0]}{shown}, not --model {asked}: drop "
+                             f"--model (the weights decide it) or pass --model {names[0]}")
+        return names[0]
+
+    # ------------------------------------------------------------------------------ the run
+    def model_for(self, config, ops=None):
+        """A freshly initialized model of one of sizes()' configs (or a checkpoint's)."""
+        raise NotImplementedError
+
+    def build_model(self, cfg, ops):
+        """The run's model: model_for(sizes()[cfg.model]), or the weights of --init-from."""
+        raise NotImplementedError
+
+    def build_optimizer(self, model, ops, cfg):
+        raise NotImplementedError
+
+    def schedule(self, cfg, model) -> Schedule:
+        raise NotImplementedError
+
+    def flops_per_token(self, model, cfg) -> int:
+        return model.flops_per_token(cfg.seq_len)
+
+    def describe_optimizer(self, optimizer, world_size: int) -> str | None:
+        """An extra line for the log's ops table, for what runs outside the ops seam (None: nothing)."""
+        return None
+
+    def loaders(self, cfg, train_files, val_file, device, rank: int, world_size: int):
+        """(train loader, val loader): dense (micro_batch, seq_len) batches; packed recipes override."""
+        from tritonrun.data.loader import ShardLoader
+
+        B, T = cfg.micro_batch, cfg.seq_len
+        return (ShardLoader(train_files, B, T, device, rank=rank, world_size=world_size),
+                ShardLoader([val_file], B, T, device, rank=rank, world_size=world_size))
