@@ -1,5 +1,6 @@
-"""bench/memory.py: the tracker against the CPU allocator, the kernels' fakes against their real launches, the
-category split, the --max search, flag errors and the JSON record."""
+"""tritonrun/memory.py (the estimator) and bench/memory.py (its CLI): the tracker against the CPU allocator, the
+kernels' fakes against their real launches, the category split, the --max search, flag errors and the JSON
+record."""
 import dataclasses
 import json
 import math
@@ -12,13 +13,14 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from tritonrun import memory as est  # the estimator
 from tritonrun.gpt2 import GPT
 from tritonrun.gpt2.config import GPTConfig
 from tritonrun.gpt2.ops import get_ops
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-memory = load_script("bench/memory.py", "bench_memory")
+memory = load_script("bench/memory.py", "bench_memory")  # the CLI
 
 # A small vocabulary keeps the Triton interpreter fast; two layers, head dim 32 (the kernels' smallest).
 SMALL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64, vocab_size=1000, padded_vocab_size=1024)
@@ -46,33 +48,33 @@ def _inside(event, prefix: str) -> str | None:
 
 
 def _gpt2_parts():
-    return GPT, memory.build_optimizer, SMALL, 1.0
+    return GPT, est.build_optimizer, SMALL, 1.0
 
 
 def _speedrun_parts():
     """The speedrun-dense recipe's step on the tiny SpeedrunGPT (2 blocks, d 64, the padded 50304 vocabulary)."""
-    build_model, build_opt, config, clip = memory.recipe_parts("speedrun-dense", "tiny")
+    build_model, build_opt, config, clip = est.recipe_parts("speedrun-dense", "tiny")
     return build_model, build_opt, config, clip
 
 
-def _real_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) -> tuple[int, memory.Ledger]:
+def _real_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) -> tuple[int, est.Ledger]:
     """(allocator's peak of bytes allocated during the measured step, the dispatch-mode ledger of the same step)."""
     torch.manual_seed(0)
     build_model, build_opt, config, clip = parts()
     ops = get_ops(backend, "cpu")
     model = build_model(config, ops)
     opt = build_opt(model, ops)
-    batches = memory.make_batches(2, B, T, config.vocab_size, "cpu")
-    memory.training_step(model, opt, batches[:1], memory.Ledger(), AUTOCAST, clip)  # optimizer state exists
-    ledger = memory.Ledger()
+    batches = est.make_batches(2, B, T, config.vocab_size, "cpu")
+    est.training_step(model, opt, batches[:1], est.Ledger(), AUTOCAST, clip)  # optimizer state exists
+    ledger = est.Ledger()
     ledger.mark("parameters", list(model.parameters()) + list(model.buffers()))  # speedrun: the RoPE tables
-    ledger.mark("optimizer_state", memory.optimizer_tensors(opt))
+    ledger.mark("optimizer_state", est.optimizer_tensors(opt))
     ledger.mark("activations", [t for b in batches for t in b])
     base = ledger.live_bytes
     ledger.reset_peak()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with memory.TrackingMode(ledger):
-            memory.training_step(model, opt, batches, ledger, AUTOCAST, clip)
+        with est.TrackingMode(ledger):
+            est.training_step(model, opt, batches, ledger, AUTOCAST, clip)
     events = _allocations(prof)
     # total_allocated counts what was allocated while profiling and is still live: the step's own allocations
     allocator_peak = max(e.typed[1].total_allocated for e in events)
@@ -81,17 +83,17 @@ def _real_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) ->
 
 
 def _fake_step_peak(backend: str, B: int = 3, T: int = 64, parts=_gpt2_parts) -> int:
-    ledger = memory.Ledger()
+    ledger = est.Ledger()
     build_model, build_opt, config, clip = parts()
     ops = get_ops(backend, "cpu")
-    with memory.TrackingFakeMode(ledger):
+    with est.TrackingFakeMode(ledger):
         model = build_model(config, ops)
         opt = build_opt(model, ops)
-        batches = memory.make_batches(2, B, T, config.vocab_size, "cpu")
-        memory.training_step(model, opt, batches[:1], ledger, AUTOCAST, clip)
+        batches = est.make_batches(2, B, T, config.vocab_size, "cpu")
+        est.training_step(model, opt, batches[:1], ledger, AUTOCAST, clip)
         base = ledger.live_bytes
         ledger.reset_peak()
-        memory.training_step(model, opt, batches, ledger, AUTOCAST, clip)
+        est.training_step(model, opt, batches, ledger, AUTOCAST, clip)
     return ledger.peak_bytes - base
 
 
@@ -119,18 +121,18 @@ def test_tracker_matches_the_cpu_allocator_on_the_speedrun_step(one_torch_thread
 
     torch.manual_seed(0)
     model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"], get_ops("torch", "cpu"))
-    opt = memory.build_speedrun_optimizer(model, model.ops)
+    opt = est.build_speedrun_optimizer(model, model.ops)
     matrices = [p for g in opt.muon.param_groups for p in g["params"]]
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.muon.step()  # momentum buffers exist
-    ledger = memory.Ledger()
+    ledger = est.Ledger()
     ledger.mark("parameters", list(model.parameters()) + [p.grad for p in model.parameters()])
-    state = memory.optimizer_tensors(opt)
+    state = est.optimizer_tensors(opt)
     ledger.mark("optimizer_state", state)
     base = ledger.live_bytes
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with memory.TrackingMode(ledger):
+        with est.TrackingMode(ledger):
             opt.muon.step()
     events = _allocations(prof)
     # CPU BLAS and reductions allocate some scratch without a tensor (~6% here, on 64-wide matrices), which the
@@ -156,8 +158,8 @@ def _real_op_allocations(fn, prefix: str, min_bytes: int) -> list[int]:
 
 
 def _fake_op_allocations(make_inputs, fn, min_bytes: int, inside: str) -> list[int]:
-    ledger = memory.Ledger()
-    with memory.TrackingFakeMode(ledger):
+    ledger = est.Ledger()
+    with est.TrackingFakeMode(ledger):
         inputs = make_inputs()
         ledger.trace = []
         fn(*inputs)
@@ -305,8 +307,8 @@ def test_fused_adamw_under_fake_tensors_allocates_what_it_does_for_real(one_torc
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run(params)
     real = sorted(e.typed[1].alloc_size for e in _allocations(prof) if e.typed[1].alloc_size > 0)
-    ledger = memory.Ledger()
-    with memory.TrackingFakeMode(ledger):
+    ledger = est.Ledger()
+    with est.TrackingFakeMode(ledger):
         params = make_params()
         ledger.trace = []
         run(params)
@@ -334,8 +336,8 @@ def test_split_sums_to_the_peak_and_the_record_fields(tmp_path, capsys):
         ("triton", 4), ("triton", 2), ("torch", 4), ("torch", 2)]
     for e in record["estimates"]:
         assert sum(e["split_bytes"].values()) == e["peak_bytes"]
-        assert set(e["split_bytes"]) == set(memory.CATEGORIES)
-        assert e["peak_reserved_estimate_bytes"] >= e["peak_bytes"] * (1 + memory.FRAGMENTATION)
+        assert set(e["split_bytes"]) == set(est.CATEGORIES)
+        assert e["peak_reserved_estimate_bytes"] >= e["peak_bytes"] * (1 + est.FRAGMENTATION)
         assert e["fits"] == (e["peak_reserved_estimate_bytes"] <= e["budget_bytes"])
         s = e["split_bytes"]
         assert s["grads"] == s["parameters"] and s["optimizer_state"] >= 2 * s["parameters"]  # fp32 AdamW
@@ -369,19 +371,19 @@ def test_speedrun_record_names_the_recipe_and_splits_adam_and_muon(tmp_path, cap
     groups = SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).optimizer_groups()
     adam = sum(p.numel() for g in groups["adam"] for p in g["params"])
     muon = sum(p.numel() for g in groups["muon"] for p in g["params"])
-    block = memory.CUDA_BLOCK
+    block = est.CUDA_BLOCK
     rope = sum(-(-b.nbytes // block) * block for b in SpeedrunGPT(SPEEDRUN_MODELS["tiny"]).buffers())
     for e in record["estimates"]:
         s = e["split_bytes"]
         assert sum(s.values()) == e["peak_bytes"] and s["grads"] == s["parameters"] - rope  # + the RoPE tables
         assert 4 * (2 * adam + muon) <= s["optimizer_state"] <= 4 * (2 * adam + muon) + 64 * block + 2**16
     assert "recipe speedrun-dense" in capsys.readouterr().out
-    setup = memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun-dense")
+    setup = est.Setup("rtx4070", "d12", 1024, 524288, 12, est.GPUS["rtx4070"], recipe="speedrun-dense")
     day = __import__("datetime").date(2026, 12, 3)
     assert memory.record_path(setup, day).name == "memory-speedrun-dense-rtx4070-20261203.json"
-    packed = memory.Setup("rtx4070", "d12", 16384, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
+    packed = est.Setup("rtx4070", "d12", 16384, 524288, 12, est.GPUS["rtx4070"], recipe="speedrun")
     assert memory.record_path(packed, day).name == "memory-speedrun-packed-rtx4070-20261203.json"
-    assert memory.record_path(memory.Setup("rtx4070", "d12", 1024, 524288, 12, memory.GPUS["rtx4070"]),
+    assert memory.record_path(est.Setup("rtx4070", "d12", 1024, 524288, 12, est.GPUS["rtx4070"]),
                               day).name == "memory-rtx4070-20261203.json"
 
 
@@ -408,16 +410,16 @@ def test_packed_speedrun_estimates_one_sequence_and_searches_the_seq_len(tmp_pat
     """--recipe speedrun: one packed sequence per micro-batch (B = 1), its length searched by --max. The windowed
     attention saves O(T) (no T x T mask or scores, also for --backend torch, estimated as FlexAttention's saved
     tensors): activations grow linearly with T, and --max finds the largest power-of-two T within the budget."""
-    setup = memory.Setup("rtx4070", "tiny", 256, 524288, 12, memory.GPUS["rtx4070"], recipe="speedrun")
-    est = {(b, t): memory.estimate(dataclasses.replace(setup, seq_len=t), b, 1)
+    setup = est.Setup("rtx4070", "tiny", 256, 524288, 12, est.GPUS["rtx4070"], recipe="speedrun")
+    got = {(b, t): est.estimate(dataclasses.replace(setup, seq_len=t), b, 1)
            for b in ("triton", "torch") for t in (256, 512)}
     for b in ("triton", "torch"):
-        a256, a512 = (est[b, t]["split_bytes"]["activations"] for t in (256, 512))
+        a256, a512 = (got[b, t]["split_bytes"]["activations"] for t in (256, 512))
         assert 1.8 * a256 <= a512 <= 2.2 * a256, (b, a256, a512)  # linear in T: no T^2 term
-    assert est["torch", 256]["ops"]["window_attention"].startswith("torch (FlexAttention")
+    assert got["torch", 256]["ops"]["window_attention"].startswith("torch (FlexAttention")
     # the torch LM head keeps T x V fp32 logits that the fused one does not
-    assert est["torch", 512]["peak_bytes"] - est["triton", 512]["peak_bytes"] >= 512 * 50257 * 4
-    budget = (est["triton", 256]["peak_reserved_estimate_bytes"] + est["triton", 512]["peak_reserved_estimate_bytes"])
+    assert got["torch", 512]["peak_bytes"] - got["triton", 512]["peak_bytes"] >= 512 * 50257 * 4
+    budget = (got["triton", 256]["peak_reserved_estimate_bytes"] + got["triton", 512]["peak_reserved_estimate_bytes"])
     path = tmp_path / "packed.json"
     assert memory.main(["--gpu", "rtx4070", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "256", "--backend",
                         "triton", "--max", "--budget-gib", str(budget / 2 / 2**30), "--json", str(path)]) == 0
@@ -431,10 +433,10 @@ def test_packed_speedrun_estimates_one_sequence_and_searches_the_seq_len(tmp_pat
 
 def test_max_search_is_monotone_and_respects_the_budget(tmp_path):
     calls = []
-    best, tried = memory.search_max(lambda b: calls.append(b) or b <= 24, [1, 2, 4, 8, 16, 32, 64])
+    best, tried = est.search_max(lambda b: calls.append(b) or b <= 24, [1, 2, 4, 8, 16, 32, 64])
     assert best == 16 and dict(tried)[32] is False and len(calls) == len(set(calls))
-    assert memory.search_max(lambda b: False, [1, 2, 4])[0] is None
-    assert memory.search_max(lambda b: True, [1, 2, 4])[0] == 4
+    assert est.search_max(lambda b: False, [1, 2, 4])[0] is None
+    assert est.search_max(lambda b: True, [1, 2, 4])[0] == 4
 
     path = tmp_path / "max.json"
     assert memory.main(["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "128", "--backend",
@@ -559,8 +561,9 @@ def test_preset_micro_batch_follows_the_backend(monkeypatch):
     assert preset_micro_batch("rtx4070", "triton", "attention", RECIPES["gpt2"]) == p.triton_micro_batch
     assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy", RECIPES["gpt2"]) == p.micro_batch
     assert preset_micro_batch("rtx4070", "torch", "", RECIPES["gpt2"]) == p.micro_batch
-    assert preset_micro_batch("cpu", "triton", "", RECIPES["gpt2"]) == PRESETS["cpu"].micro_batch
-    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["speedrun-dense"]) == p.speedrun_micro_batch < p.micro_batch
+    assert preset_micro_batch("cpu", "triton", "", RECIPES["gpt2"]) == PRESETS["cpu"].micro_batch  # no fused size
+    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["speedrun-dense"]) \
+        == p.speedrun_micro_batch < p.micro_batch
     assert preset_micro_batch("rtx4070", "triton", "", RECIPES["speedrun-dense"]) == p.triton_micro_batch
     assert resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0].micro_batch \
         == p.speedrun_micro_batch  # the speedrun-dense torch LM head (the preset's default backend)
@@ -624,20 +627,20 @@ def test_fakes_size_scratch_for_the_planned_gpu():
     from tritonrun.kernels.target import planning_for
     from tritonrun.presets import PRESETS
 
-    assert {n for n, p in PRESETS.items() if p.device == "cuda"} == set(memory.GPUS)
+    assert {n for n, p in PRESETS.items() if p.device == "cuda"} == set(est.GPUS)
     N, C, Vp = 16 * 1024, 768, 50304
     for gpu in ("rtx4070", "h100"):
-        ledger = memory.Ledger()
-        with planning_for(memory.GPUS[gpu]), memory.TrackingFakeMode(ledger):
+        ledger = est.Ledger()
+        with planning_for(est.GPUS[gpu]), est.TrackingFakeMode(ledger):
             h = torch.empty(N, C, dtype=torch.bfloat16, requires_grad=True)
             w = torch.empty(Vp, C, dtype=torch.bfloat16, requires_grad=True)
             t = torch.empty(N, dtype=torch.long)
             ledger.trace = []
             linear_cross_entropy(h, w, t, -1, 50257).backward()
-        sms = memory.GPUS[gpu].sm_count
+        sms = est.GPUS[gpu].sm_count
         # one program per SM, at most one per tile: 256 row blocks (dh, one vocab split), 786 vocab blocks (dW)
         dh_scratch, dw_scratch = min(256, sms) * 64 * C * 4, min(786, sms) * 64 * C * 4
-        plan = backward_workspace(N, C, 50257, Vp, sms, arch=memory.GPUS[gpu].arch)
+        plan = backward_workspace(N, C, 50257, Vp, sms, arch=est.GPUS[gpu].arch)
         assert [4 * math.prod(s) for s in plan["dh"] + plan["dw"]] == [dh_scratch, dw_scratch], gpu
         inside = [n for n, _, where in ledger.trace if where.startswith("tritonrun.linear_cross_entropy_backward")]
         assert inside == [N, N * C * 2, dh_scratch, Vp * C * 2, dw_scratch], gpu  # mask, dh, scratch, dW, scratch

@@ -146,7 +146,8 @@ def test_pip_install_target_is_a_library_usable_from_anywhere(tmp_path):
     assert installed == in_repo
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import torch, tritonrun.kernels.attention as a, tritonrun.gpt2, tritonrun.data.loader, tritonrun.training\n"
+    code = ("import torch, tritonrun.kernels.attention as a, tritonrun.gpt2, tritonrun.data.loader\n"
+            "import tritonrun.training, tritonrun.recipes, tritonrun.memory\n"
             "print(a.__file__)\n"
             "torch.manual_seed(0)\n"
             "q, k, v = (torch.randn(1, 2, 19, 32, requires_grad=True) for _ in range(3))\n"
@@ -190,8 +191,8 @@ def test_a_checkpoint_written_before_the_move_resumes_the_same_run(recipe, tmp_p
     got = [(s["loss"], s["grad_norm"]) for s in result["steps"][2:]] + [result["val"][-1]["loss"]]
     want = [(s["loss"], s["grad_norm"]) for s in expected["steps"][2:]] + [expected["val"][-1]["loss"]]
     assert [v["step"] for v in result["val"]] == [v["step"] for v in expected["val"]] == [2, 4]
-    assert_same_numbers([x for pair in got[:2] for x in pair] + got[2:], [x for pair in want[:2] for x in pair] + want[2:],
-                        expected)
+    flat = lambda pairs: [x for pair in pairs[:2] for x in pair] + pairs[2:]  # noqa: E731
+    assert_same_numbers(flat(got), flat(want), expected)
     assert dataclasses.asdict(read_model_config(Path("run/ckpt_00000004.pt"))) == dataclasses.asdict(
         read_model_config(PREMOVE / recipe / "ckpt_00000002.pt"))
     assert os.path.exists("run/ckpt_00000004.pt")

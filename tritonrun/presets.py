@@ -182,7 +182,8 @@ def preset_seq_len(preset: str, backend: str, torch_ops: str = "") -> int:
     """The preset's packed sequence length for a packed recipe: triton_speedrun_seq_len when the fused LM head runs
     (fused_head), else speedrun_seq_len (bench/memory.py's estimate, as preset_micro_batch)."""
     p = PRESETS[preset]
-    return p.triton_speedrun_seq_len if fused_head(backend, torch_ops) and p.triton_speedrun_seq_len else p.speedrun_seq_len
+    fused = fused_head(backend, torch_ops) and p.triton_speedrun_seq_len
+    return p.triton_speedrun_seq_len if fused else p.speedrun_seq_len
 
 
 def preset_micro_batch(preset: str, backend: str, torch_ops: str, recipe) -> int:

@@ -432,7 +432,7 @@ def plan_text(cfg: Config, resume_path: Path | None) -> str:
         else None
     if est is not None:
         size = "" if est["reserved_gib"] is None else f"{est['reserved_gib']:.2f} GiB reserved, "
-        same = "" if (backend, "") == (cfg.backend, cfg.torch_ops) else f", whose LM head this run has"
+        same = "" if (backend, "") == (cfg.backend, cfg.torch_ops) else ", whose LM head this run has"
         lines.append(f"memory: {size}{'fits' if est['fits'] else 'DOES NOT FIT'} the {est['budget_gib']} GiB budget "
                      f"(eager estimate of --backend {backend}{same}: bench/results/{est['record']})")
     elif cfg.memory_gib:

@@ -153,7 +153,8 @@ class SpeedrunRecipe(Recipe):
     def build_model(self, cfg, ops):
         """SpeedrunGPT of sizes()[cfg.model], or the model of --init-from ckpt:PATH (a checkpoint of this recipe;
         its weights loaded)."""
-        from tritonrun.gpt2.checkpoint import CheckpointError, checkpoint_model_kind, load_checkpoint, resolve_checkpoint
+        from tritonrun.gpt2.checkpoint import (CheckpointError, checkpoint_model_kind, load_checkpoint,
+                                               resolve_checkpoint)
         from tritonrun.errors import InitError
         from tritonrun.gpt2.speedrun import SpeedrunConfig
 

@@ -1,0 +1,464 @@
+"""Peak memory of one whole training step, estimated without a GPU (the CLI: python bench/memory.py).
+
+What runs. The real GPT-2 (tritonrun/gpt2/model.py) with the preset's model, T and the backend's ops
+(tritonrun/gpt2/ops.py), and the real optimizer (the backend's AdamW, as training.Trainer builds it) under torch's
+FakeTensorMode: every tensor has a shape, dtype and storage but no data, so nothing is computed and a d12 step at any
+micro-batch takes seconds. One warm-up step (with one micro-batch) creates the optimizer state, then the measured step
+runs what Trainer.train_step runs: min(2, grad accumulation) micro-batches of forward under bf16 autocast and backward
+(the second one adds into existing grads, as every micro-batch after the first does), the global grad-norm clip
+(the fused one of FusedAdamW, or torch's foreach clip), the optimizer step and zero_grad. The Triton ops' fake
+implementations (register_fake in kernels/*.py; FusedAdamW allocates its buffers and skips the launch) allocate
+what their real launches allocate, scratch included, sized for the preset's GPU (SM count, arch config table:
+tritonrun/kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's
+activations differ (often lower); the record says "mode": "eager".
+
+Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun-dense
+(the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): tritonrun/gpt2/speedrun.py's SpeedrunGPT
+(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it (tritonrun/training.py's
+SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the Triton FusedAdamW, weight_decay 0) over
+optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head, scalars) and kernels/muon.Muon over the
+blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len tokens (default the preset's
+speedrun_seq_len) with its document bounds and the schedule's last (largest) window, 1,792; --max searches the
+largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a micro-batch. Its attention is
+ops.window_attention: under --backend triton tritonrun/kernels/window_attention.py's fake (saves q, k, v, the output and
+an fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
+same tensors, so the estimate uses the kernel's fake there too (the eager CPU path, a dense T x T mask, is not what
+a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json (speedrun), memory-speedrun-dense-... (speedrun-
+dense): names no record of the other model ever had. The step has
+no grad clip (the record clips nothing): Adam's step, then Muon's: its fp32 momentum buffers (one per matrix,
+optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ,
+B and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
+temporaries scale with the largest shape group (d12: 48 of 768 x 768, 24 of 768 x 3072), not with one matrix.
+
+Fake device. The step runs on fake *CPU* tensors under CPU bf16 autocast, not on a fake CUDA device: in a CPU-only
+torch build, autograd on fake CUDA tensors aborts the process (no CUDA device guard; "PyTorch is not linked with
+support for cuda devices"). For this model CPU and CUDA autocast make the same casts (matmuls, linear and SDPA in
+bf16; the fp32 residual stream keeps layer norms in fp32; the torch LM head upcasts its logits itself):
+tests/test_memory.py checks op for op on a fake CUDA forward, which works. The torch attention runs SDPA's CPU
+flash kernel under fake tensors, which saves what CUDA's flash kernel saves (output and an fp32 logsumexp).
+
+Tracker. A small dispatch-level ledger: every op's output storage is registered once (views share it), counted
+while its Python storage object lives (rounded up to 512 B, the CUDA caching allocator's block size), and the
+peak of the live sum is kept with the list of storages live at it. At the end each of those is put in one
+category: parameters, grads (the .grad tensors after a backward), optimizer state (tensors the optimizer holds
+after its step), activations (allocated in a forward and still alive when its backward starts: saved tensors,
+autocast's bf16 weight copies, the batch), temporaries (the rest). Under FakeTensorMode the ledger is fed from
+the fake mode itself, so it also sees what the fake implementations allocate inside an op; on real tensors it is
+fed by a TorchDispatchMode (tests/test_memory.py checks it against the CPU allocator's own events on a tiny model).
+Not seen: memory a library kernel allocates internally without a tensor (cuBLAS workspace, FlashAttention-2's
+fp32 dq accumulator, B*T*C*4 bytes for one backward call), autotune benchmarking buffers (tuned before the peak).
+
+Fit. peak_reserved_estimate_bytes = peak_bytes x (1 + FRAGMENTATION) for what the caching allocator reserves
+beyond live tensors (block rounding, segments split by earlier sizes); the CUDA context (CONTEXT_ALLOWANCE, CUDA
+runtime, cuBLAS handles, loaded kernels) lives outside the allocator. A micro-batch fits when the reserved
+estimate is within budget_bytes = the preset's memory minus 1 GiB (12 GB card: 11 GiB), which leaves the context
+allowance and 0.5 GiB for the display and the card's own reservations (a "12 GB" RTX 4070 reports 11.99 GiB).
+Both allowances are assumptions until the budgeted GPU check (.ci/gpu) prints this estimate against a measured
+peak. search_max (bench/memory.py --max): the largest micro-batch dividing total_batch_tokens / T whose estimate
+fits (the estimate grows with the micro-batch; the search checks that it does).
+"""
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from tritonrun.kernels.target import Target, planning_for  # (imports no triton)
+from tritonrun.recipes import get_recipe
+
+GIB = 2**30
+CATEGORIES = ("parameters", "grads", "optimizer_state", "activations", "temporaries")
+CUDA_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to a multiple of this
+CONTEXT_ALLOWANCE = GIB // 2  # CUDA context + cuBLAS/Triton modules, outside the allocator (0.3-0.5 GiB measured
+#                               on consumer cards by others; the upper end)
+FRAGMENTATION = 0.10  # reserved over allocated at the peak: the caching allocator's rounding and split segments
+BUDGET_MARGIN = GIB  # budget = preset memory - this: the context allowance plus 0.5 GiB of headroom
+
+# The GPU behind each preset, as the kernels' fakes need it: config-table key and SM count (REFERENCE.md, NVIDIA
+# datasheets). sm_86 (RTX 3090) uses the sm_89 tables, as the kernels' arch_key does.
+GPUS: dict[str, Target] = {
+    "rtx4070": Target("rtx4070", "sm_89", 46),
+    "rtx4070ti": Target("rtx4070ti", "sm_89", 60),
+    "rtx4090": Target("rtx4090", "sm_89", 128),
+    "rtx3090": Target("rtx3090", "sm_89", 82),
+    "a100": Target("a100", "sm_80", 108),
+    "h100": Target("h100", "sm_90", 132),
+    "h200": Target("h200", "sm_90", 132),
+}
+
+
+# ------------------------------------------------------------------------------------------ tracker
+@dataclass(eq=False)
+class _Entry:
+    serial: int
+    nbytes: int
+    phase: str  # "setup", "forward", "backward", "optimizer", "batch"
+    ref: object = None  # weakref to the storage (keeps the callback alive)
+
+
+@dataclass
+class Ledger:
+    """Live tensor storage bytes over time, its peak and what was live at the peak (see the module docstring)."""
+
+    granularity: int = 1  # round each storage up to a multiple of this (CUDA_BLOCK for a CUDA estimate)
+    phase: str = "setup"
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    peak_phase: str = "setup"
+    peak_op: str = ""
+    allocations: int = 0
+    _entries: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    _live: dict = field(default_factory=dict)  # serial -> _Entry
+    _peak_live: list = field(default_factory=list)
+    _serial: int = 0
+    roles: dict = field(default_factory=lambda: {c: set() for c in CATEGORIES})  # category -> serials
+    inside: str = ""  # the custom op (tritonrun::...) whose fake implementation is running, if any
+    trace: list | None = None  # when a list: (bytes, op, inside) of every new storage, in order
+
+    def _free(self, serial: int) -> None:
+        entry = self._live.pop(serial, None)
+        if entry is not None:
+            self.live_bytes -= entry.nbytes
+
+    def see(self, tensors, op: str = "") -> None:
+        """Register the storages of `tensors` not seen yet; update the peak."""
+        grew = False
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage in self._entries:
+                continue
+            n = -(-storage.nbytes() // self.granularity) * self.granularity
+            self._serial += 1
+            entry = _Entry(self._serial, n, self.phase)
+            serial, free = entry.serial, self._free
+            entry.ref = weakref.ref(storage, lambda _, s=serial, f=free: f(s))
+            self._entries[storage] = entry
+            self._live[serial] = entry
+            self.live_bytes += n
+            self.allocations += 1
+            if self.trace is not None:
+                self.trace.append((n, op, self.inside))
+            grew = True
+        if grew and self.live_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_phase, self.peak_op = self.live_bytes, self.phase, op
+            self._peak_live = list(self._live.values())
+
+    def reset_peak(self) -> None:
+        self.peak_bytes, self.peak_phase, self.peak_op = self.live_bytes, self.phase, "reset"
+        self._peak_live = list(self._live.values())
+
+    def serial_of(self, t: torch.Tensor) -> int | None:
+        entry = self._entries.get(t.untyped_storage())
+        return entry.serial if entry is not None else None
+
+    def mark(self, category: str, tensors) -> None:
+        """These tensors' storages belong to `category` (registered first if not seen yet)."""
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.see(tensors, op=f"mark {category}")
+        self.roles[category].update(self.serial_of(t) for t in tensors)
+
+    def mark_live(self, category: str, phases: tuple[str, ...]) -> None:
+        """Every storage live now that was allocated in one of `phases` belongs to `category`."""
+        self.roles[category].update(e.serial for e in self._live.values() if e.phase in phases)
+
+    def split(self, entries=None) -> dict[str, int]:
+        """Bytes per category of `entries` (default: those live at the peak); first matching role wins."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for e in self._peak_live if entries is None else entries:
+            out[next((c for c in CATEGORIES[:-1] if e.serial in self.roles[c]), "temporaries")] += e.nbytes
+        return out
+
+
+class TrackingMode(TorchDispatchMode):
+    """Feeds a Ledger from real tensors: every op's outputs."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__()
+        self.ledger = ledger
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ledger.see(tree_leaves(out), str(func))
+        return out
+
+
+class TrackingFakeMode(FakeTensorMode):
+    """FakeTensorMode that feeds a Ledger: it also sees the ops a fake implementation runs inside a custom op
+    (their scratch), which a TorchDispatchMode stacked above the fake mode would not."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__(allow_non_fake_inputs=True)
+        self.ledger = ledger
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outer = self.ledger.inside
+        if not outer and func.namespace == "tritonrun":
+            self.ledger.inside = str(func)
+        try:
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        finally:
+            self.ledger.inside = outer
+        self.ledger.see(tree_leaves(out), str(func))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the step
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor the optimizer holds (state, FusedAdamW's flat buffers and tables), found by walking it; a
+    SpeedrunOptimizer: both of its optimizers'."""
+    if isinstance(optimizer, SpeedrunOptimizer):
+        return [t for inner in optimizer.optimizers for t in optimizer_tensors(inner)]
+    found, seen = [], set()
+
+    def walk(obj, depth=0):
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(k, depth + 1)
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+            walk(vars(obj), depth + 1)
+
+    walk(optimizer.state)
+    walk(getattr(optimizer, "_buckets", None))
+    return found
+
+
+def build_optimizer(model, ops, weight_decay: float = 0.1):
+    """The optimizer training.Trainer builds (ops.optimizer), with torch's fused AdamW where torch_adamw would pick
+    it on CUDA (it picks foreach for CPU params, and these fake params are CPU ones)."""
+    from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
+
+    groups = model.param_groups(weight_decay)
+    if ops.optimizer is torch_adamw:
+        return TorchAdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return ops.optimizer(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+
+
+class SpeedrunOptimizer:
+    """The speedrun recipe's optimizers as the trainer drives them (tritonrun/training.py's SpeedrunOptimizer, which
+    this mirrors for the estimate without the schedule: lr and momentum values do not change what is allocated): the
+    seam's Adam over SpeedrunGPT.optimizer_groups()["adam"], then kernels/muon.Muon over its "muon" group."""
+
+    def __init__(self, model, ops):
+        from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
+        from tritonrun.kernels.muon import Muon
+
+        groups, c = model.optimizer_groups(), model.config
+        adam_kw = dict(lr=groups["adam"][0]["lr"], betas=c.adam_betas, eps=c.adam_eps)
+        if ops.optimizer is torch_adamw:  # torch_adamw's pick on CUDA params (fused); these fake params are CPU
+            self.adam = TorchAdamW(groups["adam"], fused=True, **adam_kw)
+        else:
+            self.adam = ops.optimizer(groups["adam"], **adam_kw)
+        self.muon = Muon(groups["muon"], lr=c.muon_lr, momentum=c.muon_momentum_warmup_start,
+                         nesterov=c.muon_nesterov, ns_steps=c.muon_ns_steps, ns_dtype=torch.bfloat16, shard=False,
+                         momentum_form=c.muon_momentum_form)
+        self.optimizers = (self.adam, self.muon)
+
+    def step(self) -> None:
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def build_speedrun_optimizer(model, ops) -> SpeedrunOptimizer:
+    return SpeedrunOptimizer(model, ops)
+
+
+def training_step(model, optimizer, batches, ledger: Ledger, autocast, grad_clip: float = 1.0) -> None:
+    """Trainer.train_step's work on `batches` (one (x, y) per micro-batch, or (x, y, cu_seqlens, window) for the
+    packed recipe), phases marked in the ledger. The loss and norm are not read back to the host (a fake tensor has
+    no value)."""
+    params = list(model.parameters())
+    ledger.phase = "optimizer"
+    loss_sum = torch.zeros((), device=params[0].device)
+    for batch in batches:
+        ledger.phase = "batch"
+        ledger.mark("activations", [t for t in batch if isinstance(t, torch.Tensor)])
+        ledger.phase = "forward"
+        with autocast:
+            loss = model(*batch) / len(batches)
+        ledger.mark_live("activations", ("forward",))  # alive when backward starts: saved for it
+        ledger.phase = "backward"
+        loss.backward()
+        ledger.phase = "optimizer"
+        loss_sum += loss.detach()
+        del loss
+        ledger.mark("grads", [p.grad for p in params if p.grad is not None])
+    if grad_clip > 0 and hasattr(optimizer, "clip_grad_norm_"):
+        norm = optimizer.clip_grad_norm_(grad_clip)
+    elif grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    torch.stack([loss_sum, norm.float()])  # what the trainer reads back (host copy left out)
+    optimizer.step()
+    ledger.mark("optimizer_state", optimizer_tensors(optimizer))
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_batches(n: int, B: int, T: int, vocab: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randint(0, vocab, (B, T), device=device), torch.randint(0, vocab, (B, T), device=device))
+            for _ in range(n)]
+
+
+def make_packed_batches(n: int, T: int, vocab: int, window: int, device) -> list[tuple]:
+    """The packed recipe's micro-batches: (x, y) of (1, T), cu_seqlens int32 (one document: the count does not
+    change what is allocated) and the window."""
+    return [(x, y, torch.tensor([0, T], dtype=torch.int32, device=device), window)
+            for x, y in make_batches(n, 1, T, vocab, device)]
+
+
+def packed_ops(ops):
+    """The ops of a packed-recipe estimate: under --backend torch the window attention is the kernel's op, whose
+    fake saves what compiled FlexAttention saves on a GPU (see the module docstring)."""
+    if ops.backend != "torch":
+        return ops
+    import dataclasses
+
+    from tritonrun.kernels.window_attention import window_attention
+
+    placement = {**ops.placement, "window_attention": "torch (FlexAttention under compile; estimated by the "
+                                                      "kernel's saved tensors)"}
+    return dataclasses.replace(ops, window_attention=window_attention, placement=placement)
+
+
+# ------------------------------------------------------------------------------------------ estimate
+@dataclass(frozen=True)
+class Setup:
+    preset: str
+    model: str
+    seq_len: int
+    total_batch_tokens: int
+    memory_gib: float
+    target: Target
+    budget_gib: float | None = None  # --budget-gib: instead of memory_gib - 1
+    # "gpt2" (GPT + AdamW, grad clip 1.0) | "speedrun" (packed SpeedrunGPT + Adam and Muon, no clip) |
+    # "speedrun-dense" (the 11-10 SpeedrunGPT at micro-batch x T)
+    recipe: str = "gpt2"
+
+    @property
+    def packed(self) -> bool:
+        return get_recipe(self.recipe).packed
+
+    @property
+    def budget_bytes(self) -> int:
+        if self.budget_gib is not None:
+            return int(self.budget_gib * GIB)
+        return int(self.memory_gib * GIB) - BUDGET_MARGIN
+
+    def micro_batches(self) -> list[int]:
+        """Micro-batches the trainer accepts: divisors of total_batch_tokens / seq_len (the packed recipe: 1)."""
+        if self.packed:
+            return [1]
+        n = self.total_batch_tokens // self.seq_len
+        return [b for b in range(1, n + 1) if n % b == 0]
+
+    def seq_lens(self, block_size: int) -> list[int]:
+        """The packed recipe's --max candidates: powers of two from 128 to the context dividing the total batch."""
+        return [t for t in (2 ** k for k in range(7, 21)) if t <= block_size and self.total_batch_tokens % t == 0]
+
+
+def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
+    """One fake training step of `setup` with `backend` at `micro_batch`; the record entry (see --json)."""
+    from tritonrun.gpt2.ops import get_ops
+
+    t0 = time.perf_counter()
+    ledger = Ledger(granularity=CUDA_BLOCK)
+    build_model, build_opt, config, grad_clip = recipe_parts(setup.recipe, setup.model)
+    grad_accum = setup.total_batch_tokens // (micro_batch * setup.seq_len)
+    # device "cuda": the ops are resolved as for a GPU run (no interpreter); the tensors are fake CPU ones
+    ops = get_ops(backend, "cuda")
+    if setup.packed:
+        ops = packed_ops(ops)
+
+    def batches_of(n):
+        if setup.packed:
+            return make_packed_batches(n, setup.seq_len, config.vocab_size, config.final_window, "cpu")
+        return make_batches(n, micro_batch, setup.seq_len, config.vocab_size, "cpu")
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with planning_for(setup.target), TrackingFakeMode(ledger):
+        model = build_model(config, ops)
+        ledger.mark("parameters", list(model.parameters()))
+        ledger.mark("parameters", list(model.buffers()))
+        optimizer = build_opt(model, ops)
+        warm = batches_of(1)
+        training_step(model, optimizer, warm, ledger, autocast, grad_clip)  # creates the optimizer state
+        del warm
+        ledger.reset_peak()
+        batches = batches_of(min(2, max(1, grad_accum)))
+        training_step(model, optimizer, batches, ledger, autocast, grad_clip)
+        del batches
+        after_step = ledger.live_bytes
+        del model, optimizer
+    split = ledger.split()
+    peak = ledger.peak_bytes
+    reserved = math.ceil(peak * (1 + FRAGMENTATION))
+    return {
+        "recipe": setup.recipe, "preset": setup.preset, "backend": backend, "micro_batch": micro_batch,
+        "seq_len": setup.seq_len,
+        "model": setup.model, "grad_accum": grad_accum, "micro_batches_simulated": min(2, max(1, grad_accum)),
+        "peak_bytes": peak, "peak_gib": round(peak / GIB, 3),
+        "peak_reserved_estimate_bytes": reserved, "peak_reserved_estimate_gib": round(reserved / GIB, 3),
+        "context_allowance_bytes": CONTEXT_ALLOWANCE, "budget_bytes": setup.budget_bytes,
+        "fits": reserved <= setup.budget_bytes,
+        "split_bytes": split, "split_gib": {k: round(v / GIB, 3) for k, v in split.items()},
+        "peak_phase": ledger.peak_phase, "peak_op": ledger.peak_op,
+        "resident_after_step_bytes": after_step, "allocations": ledger.allocations,
+        "ops": ops.placement, "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def recipe_parts(name: str, model: str):
+    """(build_model(config, ops), build_optimizer(model, ops), config, grad clip) of a recipe's training step: the
+    recipe's model; the optimizer the trainer builds for it (Adam + Muon for a model with Muon groups, else AdamW);
+    the recipe's grad clip over the presets' llm.c 1.0."""
+    recipe = get_recipe(name)
+
+    def build_opt(model, ops):
+        muon = hasattr(model, "optimizer_groups")  # the records' models: Adam groups + Muon
+        return build_speedrun_optimizer(model, ops) if muon else build_optimizer(model, ops)
+
+    return recipe.model_for, build_opt, recipe.sizes()[model], recipe.defaults(on_gpu=True).get("grad_clip", 1.0)
+
+
+def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[int, bool]]]:
+    """The largest candidate c with fits_at(c), assuming fits is monotone (true up to a point, then false):
+    binary search, then the step above the answer is checked to fail. Returns (c or None, [(c, fits)...])."""
+    tried: dict[int, bool] = {}
+
+    def probe(i):
+        if candidates[i] not in tried:
+            tried[candidates[i]] = fits_at(candidates[i])
+        return tried[candidates[i]]
+
+    lo, hi = -1, len(candidates)  # invariant: candidates[lo] fits (or lo = -1), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo >= 0 and lo + 1 < len(candidates):
+        probe(lo + 1)
+    return (candidates[lo] if lo >= 0 else None), sorted(tried.items())
