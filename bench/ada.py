@@ -12,7 +12,7 @@ Exit status 1 when any launch does not fit (shared memory over the per-block lim
 a bf16 tl.dot that did not become a tensor-core instruction); the table and the JSON name it.
 
 What is compiled: the launches themselves, not a copy of the tables. For every GPU preset of
-train_speedrun.PRESETS whose GPU has the architecture (GPU_PRESETS below) and every GPT-2 size
+tritonrun.presets.PRESETS whose GPU has the architecture (GPU_PRESETS below) and every GPT-2 size
 (--models, default d12 d24 d36 d48 from gpt2.config.MODEL_SIZES), each kernel file's host code is
 called on CPU tensors of the training shapes (rows = micro-batch x seq_len, C = n_embd, H = n_head,
 D = 64) and dtypes (bf16 autocast: bf16 matmul outputs, fp32 residual stream, params and grads), the
@@ -136,7 +136,7 @@ SUB_PARTITIONS = 4  # the register file is split over the SM's 4 schedulers
 SHARED_ALLOC_UNIT = 128  # bytes
 SHARED_RESERVED_PER_BLOCK = 1024  # bytes, from sm_80 on
 
-# The GPU of each CUDA preset in train_speedrun.PRESETS: (architecture, SM count). Hardware facts;
+# The GPU of each CUDA preset in tritonrun.presets.PRESETS: (architecture, SM count). Hardware facts;
 # tests/test_ada.py checks that every CUDA preset is listed.
 GPU_PRESETS: dict[str, tuple[str, int]] = {
     "rtx4070": ("sm_89", 46), "rtx4070ti": ("sm_89", 60), "rtx4090": ("sm_89", 128),
@@ -623,7 +623,7 @@ def collect(archs: list[str], models=GPT2_MODELS, presets=None, kernels=None, jo
         rec = Recorder(arch)
         cases = cases_for(arch, models, presets)
         if not cases:
-            raise ValueError(f"no GPU preset of train_speedrun.PRESETS has {arch} (GPU_PRESETS)")
+            raise ValueError(f"no GPU preset of tritonrun.presets.PRESETS has {arch} (GPU_PRESETS)")
         for case in cases:
             for name, drive in DRIVERS.items():
                 if kernels is None or name in kernels:

@@ -14,20 +14,20 @@ activations differ (often lower); the record says "mode": "eager".
 
 Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun-dense
 (the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): tritonrun/gpt2/speedrun.py's SpeedrunGPT
-(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it (tritonrun/training.py's
-SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the Triton FusedAdamW, weight_decay 0) over
-optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head, scalars) and kernels/muon.Muon over the
-blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len tokens (default the preset's
-speedrun_seq_len) with its document bounds and the schedule's last (largest) window, 1,792; --max searches the
-largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a micro-batch. Its attention is
-ops.window_attention: under --backend triton tritonrun/kernels/window_attention.py's fake (saves q, k, v, the output and
-an fp32 logsumexp); under --backend torch the trainer runs FlexAttention under torch.compile on a GPU, which saves the
-same tensors, so the estimate uses the kernel's fake there too (the eager CPU path, a dense T x T mask, is not what
-a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json (speedrun), memory-speedrun-dense-... (speedrun-
-dense): names no record of the other model ever had. The step has
+(SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it
+(tritonrun/recipes/modded_nanogpt.py's SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the
+Triton FusedAdamW, weight_decay 0) over optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head,
+scalars) and kernels/muon.Muon over the blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len
+tokens (default the preset's speedrun_seq_len) with its document bounds and the schedule's last (largest) window,
+1,792; --max searches the largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a
+micro-batch. Its attention is ops.window_attention: under --backend triton tritonrun/kernels/window_attention.py's
+fake (saves q, k, v, the output and an fp32 logsumexp); under --backend torch the trainer runs FlexAttention under
+torch.compile on a GPU, which saves the same tensors, so the estimate uses the kernel's fake there too (the eager
+CPU path, a dense T x T mask, is not what a GPU runs). Records: memory-speedrun-packed-<preset>-<date>.json
+(speedrun), memory-speedrun-dense-... (speedrun- dense): names no record of the other model ever had. The step has
 no grad clip (the record clips nothing): Adam's step, then Muon's: its fp32 momentum buffers (one per matrix,
-optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ,
-B and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
+optimizer state) and its Newton-Schulz temporaries (the Nesterov updates stacked per shape, the bf16 X, A = X Xᵀ, B
+and each new X: temporaries). The Muon group's matrices of one shape are orthogonalized in one batch, so those
 temporaries scale with the largest shape group (d12: 48 of 768 x 768, 24 of 768 x 3072), not with one matrix.
 
 Fake device. The step runs on fake *CPU* tensors under CPU bf16 autocast, not on a fake CUDA device: in a CPU-only
@@ -252,9 +252,10 @@ def build_optimizer(model, ops, weight_decay: float = 0.1):
 
 
 class SpeedrunOptimizer:
-    """The speedrun recipe's optimizers as the trainer drives them (tritonrun/training.py's SpeedrunOptimizer, which
-    this mirrors for the estimate without the schedule: lr and momentum values do not change what is allocated): the
-    seam's Adam over SpeedrunGPT.optimizer_groups()["adam"], then kernels/muon.Muon over its "muon" group."""
+    """The speedrun recipes' optimizers as the trainer drives them (tritonrun/recipes/modded_nanogpt.py's
+    SpeedrunOptimizer, which this mirrors for the estimate without the schedule: lr and momentum values do not change
+    what is allocated): the seam's Adam over SpeedrunGPT.optimizer_groups()["adam"], then kernels/muon.Muon over its
+    "muon" group."""
 
     def __init__(self, model, ops):
         from tritonrun.gpt2.ops import TorchAdamW, torch_adamw
