@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -356,6 +356,7 @@ class Setup:
     # "gpt2" (GPT + AdamW, grad clip 1.0) | "speedrun" (packed SpeedrunGPT + Adam and Muon, no clip) |
     # "speedrun-dense" (the 11-10 SpeedrunGPT at micro-batch x T)
     recipe: str = "gpt2"
+    torch_ops: str = ""  # under --backend triton, the ops kept in torch (tritonrun/gpt2/ops.py names)
 
     @property
     def packed(self) -> bool:
@@ -388,7 +389,9 @@ def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     build_model, build_opt, config, grad_clip = recipe_parts(setup.recipe, setup.model)
     grad_accum = setup.total_batch_tokens // (micro_batch * setup.seq_len)
     # device "cuda": the ops are resolved as for a GPU run (no interpreter); the tensors are fake CPU ones
-    ops = get_ops(backend, "cuda")
+    from tritonrun.gpt2.ops import parse_op_list
+
+    ops = get_ops(backend, "cuda", parse_op_list(setup.torch_ops) if backend == "triton" else ())
     if setup.packed:
         ops = packed_ops(ops)
 
@@ -463,3 +466,86 @@ def search_max(fits_at, candidates: list[int]) -> tuple[int | None, list[tuple[i
     if lo >= 0 and lo + 1 < len(candidates):
         probe(lo + 1)
     return (candidates[lo] if lo >= 0 else None), sorted(tried.items())
+
+
+# ------------------------------------------------------------------------------------------ fit
+ESTIMATOR_VERSION = 1  # part of the fit cache's key, beside the package's source digest and torch's version
+
+
+def source_digest() -> str:
+    """sha256 of every .py file of the tritonrun package: a fit cached by other code is never reused."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def fit_key(setup: Setup, backend: str) -> dict:
+    """What a fit depends on: the step (recipe, model config, backend and its torch ops, tokens per step, the dense
+    sequence length), the GPU it is sized for, the budget, and the code and torch that estimate it."""
+    config = get_recipe(setup.recipe).sizes()[setup.model]
+    return {"estimator": ESTIMATOR_VERSION, "torch": torch.__version__, "source": source_digest(),
+            "recipe": setup.recipe, "model": config.to_dict(), "backend": backend,
+            "torch_ops": setup.torch_ops if backend == "triton" else "",
+            "total_batch_tokens": setup.total_batch_tokens, "seq_len": None if setup.packed else setup.seq_len,
+            "target": [setup.target.name, setup.target.arch, setup.target.sm_count], "budget_bytes": setup.budget_bytes}
+
+
+def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None) -> dict:
+    """The largest micro-batch (dense recipes: a divisor of total_batch_tokens / seq_len) or packed length (packed
+    recipes: a power of two up to the model's context dividing total_batch_tokens) whose estimated reserved peak
+    fits setup.budget_bytes, by search_max over the estimate (bench/memory.py --max searches alike).
+
+    Returns {"micro_batch", "seq_len", "reserved_gib" (the pick's estimate), "budget_gib", "tried" [[value, fits]],
+    "searched": "micro_batch" | "seq_len", "cached", "seconds"}, with micro_batch None when nothing fits. The
+    answer is kept in cache_dir (default $TRITONRUN_CACHE/memory) under a hash of fit_key: a later run of the same
+    step on the same code answers at once. estimate_fn stands in for estimate (tests)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from tritonrun.runinfo import atomic_write_json
+
+    t0 = time.perf_counter()
+    if cache_dir is None:
+        from tritonrun.data.sample import default_cache_dir
+
+        cache_dir = default_cache_dir() / "memory"
+    key = json.loads(json.dumps(fit_key(setup, backend)))  # as the cache file holds it (tuples become lists)
+    path = Path(cache_dir) / f"fit-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return {**cached["fit"], "cached": True, "seconds": round(time.perf_counter() - t0, 3)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no answer yet (or a damaged one): estimate
+    run = estimate_fn or estimate
+    seen: dict[tuple[int, int], dict] = {}
+
+    def at(micro_batch: int, seq_len: int) -> dict:
+        if (micro_batch, seq_len) not in seen:
+            seen[micro_batch, seq_len] = run(replace(setup, seq_len=seq_len), backend, micro_batch)
+        return seen[micro_batch, seq_len]
+
+    if setup.packed:
+        block = get_recipe(setup.recipe).sizes()[setup.model].block_size
+        best, tried = search_max(lambda t: at(1, t)["fits"], setup.seq_lens(block))
+        pick = None if best is None else (1, best)
+    else:
+        best, tried = search_max(lambda b: at(b, setup.seq_len)["fits"], setup.micro_batches())
+        pick = None if best is None else (best, setup.seq_len)
+    answer = {"micro_batch": pick and pick[0], "seq_len": pick and pick[1],
+              "reserved_gib": pick and seen[pick]["peak_reserved_estimate_gib"],
+              "budget_gib": round(setup.budget_bytes / GIB, 2), "tried": [list(t) for t in tried],
+              "searched": "seq_len" if setup.packed else "micro_batch"}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"key": key, "fit": answer})
+    except OSError:
+        pass  # an unwritable cache costs the next run the estimate, nothing else
+    return {**answer, "cached": False, "seconds": round(time.perf_counter() - t0, 3)}
+

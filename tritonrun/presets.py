@@ -201,34 +201,3 @@ def preset_micro_batch(preset: str, backend: str, torch_ops: str, recipe) -> int
     if recipe.softcapped_head and p.speedrun_micro_batch:
         return p.speedrun_micro_batch
     return p.micro_batch
-
-
-def memory_record_estimate(preset: str, recipe: str, backend: str, micro_batch: int, seq_len: int) -> dict | None:
-    """What the committed memory records (bench/results/memory-*.json, bench/memory.py) say of one step: the newest
-    record of this preset and recipe with an estimate at this backend, micro-batch and seq_len. {"record": file name,
-    "fits", "reserved_gib", "budget_gib"} or None (no such record: an installed copy has none, or the shape was not
-    estimated). The presets' micro-batches and packed lengths were sized from these records."""
-    import json
-
-    from tritonrun.runinfo import RESULTS_DIR
-
-    for path in sorted(RESULTS_DIR.glob("memory-*.json"), reverse=True):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if rec.get("preset") != preset or rec.get("recipe", "gpt2") != recipe:
-            continue
-        budget = round(rec["budget_bytes"] / 2**30, 2)
-        for e in rec.get("estimates", []):
-            if (e.get("backend"), e.get("micro_batch"), e.get("seq_len")) == (backend, micro_batch, seq_len):
-                return {"record": path.name, "fits": e["fits"], "reserved_gib": e["peak_reserved_estimate_gib"],
-                        "budget_gib": budget}
-        # the --max searches list what they tried (fits only)
-        searches = [("micro_batch", micro_batch, rec.get("max_micro_batch", {}).get(backend), rec.get("seq_len")),
-                    ("seq_len", seq_len, rec.get("max_seq_len", {}).get(backend), 1)]
-        for key, value, search, other in searches:
-            tried = [t for t in (search or {}).get("tried", []) if t[key] == value]
-            if tried and other == (seq_len if key == "micro_batch" else micro_batch):
-                return {"record": path.name, "fits": tried[0]["fits"], "reserved_gib": None, "budget_gib": budget}
-    return None

@@ -45,8 +45,9 @@ import torch
 from tritonrun.errors import UserError
 from tritonrun.gpt2.checkpoint import CheckpointError, checkpoint_model_kind
 from tritonrun.gpt2.ops import BACKENDS, TRITON_OPS, parse_op_list, use_cpu_interpreter
-from tritonrun.presets import (DEFAULT_OUT_DIR, PRESETS, automatic_peaks, fused_head, memory_record_estimate,
-                               peak_tflops_for, preset_micro_batch, preset_seq_len, resolve_preset)
+from tritonrun.memory import GPUS, Setup, fit
+from tritonrun.presets import (DEFAULT_OUT_DIR, PRESETS, automatic_peaks, peak_tflops_for, preset_micro_batch,
+                               preset_seq_len, resolve_preset)
 from tritonrun.recipes import RECIPES, get_recipe, recipe_of_model_kind, recipe_taking_weights
 from tritonrun.runs import check_not_finished, claim_out_dir, newest_loadable_checkpoint, OutDirLock
 
@@ -415,8 +416,9 @@ def oom_message(cfg: Config) -> str:
 
 
 def plan_text(cfg: Config, resume_path: Path | None) -> str:
-    """What a run of `cfg` would do, for --dry-run: the batch geometry, the memory estimate it was sized by (the
-    committed bench/memory.py record of this preset, recipe and backend), and the resolved config."""
+    """What a run of `cfg` would do, for --dry-run: the batch geometry, the memory estimate of the step
+    (tritonrun/memory.fit: the largest micro-batch or packed length that fits the preset's card, for this recipe,
+    model, backend and --torch-ops; cached), and the resolved config."""
     recipe = get_recipe(cfg.recipe)
     preset = PRESETS[cfg.gpu]
     lines = [f"dry run: nothing built, read or written{f' (would resume {resume_path})' if resume_path else ''}",
@@ -427,19 +429,28 @@ def plan_text(cfg: Config, resume_path: Path | None) -> str:
              f"batch: {cfg.micro_batch} x {cfg.seq_len} tokens per micro-batch"
              f"{' (one packed sequence)' if recipe.packed else ''} x {cfg.grad_accum} micro-batches = "
              f"{cfg.total_batch_tokens:,} tokens per step, {cfg.max_steps} steps"]
-    backend = "triton" if fused_head(cfg.backend, cfg.torch_ops) else "torch"  # the LM head decides the memory
-    est = memory_record_estimate(cfg.gpu, cfg.recipe, backend, cfg.micro_batch, cfg.seq_len) if cfg.memory_gib \
-        else None
-    if est is not None:
-        size = "" if est["reserved_gib"] is None else f"{est['reserved_gib']:.2f} GiB reserved, "
-        same = "" if (backend, "") == (cfg.backend, cfg.torch_ops) else ", whose LM head this run has"
-        lines.append(f"memory: {size}{'fits' if est['fits'] else 'DOES NOT FIT'} the {est['budget_gib']} GiB budget "
-                     f"(eager estimate of --backend {backend}{same}: bench/results/{est['record']})")
-    elif cfg.memory_gib:
-        lines.append(f"memory: no committed estimate of this shape (python bench/memory.py --gpu {cfg.gpu} "
-                     f"--recipe {cfg.recipe} estimates it)")
+    if cfg.memory_gib and cfg.gpu in GPUS:
+        lines.append(memory_plan(cfg, recipe))
     lines.append("config:\n" + "\n".join(f"  {f.name:<20}  {getattr(cfg, f.name)}" for f in fields(Config)))
     return "\n".join(lines)
+
+
+def memory_plan(cfg: Config, recipe) -> str:
+    """One line: the estimate's largest micro-batch (or packed length) within the card's budget, and whether this
+    run's is within it."""
+    setup = Setup(cfg.gpu, cfg.model, cfg.seq_len, cfg.total_batch_tokens, cfg.memory_gib, GPUS[cfg.gpu],
+                  recipe=cfg.recipe, torch_ops=cfg.torch_ops)
+    found = fit(setup, cfg.backend)
+    what, ours = ("packed length", cfg.seq_len) if recipe.packed else ("micro-batch", cfg.micro_batch)
+    best = found["seq_len"] if recipe.packed else found["micro_batch"]
+    how = "cached" if found["cached"] else f"{found['seconds']:.1f} s"
+    if best is None:
+        return (f"memory: no {what} fits the {found['budget_gib']} GiB budget by the estimate ({how}): this run "
+                f"DOES NOT FIT; use a bigger card or a smaller --model")
+    verdict = "fits" if ours <= best else "DOES NOT FIT"
+    return (f"memory: largest {what} within the {found['budget_gib']} GiB budget by the estimate: {best} "
+            f"({found['reserved_gib']:.2f} GiB reserved, eager, tritonrun/memory.fit, {how}); this run's {ours}: "
+            f"{verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
