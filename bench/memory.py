@@ -31,7 +31,7 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from tritonrun.memory import (BUDGET_MARGIN, CONTEXT_ALLOWANCE, FRAGMENTATION, GIB, GPUS, Setup, estimate,  # noqa: E402
-                              recipe_parts, search_max)
+                              fit, recipe_parts)
 from tritonrun.recipes import RECIPES as RECIPE_REGISTRY, get_recipe  # noqa: E402
 from tritonrun.runinfo import atomic_write_json, env_info  # noqa: E402
 
@@ -170,27 +170,20 @@ def main(argv=None) -> int:
         for b in micro_batches:
             estimates.append(get(backend, b))
     maxima, seq_maxima = {}, {}
-    block = get_recipe(setup.recipe).sizes()[setup.model].block_size
-    for backend in backends if args.max and setup.packed else []:
-        best, tried = search_max(lambda t: get(backend, 1, t)["fits"], setup.seq_lens(block))
-        peaks = [get(backend, 1, t)["peak_bytes"] for t, _ in tried]
+    for backend in backends if args.max else []:  # tritonrun.memory.fit's search, through get (printed, kept)
+        found = fit(setup, backend, use_cache=False, estimate_fn=lambda s, be, mb: get(be, mb, s.seq_len))
+        key, best = found["searched"], found[found["searched"]]
+        shape = (lambda v: (1, v)) if setup.packed else (lambda v: (v, None))  # (micro-batch, seq_len) of a value
+        peaks = [get(backend, *shape(v))["peak_bytes"] for v, _ in found["tried"]]
         monotone = all(a < c for a, c in zip(peaks, peaks[1:]))
-        seq_maxima[backend] = {"seq_len": best, "tried": [{"seq_len": t, "fits": f} for t, f in tried],
-                               "peak_grows_with_seq_len": monotone}
-        print(f"  {backend}: largest packed --seq-len within {budget / GIB:.2f} GiB reserved: {best}"
-              f"{'' if monotone else ' (WARNING: the estimate did not grow with the sequence length)'}", flush=True)
+        what = "sequence length" if setup.packed else "micro-batch"
+        (seq_maxima if setup.packed else maxima)[backend] = {
+            key: best, "tried": [{key: v, "fits": f} for v, f in found["tried"]], f"peak_grows_with_{key}": monotone}
+        print(f"  {backend}: largest {'packed --seq-len' if setup.packed else 'micro-batch'} within "
+              f"{budget / GIB:.2f} GiB reserved: {best}"
+              f"{'' if monotone else f' (WARNING: the estimate did not grow with the {what})'}", flush=True)
         if best is not None and not micro_batches:
-            estimates.append(get(backend, 1, best))
-    for backend in backends if args.max and not setup.packed else []:
-        best, tried = search_max(lambda b: get(backend, b)["fits"], setup.micro_batches())
-        peaks = [get(backend, b)["peak_bytes"] for b, _ in tried]
-        monotone = all(a < c for a, c in zip(peaks, peaks[1:]))
-        maxima[backend] = {"micro_batch": best, "tried": [{"micro_batch": b, "fits": f} for b, f in tried],
-                           "peak_grows_with_micro_batch": monotone}
-        print(f"  {backend}: largest micro-batch within {budget / GIB:.2f} GiB reserved: {best}"
-              f"{'' if monotone else ' (WARNING: the estimate did not grow with the micro-batch)'}", flush=True)
-        if best is not None and not micro_batches:
-            estimates.append(get(backend, best))
+            estimates.append(get(backend, *shape(best)))
     primary = estimates[0] if estimates else get(backends[0], setup.micro_batches()[0])
     packed_step = ("one packed sequence of seq_len tokens per micro-batch (B = 1, window 1,792), forward + backward, "
                    "no grad clip, Adam step (wte and value tables, lm_head, scalars) then Muon step (fp32 momentum = "

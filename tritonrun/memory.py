@@ -495,7 +495,7 @@ def fit_key(setup: Setup, backend: str) -> dict:
             "target": [setup.target.name, setup.target.arch, setup.target.sm_count], "budget_bytes": setup.budget_bytes}
 
 
-def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None) -> dict:
+def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None, use_cache: bool = True) -> dict:
     """The largest micro-batch (dense recipes: a divisor of total_batch_tokens / seq_len) or packed length (packed
     recipes: a power of two up to the model's context dividing total_batch_tokens) whose estimated reserved peak
     fits setup.budget_bytes, by search_max over the estimate (bench/memory.py --max searches alike).
@@ -503,7 +503,8 @@ def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None) -> dict:
     Returns {"micro_batch", "seq_len", "reserved_gib" (the pick's estimate), "budget_gib", "tried" [[value, fits]],
     "searched": "micro_batch" | "seq_len", "cached", "seconds"}, with micro_batch None when nothing fits. The
     answer is kept in cache_dir (default $TRITONRUN_CACHE/memory) under a hash of fit_key: a later run of the same
-    step on the same code answers at once. estimate_fn stands in for estimate (tests)."""
+    step on the same code answers at once (use_cache False: neither read nor written, as bench/memory.py --max
+    wants). estimate_fn stands in for estimate (bench/memory.py's printing one, tests)."""
     import hashlib
     import json
     from pathlib import Path
@@ -518,7 +519,7 @@ def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None) -> dict:
     key = json.loads(json.dumps(fit_key(setup, backend)))  # as the cache file holds it (tuples become lists)
     path = Path(cache_dir) / f"fit-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.json"
     try:
-        cached = json.loads(path.read_text())
+        cached = json.loads(path.read_text()) if use_cache else {}
         if cached.get("key") == key:
             return {**cached["fit"], "cached": True, "seconds": round(time.perf_counter() - t0, 3)}
     except (OSError, ValueError, KeyError, TypeError):
@@ -543,8 +544,9 @@ def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None) -> dict:
               "budget_gib": round(setup.budget_bytes / GIB, 2), "tried": [list(t) for t in tried],
               "searched": "seq_len" if setup.packed else "micro_batch"}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"key": key, "fit": answer})
+        if use_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"key": key, "fit": answer})
     except OSError:
         pass  # an unwritable cache costs the next run the estimate, nothing else
     return {**answer, "cached": False, "seconds": round(time.perf_counter() - t0, 3)}
