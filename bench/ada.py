@@ -14,7 +14,8 @@ a bf16 tl.dot that did not become a tensor-core instruction); the table and the 
 What is compiled: the launches themselves, not a copy of the tables. For every GPU preset of
 tritonrun.presets.PRESETS whose GPU has the architecture (GPU_PRESETS below) and every GPT-2 size
 (--models, default d12 d24 d36 d48 from gpt2.config.MODEL_SIZES), each kernel file's host code is
-called on CPU tensors of the training shapes (rows = micro-batch x seq_len, C = n_embd, H = n_head,
+called on CPU tensors of the training shapes (rows = micro-batch x seq_len, the micro-batch
+train_speedrun.py derives for d12 under --backend triton on the preset's card, C = n_embd, H = n_head,
 D = 64) and dtypes (bf16 autocast: bf16 matmul outputs, fp32 residual stream, params and grads), the
 way the model and trainer call it, while each kernel file is told it runs on that GPU (its device
 lookup is patched to return the preset's architecture and SM count; `drive_*` below, one per kernel
@@ -136,12 +137,15 @@ SUB_PARTITIONS = 4  # the register file is split over the SM's 4 schedulers
 SHARED_ALLOC_UNIT = 128  # bytes
 SHARED_RESERVED_PER_BLOCK = 1024  # bytes, from sm_80 on
 
-# The GPU of each CUDA preset in tritonrun.presets.PRESETS: (architecture, SM count). Hardware facts;
-# tests/test_ada.py checks that every CUDA preset is listed.
-GPU_PRESETS: dict[str, tuple[str, int]] = {
-    "rtx4070": ("sm_89", 46), "rtx4070ti": ("sm_89", 60), "rtx4090": ("sm_89", 128),
-    "rtx3090": ("sm_86", 82), "a100": ("sm_80", 108), "h100": ("sm_90", 132), "h200": ("sm_90", 132),
-}
+
+def _gpu_presets() -> dict[str, tuple[str, int]]:
+    from tritonrun.presets import PRESETS
+
+    return {name: (p.arch, p.sm_count) for name, p in PRESETS.items() if p.arch is not None}
+
+
+# The GPU of each CUDA preset of tritonrun.presets.PRESETS: (architecture, SM count), the presets' hardware facts.
+GPU_PRESETS: dict[str, tuple[str, int]] = _gpu_presets()
 GPT2_MODELS = ("d12", "d24", "d36", "d48")  # gpt2.config.MODEL_SIZES names of the GPT-2 family
 
 
@@ -185,21 +189,36 @@ class Case:
         return n // 10, n % 10
 
 
+def launch_micro_batch(preset: str) -> int:
+    """The micro-batch of the preset's cases: the one train_speedrun.py derives for GPT-2 d12 under --backend triton
+    on that card (tritonrun.memory.fit_preset, cached; the run that launches these kernels), used for every model
+    size as a shape, not a claim that the bigger models fit at it."""
+    from tritonrun.defaults import RUN_DEFAULTS
+    from tritonrun.memory import fit_preset
+
+    found = fit_preset(preset, "gpt2", "d12", RUN_DEFAULTS["seq_len"], RUN_DEFAULTS["total_batch_tokens"], "triton")
+    return found["micro_batch"] or 1
+
+
 def cases_for(arch: str, models=GPT2_MODELS, presets=None) -> list[Case]:
     import torch
+    from tritonrun.defaults import RUN_DEFAULTS
     from tritonrun.gpt2.config import MODEL_SIZES
     from tritonrun.presets import PRESETS
+    from tritonrun.recipes import get_recipe
 
+    gpt2 = get_recipe("gpt2").defaults(on_gpu=True)
+    T = RUN_DEFAULTS["seq_len"]
     out = []
     for name, (gpu_arch, sms) in GPU_PRESETS.items():
         if gpu_arch != arch or (presets and name not in presets):
             continue
         p = PRESETS[name]
         low = {"bf16": torch.bfloat16, "fp32": torch.float32}[p.dtype]
+        B = launch_micro_batch(name)
         for model in models:
             m = MODEL_SIZES[model]
-            out.append(Case(name, arch, sms, model, p.micro_batch * p.seq_len, p.micro_batch, p.seq_len,
-                            m.n_embd, m.n_head, low, p.grad_clip))
+            out.append(Case(name, arch, sms, model, B * T, B, T, m.n_embd, m.n_head, low, gpt2["grad_clip"]))
     return out
 
 
@@ -403,11 +422,11 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
     from tritonrun.gpt2.config import MODEL_SIZES
     from tritonrun.kernels import adamw
 
-    from tritonrun.presets import PRESETS
+    from tritonrun.recipes import get_recipe
 
-    preset = PRESETS[case.preset]
+    gpt2 = get_recipe("gpt2").defaults(on_gpu=True)  # the recipe that runs AdamW: its decay, lr and betas
     with torch.device("meta"):  # the real parameter list and groups, no memory
-        groups = GPT(MODEL_SIZES[case.model]).param_groups(preset.weight_decay)
+        groups = GPT(MODEL_SIZES[case.model]).param_groups(gpt2["weight_decay"])
     table = case.arch if case.arch in adamw.CONFIGS else "default"  # adamw.launch_config's lookup
     variants = [("fp32 params (training: fp32 masters, bf16 autocast)", torch.float32, False),
                 ("bf16 params + fp32 masters (FusedAdamW option)", torch.bfloat16, False),
@@ -422,7 +441,7 @@ def drive_adamw(rec: Recorder, case: Case) -> None:
                     t.grad = torch.zeros_like(t)
                 opt = adamw.FusedAdamW([{"params": ps, "weight_decay": g["weight_decay"]}
                                         for ps, g in zip(params, groups)],
-                                       lr=preset.lr, betas=(preset.beta1, preset.beta2),
+                                       lr=gpt2["lr"], betas=(gpt2["beta1"], gpt2["beta2"]),
                                        eps=1e-8,  # as tritonrun/training.py
                                        master_weights=True, stochastic_rounding=stochastic)
                 if case.grad_clip > 0:

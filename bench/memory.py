@@ -2,7 +2,7 @@
 """Peak memory of one whole training step, estimated without a GPU: the command line of the estimator
 in tritonrun/memory.py (what runs, how it is tracked, the fit rule: its docstring).
 
-    python bench/memory.py --gpu rtx4070                                  # both backends at the preset's micro-batch
+    python bench/memory.py --gpu rtx4070                                  # both backends, the largest that fits
     python bench/memory.py --gpu rtx4070 --backend triton --micro-batch 16 --json est.json
     python bench/memory.py --gpu rtx4070 --micro-batch 16,8 --max --record  # bench/results/memory-rtx4070-<date>.json
     python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-packed-rtx4070-<date>.json
@@ -10,8 +10,10 @@ in tritonrun/memory.py (what runs, how it is tracked, the fit rule: its docstrin
 
 --max: the largest micro-batch dividing total_batch_tokens / T whose estimate fits the budget (the estimate grows
 with the micro-batch; the search checks that it does); under a packed recipe the largest power-of-two --seq-len.
---record writes bench/results/memory-<preset>-<date>.json (gpt2), memory-speedrun-packed-... (speedrun) or
-memory-speedrun-dense-... (speedrun-dense); the presets' micro-batches and packed lengths come from these records.
+Without --micro-batch (dense) or --seq-len (packed) it searches as --max does: the size train_speedrun.py derives
+at startup (tritonrun.memory.fit_preset, the same search). --record writes bench/results/memory-<preset>-<date>.json
+(gpt2), memory-speedrun-packed-... (speedrun) or memory-speedrun-dense-... (speedrun-dense); tests hold the
+derivation to these records.
 """
 from __future__ import annotations
 
@@ -57,15 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", required=True, choices=gpus, help="preset whose shapes and memory budget to use")
     p.add_argument("--recipe", choices=RECIPES,
                    help="gpt2 (GPT-2 + AdamW, grad clip), speedrun (packed 2024-12-17 SpeedrunGPT + Adam and Muon, "
-                        "no clip) or speedrun-dense (2024-11-10); default: the preset's recipe (gpt2 where the preset "
-                        "names none)")
+                        "no clip) or speedrun-dense (2024-11-10); default: train_speedrun.py's on a GPU (speedrun)")
     p.add_argument("--backend", choices=["torch", "triton", "both"], default="both",
                    help="ops to estimate (default both: triton first, then torch)")
-    p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: the preset's)")
+    p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: search the largest "
+                                                                  "that fits, as --max)")
     p.add_argument("--max", action="store_true", help="also find the largest micro-batch that fits the budget "
                                                       "(speedrun: the largest packed --seq-len)")
-    p.add_argument("--model", help="model size instead of the preset's (gpt2: d12, d24, ...; speedrun: d12, tiny)")
-    p.add_argument("--seq-len", type=int, help="sequence length instead of the preset's")
+    p.add_argument("--model", help="model size (default d12; gpt2: d12, d24, ...; speedrun: d12, tiny)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default 1024; packed recipes: search the largest "
+                                               "that fits, as --max)")
     p.add_argument("--budget-gib", type=float, help="reserved-memory budget instead of the preset's memory - 1 GiB")
     p.add_argument("--json", metavar="PATH", help="write the record here")
     p.add_argument("--record", action="store_true",
@@ -86,33 +89,35 @@ def parse_micro_batches(text: str) -> list[int]:
 
 
 def resolve(args) -> tuple[Setup, list[str], list[int]]:
+    from tritonrun.defaults import DEFAULT_RECIPE, RUN_DEFAULTS
     from tritonrun.presets import PRESETS
 
     preset = PRESETS[args.gpu]
-    recipe = args.recipe or getattr(preset, "recipe", "gpt2")
+    recipe = args.recipe or DEFAULT_RECIPE[preset.device]
+    total = RUN_DEFAULTS["total_batch_tokens"]
     sizes = get_recipe(recipe).sizes()
-    model = args.model or preset.model
+    model = args.model or RUN_DEFAULTS["model"]
     if model not in sizes:
         takers = [r.name for r in RECIPE_REGISTRY.values() if model in r.sizes()]
         raise UserError(f"--model {model!r} is not a {recipe} model: choose from {', '.join(sizes)}"
                         + (f" (or --recipe {takers[0]})" if takers else ""))
     packed = get_recipe(recipe).packed
-    seq_len = args.seq_len or (preset.speedrun_seq_len if packed else preset.seq_len)
+    seq_len = args.seq_len or RUN_DEFAULTS["seq_len"]  # packed without --seq-len: the search sets it
+    if not (args.micro_batch if not packed else args.seq_len):
+        args.max = True  # no size given: the trainer's, the largest that fits
     if packed and args.micro_batch and args.micro_batch.strip() != "1":
         raise UserError(f"--micro-batch {args.micro_batch}: --recipe {recipe} packs one sequence per micro-batch; "
                         f"size it with --seq-len (or --max to search it)")
     if seq_len <= 0 or seq_len > sizes[model].block_size:
         raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
-    if preset.total_batch_tokens % seq_len:
-        raise UserError(f"--seq-len {seq_len} does not divide the preset's total batch of "
-                        f"{preset.total_batch_tokens} tokens: pick a power of two")
+    if total % seq_len:
+        raise UserError(f"--seq-len {seq_len} does not divide the total batch of {total} tokens: pick a power of two")
     if args.budget_gib is not None and args.budget_gib <= 0:
         raise UserError(f"--budget-gib {args.budget_gib:g}: must be positive")
-    setup = Setup(args.gpu, model, seq_len, preset.total_batch_tokens, preset.memory_gib, GPUS[args.gpu],
+    setup = Setup(args.gpu, model, seq_len, total, preset.memory_gib, GPUS[args.gpu],
                   args.budget_gib, recipe)
     backends = ["triton", "torch"] if args.backend == "both" else [args.backend]
-    micro_batches = parse_micro_batches(args.micro_batch) if args.micro_batch else ([] if args.max else
-                                                                                    [preset.micro_batch])
+    micro_batches = parse_micro_batches(args.micro_batch) if args.micro_batch else []
     if packed:  # one sequence per micro-batch; --max alone estimates only what its seq_len search visits
         micro_batches = [] if args.max and not args.seq_len else [1]
     allowed = setup.micro_batches()

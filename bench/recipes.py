@@ -136,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packed-seq-len", type=int, default=None,
                    help="tokens per packed sequence of --recipe speedrun, whose window grows in blocks of 128 tokens "
                         "(default 1024: the window grows 128 -> 1024; smoke 128)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: the preset's)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward (default: train_speedrun.py's, sized for the card)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default steps/10)")
     p.add_argument("--val-tokens", type=int, default=None, help="val tokens per validation (default 8192; smoke "
                                                                  "the batch)")

@@ -38,10 +38,11 @@ weights and optimizer state), i.e. its own peak as if it ran alone; peak_reserve
 reserved peak during its blocks (an upper bound, the pool is shared). Triton runs also list the autotuned tiles
 the process has picked by then ("autotune", tritonrun/kernels/tune.py picks(); tuning happens in the warm-up).
 
-12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile/micro-batch, and
+12 GiB cap (--cap-gib 12, default; 0 = off): the rtx4070 preset's config (its backend/compile, the micro-batch
+train_speedrun.py derives for each backend under the cap by the memory estimate, and
 --backend triton beside it) with cfg.memory_gib = 12, which Trainer applies as
 set_per_process_memory_fraction((12 GiB - the 0.5 GiB CUDA context allowance) / total): the fraction bounds only
-PyTorch's allocator, and the context lies outside it. Each runs alone, micro-batches from the preset's upward:
+PyTorch's allocator, and the context lies outside it. Each runs alone, micro-batches from the derived one upward:
 --warmup untimed steps under the cap (compile and autotune, whose timing buffers are not the run's), then the
 cache is emptied and the peak statistics reset, and the timed steps' peak allocated and reserved are recorded
 (the warm-up's beside them). A micro-batch fits when it does not OOM and peak RESERVED + the context allowance
@@ -55,7 +56,7 @@ annotations (record_function ranges on the device timeline) are not kernels and 
 The record is rewritten after every micro-batch group and after the cap check ("complete": false until the
 end), so a run stopped by a time limit keeps what it measured. --project takes the best triton MFU among runs
 at a micro-batch the target can hold: at most the largest that fitted the record's cap check, else the
-target preset's micro-batch.
+micro-batch train_speedrun.py derives for that configuration on the target (the memory estimate).
 
 --merge: a sweep split over several commands (e.g. --micro-batches 8,16 then 32,64 under a 10-minute limit, and
 --no-sweep --profile for the cap check) gives several records; --merge joins them into one record (runs, cap,
@@ -346,6 +347,18 @@ def speedups(runs: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- cap
+def derived_micro_batch(preset: str, recipe: str, model: str, seq_len: int, backend: str, torch_ops: str = "",
+                        memory_gib: float | None = None) -> int | None:
+    """The micro-batch train_speedrun.py derives on `preset` for this step (tritonrun.memory.fit_preset over the
+    default 524,288-token batch; cached): None when none fits."""
+    from tritonrun.defaults import RUN_DEFAULTS
+    from tritonrun.memory import fit_preset
+
+    found = fit_preset(preset, recipe, model, seq_len, RUN_DEFAULTS["total_batch_tokens"], backend, torch_ops,
+                       memory_gib=memory_gib)
+    return found and found["micro_batch"]
+
+
 def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
     from tritonrun.presets import PRESETS
     from tritonrun.training import CUDA_CONTEXT_GIB, allocator_fraction
@@ -360,7 +373,8 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
                   "timing buffers), then the cache emptied and the peak statistics reset, then the timed steps: "
                   "peak_alloc_gib / peak_reserved_gib are theirs (steady state), warmup_peak_*_gib the warm-up's. "
                   "fit: peak reserved + context allowance <= the card (min of cap and device total); "
-                  "largest_fitting: the largest micro-batch (doubling from the preset's) with no OOM and a fit",
+                  "largest_fitting: the largest micro-batch (doubling from the one train_speedrun.py derives for the "
+                  "backend under the cap) with no OOM and a fit; preset_pass: the derived ones fit",
            "runs": [], "largest_fitting": {}}
     backends = [(preset.backend, preset.compile)] + [(b, preset.compile) for b in ("torch", "triton")
                                                       if b != preset.backend]
@@ -368,7 +382,8 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
         _cap_runs(out, backends, args, data_dir, out_dir, device, total, preset)
     except KeyboardInterrupt:  # a time limit's SIGINT: the runs so far stay in the record
         out["interrupted"] = "stopped by SIGINT"
-    preset_runs = [r for r in out["runs"] if r["micro_batch"] == preset.micro_batch and r["fits"]]
+    derived = out["derived_micro_batch"]
+    preset_runs = [r for r in out["runs"] if r["micro_batch"] == derived.get(r["name"]) and r["fits"]]
     out["preset_pass"] = bool(preset_runs) and all(r["fits_card"] for r in preset_runs)
     torch.cuda.set_per_process_memory_fraction(1.0, device)  # device is indexed: torch requires it here
     if out.get("interrupted"):
@@ -380,10 +395,14 @@ def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
 def _cap_runs(out: dict, backends, args, data_dir: Path, out_dir: Path, device, total: int, preset) -> None:
     from tritonrun.training import CUDA_CONTEXT_GIB, memory_fit
 
+    out["derived_micro_batch"] = {}
     for backend, comp in backends:
         name = f"{backend}{'+compile' if comp else ''}"
         largest = None
-        mb = preset.micro_batch
+        mb = derived_micro_batch("rtx4070", args.recipe, args.model, args.seq_len, backend, memory_gib=args.cap_gib)
+        out["derived_micro_batch"][name] = mb
+        # from the derived one (one sequence when the estimate fits none), at most --cap-max-micro-batch
+        mb = min(mb or 1, args.cap_max_micro_batch)
         while mb <= args.cap_max_micro_batch:
             spec = Spec(name, backend, comp, mb, args, memory_gib=args.cap_gib, gpu="rtx4070")
             free_memory(device, reset_compiled=True)
@@ -502,7 +521,9 @@ def markdown(rec: dict) -> str:
         c = rec["cap"]
         rule = (f"peak reserved + {c['context_allowance_gib']} GiB context <= the card" if "context_allowance_gib"
                 in c else f"allocated <= {c.get('alloc_limit_gib')} GiB (an older record's rule)")
-        lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): preset fits ({rule}): "
+        what = ("derived micro-batches (" + ", ".join(f"{k} {v}" for k, v in c["derived_micro_batch"].items())
+                + ")" if c.get("derived_micro_batch") else "the preset's micro-batch")  # older records: a field
+        lines += ["", f"12 GiB cap ({c['cap_gib']} GiB, rtx4070 preset): {what} fit ({rule}): "
                       f"{'yes' if c['preset_pass'] else 'NO'}; largest fitting "
                       f"micro-batch: " + ", ".join(f"{k} {v}" for k, v in c["largest_fitting"].items())]
     if rec.get("profile"):
@@ -631,29 +652,39 @@ def project(target: str, record_path: Path | None) -> int:
         return 2
     # Only micro-batches the target can hold: MFU grows with the micro-batch, and the measured device may have
     # run ones that do not fit in the target's memory. The limit per config is the largest micro-batch that
-    # fitted this record's cap check (the rtx4070 preset under its cap), else the target preset's micro-batch.
+    # fitted this record's cap check (the rtx4070 preset under its cap), else the micro-batch train_speedrun.py
+    # derives for it on the target (the memory estimate).
     cap = rec.get("cap") or {}
     fitted = (cap.get("largest_fitting") or {}) if cap.get("preset") == target else {}
-
-    def limit(r):  # a config the cap check found fitting at no micro-batch (None) is left out
-        return (fitted[r["name"]] or 0) if r["name"] in fitted else PRESETS[target].micro_batch
-
-    held = [r for r in runs if r["micro_batch"] <= limit(r)]
-    ours = [r for r in held if r["backend"] == "triton"]
-    pick = max(ours or held, key=lambda r: r["mfu"], default=None)
-    if pick is None:
-        print(f"error: --from-record {record_path}: no run at a micro-batch {target} can hold (at most "
-              f"{PRESETS[target].micro_batch}, the preset's, without a cap check in the record): rerun with "
-              f"--micro-batches {PRESETS[target].micro_batch}", file=sys.stderr)
-        return 2
-    why = (f"largest micro-batch fitting the {cap.get('cap_gib')} GiB cap check in this record: {fitted[pick['name']]}"
-           if pick["name"] in fitted else f"the {target} preset's micro-batch, {PRESETS[target].micro_batch}: "
-           f"no cap check for {pick['name']} in this record")
     recipe = rec.get("recipe", "gpt2")  # records from before --recipe measured GPT-2 under llm.c's recipe
     recipe = LEGACY_RECIPES.get(recipe, recipe)
     if recipe not in RECIPES or RECIPES[recipe].packed:  # this bench times dense (micro-batch, T) steps only
         print(f"error: --from-record {record_path}: unknown recipe {recipe!r}", file=sys.stderr)
         return 2
+    derived = {}
+
+    def target_micro_batch(r) -> int:
+        key = (r["backend"], r.get("torch_ops", ""))
+        if key not in derived:
+            derived[key] = derived_micro_batch(target, recipe, rec.get("model", "d12"), rec.get("seq_len", SEQ_LEN),
+                                               *key) or 0
+        return derived[key]
+
+    def limit(r):  # a config the cap check found fitting at no micro-batch (None) is left out
+        return (fitted[r["name"]] or 0) if r["name"] in fitted else target_micro_batch(r)
+
+    held = [r for r in runs if r["micro_batch"] <= limit(r)]
+    ours = [r for r in held if r["backend"] == "triton"]
+    pick = max(ours or held, key=lambda r: r["mfu"], default=None)
+    if pick is None:
+        most = max((limit(r) for r in runs), default=0)
+        print(f"error: --from-record {record_path}: no run at a micro-batch {target} can hold (at most {most} by "
+              f"the memory estimate, without a cap check in the record): rerun with --micro-batches {most or 1}",
+              file=sys.stderr)
+        return 2
+    why = (f"largest micro-batch fitting the {cap.get('cap_gib')} GiB cap check in this record: {fitted[pick['name']]}"
+           if pick["name"] in fitted else f"the micro-batch train_speedrun.py derives for {pick['name']} on "
+           f"{target} by the memory estimate, {limit(pick)}: no cap check for it in this record")
     published_tokens, source = RECIPES[recipe].tokens_to_target, RECIPES[recipe].tokens_source
     with torch.device("meta"):
         model = RECIPES[recipe].model_for(RECIPES[recipe].sizes()["d12"])

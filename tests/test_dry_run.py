@@ -1,28 +1,77 @@
-"""--dry-run: the plan of a GPU preset's run on a machine without a GPU, building and writing nothing."""
+"""--dry-run, and the batch derived from the card's memory: a GPU preset's plan on a machine without a GPU, building
+and writing nothing. The micro-batch (dense recipes) or packed length (packed) comes from the memory estimate at
+startup (tritonrun/train.py size_batch -> tritonrun.memory.fit_preset); the committed memory records
+(bench/results/memory-*.json, bench/memory.py --max) hold it to what their searches found."""
+import json
+from pathlib import Path
+
 import pytest
 
 from tritonrun import train as train_speedrun
-from tritonrun.presets import preset_micro_batch, preset_seq_len
 from tritonrun.recipes import RECIPES
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+RECORD_PREFIX = {"gpt2": "memory-", "speedrun-dense": "memory-speedrun-dense-", "speedrun": "memory-speedrun-packed-"}
+
+
+def recorded_pick(recipe: str, backend: str, preset: str = "rtx4070") -> int:
+    """What the newest committed memory record of `recipe` on `preset` found to be the largest that fits."""
+    paths = sorted(RESULTS.glob(f"{RECORD_PREFIX[recipe]}{preset}-2*.json"))
+    assert paths, f"no {RECORD_PREFIX[recipe]}{preset}-*.json: run bench/memory.py --gpu {preset} --recipe {recipe} " \
+                  f"--max --record"
+    rec = json.loads(paths[-1].read_text())
+    if RECIPES[recipe].packed:
+        return rec["max_seq_len"][backend]["seq_len"]
+    return rec["max_micro_batch"][backend]["micro_batch"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_rtx4070_plan_of_every_recipe_fits_12gb_by_the_estimate(recipe, backend, tmp_path, monkeypatch, capsys):
-    """`--gpu rtx4070` resolves here too: the micro-batch (dense) or packed length (packed) the preset gives the
-    recipe and backend is the largest that fits the card's budget by the memory estimate (tritonrun/memory.fit)."""
+def test_rtx4070_batch_is_derived_and_equals_the_memory_records(recipe, backend, tmp_path, monkeypatch, capsys):
+    """`--gpu rtx4070` resolves here too: the micro-batch (dense) or packed length (packed) of each recipe and
+    backend is derived from the 12 GB card's memory, is what the committed memory record's search picked, and the
+    plan prints the estimate it chose by."""
     monkeypatch.chdir(tmp_path)
     assert train_speedrun.main(["--gpu", "rtx4070", "--recipe", recipe, "--backend", backend, "--dry-run"]) == 0
     out = capsys.readouterr().out
+    pick = recorded_pick(recipe, backend)
     r = RECIPES[recipe]
-    mb, seq = preset_micro_batch("rtx4070", backend, "", r), preset_seq_len("rtx4070", backend) if r.packed else 1024
+    mb, seq = (1, pick) if r.packed else (pick, 1024)
     assert f"batch: {mb} x {seq} tokens per micro-batch" in out
     memory = next(line for line in out.splitlines() if line.startswith("memory: "))
-    what, value = ("packed length", seq) if r.packed else ("micro-batch", mb)
-    # the estimate's own pick is the preset's: the derivation agrees with the table the memory records sized
-    assert f"largest {what} within the 11.0 GiB budget by the estimate: {value} (" in memory, memory
-    assert memory.endswith(f"this run's {value}: fits"), memory
+    what, flag = ("packed length", "--seq-len") if r.packed else ("micro-batch", "--micro-batch")
+    assert memory.startswith(f"memory: {what} {pick}: the largest whose step fits rtx4070's 11.0 GiB budget"), memory
+    assert f"for --recipe {recipe} --model d12 --backend {backend}" in memory and f"{flag} overrides" in memory
     assert list(tmp_path.iterdir()) == []  # no out dir, no data, nothing (the estimate's cache is $TRITONRUN_CACHE)
+
+
+def test_a_given_batch_is_checked_against_the_estimate(tmp_path, monkeypatch, capsys):
+    """--micro-batch overrides the derivation; the plan says whether it fits by the same estimate."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--backend", "torch", "--dry-run"]
+    pick = recorded_pick("gpt2", "torch")
+    assert train_speedrun.main([*base, "--micro-batch", str(pick // 2)]) == 0
+    out = capsys.readouterr().out
+    assert f"batch: {pick // 2} x 1024" in out and out.count("memory: ") == 1
+    assert f"largest micro-batch within the 11.0 GiB budget by the estimate: {pick} (" in out
+    assert f"this run's {pick // 2}: fits" in out
+    assert train_speedrun.main([*base, "--micro-batch", str(pick * 2)]) == 0
+    assert f"this run's {pick * 2}: DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_memory_gib_sizes_for_a_smaller_card_and_nothing_fitting_is_one_line(tmp_path, monkeypatch, capsys):
+    """--memory-gib sizes the batch for that budget (a laptop part, a shared card); when not even one sequence fits,
+    one line says so and how to fix it, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--model", "tiny", "--seq-len", "128", "--backend", "torch",
+            "--dry-run"]
+    assert train_speedrun.main([*base, "--memory-gib", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fits rtx4070's 1.0 GiB budget" in out
+    assert train_speedrun.main([*base, "--memory-gib", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no micro-batch of --recipe gpt2 --model tiny --backend torch fits rtx4070's 0.0 GiB" \
+        in err[0] and "--memory-gib" in err[0], err
 
 
 def test_dry_run_of_the_cpu_smoke_run_and_of_a_bad_flag(tmp_path, monkeypatch, capsys):
@@ -30,7 +79,29 @@ def test_dry_run_of_the_cpu_smoke_run_and_of_a_bad_flag(tmp_path, monkeypatch, c
     assert train_speedrun.main(["--gpu", "cpu", "--model", "tiny", "--data", "sample", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "batch: 4 x 128 tokens per micro-batch x 2 micro-batches = 1,024 tokens per step, 50 steps" in out
-    assert "memory:" not in out  # no cap on the CPU: nothing to fit
+    assert "memory:" not in out  # no GPU memory on the CPU: nothing to size by
     assert train_speedrun.main(["--gpu", "rtx4070", "--recipe", "speedrun", "--micro-batch", "2", "--dry-run"]) == 2
     assert "does not apply to --recipe speedrun" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_batch_table_is_the_memory_records_picks():
+    """README's table of derived batch sizes quotes, per preset, what the committed memory records' searches
+    picked for each recipe with the torch and the fused LM head (the derivation equals them: tests above and
+    tests/test_memory_fit.py)."""
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    header = "| preset | `speedrun`: packed tokens per micro-batch |"
+    rows = readme.split(header, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    checked = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if cells[0].startswith("cpu"):
+            continue
+        for preset in (p.strip() for p in cells[0].split(",")):
+            for recipe, cell in zip(("speedrun", "gpt2", "speedrun-dense"), cells[1:]):
+                torch_head, fused = (int(v.split("×")[0].replace(",", "")) for v in cell.split("/"))
+                assert (torch_head, fused) == (recorded_pick(recipe, "torch", preset),
+                                               recorded_pick(recipe, "triton", preset)), (preset, recipe, cell)
+            checked.add(preset)
+    from tritonrun.presets import PRESETS
+    assert checked == {n for n, p in PRESETS.items() if p.device == "cuda"}

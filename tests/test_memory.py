@@ -544,77 +544,52 @@ def test_cpu_autocast_makes_the_casts_cuda_autocast_makes():
     assert r.returncode == 0 and "same casts" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
-def test_preset_micro_batch_follows_the_backend(monkeypatch):
-    """--backend triton with the fused LM head takes the preset's triton_micro_batch; the torch LM head (the torch
-    backend, or linear_cross_entropy kept in torch) the preset's micro_batch; an explicit --micro-batch wins.
-    (Config resolution on a GPU, faked on CPU: it reads only is_available and the device name.)"""
-    from tritonrun.presets import PRESETS, Preset, preset_micro_batch
-    from tritonrun.recipes import RECIPES
+def test_micro_batch_is_derived_for_the_backend_that_runs(monkeypatch):
+    """On a GPU the micro-batch follows the LM head that runs: --backend triton with the fused head fits more
+    sequences than the torch head (the torch backend, or linear_cross_entropy kept in torch), each the largest the
+    estimate fits (tritonrun.memory.fit_preset, the same search as bench/memory.py --max); an explicit --micro-batch
+    wins; the packed default recipe takes one sequence of the derived length. (Config resolution on a GPU, faked on
+    CPU: it reads only is_available and the device name.)"""
+    from tritonrun.memory import fit_preset
     from tritonrun.train import resolve_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4070")
 
-    p = PRESETS["rtx4070"]
-    assert p.triton_micro_batch and p.triton_micro_batch > p.micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["gpt2"]) == p.triton_micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "attention", RECIPES["gpt2"]) == p.triton_micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "linear_cross_entropy", RECIPES["gpt2"]) == p.micro_batch
-    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["gpt2"]) == p.micro_batch
-    assert preset_micro_batch("cpu", "triton", "", RECIPES["gpt2"]) == PRESETS["cpu"].micro_batch  # no fused size
-    assert preset_micro_batch("rtx4070", "torch", "", RECIPES["speedrun-dense"]) \
-        == p.speedrun_micro_batch < p.micro_batch
-    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["speedrun-dense"]) == p.triton_micro_batch
-    assert resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0].micro_batch \
-        == p.speedrun_micro_batch  # the speedrun-dense torch LM head (the preset's default backend)
-    # the preset's default recipe (speedrun): one packed sequence of the preset's speedrun_seq_len per micro-batch
-    assert preset_micro_batch("rtx4070", "triton", "", RECIPES["speedrun"]) == 1
-    default = resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0]
-    assert (default.recipe, default.micro_batch, default.seq_len) == ("speedrun", 1, p.speedrun_seq_len)
+    def derived(recipe, backend, torch_ops=""):
+        return fit_preset("rtx4070", recipe, "d12", 1024, 524288, backend, torch_ops)
+
     base = ["--gpu", "rtx4070", "--recipe", "gpt2", "--out-dir", "unused"]
-    assert resolve_config(base)[0].micro_batch == p.micro_batch  # the preset's default backend: torch
-    assert resolve_config(base + ["--backend", "triton"])[0].micro_batch == p.triton_micro_batch
-    assert resolve_config(base + ["--backend", "triton", "--torch-ops", "linear_cross_entropy"])[0].micro_batch \
-        == p.micro_batch
+    torch_head = resolve_config(base)[0].micro_batch  # the preset's default backend: torch
+    fused = resolve_config(base + ["--backend", "triton"])[0].micro_batch
+    kept = resolve_config(base + ["--backend", "triton", "--torch-ops", "linear_cross_entropy"])[0].micro_batch
+    assert torch_head == derived("gpt2", "torch")["micro_batch"]
+    assert fused == derived("gpt2", "triton")["micro_batch"] > torch_head
+    assert kept == derived("gpt2", "triton", "linear_cross_entropy")["micro_batch"] < fused
     assert resolve_config(base + ["--backend", "triton", "--micro-batch", "4"])[0].micro_batch == 4
-    assert Preset.__dataclass_fields__["triton_micro_batch"].default is None
+    # the speedrun-dense torch LM head softcaps fp32 logits: fewer sequences than GPT-2's
+    dense = resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0]
+    assert dense.micro_batch == derived("speedrun-dense", "torch")["micro_batch"] < torch_head
+    default = resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0]  # the GPU default recipe: packed
+    assert (default.recipe, default.micro_batch, default.seq_len) == \
+        ("speedrun", 1, derived("speedrun", "torch")["seq_len"])
 
 
-def _newest_record(preset: str, recipe: str = "gpt2") -> dict | None:
-    """The newest memory record of a recipe for a preset: memory-<preset>-* (gpt2), memory-speedrun-dense-*,
-    memory-speedrun-packed-* (speedrun)."""
-    results = REPO / "bench" / "results"
-    prefix = {"gpt2": "memory-", "speedrun-dense": "memory-speedrun-dense-", "speedrun": "memory-speedrun-packed-"}
-    paths = sorted(results.glob(f"{prefix[recipe]}{preset}-*.json"))
-    return json.loads(paths[-1].read_text()) if paths else None
+def test_presets_describe_hardware_only():
+    """No preset field names a recipe, a backend or a batch size: presets carry memory, peak, GPU, dtype, compile
+    and the default backend; batch sizes are derived, run values are tritonrun/defaults.py's and the recipes'."""
+    from dataclasses import fields
 
+    from tritonrun.gpt2.ops import BACKENDS
+    from tritonrun.presets import Preset
+    from tritonrun.recipes import RECIPES
 
-def test_gpu_presets_fit_by_their_memory_record():
-    """Each GPU preset's micro-batches are within what its committed memory records found to fit: micro_batch for
-    the torch LM head, triton_micro_batch for the fused one (gpt2 and speedrun-dense), speedrun_micro_batch for the
-    speedrun-dense recipe's torch LM head; and, where a packed record exists, speedrun_seq_len (torch LM head) and
-    triton_speedrun_seq_len (fused) within its --max search."""
-    from tritonrun.presets import PRESETS
-
-    assert _newest_record("rtx4070") is not None, "bench/results/memory-rtx4070-*.json is the compass record"
-    for name, p in PRESETS.items():
-        record = _newest_record(name)
-        if p.device != "cuda" or record is None:
-            continue
-        fit = record["max_micro_batch"]
-        assert p.micro_batch <= fit["torch"]["micro_batch"], name
-        if p.triton_micro_batch:
-            assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
-        assert record["seq_len"] == p.seq_len and record["model"] == p.model, name
-        dense = _newest_record(name, "speedrun-dense")
-        assert dense is not None and dense["recipe"] == "speedrun-dense" and not dense.get("packed"), name
-        fit = dense["max_micro_batch"]
-        assert p.speedrun_micro_batch <= fit["torch"]["micro_batch"], name
-        assert p.triton_micro_batch <= fit["triton"]["micro_batch"], name
-        packed = _newest_record(name, "speedrun")  # the GPU presets' default recipe
-        assert packed is not None and packed["recipe"] == "speedrun" and packed["packed"], name
-        assert p.speedrun_seq_len <= packed["max_seq_len"]["torch"]["seq_len"], name
-        assert p.triton_speedrun_seq_len <= packed["max_seq_len"]["triton"]["seq_len"], name
+    names = {f.name for f in fields(Preset)}
+    words = {w for r in RECIPES for w in r.replace("-", "_").split("_")} | set(BACKENDS) | {"recipe"}
+    assert not {n for n in names if words & set(n.split("_"))}, names
+    assert not names & {"micro_batch", "seq_len", "model", "lr", "max_steps", "total_batch_tokens"}, names
+    assert names == {"memory_gib", "peak_tflops", "arch", "sm_count", "backend", "compile", "dtype",
+                     "timing_warmup_steps", "device"}
 
 
 def test_fakes_size_scratch_for_the_planned_gpu():

@@ -8,6 +8,7 @@ import math
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +16,11 @@ import torch
 
 from tritonrun import train as train_speedrun
 from tritonrun import training
+from tritonrun.defaults import run_defaults
 from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint
 from tritonrun.gpt2.ops import SPEEDRUN_DENSE_OPS as SPEEDRUN_OPS, get_ops
 from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS as SPEEDRUN_MODELS, SpeedrunGPT
-from tritonrun.recipes import get_recipe
+from tritonrun.recipes import RECIPES, get_recipe
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, one_thread_env, random_hellaswag_examples
 from tests.test_resume import start_cli, wait_for
 from tests.test_train_cli import REPO, run_cli
@@ -138,7 +140,18 @@ def test_flags_that_do_not_apply_are_one_error_line(tmp_path, capsys, args, need
 def test_recipe_defaults_by_preset():
     cpu, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--out-dir", "x"])
     assert cpu.recipe == "gpt2" and (cpu.lr, cpu.weight_decay) == (2e-3, 0.1)  # the smoke preset is unchanged
-    assert all(p.recipe == "speedrun" for name, p in train_speedrun.PRESETS.items() if name != "cpu")
+    gpu_default = train_speedrun.DEFAULT_RECIPE["cuda"]
+    assert gpu_default == "speedrun" and train_speedrun.DEFAULT_RECIPE["cpu"] == "gpt2"
+    # every recipe's defaults, over the run defaults, give every run field but the out dir and the derived batch
+    for name, recipe in RECIPES.items():
+        for device in ("cuda", "cpu"):
+            have = {**run_defaults(device), **recipe.defaults(on_gpu=device == "cuda")}
+            missing = {f.name for f in fields(train_speedrun.Config)} - set(have) - {
+                "gpu", "recipe", "out_dir", "micro_batch", "memory_gib", "peak_tflops", "backend", "compile",
+                "dtype", "timing_warmup_steps", "device"}
+            assert not missing, (name, device, missing)
+            if device == "cpu":
+                assert "micro_batch" in have  # the smoke run's batch is fixed: a CPU has no memory to size it by
     assert get_recipe("speedrun-dense").defaults(on_gpu=True) == {
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
         "beta1": 0.9, "beta2": 0.95, "max_steps": 3000, "val_every": 125}

@@ -21,7 +21,7 @@ from tritonrun.data.loader import PackedLoader
 from tritonrun.gpt2.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tritonrun.gpt2.ops import SPEEDRUN_OPS, get_ops
 from tritonrun.gpt2.speedrun import SPEEDRUN_DENSE_MODELS, SPEEDRUN_MODELS, SpeedrunGPT, speedrun_window
-from tritonrun.presets import preset_micro_batch, preset_seq_len
+from tritonrun.memory import fit_preset
 from tritonrun.recipes import get_recipe
 from tests.helpers import HAS_CUDA, NEEDS_INTERPRETER, random_hellaswag_examples
 from tests.test_recipe import assert_losses_match, one_process_and_two_ranks
@@ -135,15 +135,16 @@ def test_flags_that_do_not_fit_are_one_error_line(tmp_path, capsys, args, needle
 def test_recipe_defaults_by_preset():
     assert get_recipe("speedrun").defaults(on_gpu=True) == {
         "lr": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, "final_lr_frac": 0.0,
-        "beta1": 0.8, "beta2": 0.95, "max_steps": 1490, "val_every": 125}
-    assert preset_micro_batch("rtx4070", "torch", "", get_recipe("speedrun")) == 1  # one packed sequence
+        "beta1": 0.8, "beta2": 0.95, "max_steps": 1490, "val_every": 125, "micro_batch": 1}
+    assert get_recipe("speedrun").defaults(on_gpu=False)["seq_len"] == 256  # the CPU smoke run's packed length
     cfg, _ = train_speedrun.resolve_config([*PACKED, "--out-dir", "x"])
     assert (cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.total_batch_tokens) == (256, 1, 4, 1024)
-    # the packed length follows the LM head that runs, as the micro-batch does (bench/memory.py --max, eager)
-    seq = preset_seq_len
-    assert (seq("rtx4070", "torch"), seq("rtx4070", "triton"), seq("rtx4070", "triton", "linear_cross_entropy")) \
-        == (4096, 8192, 4096)
-    assert (seq("h100", "triton"), 524288 // seq("h100", "triton")) == (65536, 8)  # the record's 8 GPUs x 64K
+    # on a GPU the packed length follows the LM head that runs, as the micro-batch does (the memory estimate)
+    seq = {(gpu, backend, ops): fit_preset(gpu, "speedrun", "d12", 1024, 524288, backend, ops)["seq_len"]
+           for gpu, backend, ops in (("rtx4070", "torch", ""), ("rtx4070", "triton", ""),
+                                     ("rtx4070", "triton", "linear_cross_entropy"), ("h100", "triton", ""))}
+    assert list(seq.values())[:3] == [4096, 8192, 4096]
+    assert (seq["h100", "triton", ""], 524288 // seq["h100", "triton", ""]) == (65536, 8)  # the record's 8 x 64K
     text = " ".join(train_speedrun.build_parser().format_help().split())
     assert "2024-12-17 record" in text and "ONE packed sequence of --seq-len tokens" in text
 

@@ -269,8 +269,10 @@ def test_memory_fit_rule_and_cap_fraction(monkeypatch):
 def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
     """Config resolution on a GPU, faked on CPU (it reads only is_available and the device name): a run started
     on an H100 PCIe (peak 756) and resumed on an SXM part gets 989; `--resume --gpu auto` on the checkpoint's
-    own GPU keeps the checkpoint's hardware fields (micro-batch, compile) instead of the preset's; a peak the
-    user set survives the resume."""
+    own GPU keeps the checkpoint's hardware fields (micro-batch, compile) instead of the preset's; on other hardware
+    the micro-batch is derived again for that card's memory; a peak the user set survives the resume."""
+    from tritonrun.memory import fit_preset
+
     name = ["NVIDIA H100 PCIe"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name[0])
@@ -280,7 +282,7 @@ def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
         cfg, _ = resolve(["--out-dir", str(out), "--recipe", "speedrun-dense", "--micro-batch", "16", "--no-compile",
                           *flags])
         out.mkdir()
-        save_checkpoint(out, 10, {"run_config": asdict(cfg)})
+        save_checkpoint(out, 10, {"run_config": asdict(cfg), "model_kind": "speedrun-dense"})
         return cfg
 
     cfg = start(tmp_path / "a")
@@ -290,8 +292,10 @@ def test_resume_on_gpus_resolves_hardware_fields(tmp_path, monkeypatch):
         cfg, path = resolve(["--resume", "--out-dir", str(tmp_path / "a"), *flags])
         assert path is not None and (cfg.gpu, cfg.peak_tflops, cfg.micro_batch, cfg.compile) == \
             ("h100", 989.0, 16, False), flags
-    cfg, _ = resolve(["--resume", "--out-dir", str(tmp_path / "a"), "--gpu", "h200"])  # other hardware
-    assert (cfg.gpu, cfg.micro_batch, cfg.compile) == ("h200", 64, True)
+    # other hardware: its preset's fields, and the micro-batch sized anew for its memory (the estimate's pick)
+    cfg, _ = resolve(["--resume", "--out-dir", str(tmp_path / "a"), "--gpu", "h200"])
+    h200 = fit_preset("h200", "speedrun-dense", "d12", 1024, 524288, "torch")["micro_batch"]
+    assert (cfg.gpu, cfg.micro_batch, cfg.compile) == ("h200", h200, True) and h200 > 16
 
     name[0] = "NVIDIA H100 PCIe"
     start(tmp_path / "b", "--peak-tflops", "500")
@@ -375,9 +379,13 @@ def test_presets_are_data_and_flags_override():
     assert set(train_speedrun.PRESETS) == {"rtx4070", "rtx4070ti", "rtx4090", "rtx3090", "a100", "h100",
                                            "h200", "cpu"}
     for name, p in train_speedrun.PRESETS.items():
-        assert p.total_batch_tokens % (p.micro_batch * p.seq_len) == 0, name
         if name != "cpu":
-            assert (p.total_batch_tokens, p.dtype, p.model) == (524_288, "bf16", "d12")
+            assert (p.device, p.dtype, p.compile, p.memory_gib > 0, p.sm_count > 0) == ("cuda", "bf16", True, True,
+                                                                                     True), name
+    from tritonrun.defaults import RUN_DEFAULTS, SMOKE_DEFAULTS
+    assert (RUN_DEFAULTS["total_batch_tokens"], RUN_DEFAULTS["model"], RUN_DEFAULTS["seq_len"]) == (524_288, "d12",
+                                                                                                 1024)
+    assert SMOKE_DEFAULTS["total_batch_tokens"] % (SMOKE_DEFAULTS["micro_batch"] * SMOKE_DEFAULTS["seq_len"]) == 0
     cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--micro-batch", "2", "--lr", "1e-3",
                                            "--no-compile", "--out-dir", "x"])
     assert (cfg.micro_batch, cfg.lr, cfg.compile, cfg.model) == (2, 1e-3, False, "tiny")

@@ -12,13 +12,13 @@ what their real launches allocate, scratch included, sized for the preset's GPU 
 tritonrun/kernels/target.py). Eager mode: torch.compile changes what is saved and fused, so a compiled step's
 activations differ (often lower); the record says "mode": "eager".
 
-Recipes (--recipe; default the preset's recipe field when it has one, else gpt2). gpt2: the above. speedrun-dense
+Recipes (--recipe; default the GPU run's, speedrun). gpt2: the above. speedrun-dense
 (the 2024-11-10 model, T = 1024) and speedrun (the 2024-12-17 one): tritonrun/gpt2/speedrun.py's SpeedrunGPT
 (SPEEDRUN_DENSE_MODELS / SPEEDRUN_MODELS) and the optimizers the trainer builds for it
 (tritonrun/recipes/modded_nanogpt.py's SpeedrunOptimizer): the ops seam's Adam (`optimizer`, torch's fused or the
 Triton FusedAdamW, weight_decay 0) over optimizer_groups()["adam"] (wte and the value-embedding tables, lm_head,
 scalars) and kernels/muon.Muon over the blocks' matrices. speedrun's micro-batch is ONE packed sequence of --seq-len
-tokens (default the preset's speedrun_seq_len) with its document bounds and the schedule's last (largest) window,
+tokens with its document bounds and the schedule's last (largest) window,
 1,792; --max searches the largest power-of-two --seq-len (128 .. the model's 65,536) that fits instead of a
 micro-batch. Its attention is ops.window_attention: under --backend triton tritonrun/kernels/window_attention.py's
 fake (saves q, k, v, the output and an fp32 logsumexp); under --backend torch the trainer runs FlexAttention under
@@ -71,6 +71,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from tritonrun.kernels.target import Target, planning_for  # (imports no triton)
+from tritonrun.presets import PRESETS
 from tritonrun.recipes import get_recipe
 
 GIB = 2**30
@@ -81,17 +82,11 @@ CONTEXT_ALLOWANCE = GIB // 2  # CUDA context + cuBLAS/Triton modules, outside th
 FRAGMENTATION = 0.10  # reserved over allocated at the peak: the caching allocator's rounding and split segments
 BUDGET_MARGIN = GIB  # budget = preset memory - this: the context allowance plus 0.5 GiB of headroom
 
-# The GPU behind each preset, as the kernels' fakes need it: config-table key and SM count (REFERENCE.md, NVIDIA
-# datasheets). sm_86 (RTX 3090) uses the sm_89 tables, as the kernels' arch_key does.
-GPUS: dict[str, Target] = {
-    "rtx4070": Target("rtx4070", "sm_89", 46),
-    "rtx4070ti": Target("rtx4070ti", "sm_89", 60),
-    "rtx4090": Target("rtx4090", "sm_89", 128),
-    "rtx3090": Target("rtx3090", "sm_89", 82),
-    "a100": Target("a100", "sm_80", 108),
-    "h100": Target("h100", "sm_90", 132),
-    "h200": Target("h200", "sm_90", 132),
-}
+# The GPU behind each CUDA preset, as the kernels' fakes need it: its config-table key and SM count (the presets'
+# hardware facts). sm_86 (RTX 3090) has no tables of its own: it uses sm_89's, as the kernels' arch_key does.
+TABLE_ARCH = {"sm_86": "sm_89"}
+GPUS: dict[str, Target] = {name: Target(name, TABLE_ARCH.get(p.arch, p.arch), p.sm_count)
+                           for name, p in PRESETS.items() if p.arch is not None}
 
 
 # ------------------------------------------------------------------------------------------ tracker
@@ -551,3 +546,16 @@ def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None, use_cache:
         pass  # an unwritable cache costs the next run the estimate, nothing else
     return {**answer, "cached": False, "seconds": round(time.perf_counter() - t0, 3)}
 
+
+
+def fit_preset(preset: str, recipe: str, model: str, seq_len: int, total_batch_tokens: int, backend: str,
+               torch_ops: str = "", memory_gib: float | None = None, **kw) -> dict | None:
+    """fit() for a run on a hardware preset: the largest micro-batch (dense recipes, at `seq_len`) or packed length
+    (packed recipes) within `memory_gib` (default the preset's) - 1 GiB. None when the preset has no GPU or no
+    memory to size by (the cpu preset, --memory-gib 0 on a card without one): the caller keeps its default."""
+    memory = PRESETS[preset].memory_gib if memory_gib is None else memory_gib
+    if preset not in GPUS or not memory:
+        return None
+    setup = Setup(preset, model, seq_len, total_batch_tokens, memory, GPUS[preset], recipe=recipe,
+                  torch_ops=torch_ops)
+    return fit(setup, backend, **kw)

@@ -1,4 +1,4 @@
-"""Hardware presets (--gpu): what each card holds and how fast it multiplies, the defaults that suit it, and the
+"""Hardware presets (--gpu): what each card holds and how fast it multiplies, the GPU the kernels plan for, and the
 peak MFU is measured against. `--gpu auto` picks one by the CUDA device's name.
 """
 from __future__ import annotations
@@ -7,90 +7,42 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonrun.data.fineweb import DEFAULT_OUT_DIR  # the default --data: where tritonrun.data.fineweb writes
-from tritonrun.data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH
 from tritonrun.errors import UserError
 from tritonrun.gpt2.ops import parse_op_list
 
 
 @dataclass(frozen=True)
 class Preset:
-    micro_batch: int  # sequences per forward/backward; grad accumulation makes up total_batch_tokens
-    memory_gib: float  # memory budget: the CUDA allocator is capped to it (emulates a smaller card)
+    """One card: what it holds, how fast it multiplies, which GPU the kernels plan for, and how it runs by default.
+    Nothing here names a recipe: the run's values are tritonrun/defaults.py's and the recipe's, and the micro-batch
+    (dense recipes) or packed length (packed recipes) is derived from `memory_gib` at startup by the memory
+    estimate (tritonrun.memory.fit_preset)."""
+    memory_gib: float  # the card's memory: the CUDA allocator is capped to it (emulates a smaller card)
     peak_tflops: float | None  # dense bf16 tensor-core peak with fp32 accumulate, for MFU
+    arch: str | None  # compute capability, e.g. "sm_89" (None: no GPU)
+    sm_count: int  # streaming multiprocessors (persistent kernels size their grids and scratch by it)
     # torch until the Triton kernels have GPU-validated records in bench/results (issue 9); opt in with
     # --backend triton, which already falls back per op where a kernel has not landed.
     backend: str = "torch"
-    torch_ops: str = ""  # under --backend triton, these ops (comma list, tritonrun/gpt2/ops.py names) stay torch
     compile: bool = True
     dtype: str = "bf16"
-    model: str = "d12"
-    data: str = DEFAULT_OUT_DIR
-    recipe: str = "speedrun"  # see RECIPES; --recipe gpt2 is llm.c's (the cpu preset's default)
-    seq_len: int = 1024
-    total_batch_tokens: int = 524_288  # 2**19, llm.c and the speedrun record
-    lr: float = 6e-4
-    warmup_steps: int = 700
-    max_steps: int = 18_865
-    val_every: int = 250
-    val_tokens: int = 10_485_760
     timing_warmup_steps: int = 3  # untimed real steps before the clock starts (compile, autotune)
     device: str = "cuda"
-    final_lr_frac: float = 0.0  # cosine floor as a fraction of lr (llm.c: 0)
-    weight_decay: float = 0.1  # on 2-D weights only
-    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
-    beta1: float = 0.9
-    beta2: float = 0.95
-    seed: int = 1337
-    target_val_loss: float = 3.28
-    checkpoint_every: int = 500  # steps between checkpoints (0 = none; the end and SIGINT/SIGTERM still write one)
-    keep_checkpoints: int = 2  # newest K checkpoints kept (0 = all)
-    max_bad_steps: int = 3  # non-finite steps in a row tolerated before the run stops
-    init_from: str | None = None  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
-    hellaswag_every: int = 1000  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)
-    hellaswag_path: str = str(HELLASWAG_PATH)  # written by `python -m tritonrun.data.hellaswag`
-    # micro-batch under --backend triton with the fused LM head (linear_cross_entropy not in --torch-ops): it keeps
-    # no (tokens x vocab) fp32 logits, so more sequences fit (see triton_micro_batch_for). None: micro_batch.
-    triton_micro_batch: int | None = None
-    # micro-batch of the speedrun recipe with the torch LM head (its fp32 softcapped logits and the torch ops' saved
-    # tensors take more than GPT-2's: bench/results/memory-speedrun-dense-<preset>-*.json). None: micro_batch.
-    speedrun_micro_batch: int | None = None
-    muon_coefficients: str = "quintic"  # speedrun: Newton-Schulz coefficients (the record's quintic, polar_express)
-    # --recipe speedrun: tokens per packed micro-batch (--seq-len; --micro-batch is 1) with the torch LM head, and
-    # with the fused one (--backend triton): the largest power of two bench/memory.py --recipe speedrun --max found
-    # to fit (bench/results/memory-speedrun-packed-<preset>-*.json), at most the record's 65,536 per H100.
-    speedrun_seq_len: int | None = None
-    triton_speedrun_seq_len: int | None = None
 
 
+# Hardware facts: memory, peak (NVIDIA datasheets; GeForce: SMs x boost clock x 512 FLOP/clock/SM), architecture
+# and SM count (REFERENCE.md).
 PRESETS: dict[str, Preset] = {
-    # micro_batch: the torch LM head (fp32 logits materialized); triton_micro_batch: the fused one (gpt2 and
-    # speedrun-dense); speedrun_micro_batch: the torch LM head under --recipe speedrun-dense. All fit by
-    # bench/memory.py's estimate (bench/results/memory-<preset>-*, memory-speedrun-dense-*; tests/test_memory.py
-    # checks it).
-    # speedrun_seq_len / triton_speedrun_seq_len: --recipe speedrun's packed length with the torch / fused LM head,
-    # the largest power of two `bench/memory.py --gpu <preset> --recipe speedrun --max` finds within memory - 1 GiB
-    # (eager; 12 GB cards: 4,096 / 8,192 tokens, 16,384 needs 11.81 GiB reserved with the fused head).
-    "rtx4070": Preset(micro_batch=8, memory_gib=12, peak_tflops=58.3, triton_micro_batch=16, speedrun_micro_batch=4,
-                      speedrun_seq_len=4096, triton_speedrun_seq_len=8192),
-    "rtx4070ti": Preset(micro_batch=8, memory_gib=12, peak_tflops=80.2, triton_micro_batch=16, speedrun_micro_batch=4,
-                        speedrun_seq_len=4096, triton_speedrun_seq_len=8192),
-    "rtx4090": Preset(micro_batch=16, memory_gib=24, peak_tflops=165.2, triton_micro_batch=32, speedrun_micro_batch=8,
-                      speedrun_seq_len=8192, triton_speedrun_seq_len=32768),
-    "rtx3090": Preset(micro_batch=16, memory_gib=24, peak_tflops=71.0, triton_micro_batch=32, speedrun_micro_batch=8,
-                      speedrun_seq_len=8192, triton_speedrun_seq_len=32768),
-    "a100": Preset(micro_batch=32, memory_gib=40, peak_tflops=312.0, triton_micro_batch=64, speedrun_micro_batch=16,
-                   speedrun_seq_len=16384, triton_speedrun_seq_len=65536),
-    "h100": Preset(micro_batch=64, memory_gib=80, peak_tflops=989.0, triton_micro_batch=128, speedrun_micro_batch=32,
-                   speedrun_seq_len=32768, triton_speedrun_seq_len=65536),
-    "h200": Preset(micro_batch=64, memory_gib=141, peak_tflops=989.0, triton_micro_batch=256, speedrun_micro_batch=64,
-                   speedrun_seq_len=65536, triton_speedrun_seq_len=65536),
-    "cpu": Preset(
-        micro_batch=4, memory_gib=0, peak_tflops=None, backend="torch", compile=False, dtype="fp32",
-        model="tiny", recipe="gpt2", data="sample", seq_len=128, total_batch_tokens=1024, lr=2e-3, warmup_steps=10,
-        max_steps=50, val_every=25, val_tokens=8192, timing_warmup_steps=1, device="cpu", checkpoint_every=0,
-        hellaswag_every=0, speedrun_seq_len=256,
-    ),
+    "rtx4070": Preset(memory_gib=12, peak_tflops=58.3, arch="sm_89", sm_count=46),
+    "rtx4070ti": Preset(memory_gib=12, peak_tflops=80.2, arch="sm_89", sm_count=60),
+    "rtx4090": Preset(memory_gib=24, peak_tflops=165.2, arch="sm_89", sm_count=128),
+    "rtx3090": Preset(memory_gib=24, peak_tflops=71.0, arch="sm_86", sm_count=82),
+    "a100": Preset(memory_gib=40, peak_tflops=312.0, arch="sm_80", sm_count=108),
+    "h100": Preset(memory_gib=80, peak_tflops=989.0, arch="sm_90", sm_count=132),
+    "h200": Preset(memory_gib=141, peak_tflops=989.0, arch="sm_90", sm_count=132),
+    # no GPU: fp32, eager, torch ops; train_speedrun.py gives it the smoke run's defaults (tritonrun/defaults.py)
+    "cpu": Preset(memory_gib=0, peak_tflops=None, arch=None, sm_count=0, compile=False, dtype="fp32",
+                  timing_warmup_steps=1, device="cpu"),
 }
 
 # Variants that share a preset's memory class and kernels but not its SM count or clocks: the peak for MFU by
@@ -121,12 +73,13 @@ def resolve_preset(name: str) -> str:
     if any(word in gpu for word in AUTO_REFUSED):
         raise UserError(f"--gpu auto has no preset for {torch.cuda.get_device_name()!r} (a laptop part: less memory "
                         f"and lower clocks than the desktop card): pass the closest preset with your card's "
-                        f"figures, e.g. --gpu rtx4070 --micro-batch 4 --memory-gib 8 --peak-tflops 40")
+                        f"figures, e.g. --gpu rtx4070 --memory-gib 8 --peak-tflops 40 (the batch is sized for "
+                        f"--memory-gib)")
     for needle, preset in AUTO_NAMES:
         if needle in gpu:
             return preset
     raise UserError(f"--gpu auto does not know {torch.cuda.get_device_name()!r}: "
-                    f"pass the closest preset, e.g. --gpu rtx4090 --micro-batch 8")
+                    f"pass the closest preset and your card's memory, e.g. --gpu rtx4090 --memory-gib 20")
 
 
 def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None:
@@ -176,28 +129,3 @@ def automatic_peaks(preset: str) -> set[float | None]:
 def fused_head(backend: str, torch_ops: str) -> bool:
     """Whether the fused LM head + cross-entropy kernel runs (it keeps no tokens x vocab logits in memory)."""
     return backend == "triton" and "linear_cross_entropy" not in parse_op_list(torch_ops)
-
-
-def preset_seq_len(preset: str, backend: str, torch_ops: str = "") -> int:
-    """The preset's packed sequence length for a packed recipe: triton_speedrun_seq_len when the fused LM head runs
-    (fused_head), else speedrun_seq_len (bench/memory.py's estimate, as preset_micro_batch)."""
-    p = PRESETS[preset]
-    fused = fused_head(backend, torch_ops) and p.triton_speedrun_seq_len
-    return p.triton_speedrun_seq_len if fused else p.speedrun_seq_len
-
-
-def preset_micro_batch(preset: str, backend: str, torch_ops: str, recipe) -> int:
-    """The preset's micro-batch for this backend and recipe: 1 for a packed recipe (one packed sequence; its size
-    is the packed length, preset_seq_len); triton_micro_batch when the fused LM head runs (--backend triton,
-    linear_cross_entropy not in --torch-ops; it fits every dense recipe), else speedrun_micro_batch for a model with
-    the softcapped torch LM head (its fp32 logits through tanh), else micro_batch. All from bench/memory.py's
-    estimate (bench/results/memory-[speedrun-]<preset>-*.json): the reserved peak of an eager step within the card's
-    memory - 1 GiB."""
-    if recipe.packed:
-        return 1
-    p = PRESETS[preset]
-    if fused_head(backend, torch_ops) and p.triton_micro_batch:
-        return p.triton_micro_batch
-    if recipe.softcapped_head and p.speedrun_micro_batch:
-        return p.speedrun_micro_batch
-    return p.micro_batch

@@ -17,15 +17,17 @@ Recipes (--recipe; GPU presets default to speedrun, the cpu preset to gpt2):
             1.0 = the record's lrs). Schedule: --warmup-steps linear warmup (default 0), constant, then linear to 0
             over the last 600/1490 of --max-steps. GPU preset defaults become the record's: --max-steps 1490,
             --val-every 125, --grad-clip 0 (off), --total-batch-tokens 524288 (the record's 8 GPUs x 65,536) by
-            gradient accumulation over --seq-len micro-batches (the preset's, sized for its memory).
+            gradient accumulation over --seq-len micro-batches (sized for the card's memory).
   speedrun-dense  the 2024-11-10 record (dense causal T = 1024, 1.57B tokens): as speedrun without the packing,
             window and value embeddings; its own values: --micro-batch sequences of 1024, betas (0.9, 0.95), Muon
             lr 0.04 with momentum warmup over 500 steps, --max-steps 3000, cooldown the last 900/3000.
   Under both speedrun recipes --weight-decay and --final-lr-frac do not apply and are refused; --init-from takes
   only ckpt: of a run of the same recipe. --model is tiny or d12 (the record's 12 x 768, 6 heads of 128).
 
-A preset (--gpu) sets micro-batch, dtype, backend, compile, memory budget and the peak FLOPs used for
-MFU; every field can be overridden by its long flag. The clock excludes validation and an untimed
+A preset (--gpu) describes the card: memory budget, the peak FLOPs used for MFU, the GPU, dtype, backend and
+compile; the run's values are tritonrun/defaults.py's under the recipe's. The micro-batch (dense recipes) or packed
+--seq-len (speedrun) is sized at startup for the card's memory by the GPU-free memory estimate, and the line it
+was chosen by is printed. Every field can be overridden by its long flag. The clock excludes validation and an untimed
 warm-up (compile, autotune) that runs real steps and then restores the initial weights, optimizer
 state and data position. The out dir gets train.log, result.json, leaderboard.md (finished runs),
 loss.png and checkpoints (the last at the end); a run holds a lock on it while it lives.
@@ -45,9 +47,9 @@ import torch
 from tritonrun.errors import UserError
 from tritonrun.gpt2.checkpoint import CheckpointError, checkpoint_model_kind
 from tritonrun.gpt2.ops import BACKENDS, TRITON_OPS, parse_op_list, use_cpu_interpreter
-from tritonrun.memory import GPUS, Setup, fit
-from tritonrun.presets import (DEFAULT_OUT_DIR, PRESETS, automatic_peaks, peak_tflops_for, preset_micro_batch,
-                               preset_seq_len, resolve_preset)
+from tritonrun.defaults import DEFAULT_RECIPE, run_defaults
+from tritonrun.data.fineweb import DEFAULT_OUT_DIR
+from tritonrun.presets import PRESETS, automatic_peaks, fused_head, peak_tflops_for, resolve_preset
 from tritonrun.recipes import RECIPES, get_recipe, recipe_of_model_kind, recipe_taking_weights
 from tritonrun.runs import check_not_finished, claim_out_dir, newest_loadable_checkpoint, OutDirLock
 
@@ -120,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=list(RECIPES),
                    help="gpt2 (llm.c), speedrun (modded-nanogpt 2024-12-17, packed windowed) or speedrun-dense "
                         "(2024-11-10, T = 1024); default speedrun on GPU presets, gpt2 on cpu (see above)")
-    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (speedrun: 1 packed sequence)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default: the largest that fits "
+                                                   "the card by the memory estimate; speedrun: 1 packed sequence)")
     p.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step (default 524288)")
-    p.add_argument("--seq-len", type=int, help="sequence length T (speedrun: tokens per packed micro-batch)")
+    p.add_argument("--seq-len", type=int, help="sequence length T (default 1024; speedrun: tokens per packed "
+                                               "micro-batch, default the largest that fits the card)")
     p.add_argument("--lr", type=float, help="gpt2: peak learning rate; speedrun: multiplier on every group's "
                                             "base lr (default 1.0)")
     p.add_argument("--final-lr-frac", type=float, help="gpt2: cosine decays to lr*this (llm.c: 0)")
@@ -178,18 +182,25 @@ HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "torch_ops", 
 
 
 def resolve_config(argv: list[str] | None) -> tuple[Config, Path | None]:
-    """(config, checkpoint to resume from or None). Preset < checkpoint (with --resume) < explicit flags."""
+    """(config, checkpoint to resume from or None). Preset < run defaults < recipe < checkpoint (with --resume) <
+    explicit flags; the batch is then sized for the card (size_batch)."""
     args = build_parser().parse_args(argv)
     return _resolve(args)
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    cfg, resume_path, _ = resolve_run(args)
+    return cfg, resume_path
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, dict | None]:
+    """(config, checkpoint to resume from or None, how the batch was sized or None: size_batch's)."""
     explicit = {k: v for k, v in vars(args).items()
                 if v is not None and k not in ("resume", "download", "eval_only", "dry_run")}
     if args.resume:
-        merged, resume_path, preset_hardware = _resumed(explicit)
+        merged, resume_path, new_hardware = _resumed(explicit)
     else:
-        merged, resume_path, preset_hardware = _new_run(explicit), None, True
+        merged, resume_path, new_hardware = _new_run(explicit), None, True
     recipe = get_recipe(merged["recipe"])
     # The running GPU's peak, also after a resume, where the checkpoint may hold another variant's (an H100
     # PCIe run's 756 resumed on an SXM part must become 989). A peak the user set keeps its value, unless it
@@ -205,24 +216,60 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
             raise UserError(f"--torch-ops {merged['torch_ops']} applies to --backend triton (under --backend torch "
                             f"every op is torch already): add --backend triton, or drop --torch-ops")
         merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
-    if preset_hardware and "micro_batch" not in explicit:  # the preset's, for the backend that runs
-        merged["micro_batch"] = preset_micro_batch(merged["gpu"], merged["backend"], merged["torch_ops"], recipe)
-    if resume_path is None and recipe.packed and "seq_len" not in explicit:
-        # the packed length for the backend that runs (run-defining: a resumed run keeps its own)
-        merged["seq_len"] = preset_seq_len(merged["gpu"], merged["backend"], merged["torch_ops"])
     for name, why in recipe.refused.items():
         if name in explicit:
             takers = [r.name for r in RECIPES.values() if name not in r.refused]
             raise UserError(f"--{name.replace('_', '-')} does not apply to --recipe {recipe.name} ({why}): drop it"
                             + (f", or use --recipe {takers[0]}" if len(takers) == 1 else ""))
+    dry_run = getattr(args, "dry_run", False)
+    # what the batch is sized by: the micro-batch (dense) on new hardware, the packed length of a new run (it is
+    # run-defining: a resumed packed run keeps its own)
+    field = "seq_len" if recipe.packed else "micro_batch"
+    sizing = None
+    if field not in explicit and (resume_path is None if recipe.packed else new_hardware):
+        merged.setdefault("micro_batch", 1)  # a placeholder for the checks before sizing (the CPU's: 4)
+        validate(Config(**{f.name: merged[f.name] for f in fields(Config)}), dry_run=dry_run)
+        sizing = size_batch(merged, recipe)
+        if sizing is not None:
+            merged[field] = sizing["value"]
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
-    validate(cfg, dry_run=getattr(args, "dry_run", False))
-    return cfg, resume_path
+    validate(cfg, dry_run=dry_run)
+    return cfg, resume_path, sizing
+
+
+def size_batch(merged: dict, recipe) -> dict | None:
+    """The largest micro-batch (dense recipes) or packed length (packed) whose estimated step fits the card's memory
+    - 1 GiB (tritonrun.memory.fit_preset; --memory-gib sizes for a smaller card), for this recipe, model, backend
+    and --torch-ops: {"field", "value", "reserved_gib", "budget_gib", "cached", "seconds", "text"}. None on a
+    preset without a GPU (the smoke run's defaults stand). UserError when nothing fits."""
+    from tritonrun.memory import fit_preset
+
+    found = fit_preset(merged["gpu"], recipe.name, merged["model"], merged["seq_len"], merged["total_batch_tokens"],
+                       merged["backend"], merged["torch_ops"], memory_gib=merged["memory_gib"] or None)
+    if found is None:
+        return None
+    field, flag, what = (("seq_len", "--seq-len", "packed length") if recipe.packed
+                         else ("micro_batch", "--micro-batch", "micro-batch"))
+    where = (f"--recipe {recipe.name} --model {merged['model']} --backend {merged['backend']}"
+             + (f" --torch-ops {merged['torch_ops']}" if merged["torch_ops"] else ""))
+    if found[field] is None:
+        smallest = found["tried"][0][0] if found["tried"] else "any"
+        hint = ("" if fused_head(merged["backend"], merged["torch_ops"])
+                else ", or --backend triton (its fused LM head keeps no logits)")
+        raise UserError(f"no {what} of {where} fits {merged['gpu']}'s {found['budget_gib']} GiB budget by the memory "
+                        f"estimate (not even {smallest}): pick a smaller --model or a card with more memory "
+                        f"(--memory-gib){hint}")
+    how = "cached" if found["cached"] else f"estimated in {found['seconds']:.1f} s"
+    text = (f"{what} {found[field]}: the largest whose step fits {merged['gpu']}'s {found['budget_gib']} GiB budget "
+            f"(memory - 1 GiB) by the memory estimate, {found['reserved_gib']:.2f} GiB reserved, for {where} "
+            f"({how}; {flag} overrides)")
+    return {"field": field, "value": found[field], "reserved_gib": found["reserved_gib"],
+            "budget_gib": found["budget_gib"], "cached": found["cached"], "seconds": found["seconds"], "text": text}
 
 
 def _resumed(explicit: dict) -> tuple[dict, Path, bool]:
     """--resume: the checkpoint's run config under the flags that may change (hardware, batching split, logging),
-    its checkpoint, and whether the hardware fields are a new preset's."""
+    its checkpoint, and whether the run moves to other hardware (a new preset: its batch is sized anew)."""
     if "out_dir" not in explicit:
         raise UserError("--resume needs the run's --out-dir")
     out_dir = Path(explicit["out_dir"])
@@ -231,7 +278,10 @@ def _resumed(explicit: dict) -> tuple[dict, Path, bool]:
     # The checkpoint's model decides the recipe: before --recipe every run was gpt2, and a run from before the
     # 2024-12-17 recipe that took the name speedrun holds a speedrun-dense model.
     base["recipe"] = recipe_of_model_kind(checkpoint_model_kind(ckpt)).name
-    for name, value in asdict(PRESETS[base["gpu"]]).items():  # fields newer than the checkpoint: the preset's
+    own = PRESETS[base["gpu"]]
+    newer = {**asdict(own), **run_defaults(own.device),
+             **get_recipe(base["recipe"]).defaults(on_gpu=own.device == "cuda")}
+    for name, value in newer.items():  # fields newer than the checkpoint: today's defaults
         base.setdefault(name, value)
     extending = check_not_finished(out_dir, ckpt, base, explicit)
     del ckpt
@@ -242,24 +292,26 @@ def _resumed(explicit: dict) -> tuple[dict, Path, bool]:
             raise UserError(f"--resume: --{name.replace('_', '-')} {value} conflicts with the checkpoint's "
                             f"{base.get(name)} ({resume_path.name}); drop the flag, or start a new --out-dir")
     # other hardware: take its preset's fields (`--gpu auto` on the checkpoint's own GPU is not other hardware)
-    preset_hardware = "gpu" in explicit and resolve_preset(explicit["gpu"]) != base["gpu"]
-    if preset_hardware:
-        preset = asdict(PRESETS[resolve_preset(explicit["gpu"])])
-        base.update({k: preset[k] for k in HARDWARE})
+    new_hardware = "gpu" in explicit and resolve_preset(explicit["gpu"]) != base["gpu"]
+    if new_hardware:
+        target = PRESETS[resolve_preset(explicit["gpu"])]
+        hardware = {**run_defaults(target.device), **asdict(target)}  # a CPU's fixed micro-batch; a GPU's is sized
+        base.update({k: hardware[k] for k in HARDWARE if k in hardware})
     merged = {**base, **explicit}
     merged["gpu"] = resolve_preset(merged["gpu"])
-    return merged, resume_path, preset_hardware
+    return merged, resume_path, new_hardware
 
 
 def _new_run(explicit: dict) -> dict:
-    """A new run: the preset, the recipe's fields over it, the flags over both."""
+    """A new run: the preset, the run defaults for its device, the recipe's over both, the flags over all."""
     gpu = resolve_preset(explicit.get("gpu", "auto"))
+    preset = PRESETS[gpu]
     name = explicit.get("recipe")
     if explicit.get("init_from"):
         name = init_recipe(explicit["init_from"], name)
-    recipe = get_recipe(name or PRESETS[gpu].recipe)
-    merged = {**asdict(PRESETS[gpu]), **recipe.defaults(on_gpu=PRESETS[gpu].device == "cuda"), **explicit,
-              "gpu": gpu, "recipe": recipe.name}
+    recipe = get_recipe(name or DEFAULT_RECIPE[preset.device])
+    merged = {**asdict(preset), **run_defaults(preset.device), **recipe.defaults(on_gpu=preset.device == "cuda"),
+              **explicit, "gpu": gpu, "recipe": recipe.name}
     if merged.get("init_from"):
         try:
             merged["model"] = recipe.init_model_size(merged["init_from"], explicit.get("model"))
@@ -415,32 +467,34 @@ def oom_message(cfg: Config) -> str:
             f"keep --total-batch-tokens), --seq-len or --model, or raise --memory-gib if the card has more")
 
 
-def plan_text(cfg: Config, resume_path: Path | None) -> str:
-    """What a run of `cfg` would do, for --dry-run: the batch geometry, the memory estimate of the step
-    (tritonrun/memory.fit: the largest micro-batch or packed length that fits the preset's card, for this recipe,
-    model, backend and --torch-ops; cached), and the resolved config."""
+def plan_text(cfg: Config, resume_path: Path | None, sizing: dict | None = None) -> str:
+    """What a run of `cfg` would do, for --dry-run: the batch geometry, how it was sized (size_batch) or, for a
+    batch the flags gave, the memory estimate's largest within the card's budget, and the resolved config."""
     recipe = get_recipe(cfg.recipe)
     preset = PRESETS[cfg.gpu]
     lines = [f"dry run: nothing built, read or written{f' (would resume {resume_path})' if resume_path else ''}",
              f"recipe {recipe.name}: {recipe.replicates}",
-             f"preset {cfg.gpu}: {preset.memory_gib or 'no'} GiB cap, peak {cfg.peak_tflops or 'n/a'} TFLOPS bf16, "
+             f"preset {cfg.gpu}: {preset.memory_gib or 'no'} GiB, peak {cfg.peak_tflops or 'n/a'} TFLOPS bf16, "
              f"backend {cfg.backend}{f' (torch: {cfg.torch_ops})' if cfg.torch_ops else ''}, "
              f"{'compiled' if cfg.compile else 'eager'}, {cfg.dtype}",
              f"batch: {cfg.micro_batch} x {cfg.seq_len} tokens per micro-batch"
              f"{' (one packed sequence)' if recipe.packed else ''} x {cfg.grad_accum} micro-batches = "
              f"{cfg.total_batch_tokens:,} tokens per step, {cfg.max_steps} steps"]
-    if cfg.memory_gib and cfg.gpu in GPUS:
+    if sizing is not None:
+        lines.append(f"memory: {sizing['text']}")
+    elif preset.memory_gib:
         lines.append(memory_plan(cfg, recipe))
     lines.append("config:\n" + "\n".join(f"  {f.name:<20}  {getattr(cfg, f.name)}" for f in fields(Config)))
     return "\n".join(lines)
 
 
 def memory_plan(cfg: Config, recipe) -> str:
-    """One line: the estimate's largest micro-batch (or packed length) within the card's budget, and whether this
-    run's is within it."""
-    setup = Setup(cfg.gpu, cfg.model, cfg.seq_len, cfg.total_batch_tokens, cfg.memory_gib, GPUS[cfg.gpu],
-                  recipe=cfg.recipe, torch_ops=cfg.torch_ops)
-    found = fit(setup, cfg.backend)
+    """One line for a batch the flags (or the checkpoint) set: the estimate's largest micro-batch (or packed
+    length) within the card's budget, and whether this run's is within it."""
+    from tritonrun.memory import fit_preset
+
+    found = fit_preset(cfg.gpu, cfg.recipe, cfg.model, cfg.seq_len, cfg.total_batch_tokens, cfg.backend,
+                       cfg.torch_ops, memory_gib=cfg.memory_gib or None)
     what, ours = ("packed length", cfg.seq_len) if recipe.packed else ("micro-batch", cfg.micro_batch)
     best = found["seq_len"] if recipe.packed else found["micro_batch"]
     how = "cached" if found["cached"] else f"{found['seconds']:.1f} s"
@@ -461,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.dry_run:
-            print(plan_text(*_resolve(args)))
+            print(plan_text(*resolve_run(args)))
             return 0
         if args.eval_only and args.resume:
             raise UserError("--eval-only with --resume would rewrite that run's record: score a run's weights "
@@ -470,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             running = OutDirLock(Path(args.out_dir))
             if running.holder() is not None:  # before reading its checkpoints: they are still being written
                 raise UserError(running.refusal())
-        cfg, resume_path = _resolve(args)
+        cfg, resume_path, sizing = resolve_run(args)
         out_dir, lock = claim_out_dir(Path(cfg.out_dir), resuming=resume_path is not None,
                                       default_name=args.out_dir is None)
         cfg = replace(cfg, out_dir=str(out_dir))
@@ -481,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(str(e)) from None
         train_files, val_file = open_data(cfg, download=args.download)
         result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path,
-                              eval_only=args.eval_only)
+                              eval_only=args.eval_only, sizing=sizing)
         return result.get("exit_code", 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

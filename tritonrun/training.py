@@ -4,7 +4,7 @@ up, warm up, train, finish; validation, HellaSwag and checkpoints between steps)
 `run(cfg, out_dir, ...)` trains one run described by a resolved config (tritonrun/train.py Config). The recipe
 (cfg.recipe, tritonrun/recipes/) builds the model, optimizer, schedule and data loaders; the loop asks it and never
 tests which recipe it has. Run bookkeeping on disk (result record, leaderboard row, plot) is tritonrun/runs.py's;
-presets and flags are tritonrun/presets.py's and tritonrun/train.py's.
+presets, run defaults and flags are tritonrun/presets.py's, tritonrun/defaults.py's and tritonrun/train.py's.
 
 - Clock: only training steps are timed. Validation, checkpoint writes and the untimed warm-up (real
   steps, then weights, optimizer, RNG and data position restored) are outside it.
@@ -366,15 +366,17 @@ class StopSignals:
 
 # ------------------------------------------------------------------------------------ the run, in phases
 def run(cfg, out_dir: Path, train_files: list[Path], val_file: Path, resume_from: Path | None = None,
-        eval_only: bool = False) -> dict:
-    """Train; returns the result record (also written to out_dir/result.json on rank 0)."""
+        eval_only: bool = False, sizing: dict | None = None) -> dict:
+    """Train; returns the result record (also written to out_dir/result.json on rank 0). `sizing`: how the CLI
+    sized the batch for the card (tritonrun/train.py size_batch), logged and recorded."""
     dist = Dist(cfg.device)
     finished = False
     try:
         env = env_info(dist.device)
         log = RunLog(out_dir / "train.log" if dist.master else None, cfg.max_steps, append=resume_from is not None)
         try:
-            result = TrainingRun(cfg, out_dir, env, log, dist).execute(train_files, val_file, resume_from, eval_only)
+            phases = TrainingRun(cfg, out_dir, env, log, dist, sizing)
+            result = phases.execute(train_files, val_file, resume_from, eval_only)
             finished = True
             return result
         finally:
@@ -387,8 +389,9 @@ class TrainingRun:
     """One run's phases: set up, (evaluate only,) warm up, train, finish; evaluation, HellaSwag, checkpoints and
     record writes between steps. Rank 0 writes; every rank computes."""
 
-    def __init__(self, cfg, out_dir: Path, env: dict, log: RunLog, dist: Dist):
+    def __init__(self, cfg, out_dir: Path, env: dict, log: RunLog, dist: Dist, sizing: dict | None = None):
         self.cfg, self.out_dir, self.env, self.log, self.dist = cfg, out_dir, env, log, dist
+        self.sizing = sizing
         self.result_path = out_dir / "result.json"
         self.start_step, self.train_time = 0, 0.0
         self.hellaswag_examples = None
@@ -426,6 +429,8 @@ class TrainingRun:
         }
         log.line("config:\n" + config_table(cfg, extra))
         log.line(f"recipe {cfg.recipe}")
+        if self.sizing is not None:
+            log.line(f"memory: {self.sizing['text']}")
         extra_op = trainer.recipe.describe_optimizer(trainer.optimizer, dist.world_size)
         log.line("ops:\n" + trainer.ops.describe(trainer.op_names) + ("" if extra_op is None else "\n" + extra_op))
         mfu_peak = mfu_peak_info(cfg, env["device"])
@@ -437,12 +442,14 @@ class TrainingRun:
             self.result = ckpt["result"]
             self.result.update(status="running", env=env, config=asdict(cfg))
             self.result.setdefault("hellaswag", [])
-            self.result["resumed_from"].append({"step": self.start_step, "checkpoint": str(resume_from), "env": env})
+            self.result["resumed_from"].append({"step": self.start_step, "checkpoint": str(resume_from), "env": env,
+                                                "batch_sizing": self.sizing})
             del ckpt
             log.line(f"resumed from {resume_from} at step {self.start_step} "
                      f"(train time so far {self.train_time:.1f} s)")
         else:
             self.result = new_result(cfg, env, trainer, dist)
+            self.result["batch_sizing"] = self.sizing  # how the micro-batch / packed length was sized (None: flags)
         self.result["mfu_peak"] = mfu_peak
         self.write_result()
 

@@ -6,7 +6,8 @@ run asks them:
 
   name, replicates        the --recipe name, and the record or recipe it follows (logs, README)
   sizes()                 --model's names and their model configs
-  defaults(on_gpu)        the fields it sets over a hardware preset (a GPU run takes the record's length too)
+  defaults(on_gpu)        the fields it sets over tritonrun/defaults.py's (lr, schedule lengths, betas, ...: every
+                          optimizer field; on_gpu False: the CPU smoke run's)
   refused                 flags with no meaning under it, each with the reason
   validate(cfg)           what it requires of a resolved config (ValueError: one line, the fix)
   packed                  the data layout: one packed sequence of seq_len tokens per micro-batch (documents in
@@ -67,8 +68,10 @@ class Recipe:
         raise NotImplementedError
 
     def defaults(self, on_gpu: bool) -> dict:
-        """Fields this recipe sets over a hardware preset's."""
-        return {}
+        """Fields this recipe sets over tritonrun/defaults.py's: every optimizer and schedule field (lr,
+        warmup_steps, max_steps, final_lr_frac, weight_decay, grad_clip, beta1, beta2), and what its data layout
+        needs (a packed recipe: micro_batch 1). on_gpu False: the CPU smoke run's values."""
+        raise NotImplementedError
 
     def validate(self, cfg) -> None:
         """Raise ValueError (one line with the fix) for a config this recipe cannot train."""

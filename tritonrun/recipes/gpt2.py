@@ -1,8 +1,8 @@
 """--recipe gpt2: GPT-2 124M exactly as llm.c trains it (tritonrun/gpt2/model.py; REFERENCE.md, "The llm.c 124M
 recipe"): AdamW with --lr peak, --beta1/--beta2, eps 1e-8, --weight-decay on 2-D weights only; --warmup-steps
 linear warmup, cosine to --lr x --final-lr-frac at --max-steps; --grad-clip global norm. Dense (micro_batch,
-seq_len) batches. Its values are the hardware presets' own (tritonrun/train.py Preset: lr 6e-4, warmup 700,
-18,865 steps, decay 0.1, clip 1.0), so it sets nothing over them.
+seq_len) batches. Its values are llm.c's (GPT2_DEFAULTS: lr 6e-4, warmup 700, 18,865 steps, decay 0.1, clip 1.0);
+the CPU smoke run's are its own (a tiny model's lr, 10 steps of warmup in 50).
 """
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from dataclasses import dataclass
 
 from tritonrun.gpt2.ops import GPT2_OPS
 from tritonrun.recipes.base import Recipe, Schedule
+
+
+# llm.c's GPT-2 124M run (REFERENCE.md): 18,865 steps x 524,288 tokens = 10B tokens
+GPT2_DEFAULTS = {"lr": 6e-4, "warmup_steps": 700, "max_steps": 18_865, "final_lr_frac": 0.0, "weight_decay": 0.1,
+                 "grad_clip": 1.0, "beta1": 0.9, "beta2": 0.95}
+# the smoke run (tritonrun/defaults.py SMOKE_DEFAULTS: its 50 steps, the tiny model): a small model's peak lr
+GPT2_SMOKE = {"lr": 2e-3, "warmup_steps": 10}
 
 
 def lr_at(cfg, step: int) -> float:
@@ -40,6 +47,11 @@ class GPT2Recipe(Recipe):
     @property
     def refused(self) -> dict[str, str]:
         return {"muon_coefficients": "gpt2 trains with AdamW only (no Muon)"}
+
+    def defaults(self, on_gpu: bool) -> dict:
+        if on_gpu:
+            return dict(GPT2_DEFAULTS)
+        return {k: v for k, v in {**GPT2_DEFAULTS, **GPT2_SMOKE}.items() if k != "max_steps"}
 
     def sizes(self) -> dict:
         from tritonrun.gpt2.config import MODEL_SIZES

@@ -114,7 +114,9 @@ class SpeedrunRecipe(Recipe):
     def defaults(self, on_gpu: bool) -> dict:
         rc = self.record
         out = {**SPEEDRUN_DEFAULTS, "beta1": rc.adam_betas[0], "beta2": rc.adam_betas[1]}
-        if on_gpu:  # the cpu preset's smoke run keeps its own short length
+        if self.packed:
+            out["micro_batch"] = 1  # one packed sequence; its length, seq_len, is sized for the card's memory
+        if on_gpu:  # the CPU smoke run keeps its own short length
             out.update(max_steps=rc.num_iterations, val_every=rc.val_every)
         return out
 

@@ -24,6 +24,12 @@ class Record20241217(SpeedrunRecipe):
 
         return SPEEDRUN_MODELS
 
+    def defaults(self, on_gpu: bool) -> dict:
+        out = super().defaults(on_gpu)
+        if not on_gpu:  # the smoke run packs two of the dense smoke's 128-token rows per sequence
+            out["seq_len"] = 256
+        return out
+
     def validate(self, cfg) -> None:
         super().validate(cfg)
         if cfg.micro_batch != 1:
