@@ -105,3 +105,19 @@ def test_readme_batch_table_is_the_memory_records_picks():
             checked.add(preset)
     from tritonrun.presets import PRESETS
     assert checked == {n for n, p in PRESETS.items() if p.device == "cuda"}
+
+
+def test_the_line_the_batch_was_sized_by_goes_to_the_log_and_the_record(tmp_path, one_torch_thread):
+    """What size_batch chose the batch by reaches train.log and result.json's batch_sizing (a CPU run stands in
+    for the GPU run that sizes: the run itself takes the sizing it is given)."""
+    from tritonrun import training
+
+    cfg, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--model", "tiny", "--data", "sample", "--seq-len", "64",
+                                            "--total-batch-tokens", "256", "--max-steps", "2", "--val-every", "2",
+                                            "--val-tokens", "256", "--out-dir", str(tmp_path)])
+    sizing = {"field": "micro_batch", "value": cfg.micro_batch, "reserved_gib": 1.23, "budget_gib": 11.0,
+              "cached": True, "seconds": 0.01, "text": "micro-batch 4: the largest whose step fits (a test's line)"}
+    train, val = train_speedrun.open_data(cfg)
+    training.run(cfg, tmp_path, train, val, sizing=sizing)
+    assert "memory: micro-batch 4: the largest whose step fits (a test's line)" in (tmp_path / "train.log").read_text()
+    assert json.loads((tmp_path / "result.json").read_text())["batch_sizing"] == sizing
