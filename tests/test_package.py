@@ -144,10 +144,13 @@ def test_pip_install_target_is_a_library_usable_from_anywhere(tmp_path):
     installed = {p.relative_to(target).as_posix() for p in (target / "tritonrun").rglob("*.py")}
     in_repo = {p.relative_to(REPO).as_posix() for p in (REPO / "tritonrun").rglob("*.py")}
     assert installed == in_repo
+    corpus = {p.name for p in (target / "tritonrun" / "data" / "sample_corpus").iterdir()}
+    assert corpus == {"manifest.json", "sample_val_000000.bin", "sample_train_000001.bin"}  # --data sample's shards
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = ("import torch, tritonrun.kernels.attention as a, tritonrun.gpt2, tritonrun.data.loader\n"
-            "import tritonrun.training, tritonrun.recipes, tritonrun.memory\n"
+            "import tritonrun.training, tritonrun.recipes, tritonrun.memory, tritonrun.data.sample as s\n"
+            "assert len(s.sample_tokens()[1]) == s.manifest()['tokens'][s.TRAIN_NAME]\n"
             "print(a.__file__)\n"
             "torch.manual_seed(0)\n"
             "q, k, v = (torch.randn(1, 2, 19, 32, requires_grad=True) for _ in range(3))\n"
@@ -222,7 +225,7 @@ def test_readme_kernel_example_runs_as_written():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-@pytest.mark.parametrize("module", ["fineweb", "hellaswag"])
+@pytest.mark.parametrize("module", ["fineweb", "hellaswag", "sample"])
 def test_data_commands_run_as_files_say_how_to_run_them(module):
     """`python tritonrun/data/fineweb.py` (the old `python data/fineweb.py`, moved) would put tritonrun/data/ first on
     sys.path, where loader.py, sample.py and tokenizer.py become top-level modules: it stops with the command."""

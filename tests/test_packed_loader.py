@@ -316,3 +316,26 @@ def test_cuda_matches_cpu(tmp_path, world):
         for (x, y, cu), (gx, gy, gcu) in zip(_take(cpu, 40), got):
             assert gx.is_cuda and gcu.is_cuda and gx.dtype == torch.int64 and gcu.dtype == torch.int32
             assert torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu()) and torch.equal(cu, gcu.cpu())
+
+
+def test_doc_slots_pad_cu_seqlens_to_one_length(tmp_path):
+    """With doc_slots (the trainer's: doc_slots_for(seq_len)) every cu_seqlens has doc_slots + 1 entries: the
+    sequence's own bounds, then seq_len repeated (empty documents no position falls in); a sequence with more
+    documents than slots widens to the next power of two. Tokens and the unpadded prefix are the plain loader's."""
+    from tritonrun.data.loader import doc_slots_for, pad_bounds
+
+    files, _ = _split_shards(tmp_path, 0, [300], 12, 0.3)
+    plain, padded = _take(PackedLoader(files, seq_len=16), 20), _take(PackedLoader(files, seq_len=16, doc_slots=2), 20)
+    widened = 0
+    for (x, y, cu), (px, py, pcu) in zip(plain, padded):
+        assert torch.equal(x, px) and torch.equal(y, py)
+        n = len(cu)
+        assert torch.equal(pcu[:n], cu) and (pcu[n:] == 16).all()
+        assert len(pcu) == (3 if n <= 3 else 1 + (1 << (n - 2).bit_length())), (n, len(pcu))
+        widened += n > 3
+    assert widened, "a sequence with more documents than slots occurs in this corpus"
+    assert pad_bounds(np.array([0, 5, 9], dtype=np.int32), 4).tolist() == [0, 5, 9, 9, 9]
+    assert doc_slots_for(256) == 16 and doc_slots_for(65536) == 2048
+    pos = np.arange(16)
+    for (_, _, cu), (_, _, pcu) in zip(plain, padded):  # every position lies in the same document
+        assert (np.searchsorted(cu.numpy(), pos, side="right") == np.searchsorted(pcu.numpy(), pos, side="right")).all()

@@ -284,3 +284,36 @@ def test_trainer_hellaswag_scores_the_windowed_model(tmp_path):
     hs = tr.hellaswag(examples)
     assert hs["n"] == 6 and 0 <= hs["acc"] <= 1 and 0 <= hs["acc_norm"] <= 1
     assert hs == {**evaluate(tr.model, examples, "cpu"), "n": 6}
+
+
+def test_warm_up_reaches_every_window_graph():
+    """The untimed warm-up adds one step at the first window that differs and one at the last, so the recompiles a
+    window change causes under --compile happen before the clock; nothing is added for a dense schedule."""
+    from tritonrun.recipes.modded_nanogpt import RecordSchedule
+
+    windowed = RecordSchedule(dataclasses.replace(SPEEDRUN_MODELS["tiny"], num_iterations=50, warmdown_iters=20))
+    steps = windowed.warmup_steps(0, 2, 50)
+    first = {windowed.window(s) for s in steps[:2]}
+    assert steps[:2] == [0, 1] and len(steps) == 4 and first.isdisjoint(windowed.window(s) for s in steps[2:])
+    assert steps[2] == next(s for s in range(2, 50) if windowed.window(s) != windowed.window(1)) and steps[3] == 49
+    assert windowed.warmup_steps(0, 0, 50) == [] and windowed.warmup_steps(49, 1, 50) == [49]
+    dense = RecordSchedule(SPEEDRUN_DENSE_MODELS["tiny"])
+    assert dense.warmup_steps(3, 2, 50) == [3, 4]
+
+
+def test_compiled_run_has_no_compile_inside_the_clock(tmp_path):
+    """A compiled CPU run of --recipe speedrun whose window changes every step: with the warm-up, no graph is
+    compiled inside a timed step (result.json timed_compiles 0); without one (--timing-warmup-steps 0) the compiles
+    land in the clock and are counted, with a warning naming the step."""
+    flags = [*SMALL, "--compile", "--max-steps", "4", "--val-every", "4", "--checkpoint-every", "0"]
+    proc = run_cli(*flags, "--out-dir", tmp_path / "warm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "warm" / "result.json").read_text())
+    assert len({s["window"] for s in rec["steps"]}) == 4, "the window changes every step"
+    assert rec["timed_compiles"] == 0 and "timed_compile_steps" not in rec, rec.get("timed_compile_steps")
+    assert "so that no window change compiles in the clock" in proc.stdout
+    proc = run_cli(*flags, "--timing-warmup-steps", "0", "--out-dir", tmp_path / "cold")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "cold" / "result.json").read_text())
+    assert rec["timed_compiles"] >= 2 and rec["timed_compile_steps"][:2] == [1, 2], rec.get("timed_compile_steps")
+    assert "compiled inside timed step 1" in proc.stdout

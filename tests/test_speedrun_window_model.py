@@ -365,3 +365,39 @@ def test_a_2024_11_10_checkpoint_from_before_this_recipe_loads_as_speedrun_dense
     idx = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(idx), dense.eval()(idx))
+
+
+def test_torch_attention_builds_one_mask_per_forward(monkeypatch):
+    """The torch path's mask (a FlexAttention BlockMask when compiled on CUDA, the dense mask elsewhere) is built
+    once per forward and shared by every attention layer (it was once per layer: 11 per micro-batch at d12), with
+    the same result."""
+    from tritonrun.gpt2 import speedrun as sr
+
+    torch.manual_seed(0)
+    model = SpeedrunGPT(SPEEDRUN_MODELS["tiny"], get_ops("torch"))
+    idx = torch.randint(0, 50257, (1, 64))
+    cu = torch.tensor([0, 9, 10, 40, 64], dtype=torch.int32)
+    want = model(idx, idx, cu, 32)
+    calls = []
+    real = sr.torch_window_mask
+    monkeypatch.setattr(sr, "torch_window_mask", lambda *a: calls.append(a) or real(*a))
+    got = model(idx, idx, cu, 32)
+    n_attn = sum(b.attn is not None for b in model.transformer.h)
+    assert n_attn > 1 and len(calls) == 1 and torch.equal(got, want)
+
+
+def test_eager_torch_window_attention_refuses_a_huge_dense_mask_on_a_gpu(tmp_path, monkeypatch, capsys):
+    """On CUDA without --compile the torch path would build a dense T x T mask: above DENSE_WINDOW_MASK_MAX_T the
+    op refuses with the fix named, and the trainer refuses such a run at startup in one line (here: the h100's
+    packed length, sized for its memory, under --no-compile)."""
+    from tritonrun import train
+    from tritonrun.gpt2.ops import DENSE_WINDOW_MASK_MAX_T, torch_window_mask
+
+    T = DENSE_WINDOW_MASK_MAX_T * 2
+    with pytest.raises(ValueError, match="add --compile .* or --backend triton"):
+        torch_window_mask(torch.tensor([0, T], dtype=torch.int32), 128, T, torch.device("cuda"))
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--gpu", "h100", "--no-compile", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dense 32768 x 32768 mask" in err[0] and "--compile" in err[0], err
+    assert train.main(["--gpu", "h100", "--no-compile", "--backend", "triton", "--dry-run"]) == 0  # the kernel

@@ -402,3 +402,20 @@ def test_opcheck(poison):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(window_attention_op, (q, k, v, cu_tensor([0, 4, 19]), 3, 0.125),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_padded_cu_seqlens_change_nothing(poison):
+    """cu_seqlens padded with repeated T (the packed loader's doc_slots, one shape under torch.compile) gives the
+    kernel's and the torch path's outputs and gradients bit for bit."""
+    from tritonrun.gpt2.ops import torch_window_attention
+
+    B, H, T, D = 1, 1, 48, 64
+    cuts = random_cuts(T, 5, seed=11)
+    q, k, v, do = make_inputs(B, H, T, D, torch.float32, seed=12)
+    for window in (5, 20):
+        plain = run_kernel(q, k, v, do, cu_tensor(cuts), window)
+        padded = run_kernel(q, k, v, do, cu_tensor(cuts + [T] * 9), window)
+        for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), plain, padded):
+            assert torch.equal(a, b), (name, window)
+        ref = torch_window_attention(q, k, v, cu_tensor(cuts), window)
+        assert torch.equal(ref, torch_window_attention(q, k, v, cu_tensor(cuts + [T] * 9), window)), window

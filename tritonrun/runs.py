@@ -212,7 +212,7 @@ def new_result(cfg, env, trainer, dist) -> dict:
         "ops": {k: v for k, v in trainer.ops.placement.items() if k in trainer.op_names},
         "parameters": model.num_parameters(include_padding=False),
         "flops_per_token": trainer.flops_per_token, "steps": [], "train_losses": [], "val": [],
-        "tokens_seen": 0, "steps_done": 0, "train_time_s": 0.0, "skipped_steps": 0,
+        "tokens_seen": 0, "steps_done": 0, "train_time_s": 0.0, "skipped_steps": 0, "timed_compiles": 0,
         "target_val_loss": cfg.target_val_loss, "target_reached": False, "target_reached_step": None,
         "final_val_loss": None, "tokens_per_s": 0.0, "mfu_mean": None, "peak_mem_gib": None,
         "peak_mem_kind": "cuda_max_allocated" if cfg.device == "cuda" else "process_max_rss",

@@ -182,6 +182,14 @@ def allocator_fraction(memory_gib: float, total_bytes: int) -> float:
     return max(0.0, min(1.0, (memory_gib - CUDA_CONTEXT_GIB) * 2**30 / total_bytes))
 
 
+def dynamo_compiles() -> int:
+    """Graphs torch.compile (Dynamo) has compiled in this process so far: a change across a step counts the
+    (re)compiles inside it."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def memory_fit(peak_reserved: float, memory_gib: float, total_gib: float) -> dict:
     """Whether a run whose peak reserved memory is `peak_reserved` GiB fits a card of `memory_gib` (the budget,
     e.g. rtx4070's 12; the smaller of it and the running card's total): reserved + CUDA_CONTEXT_GIB <= card."""
@@ -512,13 +520,18 @@ class TrainingRun:
         if cfg.timing_warmup_steps:
             snap = _host_copy(trainer.state())  # in host memory: a device copy would cost 3x the weights on the GPU
             t0 = time.perf_counter()
-            for i in range(cfg.timing_warmup_steps):
-                trainer.train_step(self.start_step + i)
+            steps = trainer.schedule.warmup_steps(self.start_step, cfg.timing_warmup_steps, cfg.max_steps)
+            for step in steps:
+                trainer.train_step(step)
             trainer.sync()
             trainer.load_state(snap)
             del snap
-            self.log.line(f"warm-up: {cfg.timing_warmup_steps} untimed steps in {time.perf_counter() - t0:.1f} s, "
-                          f"then weights, optimizer, RNG and data position restored")
+            extra = steps[cfg.timing_warmup_steps:]
+            windows = (f" (+{len(extra)} at the window{'s' if len(extra) > 1 else ''} of step"
+                       f"{'s' if len(extra) > 1 else ''} {', '.join(str(s + 1) for s in extra)}, so that no window "
+                       f"change compiles in the clock)" if extra else "")
+            self.log.line(f"warm-up: {cfg.timing_warmup_steps} untimed steps{windows} in "
+                          f"{time.perf_counter() - t0:.1f} s, then weights, optimizer, RNG and data position restored")
             picks = tune.picks()
             if picks:
                 self.log.line(f"autotuned tiles: {tune.summary(picks)}")
@@ -555,6 +568,7 @@ class TrainingRun:
         cfg, trainer, result = self.cfg, self.trainer, self.result
         trainer.sync()
         position = trainer.train_loader.state_dict()
+        compiles = dynamo_compiles()
         t0 = time.perf_counter()
         try:
             loss, norm, lr, applied = trainer.train_step(step)
@@ -562,6 +576,7 @@ class TrainingRun:
             self.stop_on_bad_shard(step, position, e)
         trainer.sync()
         dt = time.perf_counter() - t0
+        self.count_timed_compiles(step, dynamo_compiles() - compiles)
         self.train_time += dt
         tok_s = cfg.total_batch_tokens / dt
         mfu = (tok_s * trainer.flops_per_token / (cfg.peak_tflops * 1e12 * self.dist.world_size) if cfg.peak_tflops
@@ -583,6 +598,17 @@ class TrainingRun:
         if reserved is not None:
             result["memory_fit"] = memory_fit(reserved, cfg.memory_gib, self.total_gib)
         return applied
+
+    def count_timed_compiles(self, step: int, n: int) -> None:
+        """torch.compile graphs compiled inside a timed step: its time (and MFU) includes compiling. 0 on a run whose
+        warm-up reached every graph; otherwise the record says which steps and the log warns."""
+        result = self.result
+        result["timed_compiles"] = result.get("timed_compiles", 0) + n
+        if n:
+            result.setdefault("timed_compile_steps", []).append(step + 1)
+            self.log.line(f"warning: {n} torch.compile graph(s) compiled inside timed step {step + 1}: its time and MFU "
+                          f"include compiling (a shape or value the warm-up did not reach; see result.json "
+                          f"timed_compile_steps)")
 
     def stop_on_bad_shard(self, step: int, position: dict, e: ShardError):
         """Back to the step boundary (a valid checkpoint), checkpoint, and stop with how to continue."""

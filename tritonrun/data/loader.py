@@ -217,13 +217,38 @@ def doc_bounds(x: np.ndarray, eot: int = EOT) -> np.ndarray:
     return bounds
 
 
+def doc_slots_for(seq_len: int) -> int:
+    """The fixed number of document slots a packed sequence's cu_seqlens is padded to (doc_slots): one per 32 tokens
+    (at least 16). Under torch.compile a cu_seqlens whose length changed from one micro-batch to the next would be a
+    new input shape; a fixed length keeps one graph. A web document averages far more than 32 tokens (FineWeb's
+    are around a thousand), so a sequence with more documents than slots is rare; it widens the padding to the
+    next power of two (a shape the trainer's timed_compiles then reports)."""
+    return max(16, seq_len // 32)
+
+
+def pad_bounds(bounds: np.ndarray, slots: int) -> np.ndarray:
+    """bounds (n_docs + 1,) padded to slots + 1 entries (or the next power of two above n_docs when it has more)
+    by repeating its last entry, T: empty documents at the end, which no position falls in (every consumer finds
+    a position's document by searchsorted(bounds, pos, right=True), which the repeated T never changes)."""
+    docs = bounds.size - 1
+    if docs > slots:
+        slots = 1 << (docs - 1).bit_length()
+    if docs == slots:
+        return bounds
+    out = np.full(slots + 1, bounds[-1], dtype=bounds.dtype)
+    out[: bounds.size] = bounds
+    return out
+
+
 class PackedLoader(_ShardStream):
     """Yields (x, y, cu_seqlens): one packed sequence of seq_len tokens per micro-batch (B = 1) and its document
     bounds, for document-masked (sliding-window) attention, as modded-nanogpt trains from 2024-11-19 on.
 
     x, y: int64 (1, seq_len), y the next tokens (y[0, t] = x[0, t + 1]; y's last token is the one after the
     sequence). cu_seqlens: int32 (n_docs + 1,) = doc_bounds(x) (see there: bounds on the inputs, a document begins
-    at its EOT, first 0, last seq_len), on the loader's device, the window_attention kernel's input.
+    at its EOT, first 0, last seq_len), on the loader's device, the window_attention kernel's input; with doc_slots
+    (the trainer passes doc_slots_for(seq_len)) padded to a fixed doc_slots + 1 entries by repeating seq_len
+    (pad_bounds), so that its shape never changes under torch.compile.
 
     Starts (doc_aligned=True, the default). Every sequence starts at a document start, an EOT (50256) position: the
     first is the first EOT at or after the loader's position; each next one is the first EOT at or after the end
@@ -277,11 +302,13 @@ class PackedLoader(_ShardStream):
         world_size: int = 1,
         vocab_size: int = GPT2_VOCAB,
         doc_aligned: bool = True,
+        doc_slots: int | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len = seq_len
         self.doc_aligned = doc_aligned
+        self.doc_slots = doc_slots  # None: cu_seqlens of each sequence's own length; else padded (pad_bounds)
         super().__init__(files, seq_len + 1, "seq_len+1", "use a smaller seq_len (a packed sequence is read from "
                          "one shard)", 2 * (seq_len + 1), device, rank, world_size, vocab_size)
 
@@ -325,7 +352,8 @@ class PackedLoader(_ShardStream):
             start = self._next_start()
             if i == self.rank:
                 chunk = self._tokens[start : start + T + 1]
-                batch = self._deliver(chunk, doc_bounds(chunk[:T]))
+                bounds = doc_bounds(chunk[:T])
+                batch = self._deliver(chunk, bounds if self.doc_slots is None else pad_bounds(bounds, self.doc_slots))
             self.offset = start + T
         return batch
 

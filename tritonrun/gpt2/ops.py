@@ -52,26 +52,51 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           window: int) -> torch.Tensor:
-    """Document-masked sliding-window attention in plain torch. Under torch.compile on CUDA: FlexAttention with a
-    block mask built in the graph (block-sparse, as the records run it; the window is a value the mask closes
-    over, so a changed window rebuilds the mask, not the kernel). Elsewhere (eager, CPU): SDPA with the dense
-    (T, T) boolean mask, which materializes T^2 scores: fine for tests and CPU runs of a few thousand tokens, not
-    for a 64K-token sequence on a GPU without --compile (use --backend triton there)."""
-    T = q.shape[-2]
-    pos = torch.arange(T, dtype=cu_seqlens.dtype, device=q.device)
+# The dense (T, T) boolean mask of the eager path: T^2 bytes, plus SDPA's work over every pair. Above this T on a
+# GPU it is refused (16,384: a 256 MiB mask; the rtx4070's packed 4,096-8,192 pass, an H100's 32-64K would need
+# 1-4 GiB): FlexAttention under --compile, or the Triton kernel, keeps only the allowed blocks.
+DENSE_WINDOW_MASK_MAX_T = 16_384
+
+
+def dense_window_refusal(T: int) -> str:
+    return (f"window attention in eager torch at --seq-len {T} would build a dense {T} x {T} mask "
+            f"({T * T / 2**30:.2f} GiB) and score every pair on the GPU: add --compile (FlexAttention, block-sparse) "
+            f"or --backend triton, or lower --seq-len to {DENSE_WINDOW_MASK_MAX_T}")
+
+
+def torch_window_mask(cu_seqlens: torch.Tensor, window: int, T: int, device: torch.device):
+    """The mask torch_window_attention applies, built once per forward and shared by every layer (the record builds
+    one per step): under torch.compile on CUDA a FlexAttention BlockMask (block-sparse; the window is a value the
+    mask closes over, so a changed window rebuilds the mask, not the kernel), elsewhere the dense (T, T) boolean
+    mask for SDPA, which a GPU only gets up to DENSE_WINDOW_MASK_MAX_T (ValueError beyond: the fix named)."""
+    compiling = torch.compiler.is_compiling()
+    if device.type == "cuda" and not compiling and T > DENSE_WINDOW_MASK_MAX_T:
+        raise ValueError(dense_window_refusal(T))
+    pos = torch.arange(T, dtype=cu_seqlens.dtype, device=device)
     doc = torch.searchsorted(cu_seqlens, pos, right=True)  # document id per position
-    if q.is_cuda and torch.compiler.is_compiling():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if device.type == "cuda" and compiling:
+        from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & (qi >= ki) & (qi - ki < window)
 
-        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return create_block_mask(mask_mod, None, None, T, T, device=device)
     diff = pos[:, None] - pos[None, :]
-    mask = (doc[:, None] == doc[None, :]) & (diff >= 0) & (diff < window)  # the diagonal: no empty row
+    return (doc[:, None] == doc[None, :]) & (diff >= 0) & (diff < window)  # the diagonal: no empty row
+
+
+def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           window: int, mask=None) -> torch.Tensor:
+    """Document-masked sliding-window attention in plain torch, under `mask` = torch_window_mask(cu_seqlens, window,
+    T) (built here when not given; the model passes one per forward): FlexAttention with its BlockMask under
+    torch.compile on CUDA, else SDPA with the dense boolean mask (tests, CPU runs, GPU runs of a few thousand
+    tokens)."""
+    if mask is None:
+        mask = torch_window_mask(cu_seqlens, window, q.shape[-2], q.device)
+    if not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

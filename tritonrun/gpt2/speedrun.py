@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 
 from tritonrun.gpt2.embedding import embedding
-from tritonrun.gpt2.ops import Ops, get_ops
+from tritonrun.gpt2.ops import Ops, get_ops, torch_window_attention, torch_window_mask
 
 # Source key: [script] = the script embedded in the record's log (the class, field or call named); [log] = the
 # log's lines; [measured] = checked here against torch. The logs: KellerJordan/modded-nanogpt,
@@ -339,7 +339,7 @@ class CausalSelfAttention(nn.Module):
             self.lamb = nn.Parameter(torch.tensor(config.value_lamb_init))
 
     def forward(self, x: torch.Tensor, v1: torch.Tensor | None, ve: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, cu_seqlens: torch.Tensor | None, window: int | None):
+                sin: torch.Tensor, cu_seqlens: torch.Tensor | None, window: int | None, mask=None):
         """x (B, T, C) normalized input; v1 the first block's values (11-10; None in the first block); ve this
         block's value embedding (B, T, C) or None (12-17). Returns the attention output (B, T, C) and v1."""
         B, T, C = x.shape
@@ -355,7 +355,8 @@ class CausalSelfAttention(nn.Module):
             v = (1 - self.lamb) * v + self.lamb * v1
         q, k = self.ops.qk_norm_rope(q, k, cos, sin, self.eps)  # -> (B, H, T, D)
         if self.kind == "window":  # (B, H, T, D), document-masked sliding window, scale 1/sqrt(D)
-            y = self.ops.window_attention(q, k, v.transpose(1, 2), cu_seqlens, window)
+            extra = {} if mask is None else {"mask": mask}  # the torch op's mask, built once per forward
+            y = self.ops.window_attention(q, k, v.transpose(1, 2), cu_seqlens, window, **extra)
         else:  # causal, scale 1/sqrt(D)
             y = self.ops.attention(q, k, v.transpose(1, 2))
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), v1
@@ -503,10 +504,13 @@ class SpeedrunGPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {c.block_size}")
         if c.attention == "window":
             if cu_seqlens is None:
-                cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=idx.device)
+                cu_seqlens = torch.arange(0, 2 * T, T, dtype=torch.int32, device=idx.device)  # [0, T], no host copy
             if window is None:
                 window = c.final_window
         ops, eps, h = self.ops, c.norm_eps, self.transformer.h
+        mask = None  # the torch attention's mask: one per forward for every layer, not one per layer
+        if c.attention == "window" and ops.window_attention is torch_window_attention:
+            mask = torch_window_mask(cu_seqlens, window, T, idx.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         # x is the residual stream; x0 feeds every block. The lookups' backward stays deterministic under
         # torch.compile (tritonrun/gpt2/embedding.py: Inductor would lower nn.Embedding's to an atomic scatter-add).
@@ -518,7 +522,7 @@ class SpeedrunGPT(nn.Module):
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
             y, x = ops.mix_rms_norm(x, x0, block.lambdas, eps)  # x = l0 x + l1 x0; y = rms_norm(x)
             if block.attn is not None:
-                a, v1 = block.attn(y, v1, None if table is None else ve[table], cos, sin, cu_seqlens, window)
+                a, v1 = block.attn(y, v1, None if table is None else ve[table], cos, sin, cu_seqlens, window, mask)
                 y, x = ops.add_rms_norm(a, x, eps)  # x = x + attn; y = rms_norm(x) feeds the MLP
             m = block.mlp(y)
             if i + 1 < len(h):

@@ -244,9 +244,10 @@ class Muon(torch.optim.Optimizer):
                 O = newton_schulz(G, steps=group["ns_steps"], coefficients=group["coefficients"],
                                   dtype=self.ns_dtype)
                 del G
-                if world > 1:  # rank-major blocks of per_rank (padding last in each) -> the group's order
-                    src = [(j % world) * per_rank + j // world for j in range(len(idx))]
-                    O = self._gather(O, world)[torch.tensor(src, device=O.device)]
+                if world > 1:  # rank-major blocks of per_rank (padding last in each) -> the group's order: matrix
+                    # j came from rank j % world, slot j // world, so slot-major order is j's (a view, no host index)
+                    O = self._gather(O, world).unflatten(0, (world, per_rank)).transpose(0, 1).flatten(0, 1)
+                    O = O[: len(idx)]
                 scale = shape_scale(*shape)
                 if scale != 1.0:
                     O.mul_(scale)

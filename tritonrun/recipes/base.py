@@ -40,6 +40,23 @@ class Schedule:
     def window(self, step: int) -> int | None:
         return None
 
+    def warmup_steps(self, start: int, n: int, end: int) -> list[int]:
+        """The 0-based steps the untimed warm-up runs for a run at `start` with `n` warm-up steps and `end` steps in
+        all: start .. start + n - 1, and, where the schedule hands the model a window, one step at the first window
+        after those that differs and one at the last window. Under --compile the first changed window recompiles
+        once (the window then becomes a symbolic int) and the largest may cross a guard: both happen here, not
+        in the clock."""
+        steps = list(range(start, start + n))
+        if not steps or self.window(start) is None:
+            return steps
+        seen = {self.window(s) for s in steps}
+        later = next((s for s in range(steps[-1] + 1, end) if self.window(s) not in seen), None)
+        for s in (later, end - 1):
+            if s is not None and s > steps[-1] and self.window(s) not in seen:
+                steps.append(s)
+                seen.add(self.window(s))
+        return steps
+
 
 @dataclass(frozen=True)
 class Recipe:

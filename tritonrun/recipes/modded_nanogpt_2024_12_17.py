@@ -36,6 +36,11 @@ class Record20241217(SpeedrunRecipe):
             raise ValueError(f"--micro-batch {cfg.micro_batch} does not apply to --recipe {self.name} (each "
                              f"micro-batch is one packed sequence of --seq-len tokens): drop it and size --seq-len "
                              f"instead")
+        from tritonrun.gpt2.ops import DENSE_WINDOW_MASK_MAX_T, dense_window_refusal, parse_op_list
+
+        torch_attention = cfg.backend == "torch" or "window_attention" in parse_op_list(cfg.torch_ops)
+        if cfg.device == "cuda" and torch_attention and not cfg.compile and cfg.seq_len > DENSE_WINDOW_MASK_MAX_T:
+            raise ValueError(dense_window_refusal(cfg.seq_len))
         if cfg.total_batch_tokens % cfg.seq_len:
             k = max(1, round(cfg.total_batch_tokens / cfg.seq_len))
             raise ValueError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of --seq-len "
@@ -47,11 +52,14 @@ class Record20241217(SpeedrunRecipe):
         """One packed sequence of seq_len tokens per micro-batch with its cu_seqlens. Training starts each sequence
         at a document start (the config's doc_aligned); validation reads contiguous windows, the record's val tokens
         exactly."""
-        from tritonrun.data.loader import PackedLoader
+        from tritonrun.data.loader import PackedLoader, doc_slots_for
 
         aligned = self.sizes()[cfg.model].doc_aligned
-        return (PackedLoader(train_files, cfg.seq_len, device, rank=rank, world_size=world_size, doc_aligned=aligned),
-                PackedLoader([val_file], cfg.seq_len, device, rank=rank, world_size=world_size, doc_aligned=False))
+        slots = doc_slots_for(cfg.seq_len)  # a fixed cu_seqlens length: one compiled graph
+        return (PackedLoader(train_files, cfg.seq_len, device, rank=rank, world_size=world_size, doc_aligned=aligned,
+                             doc_slots=slots),
+                PackedLoader([val_file], cfg.seq_len, device, rank=rank, world_size=world_size, doc_aligned=False,
+                             doc_slots=slots))
 
     def flops_per_token(self, model, cfg) -> int:
         """The windowed attention's FLOPs averaged over the run's window schedule (one MFU basis for the run)."""
