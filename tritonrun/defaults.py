@@ -24,6 +24,7 @@ RUN_DEFAULTS = {
     "target_val_loss": 3.28,
     "checkpoint_every": 500,  # steps between checkpoints (0 = none; the end and SIGINT/SIGTERM still write one)
     "keep_checkpoints": 2,  # newest K checkpoints kept (0 = all)
+    "final_checkpoint": True,  # a finished run ends with a checkpoint (--no-final-checkpoint: timing runs)
     "max_bad_steps": 3,  # non-finite steps in a row tolerated before the run stops
     "init_from": None,  # hf:PATH, llmc:PATH or ckpt:PATH instead of a fresh init
     "hellaswag_every": 1000,  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)

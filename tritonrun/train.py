@@ -95,6 +95,7 @@ class Config:
     hellaswag_every: int
     hellaswag_path: str
     muon_coefficients: str
+    final_checkpoint: bool
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-warmup-steps", type=int, help="untimed steps before the clock starts")
     p.add_argument("--checkpoint-every", type=int,
                    help="checkpoint every N steps (default 500 on GPUs); the end and SIGINT/SIGTERM always write one")
+    p.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="write a checkpoint when the run finishes (default yes: sample.py, --init-from, export read "
+                        "it); --no-final-checkpoint for timing runs that would spend seconds writing GBs")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints, 0 = all (default 2)")
     p.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row before the run stops (default 3)")
     p.add_argument("--init-from", help="start from weights: hf:PATH (Hugging Face GPT-2), llmc:PATH, ckpt:PATH")

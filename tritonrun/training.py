@@ -679,8 +679,10 @@ class TrainingRun:
             atomic_write_json(self.result_path, result)
             if row is not None:
                 atomic_write_text(self.out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
-        if not stopped_by:
-            self.checkpoint(done)  # always: a finished run's weights (sample.py, --init-from ckpt:, export)
+        if not stopped_by and cfg.final_checkpoint:
+            self.checkpoint(done)  # a finished run's weights (sample.py, --init-from ckpt:, export)
+        elif not stopped_by:
+            log.line("no final checkpoint (--no-final-checkpoint): this run's weights are not kept")
         self.closing_lines(row, continue_hint)
         if stopped_by:
             result["exit_code"] = 128 + int(signal_received or signal.SIGTERM)
