@@ -333,14 +333,17 @@ def drive_attention(rec: Recorder, case: Case) -> None:
         stack.enter_context(mock.patch.object(attn, "_check", lambda *a: None))  # refuses CPU tensors
         stack.enter_context(mock.patch.object(attn, "_autotuned", Tuner))
         stack.enter_context(mock.patch.dict(os.environ, {"TRITONRUN_AUTOTUNE": "1"}))
-        stack.enter_context(rec.variant(case, f"causal attention B={B} H={H} T={T} D={D}",
-                                        attn.arch_key(case.cc)))
-        # the model's layout: q, k, v are (B, H, T, D) views of the (B, T, 3C) c_attn output (bf16)
-        qkv = torch.empty(B, T, 3 * C, dtype=case.low)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2).requires_grad_() for t in qkv.split(C, dim=2))
-        o = attn.causal_attention(q, k, v)
-        do = torch.empty(B, T, H, D, dtype=case.low).transpose(1, 2)  # grad of y.transpose(1, 2).contiguous()
-        torch.autograd.grad(o, (q, k, v), do)
+        # GPT-2's heads (D = C / n_head = 64), and at d12 the speedrun-dense model's 6 heads of 128 (its dense
+        # causal attention; the windowed model's D = 128 is drive_window_attention's)
+        shapes = [(H, D)] + ([(C // SPEEDRUN_HEAD_DIM, SPEEDRUN_HEAD_DIM)] if case.model == "d12" else [])
+        for h, d in shapes:
+            with rec.variant(case, f"causal attention B={B} H={h} T={T} D={d}", attn.arch_key(case.cc)):
+                # the models' layout: q, k, v are (B, H, T, D) views of (B, T, H, D) projections (bf16)
+                qkv = torch.empty(B, T, 3 * C, dtype=case.low)
+                q, k, v = (t.view(B, T, h, d).transpose(1, 2).requires_grad_() for t in qkv.split(C, dim=2))
+                o = attn.causal_attention(q, k, v)
+                do = torch.empty(B, T, h, d, dtype=case.low).transpose(1, 2)  # grad of y.transpose(1, 2)
+                torch.autograd.grad(o, (q, k, v), do)
 
 
 def drive_layernorm(rec: Recorder, case: Case) -> None:
@@ -743,8 +746,18 @@ def merge_specializations(rows: list[dict]) -> list[dict]:
                     "shared": span([r["shared_bytes"] for r in same]), "registers": span([r["registers"] for r in same]),
                     "spills": span([r["spill_bytes"] for r in same]),
                     "mma": ", ".join(dict.fromkeys(short_mma(r["mma"]) for r in same)),
-                    "occupancy": occupancy_text(worst)})
+                    "occupancy": occupancy_text(worst),
+                    "max_registers": max((r["registers"] for r in same if r["registers"] is not None), default=None)})
     return out
+
+
+# Registers per thread at or above which a launch has no headroom: another ptxas (a driver's JIT, a Triton
+# release) could make it spill. 255 is the hardware maximum.
+REGISTER_HEADROOM = 250
+
+
+def no_headroom(m: dict) -> bool:
+    return m.get("max_registers") is not None and m["max_registers"] >= REGISTER_HEADROOM
 
 
 def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None) -> str:
@@ -779,10 +792,17 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
         "| kernel | config | shared B | regs | spill B | tensor cores | occupancy |",
         "|---|---|---:|---:|---:|---|---|",
     ]
+    tight = [m for m in merged if no_headroom(m)]
     for m in merged:
         flag = "" if m["fits"] else " **does not fit**"
-        lines.append(f"| `{m['kernel']}` | {m['config']}{flag} | {m['shared']} | {m['registers']} | {m['spills']} "
+        regs = f"**{m['registers']}** ⚠" if no_headroom(m) else m["registers"]
+        lines.append(f"| `{m['kernel']}` | {m['config']}{flag} | {m['shared']} | {regs} | {m['spills']} "
                      f"| {m['mma']} | {m['occupancy']} |")
+    if tight:
+        lines += ["", f"⚠ No register headroom ({REGISTER_HEADROOM}+ of 255 per thread, {len(tight)} row"
+                      f"{'s' if len(tight) > 1 else ''}): these fit spill-free with this ptxas, but another ptxas "
+                      f"(a Triton release, a driver's JIT) could spill them; a spill there is what to check first "
+                      f"when one of them slows down."]
     return "\n".join(lines) + "\n"
 
 

@@ -235,3 +235,22 @@ def test_short_mma():
     assert ada.short_mma("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16, "
                          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == "wgmma m64n128k16+m64n64k16 bf16"
     assert ada.short_mma("none") == "none"
+
+
+@pytest.mark.parametrize("arch", CHECKED_ARCHS)
+def test_dense_attention_is_checked_at_every_head_dim_the_recipes_use(records, arch):
+    """GPT-2's D = 64 and the speedrun-dense model's 6 heads of 128 (d12): both compile for each arch."""
+    used = [u for r in records if r["arch"] == arch and r["kernel"].startswith("attention.") for u in r["used_by"]]
+    assert any("D=64" in u for u in used) and any("H=6" in u and "D=128" in u for u in used), used[:5]
+
+
+def test_launches_without_register_headroom_are_flagged():
+    """A row at 250+ registers per thread is marked in the generated page, with what it means."""
+    row = {"arch": "sm_89", "kernel": "attention._attn_fwd", "config": "BLOCK_M=128", "fits": True,
+           "shared_bytes": 1024, "registers": 254, "spill_bytes": 0, "mma": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+           "occupancy": 0.25, "warps_per_sm": 12, "blocks_per_sm": 3, "limiter": "registers", "num_warps": 4,
+           "used_by": ["rtx4070/d12: x"],
+           "triton": "3", "ptxas": "12", "commit": "0" * 40}
+    text = ada.markdown([row, {**row, "kernel": "gelu._gelu_fwd", "registers": 40}], "sm_89")
+    assert "**254** ⚠" in text and "No register headroom (250+ of 255 per thread, 1 row)" in text
+    assert "| `gelu._gelu_fwd` | BLOCK_M=128 | 1,024 | 40 |" in text

@@ -317,3 +317,79 @@ def test_compiled_run_has_no_compile_inside_the_clock(tmp_path):
     rec = json.loads((tmp_path / "cold" / "result.json").read_text())
     assert rec["timed_compiles"] >= 2 and rec["timed_compile_steps"][:2] == [1, 2], rec.get("timed_compile_steps")
     assert "compiled inside timed step 1" in proc.stdout
+
+
+class OutOfResources(RuntimeError):
+    """Stands in for triton.runtime.errors.OutOfResources (matched by name, as Inductor wraps it)."""
+
+
+def test_out_of_resources_in_the_warm_up_falls_back_with_one_line(tmp_path, monkeypatch, capsys):
+    """A window attention whose compile or launch fails for shared memory during the untimed warm-up (FlexAttention's
+    default backward on an Ada part, say) is replaced by the next path, here the Triton kernel (the interpreter on
+    CPU): one warning line, the choice in result.json, and the run trains on. Injected: the torch path raises
+    Triton's out-of-resources error."""
+    from tritonrun.gpt2 import ops as ops_module
+
+    calls = []
+
+    def no_shared_memory(*args, **kwargs):
+        calls.append(1)
+        raise OutOfResources("out of resource: shared memory, Required: 131074, Hardware limit: 101376. Reducing "
+                             "block sizes or `num_stages` may help.")
+
+    monkeypatch.setitem(ops_module.TORCH_OPS, "window_attention", no_shared_memory)
+    out = tmp_path / "run"
+    assert train_speedrun.main([*SMALL, "--max-steps", "2", "--val-every", "2", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    warnings = [ln for ln in text.splitlines() if ln.startswith("warning: window attention")]
+    assert len(warnings) == 1 and "out of resource: shared memory" in warnings[0]
+    assert "falling back to the Triton window_attention kernel" in warnings[0] and calls
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["window_attention_fallback"][0]["from"] == "dense"
+    assert rec["window_attention_fallback"][0]["to"] == "the Triton window_attention kernel"
+    assert rec["ops"]["window_attention"] == "triton (fallback)" and rec["status"] == "max_steps"
+    assert rec["steps_done"] == 2 and all(math.isfinite(s["loss"]) for s in rec["steps"])
+
+
+def test_other_warm_up_errors_are_not_taken_for_resources():
+    from tritonrun.training import is_resource_error
+
+    wrapped = RuntimeError("backend='inductor' raised")
+    wrapped.__cause__ = OutOfResources("out of resource: shared memory, Required: 131074")
+    assert is_resource_error(wrapped) and is_resource_error(OutOfResources("x"))
+    assert not is_resource_error(ValueError("shape mismatch")) and not is_resource_error(torch.OutOfMemoryError("x"))
+
+
+def test_flex_tiles_fit_a_100_kb_part():
+    """FlexAttention's kernel_options: Inductor's defaults where a block gets >= 160 KB (sm_80 166,912 B, sm_90
+    232,448 B), smaller tiles at 101,376 B (sm_86, sm_89), halved again (one stage) as the fallback."""
+    from tritonrun.gpt2.ops import FLEX_SMALL_SMEM_OPTIONS, flex_options_for
+
+    assert flex_options_for(232_448) is None and flex_options_for(166_912) is None
+    assert flex_options_for(101_376) == FLEX_SMALL_SMEM_OPTIONS
+    small = flex_options_for(101_376, shrink=1)
+    assert small["num_stages"] == 1 and all(small[k] == max(16, v // 2) for k, v in FLEX_SMALL_SMEM_OPTIONS.items())
+    assert all(128 % v == 0 for v in FLEX_SMALL_SMEM_OPTIONS.values())  # tiles divide the block mask's blocks
+
+
+def test_window_attention_fallback_order(monkeypatch):
+    """FlexAttention (compiled, CUDA) -> FlexAttention with smaller tiles -> the Triton kernel -> torch's -> nothing
+    left: each path is tried once (the state of a CUDA compiled run, faked: no GPU is touched)."""
+    from tritonrun.gpt2.ops import torch_window_attention
+
+    shrinks = []
+    monkeypatch.setattr(training, "configure_flex", lambda device, shrink=0: shrinks.append(shrink))
+    monkeypatch.setattr(training, "load_triton_op", lambda name: "kernel")
+    t = SimpleNamespace(ops=SimpleNamespace(window_attention=torch_window_attention, placement={}),
+                        device=torch.device("cuda"), cfg=SimpleNamespace(compile=True), flex_shrink=0,
+                        tried_paths=set())
+    t.window_attention_path = lambda: training.Trainer.window_attention_path(t)
+    path = lambda: training.Trainer.window_attention_path(t)  # noqa: E731
+    step = lambda: training.Trainer.fall_back_window_attention(t)  # noqa: E731
+    assert path() == "flex" and step() == "FlexAttention with smaller tiles" and shrinks == [1]
+    assert path() == "flex-small" and step() == "the Triton window_attention kernel"
+    assert path() == "triton" and t.ops.window_attention == "kernel"
+    assert step().startswith("torch's window attention") and t.ops.window_attention is torch_window_attention
+    assert path() == "flex-small" and step() is None
+    t.ops.placement, t.tried_paths, t.flex_shrink = {"window_attention": "triton"}, set(), 0  # a triton run
+    assert step().startswith("torch's") and step() == "FlexAttention with smaller tiles" and step() is None

@@ -34,6 +34,7 @@ def gpu(monkeypatch, tmp_path):
     """A pretend GPU 0 and a private Triton cache dir."""
     monkeypatch.setattr(tune, "describe", lambda device: ("NVIDIA GeForce RTX 4070", "8.9", 46))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setattr(tune, "spills_of_first_launch", lambda launch: 0)  # no candidate spills (tested below)
     return torch.device("cuda")
 
 
@@ -245,3 +246,53 @@ def test_picks_reads_each_imported_kernel_module(monkeypatch):
     monkeypatch.setattr(attention, "tuning_decisions", lambda: made["attention"])
     monkeypatch.setattr(cross_entropy, "tuning_decisions", lambda: made["cross_entropy"])
     assert tune.picks() == made
+
+
+def test_a_candidate_that_spills_is_dropped_before_timing(gpu, monkeypatch):
+    """The fastest candidate spills registers on this GPU (the compiled kernel says so): it is never timed, the
+    next best is picked, and the record names it; when every candidate spills, the least bad is timed and kept."""
+    spills = {128: 24, 64: 0, 256: 0}
+    monkeypatch.setattr(tune, "spills_of_first_launch", lambda launch: spills[launch.__defaults__[0]["BLOCK"]])
+    clock = FakeClock([2.0, 3.0])
+    monkeypatch.setattr(tune, "time_ms", clock)
+    tuner = tune.Tuner("demo", tune.__file__)
+    assert tuner.pick(gpu, ("fwd", 4096), CANDIDATES, launcher()[1]) == CANDIDATES[1] and clock.calls == 2
+    (d,) = tuner.decisions()
+    assert d["ms"] == [None, 2.0, 3.0] and d["spilled"] == [CANDIDATES[0]]
+    monkeypatch.setattr(tune, "spills_of_first_launch", lambda launch: 8)
+    monkeypatch.setattr(tune, "time_ms", FakeClock([3.0, 1.5, 2.0]))
+    assert tuner.pick(gpu, ("fwd", 8192), CANDIDATES, launcher()[1]) == CANDIDATES[1]
+
+
+def test_spills_are_read_from_the_launched_kernels(monkeypatch):
+    """spills_of_first_launch sums n_spills of the compiled kernels Triton's JITFunction.run returns during the
+    launch (and leaves JITFunction.run as it was)."""
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    kernels = iter([SimpleNamespace(n_spills=16), SimpleNamespace(n_spills=0), None])
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: next(kernels))
+    before = JITFunction.run
+    assert tune.spills_of_first_launch(lambda: [JITFunction.run(None) for _ in range(3)]) == 16
+    assert JITFunction.run is before
+
+
+def test_attention_autotuner_prunes_spilling_configs(monkeypatch):
+    """attention's triton.autotune drops, before timing, the configs whose compiled kernel spills; a config it
+    cannot probe stays, and if all spill all stay."""
+    from types import SimpleNamespace
+
+    from tritonrun.kernels import attention as attn
+
+    class Fake:
+        def warmup(self, **kw):
+            if kw["BLOCK_M"] == 32:
+                raise RuntimeError("cannot probe")
+            return SimpleNamespace(_init_handles=lambda: None, n_spills=8 if kw["BLOCK_M"] == 128 else 0)
+
+    monkeypatch.setitem(attn.KERNELS, "fwd", Fake())
+    cfgs = [SimpleNamespace(all_kwargs=lambda m=m: {"BLOCK_M": m, "num_warps": 4}) for m in (128, 64, 32)]
+    kept = attn.drop_spilling("fwd")(cfgs, {"Q": None}, HEAD_DIM=64)
+    assert [c.all_kwargs()["BLOCK_M"] for c in kept] == [64, 32]
+    assert attn.drop_spilling("fwd")(cfgs[:1], {}) == cfgs[:1]

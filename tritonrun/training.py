@@ -44,7 +44,7 @@ import torch
 from tritonrun.data.shards import ShardError
 from tritonrun.errors import InitError, TrainingStopped  # noqa: F401  (InitError: what build_model raises)
 from tritonrun.gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tritonrun.gpt2.ops import get_ops, parse_op_list
+from tritonrun.gpt2.ops import configure_flex, get_ops, load_triton_op, parse_op_list, torch_window_attention
 from tritonrun.kernels import tune
 from tritonrun.presets import mfu_peak_info
 from tritonrun.recipes import get_recipe
@@ -182,6 +182,16 @@ def allocator_fraction(memory_gib: float, total_bytes: int) -> float:
     return max(0.0, min(1.0, (memory_gib - CUDA_CONTEXT_GIB) * 2**30 / total_bytes))
 
 
+def is_resource_error(e: BaseException) -> bool:
+    """Triton's OutOfResources (shared memory, registers), raised directly or wrapped by Inductor's compile."""
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e).__name__ == "OutOfResources" or "out of resource" in str(e).lower():
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def dynamo_compiles() -> int:
     """Graphs torch.compile (Dynamo) has compiled in this process so far: a change across a step counts the
     (re)compiles inside it."""
@@ -220,6 +230,7 @@ class Trainer:
                                                                  dist.rank, W)
         torch.manual_seed(cfg.seed)
         self.ops = get_ops(cfg.backend, self.device, parse_op_list(cfg.torch_ops))
+        configure_flex(self.device)  # FlexAttention's tiles for this GPU's shared memory (before compile traces)
         # Built on the CPU (same initial weights on every device and rank), then moved.
         self.model = self.recipe.build_model(cfg, self.ops).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -241,6 +252,7 @@ class Trainer:
                          else contextlib.nullcontext())
         self.flops_per_token = self.recipe.flops_per_token(self.model, cfg)
         self.op_names = self.recipe.op_names  # the ops this model calls
+        self.flex_shrink, self.tried_paths = 0, set()  # window attention's fallbacks (fall_back_window_attention)
 
     def _inputs(self, loader, window: int | None) -> tuple:
         """The model's arguments for the next micro-batch: (x, y), or a packed recipe's (x, y, cu_seqlens, window)."""
@@ -276,6 +288,43 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_v, norm_v, self.last_schedule["lr"], applied
+
+    def window_attention_path(self) -> str:
+        """Which window attention runs: "triton" (the kernel), "flex" (FlexAttention: torch under --compile on
+        CUDA), "flex-small" (its fallback tiles) or "dense" (torch's SDPA with the dense mask)."""
+        if self.ops.placement.get("window_attention", "torch").startswith("triton"):
+            return "triton"
+        if self.device.type == "cuda" and self.cfg.compile:
+            return "flex-small" if self.flex_shrink else "flex"
+        return "dense"
+
+    def fall_back_window_attention(self) -> str | None:
+        """After an out-of-resources failure: the next window-attention path (FlexAttention -> FlexAttention with
+        smaller tiles -> the Triton kernel; the kernel -> torch's), switched in place (the model calls the same
+        Ops), compiled graphs dropped. Returns what it switched to, or None when nothing is left to try."""
+        path = self.window_attention_path()
+        if path == "triton":
+            self.tried_paths.add("triton")  # the kernel failed: never back to it
+        if path == "flex" and "flex-small" not in self.tried_paths:
+            self.flex_shrink = 1
+            configure_flex(self.device, shrink=1)
+            to, key = "FlexAttention with smaller tiles", "flex-small"
+        elif path in ("flex", "flex-small", "dense") and "triton" not in self.tried_paths:
+            try:
+                self.ops.window_attention = load_triton_op("window_attention")
+            except RuntimeError:  # no GPU and no interpreter: nothing left to try
+                return None
+            self.ops.placement["window_attention"] = "triton (fallback)"
+            to, key = "the Triton window_attention kernel", "triton"
+        elif path == "triton" and "torch" not in self.tried_paths:
+            self.ops.window_attention = torch_window_attention
+            self.ops.placement["window_attention"] = "torch (fallback)"
+            to, key = "torch's window attention (FlexAttention under --compile on CUDA)", "torch"
+        else:
+            return None
+        self.tried_paths.add(key)
+        torch._dynamo.reset()  # the compiled graphs captured the old path
+        return to
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> float:
@@ -521,8 +570,15 @@ class TrainingRun:
             snap = _host_copy(trainer.state())  # in host memory: a device copy would cost 3x the weights on the GPU
             t0 = time.perf_counter()
             steps = trainer.schedule.warmup_steps(self.start_step, cfg.timing_warmup_steps, cfg.max_steps)
-            for step in steps:
-                trainer.train_step(step)
+            while True:
+                try:
+                    for step in steps:
+                        trainer.train_step(step)
+                    break
+                except Exception as e:  # noqa: BLE001 - only an out-of-resources failure is handled
+                    trainer.load_state(snap)
+                    if not self.fall_back(e):
+                        raise
             trainer.sync()
             trainer.load_state(snap)
             del snap
@@ -541,6 +597,25 @@ class TrainingRun:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(trainer.device)
             self.total_gib = torch.cuda.get_device_properties(trainer.device).total_memory / 2**30
+
+    def fall_back(self, e: Exception) -> bool:
+        """A compile or launch of the window attention that failed for resources (shared memory, registers) in the
+        warm-up: switch to the next path (Trainer.fall_back_window_attention), say so in one line, record it in
+        result.json (window_attention_fallback). False for any other error, or with no path left."""
+        text = f"{type(e).__name__}: {e}"
+        if "window_attention" not in self.trainer.op_names or not is_resource_error(e):
+            return False
+        was = self.trainer.window_attention_path()
+        to = self.trainer.fall_back_window_attention()
+        if to is None:
+            return False
+        first = text.strip().splitlines()[0][:300]
+        self.result.setdefault("window_attention_fallback", []).append({"from": was, "to": to, "error": first})
+        self.result["ops"] = {k: v for k, v in self.trainer.ops.placement.items() if k in self.trainer.op_names}
+        self.log.line(f"warning: window attention ({was}) failed in the warm-up for resources ({first}): falling "
+                      f"back to {to} (result.json window_attention_fallback)")
+        self.write_result()
+        return True
 
     # ---------------------------------------------------------------------------------------- train
     def train(self) -> tuple[str | None, int | None]:

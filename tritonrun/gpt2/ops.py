@@ -85,6 +85,43 @@ def torch_window_mask(cu_seqlens: torch.Tensor, window: int, T: int, device: tor
     return (doc[:, None] == doc[None, :]) & (diff >= 0) & (diff < window)  # the diagonal: no empty row
 
 
+# FlexAttention's tiles where a block gets at most ~100 KB of shared memory (sm_86, sm_89: 101,376 B; sm_80 and
+# sm_90 offer 166,912 and 232,448). Its default backward needs about 131 KB at head dim 128 there and fails with
+# "out of resource: shared memory" (pytorch/pytorch issue 133254); backward tiles of 32 x 32 fit at head dim 128
+# (a maintainer's sweep in meta-pytorch/torchtune issue 2113: BLOCK_M1 = BLOCK_N1 = BLOCK_M2 = BLOCK_N2 = 32), and
+# 64 x 64 forward tiles need 64 KB of q/k/v staging at head dim 128 in bf16; modded-nanogpt's RTX 4090 port (its
+# PR #38) likewise passed smaller tiles through kernel_options. All divide the block mask's 128-token blocks.
+FLEX_SMALL_SMEM_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32,
+                           "BLOCK_N2": 32}
+FLEX_BIG_SMEM_BYTES = 160 * 1024  # sm_80 / sm_90 opt-in shared memory per block is above this
+_flex_options: dict | None = None  # configure_flex's answer, read (as a constant) where the graph calls flex
+
+
+def flex_options_for(smem_per_block: int | None, shrink: int = 0) -> dict | None:
+    """FlexAttention kernel_options for a GPU with `smem_per_block` bytes of opt-in shared memory per block:
+    Inductor's defaults (None) on big-shared-memory parts, FLEX_SMALL_SMEM_OPTIONS on ~100 KB ones; `shrink`
+    halves every tile that many times more (down to 16) with one pipeline stage: the fallback after an
+    out-of-resources failure (tritonrun/training.py)."""
+    if not shrink and (smem_per_block is None or smem_per_block >= FLEX_BIG_SMEM_BYTES):
+        return None
+    base = dict(FLEX_SMALL_SMEM_OPTIONS)
+    if shrink:
+        base = {k: max(16, v >> shrink) for k, v in base.items()} | {"num_stages": 1}
+    return base
+
+
+def configure_flex(device: torch.device, shrink: int = 0) -> dict | None:
+    """Set (and return) the kernel_options torch_window_attention passes to FlexAttention on `device`; call it
+    before torch.compile traces the model (the trainer does)."""
+    global _flex_options
+    smem = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", None)
+    _flex_options = flex_options_for(smem, shrink)
+    return _flex_options
+
+
 def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            window: int, mask=None) -> torch.Tensor:
     """Document-masked sliding-window attention in plain torch, under `mask` = torch_window_mask(cu_seqlens, window,
@@ -96,7 +133,7 @@ def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, kernel_options=_flex_options)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -249,6 +286,16 @@ class Ops:
         shown = {k: v for k, v in self.placement.items() if k in names}
         width = max(len(k) for k in shown)
         return "\n".join(f"  {name:<{width}}  {where}" for name, where in shown.items())
+
+
+def load_triton_op(name: str) -> Callable:
+    """The Triton kernel of op `name` (RuntimeError naming why when it cannot run here)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise RuntimeError(f"the Triton {name} kernel needs a CUDA GPU or TRITON_INTERPRET=1")
+    fn, where = _load_triton_op(name)
+    if fn is None:
+        raise RuntimeError(f"the Triton {name} kernel cannot run here: {where}")
+    return fn
 
 
 def _load_triton_op(name: str) -> tuple[Callable | None, str]:

@@ -475,14 +475,36 @@ def _table_config(kind: str, D: int, dtype: torch.dtype, device: torch.device) -
 _TUNERS: dict[tuple[str, str, int], object] = {}  # (kind, arch, D) -> triton Autotuner
 
 
+def drop_spilling(kind: str):
+    """triton.autotune's early_config_prune for KERNELS[kind]: compile each candidate for this GPU (warmup: no
+    launch) and drop those that spill registers (the compiled kernel's n_spills, this GPU's ptxas), before any is
+    timed. Best effort: a candidate it cannot probe stays, and when every one spills all stay (the timing picks)."""
+    def prune(configs, named_args, **kwargs):
+        if len(configs) < 2:
+            return configs
+        keep = []
+        for cfg in configs:
+            try:
+                kernel = KERNELS[kind].warmup(**named_args, **kwargs, **cfg.all_kwargs(), grid=(1,))
+                kernel._init_handles()  # loads the binary: n_spills is read there
+                spills = int(getattr(kernel, "n_spills", 0) or 0)
+            except Exception:  # noqa: BLE001 - probing only; the autotuner reports a real failure itself
+                spills = 0
+            if not spills:
+                keep.append(cfg)
+        return keep or configs
+    return prune
+
+
 def _autotuned(kind: str, arch: str, D: int):
     if (kind, arch, D) not in _TUNERS:
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for (m, n, w, s) in TUNE_SPACE[arch][kind][D]
         ]
-        _TUNERS[kind, arch, D] = triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"],
-                                                 cache_results=True)(KERNELS[kind])
+        _TUNERS[kind, arch, D] = triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"], cache_results=True,
+                                                 prune_configs_by={"early_config_prune": drop_spilling(kind)}
+                                                 )(KERNELS[kind])
     return _TUNERS[kind, arch, D]
 
 

@@ -29,6 +29,7 @@ correctness (tests/test_cross_entropy.py) and compile-checked for shared memory 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -127,6 +128,34 @@ def _does_not_fit(exc: BaseException) -> bool:
     return isinstance(exc, tuple(kinds)) or "out of resource" in str(exc).lower()
 
 
+@contextlib.contextmanager
+def _compiled_kernels(out: list):
+    """Collects the CompiledKernel of every Triton launch inside the block (JITFunction.run returns it)."""
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+
+    def run(self, *args, **kwargs):
+        kernel = real(self, *args, **kwargs)
+        out.append(kernel)
+        return kernel
+
+    JITFunction.run = run
+    try:
+        yield out
+    finally:
+        JITFunction.run = real
+
+
+def spills_of_first_launch(launch: Callable[[], object]) -> int:
+    """Run `launch` once (it compiles) and return the spilled registers of the kernels it launched, read from the
+    compiled kernels (n_spills, set when the binary is loaded for its first launch); 0 where Triton does not say."""
+    kernels: list = []
+    with _compiled_kernels(kernels):
+        launch()
+    return sum(int(getattr(k, "n_spills", 0) or 0) for k in kernels if k is not None)
+
+
 class Tuner:
     def __init__(self, name: str, source_file: str):
         self.name = name
@@ -178,9 +207,15 @@ class Tuner:
             how = "cached"
         else:
             how = "measured"
-            ms, short_of_memory = [], False
+            ms, short_of_memory, spilled = [], False, []
             for cfg in candidates:
                 try:
+                    # a candidate that spills registers on this GPU (its ptxas, read from the compiled kernel) is
+                    # dropped before it is timed: spills cost more than a timing of a few runs shows
+                    if len(candidates) > 1 and spills_of_first_launch(lambda cfg=cfg: launch(cfg)) > 0:
+                        spilled.append(cfg)
+                        ms.append(math.inf)
+                        continue
                     ms.append(time_ms(lambda cfg=cfg: launch(cfg)))
                 except torch.OutOfMemoryError:  # its buffers did not fit beside the caller's: skipped, and
                     short_of_memory = True  # the pick is not saved (with more memory free it might win)
@@ -194,12 +229,17 @@ class Tuner:
                 raise torch.OutOfMemoryError(  # micro-batch, the trainer's one-line error, bench's fits=false)
                     f"{self.name}: no candidate config fits in the free device memory for {key_text}; HINT: "
                     "lower --micro-batch, or free memory")
+            if math.isinf(ms[best]) and len(spilled) == len(candidates):  # all spill: the least bad is timed
+                ms = [time_ms(lambda cfg=cfg: launch(cfg)) for cfg in candidates]
+                best, spilled = min(range(len(candidates)), key=ms.__getitem__), []
             if math.isinf(ms[best]):
                 raise RuntimeError(f"{self.name}: no candidate config fits this GPU for {key_text} "
                                    "(each ran out of shared memory, registers or device memory); HINT: "
                                    "TRITONRUN_AUTOTUNE=0 runs the table's config, or free memory")
             entry = copy.deepcopy({"config": candidates[best], "candidates": candidates})  # not the live tables
             entry["ms"] = [None if math.isinf(t) else round(t, 4) for t in ms]
+            if spilled:
+                entry["spilled"] = copy.deepcopy(spilled)  # dropped before timing
             if short_of_memory:
                 how = "measured (not saved: a candidate ran out of device memory)"
             else:
