@@ -90,7 +90,7 @@ class Dist:
             return flag
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # filled on the device: no host copy
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
