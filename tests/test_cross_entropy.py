@@ -20,7 +20,7 @@ from tritonrun.kernels.cross_entropy import linear_cross_entropy, linear_cross_e
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-NEEDS_CUDA = "needs CUDA: the Triton interpreter has no bf16 tl.dot"
+NEEDS_CUDA = "needs CUDA: the Triton interpreter's bf16 tl.dot is wrong"
 U32 = 2.0**-24  # fp32 unit roundoff
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tritonrun.kernels import layernorm as ln
 from tritonrun.gpt2.ops import get_ops, torch_add_layer_norm, torch_layer_norm
-from tests.helpers import ELEMENTWISE_DTYPES, NO_BF16, poison_allocations
+from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -91,7 +91,7 @@ def test_add_layer_norm(rows, C, dtype, floor):
 
 
 @pytest.mark.parametrize("low,floor", [pytest.param(torch.float16, 2.0**-10, id="fp16"),
-                                       pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16)])
+                                       pytest.param(torch.bfloat16, 2.0**-7, id="bf16")])
 def test_add_layer_norm_mixed_dtypes(low, floor):
     """The autocast training path: low-precision branch output + fp32 residual stream and parameters.
     s and y are fp32; dx comes back in x's dtype (written by the same backward pass), dresidual fp32."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tritonrun.kernels import rmsnorm as rn
 from tritonrun.gpt2.ops import TRITON_OPS, get_ops
-from tests.helpers import ELEMENTWISE_DTYPES, NO_BF16, poison_allocations
+from tests.helpers import ELEMENTWISE_DTYPES, poison_allocations
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -118,7 +118,7 @@ def test_mix_rms_norm(rows, C, dtype, floor):
 
 
 @pytest.mark.parametrize("low,floor", [pytest.param(torch.float16, 2.0**-10, id="fp16"),
-                                       pytest.param(torch.bfloat16, 2.0**-7, id="bf16", marks=NO_BF16)])
+                                       pytest.param(torch.bfloat16, 2.0**-7, id="bf16")])
 def test_mixed_dtypes(low, floor):
     """The autocast training path: a low-precision branch output + the fp32 residual stream. s and y are fp32;
     each input's grad comes back in its own dtype (add: the low copy written by the same backward pass)."""

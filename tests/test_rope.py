@@ -203,7 +203,14 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,floor", DTYPES)
+# The composition runs kernels/attention.py, whose bf16 tl.dot the Triton interpreter computes wrongly (errors of
+# ~1e8 on CPU): its bf16 case needs a GPU. rope's own bf16 cases above run everywhere (it computes in fp32).
+ATTENTION_DTYPES = [p if p.id != "bf16" else pytest.param(*p.values, id="bf16", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs CUDA: the Triton interpreter's bf16 tl.dot (inside attention) is wrong"))
+    for p in DTYPES]
+
+
+@pytest.mark.parametrize("dtype,floor", ATTENTION_DTYPES)
 @pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 64), (1, 37, 6, 128)])  # 6 heads of 128: the speedrun's
 def test_composes_with_causal_attention(monkeypatch, B, T, H, D, dtype, floor):
     """causal_attention(*qk_norm_rope(q, k, ...), v): output and the gradients of q, k, v against the fp64

@@ -354,7 +354,7 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_triton_backend_matches_torch_backend():
-    """fp32 on CPU (the interpreter has no bf16): logits, loss and every grad of both backends against the
+    """fp32 on CPU (the interpreter's bf16 tl.dot is wrong): logits, loss and every grad of both backends against the
     fp64 torch model, under REFERENCE.md's rule with an 8-ulp fp32 floor (tests/helpers.py's fp32 floor). The
     scalars' grads (lambdas, lamb, skip_weights) are each one sum over B*T*C terms, and torch's error on a single
     such number is a lucky draw (measured 1e-10 .. 7e-7 on values ~0.05-4), so the rule takes them as one
@@ -387,7 +387,7 @@ def check_backends(config: SpeedrunConfig, shape: tuple[int, int], device: str, 
         assert max_err(out["triton"][key], ref) <= bound, key
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: bf16 autocast (the interpreter has no bf16)")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: bf16 autocast runs attention and the LM head in bf16 tl.dot, which the Triton interpreter computes wrongly")
 def test_gpu_bf16_triton_backend_follows_the_low_precision_rule():
     """The training dtype, head dim 128 as the record (6 heads of 128), T not a multiple of any block; the
     bf16 floor of tests/helpers.py (one bf16 ulp at the top magnitude)."""
@@ -461,7 +461,7 @@ def test_10_steps_from_random_weights_triton_follows_torch_within_1e5():
     assert triton_losses == pytest.approx(torch_losses, rel=1e-5)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the bf16 training curve (the interpreter has no bf16)")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the bf16 training curve runs bf16 tl.dot (attention, LM head), which the Triton interpreter computes wrongly")
 def test_gpu_bf16_curves_follow_the_low_precision_rule():
     """tests/test_kernels_model.py's rule for curves: |triton_bf16 - ref| <= 2 |torch_bf16 - ref| + 2^-10 max|ref|,
     ref the torch backend in fp32 with exact fp32 matmuls (the default precision, restored by conftest)."""
