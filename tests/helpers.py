@@ -117,3 +117,28 @@ def assert_same_numbers(got: list[float], want: list[float], recorded: dict, rel
         assert got == want
     else:
         assert got == pytest.approx(want, rel=rel)
+
+
+def hellaswag_by_hand(model, examples) -> dict:
+    """HellaSwag acc / acc_norm scored independently of tritonrun.data.hellaswag: one ending at a time, context +
+    ending alone through the model (no batching, no padding, fp32, eval mode), the ending tokens' cross-entropy
+    summed (acc) and averaged (acc_norm), the lowest picked."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    was = model.training
+    model.eval()
+    right = right_norm = 0
+    with torch.no_grad():
+        for ex in examples:
+            sums, means = [], []
+            for end in ex.endings:
+                ids = torch.from_numpy(np.concatenate([ex.ctx, end]))[None]
+                logits = model(ids)[0, :-1].float()  # position p predicts token p + 1
+                ce = F.cross_entropy(logits[-len(end):], ids[0, -len(end):], reduction="none")
+                sums.append(ce.sum().item())
+                means.append(ce.mean().item())
+            right += int(np.argmin(sums) == ex.label)
+            right_norm += int(np.argmin(means) == ex.label)
+    model.train(was)
+    return {"acc": right / len(examples), "acc_norm": right_norm / len(examples), "n": len(examples)}
