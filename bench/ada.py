@@ -658,6 +658,11 @@ def collect(archs: list[str], models=GPT2_MODELS, presets=None, kernels=None, jo
         results = list(pool.map(compile_job, [e["job"] for e in entries]))
     log(f"compiled {len(entries)} kernels in {time.perf_counter() - t0:.1f} s ({jobs} processes)")
     commit, dirty = git_commit()
+    import platform
+
+    import torch
+
+    host = {"torch": torch.__version__, "python": platform.python_version()}  # the host that compiled the record
     records = []
     for e, res in zip(entries, results):
         arch = e["arch"]
@@ -676,8 +681,8 @@ def collect(archs: list[str], models=GPT2_MODELS, presets=None, kernels=None, jo
             r["problems"].append("registers and spills not checked: triton bundles no ptxas here")
         r["fits"] = not r["problems"]
         r.update(constexprs=e["constexprs"], signature=e["signature"], used_by=e["used_by"],
-                 triton=triton.__version__, ptxas=ptxas_info(ARCHS[arch].cc)[1],
-                 commit=commit + ("-dirty" if dirty else ""))
+                 triton=triton.__version__, ptxas=ptxas_info(ARCHS[arch].cc)[1], torch=host["torch"],
+                 python=host["python"], commit=commit + ("-dirty" if dirty else ""))
         records.append(r)
     order = {name: i for i, name in enumerate(DRIVERS)}
     records.sort(key=lambda r: (list(ARCHS).index(r["arch"]), order.get(r["kernel"].split(".")[0], 99),
