@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import shutil
@@ -545,7 +546,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, required=True, help="seconds the whole check may take (e.g. 540)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit 0 (any machine)")
     args = p.parse_args(argv)
-    if args.budget <= 0:
+    if not math.isfinite(args.budget) or args.budget <= 0:
         print(f"error: --budget {args.budget:g}: give the seconds the check may take, e.g. --budget 540",
               file=sys.stderr)
         return 2

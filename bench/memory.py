@@ -28,6 +28,7 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import math  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
@@ -112,7 +113,9 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
         raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
     if total % seq_len:
         raise UserError(f"--seq-len {seq_len} does not divide the total batch of {total} tokens: pick a power of two")
-    if args.budget_gib is not None and args.budget_gib <= 0:
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise UserError(f"--seq-len {args.seq_len}: must be positive")
+    if args.budget_gib is not None and not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
         raise UserError(f"--budget-gib {args.budget_gib:g}: must be positive")
     setup = Setup(args.gpu, model, seq_len, total, preset.memory_gib, GPUS[args.gpu],
                   args.budget_gib, recipe)
@@ -141,7 +144,7 @@ def line(e: dict) -> str:
     s = e["split_gib"]
     return (f"{e['backend']:<6} B={e['micro_batch']:<4} T={e['seq_len']:<6} peak {e['peak_gib']:6.2f} GiB  "
             f"reserved est. "
-            f"{e['peak_reserved_estimate_gib']:6.2f} GiB  {'fits' if e['fits'] else 'DOES NOT FIT':<12} | "
+            f"{e['peak_reserved_estimate_bytes'] / GIB:6.2f} GiB  {'fits' if e['fits'] else 'DOES NOT FIT':<12} | "
             f"params {s['parameters']:.2f}  grads {s['grads']:.2f}  optim {s['optimizer_state']:.2f}  "
             f"act {s['activations']:.2f}  temp {s['temporaries']:.2f}  (peak in {e['peak_phase']}, "
             f"{e['seconds']:.1f} s)")

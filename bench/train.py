@@ -77,7 +77,8 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
+import json
+import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -713,8 +714,13 @@ def project(target: str, record_path: Path | None) -> int:
 
 
 # -------------------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="End-to-end training benchmark: tok/s, MFU, memory vs torch.compile.")
+    p = _Parser(description="End-to-end training benchmark: tok/s, MFU, memory vs torch.compile.")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="the backend x compile x micro-batch sweep (default on); --no-sweep runs only the cap check "
                         "and/or --profile, e.g. as a second command when one command has a time limit")
@@ -752,6 +758,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the record goes (default bench/results; --smoke: only when given, never bench/results)")
     args = p.parse_args(argv)
     args.smoke_defaults = args.smoke
+    for name in ("steps", "warmup", "cap_steps", "cap_max_micro_batch", "profile_micro_batch"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else 'positive'}, got {v}")
+    if args.cap_gib is not None and not (math.isfinite(args.cap_gib) and args.cap_gib >= 0):
+        p.error(f"--cap-gib must be a finite number >= 0 (0 = off), got {args.cap_gib}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        p.error(f"--peak-tflops must be a positive finite number, got {args.peak_tflops}")
+    if args.micro_batches is not None:
+        try:
+            values = [int(x) for x in args.micro_batches.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < 1 for v in values):
+            p.error(f"--micro-batches {args.micro_batches!r}: expected positive integers, e.g. 8,16")
     return args
 
 

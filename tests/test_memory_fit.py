@@ -39,7 +39,7 @@ def test_fit_picks_what_every_committed_record_picked(name, rec, search, backend
         value = setup.seq_len if search == "max_seq_len" else micro_batch
         assert backend_ == backend and value in answers, (name, value, sorted(answers))
         asked.append(value)
-        return {"fits": answers[value], "peak_reserved_estimate_gib": 0.0}
+        return {"fits": answers[value], "peak_reserved_estimate_bytes": 0}
 
     setup = _setup_of(rec)
     assert setup.budget_bytes == rec["budget_bytes"]
@@ -66,7 +66,7 @@ def test_fit_recomputes_the_rtx4070_records(recipe, backend, seq_len, expected, 
     rec = json.loads(sorted(RESULTS.glob(f"{prefix}*.json"))[-1].read_text())
     mb, t = (1, value) if key == "seq_len" else (value, seq_len)
     recorded = [e for e in rec["estimates"] if (e["backend"], e["micro_batch"], e["seq_len"]) == (backend, mb, t)]
-    assert recorded and got["reserved_gib"] == recorded[0]["peak_reserved_estimate_gib"]
+    assert recorded and got["reserved_gib"] == round(recorded[0]["peak_reserved_estimate_bytes"] / 2**30, 4)
     again = est.fit(setup, backend, cache_dir=tmp_path, estimate_fn=lambda *a: pytest.fail("not cached"))
     assert again["cached"] and again[key] == value
 
@@ -78,7 +78,7 @@ def test_fit_cache_keys_on_what_changes_the_step(tmp_path):
 
     def fake(setup, backend, micro_batch):
         calls.append((backend, setup.torch_ops, micro_batch))
-        return {"fits": micro_batch <= 4, "peak_reserved_estimate_gib": float(micro_batch)}
+        return {"fits": micro_batch <= 4, "peak_reserved_estimate_bytes": micro_batch * 2**30}
 
     setup = est.Setup("rtx4070", "tiny", 128, 1024, 12, est.GPUS["rtx4070"], recipe="gpt2")
     first = est.fit(setup, "triton", cache_dir=tmp_path, estimate_fn=fake)

@@ -163,6 +163,11 @@ def test_eval_only_scores_imported_weights(tmp_path):
         want = sum(model(*loader.next_batch()).item() for _ in range(2048 // 256)) / (2048 // 256)
     assert result["final_val_loss"] == pytest.approx(want, rel=1e-5)
     assert_user_error(run_cli(*SMALL, "--eval-only", "--resume", "--out-dir", out), "--init-from ckpt:")
+    # without weights it would score a random init: refused, nothing written
+    assert_user_error(run_cli(*SMALL, "--eval-only", "--out-dir", tmp_path / "none"), "needs weights to score",
+                      "--init-from ckpt:")
+    assert not (tmp_path / "none").exists()
+    assert "not with --resume" in " ".join(run_cli("--help").stdout.split())
 
 
 def test_high_target_stops_at_first_validation(tmp_path):

@@ -535,7 +535,8 @@ def fit(setup: Setup, backend: str, cache_dir=None, estimate_fn=None, use_cache:
         best, tried = search_max(lambda b: at(b, setup.seq_len)["fits"], setup.micro_batches())
         pick = None if best is None else (best, setup.seq_len)
     answer = {"micro_batch": pick and pick[0], "seq_len": pick and pick[1],
-              "reserved_gib": pick and seen[pick]["peak_reserved_estimate_gib"],
+              # from the bytes, not the record's 3-decimal GiB: one rounding, where the caller prints it
+              "reserved_gib": pick and round(seen[pick]["peak_reserved_estimate_bytes"] / GIB, 4),
               "budget_gib": round(setup.budget_bytes / GIB, 2), "tried": [list(t) for t in tried],
               "searched": "seq_len" if setup.packed else "micro_batch"}
     try:

@@ -74,6 +74,8 @@ def record_dir(out_dir: Path | None, smoke: bool) -> Path | None:
     nowhere for a smoke run. Raises ValueError (the user's error line) for a smoke run aimed at bench/results."""
     if smoke and out_dir is not None and Path(out_dir).resolve() == RESULTS_DIR.resolve():
         raise ValueError("smoke runs never write into bench/results (README figures come from GPU records only)")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory: give a directory for the record")
     return out_dir if out_dir is not None else (None if smoke else RESULTS_DIR)
 
 

@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenized HellaSwag val file (python -m tritonrun.data.hellaswag writes it)")
     p.add_argument("--resume", action="store_true", help="continue the newest complete checkpoint in --out-dir")
     p.add_argument("--eval-only", action="store_true",
-                   help="score the starting weights (--init-from / --resume) on val and HellaSwag, no training")
+                   help="score the weights of --init-from (hf:, llmc: or ckpt:PATH) on val and HellaSwag into a new "
+                        "--out-dir, no training (not with --resume: it would rewrite that run's record)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the run's plan (preset, recipe, batch, the memory estimate behind it) and stop: "
                         "builds no model, reads no data, writes nothing; needs no GPU")
@@ -524,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only and args.resume:
             raise UserError("--eval-only with --resume would rewrite that run's record: score a run's weights "
                             "with --init-from ckpt:RUN_DIR --eval-only --out-dir NEW_DIR")
+        if args.eval_only and not args.init_from:
+            raise UserError("--eval-only needs weights to score (without them it would score a random init): add "
+                            "--init-from ckpt:RUN_DIR, hf:PATH or llmc:PATH")
         if args.resume and args.out_dir and int(os.environ.get("RANK", "0")) == 0:
             running = OutDirLock(Path(args.out_dir))
             if running.holder() is not None:  # before reading its checkpoints: they are still being written
