@@ -66,6 +66,14 @@ def needs_gpu(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    listing = os.environ.get("TRITONRUN_SKIP_REASONS")
+    if listing:  # tests/test_user_errors.py: every skip that applies on this machine, with its reason
+        import json
+
+        skips = [[item.nodeid, m.kwargs.get("reason", "")] for item in items for m in item.iter_markers("skipif")
+                 if m.args and m.args[0] is True]
+        with open(listing, "w") as f:
+            json.dump(skips, f)
     if not config.getoption("--gpu-tests"):
         return
     keep = [item for item in items if needs_gpu(item)]

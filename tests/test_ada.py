@@ -116,17 +116,19 @@ def test_autotune_spaces_and_layernorm_widths_recorded(records, arch):
 
     rows = [r for r in records if r["arch"] == arch]
 
-    def launched(fn, keys):
+    def launched(fn, keys, head_dim=None):
         return {(*(r["constexprs"].get(k) for k in keys), r["num_warps"], r["num_stages"])
-                for r in rows if r["kernel"] == fn}
+                for r in rows if r["kernel"] == fn and r["constexprs"].get("HEAD_DIM", head_dim) == head_dim}
 
+    table = attn.arch_key((ada.ARCHS[arch].cc // 10, ada.ARCHS[arch].cc % 10))
     for kind, fn in (("fwd", "_attn_fwd"), ("bwd_dkdv", "_attn_bwd_dkdv"), ("bwd_dq", "_attn_bwd_dq")):
-        space = attn.TUNE_SPACE[attn.arch_key((ada.ARCHS[arch].cc // 10, ada.ARCHS[arch].cc % 10))][kind][64]
-        assert launched(f"attention.{fn}", ("BLOCK_M", "BLOCK_N")) == set(space)
+        for d in (64, 128):  # GPT-2's heads and the speedrun-dense model's
+            space = attn.TUNE_SPACE[table][kind][d]
+            assert launched(f"attention.{fn}", ("BLOCK_M", "BLOCK_N"), d) == set(space), (fn, d)
     keys = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_C")
     for kind, fn in (("fwd", "_lce_fwd_kernel"), ("dh", "_lce_bwd_dh_kernel"), ("dw", "_lce_bwd_dw_kernel")):
         space = ce.TUNE_SPACE[arch][kind]  # the checked archs are the cross-entropy tables' own
-        assert launched(f"cross_entropy.{fn}", keys) == \
+        assert launched(f"cross_entropy.{fn}", keys, None) == \
             {(*(c.get(k) for k in keys), c["num_warps"], c["num_stages"]) for c in space}
     widths = {r["constexprs"]["BLOCK_N"] for r in rows if r["kernel"] == "layernorm._ln_fwd_kernel"}
     assert widths == {1024, 2048}

@@ -22,7 +22,7 @@ from tritonrun import train as train_speedrun
 from tritonrun.data.sample import prepare_sample
 from tritonrun.data.shards import find_shards, load_tokens, write_shard
 from tritonrun.gpt2.checkpoint import list_checkpoints
-from tests.helpers import load_script, one_thread_env
+from tests.helpers import HAS_CUDA, load_script, one_thread_env
 from tests.test_train_cli import REPO, SMALL, assert_user_error, run_cli
 
 UserError = train_speedrun.UserError
@@ -386,3 +386,21 @@ def test_every_tools_numeric_flags_are_validated(argv, needle, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
         proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="lists the skips of a machine without CUDA; this one has CUDA")
+def test_every_cuda_skip_says_it_needs_cuda_and_why(tmp_path):
+    """README: a test skipped for want of CUDA says so first (`needs CUDA` or `needs a CUDA GPU`) and why; no skip
+    names a wrong cause (the old "no bf16 arithmetic": the interpreter runs those cases)."""
+    listing = tmp_path / "skips.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "--collect-only", "-q", "tests"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITONRUN_SKIP_REASONS": str(listing)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    skips = json.loads(listing.read_text())
+    cuda = [(node, why) for node, why in skips if "CUDA" in why or "GPU" in why]
+    assert len(cuda) > 50, len(cuda)
+    bad = [(node, why) for node, why in cuda if not why.startswith(("needs CUDA", "needs a CUDA GPU", "on a GPU",
+                                                                    "on a CUDA machine", "checks the no-"))]
+    assert not bad, bad[:5]
+    assert not [node for node, why in skips if "no bf16 arithmetic" in why]
