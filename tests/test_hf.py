@@ -399,7 +399,7 @@ def test_export_cli_round_trip(tmp_path):
 
 
     # a user error end to end: one `error:` line, exit 2, no traceback
-    r = export("--checkpoint", tmp_path / "nope", "--out", out)
+    r = export("--checkpoint", tmp_path / "nope", "--out", tmp_path / "fresh")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no such checkpoint" in r.stderr
 
@@ -409,9 +409,10 @@ def test_export_cli_user_errors(tmp_path, capsys):
     out = save_hf(our_model(8), tmp_path / "hf-out")
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [(("--checkpoint", empty, "--out", out), "no checkpoints"),
-             (("--checkpoint", out / "config.json", "--out", out), "not a readable checkpoint"),
+    cases = [(("--checkpoint", empty, "--out", out, "--force"), "no checkpoints"),
+             (("--checkpoint", out / "config.json", "--out", out, "--force"), "not a readable checkpoint"),
              (("--checkpoint", run, "--out", out / "config.json"), "not a directory"),
+             (("--checkpoint", run, "--out", out), "already holds an export (config.json, model.safetensors)"),
              (("--out", out), "required: --checkpoint"),
              ((), "required: command")]
     for args, expected in cases:
@@ -422,6 +423,10 @@ def test_export_cli_user_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, err)
+    before = (out / "model.safetensors").stat().st_mtime_ns, (out / "model.safetensors").stat().st_ino
+    assert hf_cli(["export", "--checkpoint", str(run), "--out", str(out)]) == 2  # nothing overwritten without --force
+    assert ((out / "model.safetensors").stat().st_mtime_ns, (out / "model.safetensors").stat().st_ino) == before
+    assert hf_cli(["export", "--checkpoint", str(run), "--out", str(out), "--force"]) == 0
 
 
 # ------------------------------------------------------------------------------ speedrun checkpoints

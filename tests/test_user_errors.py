@@ -404,3 +404,13 @@ def test_every_cuda_skip_says_it_needs_cuda_and_why(tmp_path):
                                                                     "on a CUDA machine", "checks the no-"))]
     assert not bad, bad[:5]
     assert not [node for node, why in skips if "no bf16 arithmetic" in why]
+
+
+def test_hellaswag_asked_for_without_its_file_is_one_line(tmp_path):
+    """--hellaswag-every N (or --hellaswag-path) naming a file that does not exist stops at startup with the command
+    that writes it; left at its default, a missing file only turns the eval off (logged)."""
+    missing = tmp_path / "nope.bin"
+    assert_user_error(run_cli(*SMALL, "--hellaswag-every", "2", "--hellaswag-path", missing, "--out-dir",
+                              tmp_path / "o"), "does not exist", "python -m tritonrun.data.hellaswag",
+                      "--hellaswag-every 0")
+    assert not (tmp_path / "o").exists()

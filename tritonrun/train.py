@@ -226,6 +226,12 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, dict | N
             takers = [r.name for r in RECIPES.values() if name not in r.refused]
             raise UserError(f"--{name.replace('_', '-')} does not apply to --recipe {recipe.name} ({why}): drop it"
                             + (f", or use --recipe {takers[0]}" if len(takers) == 1 else ""))
+    asked_hellaswag = explicit.get("hellaswag_every", 0) > 0 or "hellaswag_path" in explicit
+    if asked_hellaswag and merged["hellaswag_every"] > 0 and not Path(merged["hellaswag_path"]).is_file():
+        raise UserError(f"HellaSwag was asked for (--hellaswag-every {merged['hellaswag_every']}) but "
+                        f"{merged['hellaswag_path']} does not exist: write it with `python -m tritonrun.data.hellaswag"
+                        f"{'' if 'hellaswag_path' not in explicit else ' --out ' + merged['hellaswag_path']}`, "
+                        f"or drop the flag (--hellaswag-every 0: off)")
     dry_run = getattr(args, "dry_run", False)
     # what the batch is sized by: the micro-batch (dense) on new hardware, the packed length of a new run (it is
     # run-defining: a resumed packed run keeps its own)

@@ -336,12 +336,22 @@ def main(argv=None) -> int:
     exp = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face GPT2LMHeadModel directory")
     exp.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (its newest checkpoint)")
     exp.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    exp.add_argument("--force", action="store_true", help="overwrite an existing export in --out")
     args = parser.parse_args(argv)
 
     try:
+        from tritonrun.recipes import recipe_of_model_kind
+
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise HFFormatError(f"--out {out_dir} is a file, not a directory: give a directory")
+        held = [n for n in ("config.json", "model.safetensors") if (out_dir / n).exists()]
+        if held and not args.force:
+            raise HFFormatError(f"--out {out_dir} already holds an export ({', '.join(held)}): pick another --out, "
+                                f"or add --force to overwrite it")
         ckpt = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt)
-        if checkpoint_model_kind(state) in ("speedrun", "speedrun-dense"):  # before any weights are built or written
+        if not recipe_of_model_kind(checkpoint_model_kind(state)).hf_export:  # before any weights are built
             raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
         out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors
