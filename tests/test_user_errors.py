@@ -414,3 +414,18 @@ def test_hellaswag_asked_for_without_its_file_is_one_line(tmp_path):
                               tmp_path / "o"), "does not exist", "python -m tritonrun.data.hellaswag",
                       "--hellaswag-every 0")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_runaway_loss_stops_the_run_like_a_nan(tmp_path):
+    """--lr 1e30 under the speedrun recipe gives finite losses near 30 with grad norm 0 (nothing is NaN): past
+    --max-bad-steps such steps in a row the run stops, naming the step, the loss and the flag to lower, and its
+    record says diverged, not finished."""
+    out = tmp_path / "run"
+    proc = run_cli("--gpu", "cpu", "--recipe", "speedrun", "--model", "tiny", "--data", "sample", "--seq-len", "256",
+                   "--total-batch-tokens", "512", "--val-tokens", "512", "--lr", "1e30", "--max-steps", "12",
+                   "--max-bad-steps", "1", "--out-dir", out)
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 3 and len(err) == 1 and "runaway (loss far above its start)" in err[0], proc.stderr
+    assert "lower --lr (now 1e+30)" in err[0] and "last at step" in err[0]
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["status"] == "diverged" and rec["steps_done"] < 12 and not (out / "leaderboard.md").exists()

@@ -182,6 +182,9 @@ def allocator_fraction(memory_gib: float, total_bytes: int) -> float:
     return max(0.0, min(1.0, (memory_gib - CUDA_CONTEXT_GIB) * 2**30 / total_bytes))
 
 
+RUNAWAY_NATS = 5.0  # a loss this far above max(ln(vocab), the first loss) is a diverged run, not noise
+
+
 def is_resource_error(e: BaseException) -> bool:
     """Triton's OutOfResources (shared memory, registers), raised directly or wrapped by Inductor's compile."""
     seen = 0
@@ -625,7 +628,8 @@ class TrainingRun:
         with StopSignals() as signals:
             for step in range(self.start_step, cfg.max_steps):
                 applied = self.timed_step(step)
-                bad_in_a_row = 0 if applied else self.count_bad_step(step, bad_in_a_row + 1)
+                runaway = applied and self.runaway_loss()
+                bad_in_a_row = 0 if applied and not runaway else self.count_bad_step(step, bad_in_a_row + 1)
                 last_step = step + 1 == cfg.max_steps
                 self.between_steps(step + 1, last_step)
                 if self.result["target_reached"]:
@@ -698,20 +702,36 @@ class TrainingRun:
             f"{path.name if path else 'a checkpoint'} written: once the shard is fixed, continue with "
             f"--resume --out-dir {self.out_dir}") from None
 
+    def runaway_loss(self) -> bool:
+        """The last step's loss is finite but far worse than guessing: above ln(vocab) (a uniform prediction's loss,
+        what an initialized model starts near) and above the run's first loss, by RUNAWAY_NATS. A run whose loss
+        climbs there has diverged (e.g. --lr 1e30: loss 37 with grad norm 0 every step) though nothing is NaN."""
+        steps = self.result["steps"]
+        vocab = getattr(getattr(self.trainer.model, "config", None), "vocab_size", 50257)
+        start = steps[0]["loss"] if steps else 0.0
+        return steps[-1]["loss"] > max(math.log(vocab), start) + RUNAWAY_NATS
+
     def count_bad_step(self, step: int, bad_in_a_row: int) -> int:
-        """A skipped (non-finite) step: warn, and stop the run past --max-bad-steps in a row."""
+        """A skipped (non-finite) or runaway step: warn, and stop the run past --max-bad-steps in a row."""
         cfg, result = self.cfg, self.result
         loss, norm = result["steps"][-1]["loss"], result["steps"][-1]["grad_norm"]
-        result["skipped_steps"] += 1
-        self.log.line(f"warning: step {step + 1} skipped: non-finite loss {loss} or grad norm {norm} "
-                      f"({bad_in_a_row} in a row, the limit is --max-bad-steps {cfg.max_bad_steps})")
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            what = (f"loss {loss:.4f} is more than {RUNAWAY_NATS} nats above both ln(vocab) and the run's first loss "
+                    f"{result['steps'][0]['loss']:.4f}")
+        else:
+            result["skipped_steps"] += 1
+            what = f"skipped: non-finite loss {loss} or grad norm {norm}"
+        self.log.line(f"warning: step {step + 1} {what} ({bad_in_a_row} in a row, the limit is --max-bad-steps "
+                      f"{cfg.max_bad_steps})")
         if bad_in_a_row > cfg.max_bad_steps:
             result["status"] = "diverged"
             self.write_result()
             last = latest_checkpoint(self.out_dir)
+            kind = "runaway (loss far above its start)" if finite else "non-finite"
             raise TrainingStopped(
-                f"{bad_in_a_row} non-finite steps in a row (last at step {step + 1}): the run diverged; "
-                f"lower --lr or raise --warmup-steps. Last good checkpoint: "
+                f"{bad_in_a_row} {kind} steps in a row (last at step {step + 1}, loss {loss:.4g}): the run diverged; "
+                f"lower --lr (now {cfg.lr:g}) or raise --warmup-steps. Last good checkpoint: "
                 f"{last if last else 'none (set --checkpoint-every)'}")
         return bad_in_a_row
 
