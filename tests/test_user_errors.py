@@ -429,3 +429,28 @@ def test_a_runaway_loss_stops_the_run_like_a_nan(tmp_path):
     assert "lower --lr (now 1e+30)" in err[0] and "last at step" in err[0]
     rec = json.loads((out / "result.json").read_text())
     assert rec["status"] == "diverged" and rec["steps_done"] < 12 and not (out / "leaderboard.md").exists()
+
+
+PACKED_FLAGS = ["--gpu", "cpu", "--recipe", "speedrun", "--model", "tiny", "--seq-len", "256",
+                "--total-batch-tokens", "512", "--val-tokens", "512", "--max-steps", "2"]
+
+
+@pytest.mark.parametrize("case", ["short_dense", "no_eot", "all_eot", "short_packed"])
+def test_data_that_cannot_make_one_batch_is_found_at_startup(tmp_path, case):
+    """A train shard shorter than one dense micro-batch; a packed run's shards without any end-of-text token, with
+    nothing else, or all shorter than one sequence: one line naming the file and the fix, exit 2, before the out
+    dir claims a run (nothing written there)."""
+    val = _sample_tokens("val", 4000)
+    train = {"short_dense": [_sample_tokens("train", 200), _sample_tokens("train", 40000)],
+             "no_eot": [np.arange(1000, 21000) % 50000],
+             "all_eot": [np.full(20000, 50256)],
+             "short_packed": [_sample_tokens("train", 200)]}[case]
+    d = _data_dir(tmp_path, val, train)
+    out = tmp_path / "out"
+    flags = [*SMALL, "--max-steps", "2"] if case == "short_dense" else PACKED_FLAGS
+    needle = {"short_dense": "x_train_000001.bin holds 200 tokens, fewer than one micro-batch (micro-batch x seq-len "
+                             "+ 1 = 257)",
+              "no_eot": "has no end-of-text token", "all_eot": "nothing but end-of-text tokens",
+              "short_packed": "fewer than one micro-batch (seq-len + 1 = 257)"}[case]
+    assert_user_error(run_cli(*flags, "--data", d, "--out-dir", out), needle)
+    assert not out.exists()

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tritonrun.errors import UserError
@@ -465,7 +466,44 @@ def open_data(cfg: Config, download: bool = False):
     if val_tokens < cfg.val_tokens + 1:
         raise UserError(f"val shard {val[0]} has {val_tokens} tokens, fewer than --val-tokens "
                         f"{cfg.val_tokens} + 1: lower --val-tokens")
+    check_batch_fits(cfg, train)
     return train, val[0]
+
+
+def check_batch_fits(cfg: Config, train: list[Path]) -> None:
+    """UserError (one line, the file and the flag) for train data that cannot make one batch: a dense recipe reads
+    micro-batch x seq-len x ranks + 1 tokens from one shard, so every shard needs them; a packed recipe reads one
+    sequence of seq-len + 1 tokens from one shard, starting at an end-of-text token (EOT, 50256), so some shard
+    must hold that many, and the first one must hold EOTs but not only EOTs (no documents to pack, or nothing
+    but empty ones: degenerate data is not trained on silently)."""
+    from tritonrun.data.shards import ShardError, load_tokens, read_header
+    from tritonrun.data.tokenizer import EOT
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    packed = get_recipe(cfg.recipe).packed
+    need = cfg.seq_len + 1 if packed else cfg.micro_batch * cfg.seq_len * world + 1
+    try:
+        sizes = {path: read_header(path) for path in train}
+    except ShardError as e:
+        raise UserError(bad_shard_message(e)) from None
+    short = [path for path, n in sizes.items() if n < need]
+    what = ("seq-len + 1" if packed else f"micro-batch x seq-len{' x ranks' if world > 1 else ''} + 1")
+    fix = "lower --seq-len" if packed else "lower --micro-batch or --seq-len"
+    if (short and not packed) or len(short) == len(train):
+        raise UserError(f"train shard {short[0]} holds {sizes[short[0]]:,} tokens, fewer than one micro-batch "
+                        f"({what} = {need:,}): {fix}, or use longer shards")
+    if packed:
+        first = next(path for path in train if sizes[path] >= need)
+        head = np.asarray(load_tokens(first)[: 1 << 24])
+        eots = int(np.count_nonzero(head == EOT))
+        if eots == 0:
+            raise UserError(f"train shard {first} has no end-of-text token (50256) in its first {head.size:,} "
+                            f"tokens: --recipe {cfg.recipe} packs documents that start at one (GPT-2 shards put one "
+                            f"before every document, as python -m tritonrun.data.fineweb writes them); tokenize "
+                            f"with it, or use --recipe gpt2 / speedrun-dense")
+        if eots == head.size:
+            raise UserError(f"train shard {first} holds nothing but end-of-text tokens (50256) in its first "
+                            f"{head.size:,}: empty documents, nothing to learn; check how it was tokenized")
 
 
 def bad_shard_message(e) -> str:
@@ -539,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             if running.holder() is not None:  # before reading its checkpoints: they are still being written
                 raise UserError(running.refusal())
         cfg, resume_path, sizing = resolve_run(args)
+        # the data first: a shard that cannot make one batch is found before the out dir claims a run
+        train_files, val_file = open_data(cfg, download=args.download)
         out_dir, lock = claim_out_dir(Path(cfg.out_dir), resuming=resume_path is not None,
                                       default_name=args.out_dir is None)
         cfg = replace(cfg, out_dir=str(out_dir))
@@ -547,7 +587,6 @@ def main(argv: list[str] | None = None) -> int:
                 use_cpu_interpreter()  # before anything imports triton
             except RuntimeError as e:
                 raise UserError(str(e)) from None
-        train_files, val_file = open_data(cfg, download=args.download)
         result = training.run(cfg, out_dir, train_files, val_file, resume_from=resume_path,
                               eval_only=args.eval_only, sizing=sizing)
         return result.get("exit_code", 0)
