@@ -322,7 +322,15 @@ README = (REPO / "README.md").read_text()
 
 
 def test_readme_quick_start_installs_cpu_torch_first_in_a_virtual_environment():
-    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    """README leads with the GPU block (install, then the main job with --download for its first run), apart from
+    the CPU block (virtual environment, CPU torch, install, smoke run, sample, pytest); the CPU torch line says
+    what to run off CI."""
+    blocks = [b.split("```", 1)[0] for b in README.split("```bash\n")[1:]]
+    gpu = blocks[0].splitlines()
+    assert 'pip install -e ".[test]"' in gpu[0] and gpu[1].startswith("python train_speedrun.py --gpu rtx4070 --download")
+    block = next(b for b in blocks if "pip install torch==2.13.0" in b)
+    assert "--gpu rtx4070" not in block  # the main job sits apart from the CPU block
+    assert "--index-url https://download.pytorch.org/whl/cpu" in README.split("## ", 1)[0]
     lines = block.splitlines()
     cpu = next(i for i, ln in enumerate(lines) if ln.startswith("pip install torch==2.13.0"))
     assert "python -m pip install torch==2.13.0" in (REPO / ".ci" / "run").read_text()  # CI installs as README says
