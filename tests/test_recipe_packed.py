@@ -12,6 +12,7 @@ import math
 import signal
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,9 +104,12 @@ def make_trainer(tmp_path, *flags):
 
 
 def test_trainer_reads_packed_sequences_and_accumulates(tmp_path):
-    """Training sequences start at documents (doc_aligned, the config's default); validation reads contiguous
-    windows (the record's val tokens); the step accumulates total / seq_len micro-batches of B = 1."""
-    cfg, tr = make_trainer(tmp_path)
+    """Training sequences are contiguous chunks by default (the 2024-12-17 record's order) and start at documents
+    with --doc-aligned; validation reads contiguous windows (the record's val tokens); the step accumulates total /
+    seq_len micro-batches of B = 1."""
+    _, plain = make_trainer(tmp_path / "plain")
+    assert not plain.train_loader.doc_aligned and not plain.cfg.doc_aligned
+    cfg, tr = make_trainer(tmp_path, "--doc-aligned")
     assert isinstance(tr.train_loader, PackedLoader) and tr.train_loader.doc_aligned
     assert isinstance(tr.val_loader, PackedLoader) and not tr.val_loader.doc_aligned
     assert tr.grad_accum == 2 and tr.val_steps == 2
@@ -392,3 +396,30 @@ def test_window_attention_fallback_order(monkeypatch):
     assert path() == "flex-small" and step() is None
     t.ops.placement, t.tried_paths, t.flex_shrink = {"window_attention": "triton"}, set(), 0  # a triton run
     assert step().startswith("torch's") and step() == "FlexAttention with smaller tiles" and step() is None
+
+
+def test_long_documents_are_read_whole_unless_doc_aligned_and_skips_are_reported(tmp_path, capsys):
+    """A corpus of few long documents (37 of ~3,700 tokens, seq-len 256): contiguous chunks (the default, the
+    2024-12-17 record's order) read every token; --doc-aligned starts every sequence at a document and skips the
+    rest of the document it cut: the log and result.json say how much, with a warning and the fix above 10 %."""
+    from tritonrun.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[50256], rng.integers(0, 50000, int(rng.integers(3000, 4400)))]) for _ in range(37)]
+    d = tmp_path / "long"
+    d.mkdir()
+    write_shard(d / "long_val_000000.bin", np.concatenate(docs[:4]))
+    write_shard(d / "long_train_000001.bin", np.concatenate(docs[4:]))
+    flags = [*PACKED, "--data", str(d), "--seq-len", "256", "--total-batch-tokens", "512", "--val-tokens", "512",
+             "--max-steps", "2", "--val-every", "2"]
+    surveys = {}
+    for name, extra in (("contiguous", []), ("aligned", ["--doc-aligned"])):
+        assert train_speedrun.main([*flags, *extra, "--out-dir", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        surveys[name] = json.loads((tmp_path / name / "result.json").read_text())["data_survey"], out
+    contiguous, out = surveys["contiguous"]
+    assert contiguous["fraction_skipped"] < 0.01 and "warning: the run would skip" not in out
+    aligned, out = surveys["aligned"]
+    assert aligned["fraction_skipped"] > 0.85  # one 256-token sequence per ~3,700-token document
+    warning = next(ln for ln in out.splitlines() if ln.startswith("warning: the run would skip"))
+    assert "drop --doc-aligned" in warning and f"{100 * aligned['fraction_skipped']:.0f} %" in warning

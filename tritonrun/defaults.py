@@ -30,7 +30,8 @@ RUN_DEFAULTS = {
     "hellaswag_every": 1000,  # HellaSwag eval every N steps and at the end, when the file exists (0 = off)
     "hellaswag_path": str(HELLASWAG_PATH),  # written by `python -m tritonrun.data.hellaswag`
     "torch_ops": "",  # under --backend triton, these ops (comma list, tritonrun/gpt2/ops.py names) stay torch
-    "muon_coefficients": "quintic",  # speedrun recipes: Newton-Schulz coefficients (the records', polar_express)
+    "muon_coefficients": "quintic",
+    "doc_aligned": False,  # packed recipes: contiguous chunks (the 2024-12-17 record's data order); True: BosAlign  # speedrun recipes: Newton-Schulz coefficients (the records', polar_express)
 }
 
 # A CPU smoke run: the built-in corpus, the tiny model, 50 steps of 1,024 tokens, no checkpoints on the way, no

@@ -97,6 +97,7 @@ class Config:
     hellaswag_path: str
     muon_coefficients: str
     final_checkpoint: bool
+    doc_aligned: bool
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = off (gpt2 1.0, speedrun 0)")
     p.add_argument("--beta1", type=float, help="AdamW / the speedrun's Adam groups' beta1 (default 0.9; speedrun 0.8)")
     p.add_argument("--beta2", type=float, help="AdamW / the speedrun's Adam groups' beta2 (default 0.95)")
+    p.add_argument("--doc-aligned", action=argparse.BooleanOptionalAction, default=None,
+                   help="speedrun: start every packed training sequence at a document start, skipping the rest of "
+                        "the document a sequence cuts (the 2025-07-12 record's rule); default off: contiguous chunks, "
+                        "as the 2024-12-17 record reads them. The log says what fraction it skips")
     p.add_argument("--muon-coefficients", choices=MUON_COEFFICIENTS,
                    help="speedrun: Muon's Newton-Schulz coefficients (default quintic, the record's)")
     p.add_argument("--data", help=f"'sample' (built-in corpus) or a dir of llm.c shards (default {DEFAULT_OUT_DIR})")
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Fields that change the math of a run: a resumed run may not change them (it would not be the same run).
 # The rest (hardware, batching split, logging, target) may differ on resume.
-RUN_DEFINING = ("model", "recipe", "muon_coefficients", "total_batch_tokens", "seq_len", "lr", "final_lr_frac",
+RUN_DEFINING = ("model", "recipe", "muon_coefficients", "doc_aligned", "total_batch_tokens", "seq_len", "lr",
+                "final_lr_frac",
                 "warmup_steps", "max_steps",
                 "weight_decay", "grad_clip", "beta1", "beta2", "data", "seed", "dtype", "init_from")
 HARDWARE = ("micro_batch", "memory_gib", "peak_tflops", "backend", "torch_ops", "compile", "timing_warmup_steps",
@@ -290,6 +296,8 @@ def _resumed(explicit: dict) -> tuple[dict, Path, bool]:
     # The checkpoint's model decides the recipe: before --recipe every run was gpt2, and a run from before the
     # 2024-12-17 recipe that took the name speedrun holds a speedrun-dense model.
     base["recipe"] = recipe_of_model_kind(checkpoint_model_kind(ckpt)).name
+    # runs from before --doc-aligned existed: their packed sequences started at document starts
+    base.setdefault("doc_aligned", get_recipe(base["recipe"]).packed)
     own = PRESETS[base["gpu"]]
     newer = {**asdict(own), **run_defaults(own.device),
              **get_recipe(base["recipe"]).defaults(on_gpu=own.device == "cuda")}

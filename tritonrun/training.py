@@ -488,6 +488,7 @@ class TrainingRun:
             "val_shard": str(val_file),
         }
         log.line("config:\n" + config_table(cfg, extra))
+        self.data_survey = self.survey_data()
         log.line(f"recipe {cfg.recipe}")
         if self.sizing is not None:
             log.line(f"memory: {self.sizing['text']}")
@@ -510,8 +511,30 @@ class TrainingRun:
         else:
             self.result = new_result(cfg, env, trainer, dist)
             self.result["batch_sizing"] = self.sizing  # how the micro-batch / packed length was sized (None: flags)
+        self.result["data_survey"] = self.data_survey
         self.result["mfu_peak"] = mfu_peak
         self.write_result()
+
+    def survey_data(self) -> dict | None:
+        """A packed loader's share of the tokens it reads that the run will see, over the sequences the run reads
+        (at most 512 walked): logged, recorded (result.json data_survey), and warned about above 10 % skipped. None
+        for a dense loader (it reads every token in order)."""
+        cfg, loader = self.cfg, self.trainer.train_loader
+        if not hasattr(loader, "survey"):
+            return None
+        per_step = cfg.total_batch_tokens // cfg.seq_len
+        survey = loader.survey(min(512, per_step * max(1, cfg.max_steps - self.start_step)))
+        pct = 100 * survey["fraction_skipped"]
+        how = "each at a document start (--doc-aligned)" if cfg.doc_aligned else "contiguous chunks"
+        self.log.line(f"data: {survey['sequences']} packed sequences of {cfg.seq_len} tokens, {how}: "
+                      f"{pct:.1f} % of the tokens passed over are skipped ({survey['tokens_skipped']:,} of "
+                      f"{survey['tokens_read'] + survey['tokens_skipped']:,})")
+        if survey["fraction_skipped"] > 0.10:
+            fix = ("drop --doc-aligned (contiguous chunks, the 2024-12-17 record's order) or raise --seq-len"
+                   if cfg.doc_aligned else "use longer shards (their tails are skipped) or a shorter --seq-len")
+            self.log.line(f"warning: the run would skip {pct:.0f} % of the training tokens it passes over "
+                          f"(documents longer than --seq-len are cut and their rest skipped): {fix}")
+        return survey
 
     def load_hellaswag(self, eval_only: bool) -> None:
         cfg = self.cfg

@@ -343,6 +343,25 @@ class PackedLoader(_ShardStream):
                 )
             self._next_shard()
 
+    def survey(self, sequences: int) -> dict:
+        """What the next `sequences` packed sequences (of every rank) read and skip, walked from the current position
+        without delivering anything (the position is restored): {"sequences", "tokens_read", "tokens_skipped",
+        "fraction_skipped"}. Skipped: tokens passed over between sequences (the rest of a document cut by a
+        doc-aligned sequence) and shard tails no sequence fits in. Contiguous reading skips only shard tails."""
+        state, read, skipped = self.state_dict(), 0, 0
+        try:
+            for _ in range(sequences):
+                shard, offset = self.shard, self.offset
+                start = self._next_start()
+                skipped += (start - offset) if self.shard == shard else (self.n_tokens[shard] - offset) + start
+                read += self.seq_len
+                self.offset = start + self.seq_len
+        finally:
+            self.load_state_dict(state)
+        total = read + skipped
+        return {"sequences": sequences, "tokens_read": read, "tokens_skipped": skipped,
+                "fraction_skipped": skipped / total if total else 0.0}
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next (x, y, cu_seqlens): x, y int64 (1, seq_len), cu_seqlens int32 (n_docs + 1,), all on the
         loader's device."""

@@ -123,9 +123,9 @@ class SpeedrunConfig:
     window_block: int = 128  # [BLOCK_SIZE = 128]
     window_start: int = 64  # tokens at f = 0 [(1 - frac_done) * 64]: 1 block
     window_end: int = 1792  # tokens at f = 1 [frac_done * 1792]: 14 blocks
-    # Training sequences start at a document start (data/loader.PackedLoader doc_aligned=True, issue 27's rule, as
-    # the 2025-07-12 BosAlign record); the 12-17 record itself read contiguous 64K windows [DistributedDataLoader],
-    # which doc_aligned=False reproduces. Validation always reads contiguous windows, as the record.
+    # The data order is the run's, not the model's: --doc-aligned (tritonrun/train.py; default off, the 12-17 record's
+    # contiguous 64K windows [DistributedDataLoader]; on: every sequence starts at a document, the 2025-07-12
+    # BosAlign rule). This field is no longer read; it stays so that checkpoints written with it load.
     doc_aligned: bool = True
     # ---- optimizers [script: optimizer1..4]; SpeedrunGPT.optimizer_groups() splits alike
     wte_lr: float = 0.6  # Adam on wte AND the value-embedding tables [optimizer1 = Adam(embed_params, lr=0.6)]

@@ -46,7 +46,8 @@ class CosineSchedule(Schedule):
 class GPT2Recipe(Recipe):
     @property
     def refused(self) -> dict[str, str]:
-        return {"muon_coefficients": "gpt2 trains with AdamW only (no Muon)"}
+        return {"muon_coefficients": "gpt2 trains with AdamW only (no Muon)",
+                "doc_aligned": "its dense batches read contiguous tokens: there are no packed sequences to align"}
 
     def defaults(self, on_gpu: bool) -> dict:
         if on_gpu:

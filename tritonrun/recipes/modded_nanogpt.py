@@ -103,8 +103,11 @@ class SpeedrunRecipe(Recipe):
 
     @property
     def refused(self) -> dict[str, str]:
-        return {"weight_decay": "the record decays nothing (Adam and Muon without weight decay)",
-                "final_lr_frac": "its cooldown goes linearly to 0 over the record's last fraction of --max-steps"}
+        out = {"weight_decay": "the record decays nothing (Adam and Muon without weight decay)",
+               "final_lr_frac": "its cooldown goes linearly to 0 over the record's last fraction of --max-steps"}
+        if not self.packed:
+            out["doc_aligned"] = "its dense batches read contiguous tokens: there are no packed sequences to align"
+        return out
 
     @property
     def record(self):

@@ -49,12 +49,12 @@ class Record20241217(SpeedrunRecipe):
                              f"divides it")
 
     def loaders(self, cfg, train_files, val_file, device, rank: int, world_size: int):
-        """One packed sequence of seq_len tokens per micro-batch with its cu_seqlens. Training starts each sequence
-        at a document start (the config's doc_aligned); validation reads contiguous windows, the record's val tokens
-        exactly."""
+        """One packed sequence of seq_len tokens per micro-batch with its cu_seqlens. Training reads contiguous chunks
+        as the 2024-12-17 record does, or with --doc-aligned starts each sequence at a document start (the 2025-07-12
+        record's rule); validation reads contiguous windows, the record's val tokens exactly."""
         from tritonrun.data.loader import PackedLoader, doc_slots_for
 
-        aligned = self.sizes()[cfg.model].doc_aligned
+        aligned = cfg.doc_aligned  # --doc-aligned; default off: the record's contiguous chunks
         slots = doc_slots_for(cfg.seq_len)  # a fixed cu_seqlens length: one compiled graph
         return (PackedLoader(train_files, cfg.seq_len, device, rank=rank, world_size=world_size, doc_aligned=aligned,
                              doc_slots=slots),
