@@ -340,8 +340,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        from tritonrun.recipes import recipe_of_model_kind
-
         out_dir = Path(args.out)
         if out_dir.exists() and not out_dir.is_dir():
             raise HFFormatError(f"--out {out_dir} is a file, not a directory: give a directory")
@@ -351,7 +349,7 @@ def main(argv=None) -> int:
                                 f"or add --force to overwrite it")
         ckpt = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt)
-        if not recipe_of_model_kind(checkpoint_model_kind(state)).hf_export:  # before any weights are built
+        if checkpoint_model_kind(state) != "gpt2":  # only GPT2LMHeadModel's shape exports; before any weights load
             raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
         out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors
