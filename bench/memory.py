@@ -142,7 +142,7 @@ def record_path(setup: Setup, day: datetime.date | None = None) -> Path:
 
 def line(e: dict) -> str:
     s = e["split_gib"]
-    return (f"{e['backend']:<6} B={e['micro_batch']:<4} T={e['seq_len']:<6} peak {e['peak_gib']:6.2f} GiB  "
+    return (f"{e['backend']:<6} B={e['micro_batch']:<4} T={e['seq_len']:<6} peak {e['peak_bytes'] / GIB:6.2f} GiB  "
             f"reserved est. "
             f"{e['peak_reserved_estimate_bytes'] / GIB:6.2f} GiB  {'fits' if e['fits'] else 'DOES NOT FIT':<12} | "
             f"params {s['parameters']:.2f}  grads {s['grads']:.2f}  optim {s['optimizer_state']:.2f}  "
