@@ -193,11 +193,9 @@ def launch_micro_batch(preset: str) -> int:
     """The micro-batch of the preset's cases: the one train_speedrun.py derives for GPT-2 d12 under --backend triton
     on that card (tritonrun.memory.fit_preset, cached; the run that launches these kernels), used for every model
     size as a shape, not a claim that the bigger models fit at it."""
-    from tritonrun.defaults import RUN_DEFAULTS
-    from tritonrun.memory import fit_preset
+    from tritonrun.memory import derived_micro_batch
 
-    found = fit_preset(preset, "gpt2", "d12", RUN_DEFAULTS["seq_len"], RUN_DEFAULTS["total_batch_tokens"], "triton")
-    return found["micro_batch"] or 1
+    return derived_micro_batch(preset, "gpt2", "d12", "triton") or 1
 
 
 def cases_for(arch: str, models=GPT2_MODELS, presets=None) -> list[Case]:

@@ -87,6 +87,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
+from tritonrun.memory import derived_micro_batch  # noqa: E402
 from tritonrun.kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
 from tritonrun.runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
 
@@ -348,18 +349,6 @@ def speedups(runs: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- cap
-def derived_micro_batch(preset: str, recipe: str, model: str, seq_len: int, backend: str, torch_ops: str = "",
-                        memory_gib: float | None = None) -> int | None:
-    """The micro-batch train_speedrun.py derives on `preset` for this step (tritonrun.memory.fit_preset over the
-    default 524,288-token batch; cached): None when none fits."""
-    from tritonrun.defaults import RUN_DEFAULTS
-    from tritonrun.memory import fit_preset
-
-    found = fit_preset(preset, recipe, model, seq_len, RUN_DEFAULTS["total_batch_tokens"], backend, torch_ops,
-                       memory_gib=memory_gib)
-    return found and found["micro_batch"]
-
-
 def cap_check(args, data_dir: Path, out_dir: Path, device) -> dict:
     from tritonrun.presets import PRESETS
     from tritonrun.training import CUDA_CONTEXT_GIB, allocator_fraction
@@ -400,7 +389,8 @@ def _cap_runs(out: dict, backends, args, data_dir: Path, out_dir: Path, device, 
     for backend, comp in backends:
         name = f"{backend}{'+compile' if comp else ''}"
         largest = None
-        mb = derived_micro_batch("rtx4070", args.recipe, args.model, args.seq_len, backend, memory_gib=args.cap_gib)
+        mb = derived_micro_batch("rtx4070", args.recipe, args.model, backend, seq_len=args.seq_len,
+                                 memory_gib=args.cap_gib)
         out["derived_micro_batch"][name] = mb
         # from the derived one (one sequence when the estimate fits none), at most --cap-max-micro-batch
         mb = min(mb or 1, args.cap_max_micro_batch)
@@ -667,8 +657,8 @@ def project(target: str, record_path: Path | None) -> int:
     def target_micro_batch(r) -> int:
         key = (r["backend"], r.get("torch_ops", ""))
         if key not in derived:
-            derived[key] = derived_micro_batch(target, recipe, rec.get("model", "d12"), rec.get("seq_len", SEQ_LEN),
-                                               *key) or 0
+            derived[key] = derived_micro_batch(target, recipe, rec.get("model", "d12"), *key,
+                                               seq_len=rec.get("seq_len", SEQ_LEN)) or 0
         return derived[key]
 
     def limit(r):  # a config the cap check found fitting at no micro-batch (None) is left out

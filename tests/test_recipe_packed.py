@@ -384,8 +384,7 @@ def test_window_attention_fallback_order(monkeypatch):
     monkeypatch.setattr(training, "configure_flex", lambda device, shrink=0: shrinks.append(shrink))
     monkeypatch.setattr(training, "load_triton_op", lambda name: "kernel")
     t = SimpleNamespace(ops=SimpleNamespace(window_attention=torch_window_attention, placement={}),
-                        device=torch.device("cuda"), cfg=SimpleNamespace(compile=True), flex_shrink=0,
-                        tried_paths=set())
+                        device=torch.device("cuda"), cfg=SimpleNamespace(compile=True), tried_paths=set())
     t.window_attention_path = lambda: training.Trainer.window_attention_path(t)
     path = lambda: training.Trainer.window_attention_path(t)  # noqa: E731
     step = lambda: training.Trainer.fall_back_window_attention(t)  # noqa: E731
@@ -394,7 +393,7 @@ def test_window_attention_fallback_order(monkeypatch):
     assert path() == "triton" and t.ops.window_attention == "kernel"
     assert step().startswith("torch's window attention") and t.ops.window_attention is torch_window_attention
     assert path() == "flex-small" and step() is None
-    t.ops.placement, t.tried_paths, t.flex_shrink = {"window_attention": "triton"}, set(), 0  # a triton run
+    t.ops.placement, t.tried_paths = {"window_attention": "triton"}, set()  # a triton run
     assert step().startswith("torch's") and step() == "FlexAttention with smaller tiles" and step() is None
 
 

@@ -70,7 +70,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tritonrun.kernels.target import Target, planning_for  # (imports no triton)
+from tritonrun.kernels.target import Target, arch_key, capability_of, planning_for  # (imports no triton)
 from tritonrun.presets import PRESETS
 from tritonrun.recipes import get_recipe
 
@@ -82,10 +82,9 @@ CONTEXT_ALLOWANCE = GIB // 2  # CUDA context + cuBLAS/Triton modules, outside th
 FRAGMENTATION = 0.10  # reserved over allocated at the peak: the caching allocator's rounding and split segments
 BUDGET_MARGIN = GIB  # budget = preset memory - this: the context allowance plus 0.5 GiB of headroom
 
-# The GPU behind each CUDA preset, as the kernels' fakes need it: its config-table key and SM count (the presets'
-# hardware facts). sm_86 (RTX 3090) has no tables of its own: it uses sm_89's, as the kernels' arch_key does.
-TABLE_ARCH = {"sm_86": "sm_89"}
-GPUS: dict[str, Target] = {name: Target(name, TABLE_ARCH.get(p.arch, p.arch), p.sm_count)
+# The GPU behind each CUDA preset, as the kernels' fakes need it: its config-table key (the kernels' own arch_key:
+# sm_86, the RTX 3090, uses sm_89's tables) and SM count, from the presets' hardware facts.
+GPUS: dict[str, Target] = {name: Target(name, arch_key(capability_of(p.arch)), p.sm_count)
                            for name, p in PRESETS.items() if p.arch is not None}
 
 
@@ -560,3 +559,15 @@ def fit_preset(preset: str, recipe: str, model: str, seq_len: int, total_batch_t
     setup = Setup(preset, model, seq_len, total_batch_tokens, memory, GPUS[preset], recipe=recipe,
                   torch_ops=torch_ops)
     return fit(setup, backend, **kw)
+
+
+def derived_micro_batch(preset: str, recipe: str, model: str, backend: str, torch_ops: str = "",
+                        seq_len: int | None = None, memory_gib: float | None = None) -> int | None:
+    """The micro-batch train_speedrun.py derives for a dense step of `recipe` on `preset` over the default
+    524,288-token batch (at the default T = 1024 unless `seq_len`); cached. None when none fits, or the preset has no
+    memory to size by. The benches size their runs with it."""
+    from tritonrun.defaults import RUN_DEFAULTS
+
+    found = fit_preset(preset, recipe, model, seq_len or RUN_DEFAULTS["seq_len"], RUN_DEFAULTS["total_batch_tokens"],
+                       backend, torch_ops, memory_gib=memory_gib)
+    return found and found["micro_batch"]

@@ -502,7 +502,7 @@ def check_batch_fits(cfg: Config, train: list[Path]) -> None:
                         f"({what} = {need:,}): {fix}, or use longer shards")
     if packed:
         first = next(path for path in train if sizes[path] >= need)
-        head = np.asarray(load_tokens(first)[: 1 << 24])
+        head = load_tokens(first)[: 1 << 24]  # a memmap slice: only these 32 MB are read
         eots = int(np.count_nonzero(head == EOT))
         if eots == 0:
             raise UserError(f"train shard {first} has no end-of-text token (50256) in its first {head.size:,} "

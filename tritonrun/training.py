@@ -255,7 +255,7 @@ class Trainer:
                          else contextlib.nullcontext())
         self.flops_per_token = self.recipe.flops_per_token(self.model, cfg)
         self.op_names = self.recipe.op_names  # the ops this model calls
-        self.flex_shrink, self.tried_paths = 0, set()  # window attention's fallbacks (fall_back_window_attention)
+        self.tried_paths: set[str] = set()  # window attention's fallbacks so far (fall_back_window_attention)
 
     def _inputs(self, loader, window: int | None) -> tuple:
         """The model's arguments for the next micro-batch: (x, y), or a packed recipe's (x, y, cu_seqlens, window)."""
@@ -298,7 +298,7 @@ class Trainer:
         if self.ops.placement.get("window_attention", "torch").startswith("triton"):
             return "triton"
         if self.device.type == "cuda" and self.cfg.compile:
-            return "flex-small" if self.flex_shrink else "flex"
+            return "flex-small" if "flex-small" in self.tried_paths else "flex"
         return "dense"
 
     def fall_back_window_attention(self) -> str | None:
@@ -308,8 +308,7 @@ class Trainer:
         path = self.window_attention_path()
         if path == "triton":
             self.tried_paths.add("triton")  # the kernel failed: never back to it
-        if path == "flex" and "flex-small" not in self.tried_paths:
-            self.flex_shrink = 1
+        if path == "flex":
             configure_flex(self.device, shrink=1)
             to, key = "FlexAttention with smaller tiles", "flex-small"
         elif path in ("flex", "flex-small", "dense") and "triton" not in self.tried_paths:

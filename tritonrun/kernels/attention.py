@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonrun.kernels.target import arch_key
 from tritonrun.kernels.tune import autotune_enabled, pick_unless_capturing
 
 # The kernels spell these two as literals (@triton.jit code cannot read plain Python globals).
@@ -151,18 +152,6 @@ DELTA_BLOCK = 64  # rows per program of the delta preprocess (memory bound, any 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def arch_key(capability: tuple[int, int]) -> str:
-    """Map a CUDA compute capability to a config table: sm_80 (A100), sm_90 (H100/H200), sm_89 for
-    everything else (Ada, consumer Ampere, Blackwell): its 101,376 B shared-memory budget is the
-    smallest of any part since sm_80, so its configs fit wherever they are used (untuned there)."""
-    major, minor = capability
-    if (major, minor) == (8, 0):
-        return "sm_80"
-    if major == 9:
-        return "sm_90"
-    return "sm_89"
 
 
 # --------------------------------------------------------------------------------------- kernels

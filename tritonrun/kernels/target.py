@@ -12,6 +12,24 @@ import contextlib
 from dataclasses import dataclass
 
 
+def arch_key(capability: tuple[int, int]) -> str:
+    """Map a CUDA compute capability to a config table: sm_80 (A100), sm_90 (H100/H200), sm_89 for
+    everything else (Ada, consumer Ampere, Blackwell): its 101,376 B shared-memory budget is the
+    smallest of any part since sm_80, so its configs fit wherever they are used (untuned there)."""
+    major, minor = capability
+    if (major, minor) == (8, 0):
+        return "sm_80"
+    if major == 9:
+        return "sm_90"
+    return "sm_89"
+
+
+def capability_of(arch: str) -> tuple[int, int]:
+    """"sm_86" -> (8, 6)."""
+    digits = arch.removeprefix("sm_")
+    return int(digits[:-1]), int(digits[-1])
+
+
 @dataclass(frozen=True)
 class Target:
     name: str  # e.g. "rtx4070"
