@@ -112,6 +112,7 @@ from dataclasses import dataclass  # noqa: E402
 from unittest import mock  # noqa: E402
 
 from tritonrun.kernels.aot import cached_ptxas_stats, mma_instructions, ptxas_info  # noqa: E402
+from tritonrun.runinfo import reports_write_failures  # noqa: E402
 
 # ------------------------------------------------------------------------------------- hardware
 
@@ -836,6 +837,7 @@ def parse_archs(text: str) -> list[str]:
     return archs
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile every kernel launch the presets can make for a GPU "
                                             "architecture (no GPU needed) and report its resources.")

@@ -100,7 +100,8 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from tritonrun.kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
-from tritonrun.runinfo import RESULTS_DIR, atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import (RESULTS_DIR, atomic_write_json, env_info, record_dir,  # noqa: E402
+                              record_stem, reports_write_failures)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.2, 0.5, 0.8)
@@ -1309,6 +1310,7 @@ def exit_status(ctx: Ctx) -> int:
     return 0
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:  # record paths given: plot only

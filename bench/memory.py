@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from tritonrun.memory import (BUDGET_MARGIN, CONTEXT_ALLOWANCE, FRAGMENTATION, GIB, GPUS, Setup, estimate,  # noqa: E402
                               fit, recipe_parts)
 from tritonrun.recipes import RECIPES as RECIPE_REGISTRY, get_recipe  # noqa: E402
-from tritonrun.runinfo import atomic_write_json, env_info  # noqa: E402
+from tritonrun.runinfo import atomic_write_json, env_info, reports_write_failures  # noqa: E402
 
 
 class UserError(Exception):
@@ -150,6 +150,7 @@ def line(e: dict) -> str:
             f"{e['seconds']:.1f} s)")
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)

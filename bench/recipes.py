@@ -48,7 +48,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem, reports_write_failures  # noqa: E402
 
 # train_speedrun.RECIPES, gpt2 first (the baseline the others are compared with), then in the records' order;
 # spelled out here so that a bad flag gets its error line without torch's import time (tests/test_bench_recipes.py
@@ -488,6 +488,7 @@ def write_record(path: Path | None, rec: dict) -> None:
     log(f"wrote {path}" + (f" and {plot}" if plot else ""))
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

@@ -36,7 +36,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem, reports_write_failures  # noqa: E402
 
 
 def log(msg: str = "") -> None:
@@ -147,6 +147,7 @@ def measure(args, backend: str, compile_: bool, work: Path) -> dict:
             "config": a["config"]}
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     args = parse_args(argv)
     has_cuda = torch.cuda.is_available()

@@ -77,7 +77,7 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
@@ -89,7 +89,8 @@ import torch  # noqa: E402
 
 from tritonrun.memory import derived_micro_batch  # noqa: E402
 from tritonrun.kernels.tune import picks as autotune_picks  # noqa: E402  (imports no triton)
-from tritonrun.runinfo import atomic_write_json, atomic_write_text, env_info, record_dir, record_stem  # noqa: E402
+from tritonrun.runinfo import (atomic_write_json, atomic_write_text, env_info, record_dir,  # noqa: E402
+                              record_stem, reports_write_failures)
 
 GIB = 2**30
 SEQ_LEN = 1024
@@ -978,6 +979,7 @@ def finish(bench: BenchRun) -> int:
     return 0
 
 
+@reports_write_failures
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:

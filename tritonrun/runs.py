@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tritonrun.errors import UserError
 from tritonrun.gpt2.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from tritonrun.runinfo import atomic_file
 
 
 # ----------------------------------------------------------------------------------- finding a run to continue
@@ -266,6 +267,9 @@ def save_plot(out_dir: Path, result: dict) -> str | None:
     ax.legend()
     fig.tight_layout()
     path = out_dir / "loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "wb") as f:  # all or nothing, and a full disk is one line (WriteFailed)
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return str(path)

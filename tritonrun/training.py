@@ -42,13 +42,14 @@ import numpy as np
 import torch
 
 from tritonrun.data.shards import ShardError
-from tritonrun.errors import InitError, TrainingStopped  # noqa: F401  (InitError: what build_model raises)
-from tritonrun.gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tritonrun.errors import InitError, TrainingStopped, WriteFailed  # noqa: F401  (InitError: what build_model raises)
+from tritonrun.gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tensor_bytes
 from tritonrun.gpt2.ops import configure_flex, get_ops, load_triton_op, parse_op_list, torch_window_attention
 from tritonrun.kernels import tune
 from tritonrun.presets import mfu_peak_info
 from tritonrun.recipes import get_recipe
-from tritonrun.runinfo import atomic_write_json, atomic_write_text, env_info
+from tritonrun.runinfo import (atomic_write_json, atomic_write_text, disk_error, env_info, free_bytes, human_bytes,
+                               write_failed)
 from tritonrun.runs import LEADERBOARD_HEADER, leaderboard_row, new_result, save_plot
 
 
@@ -119,17 +120,33 @@ class RunLog:
     """train.log plus the terminal: a progress bar on a tty, plain lines otherwise. Silent off rank 0."""
 
     def __init__(self, path: Path | None, total_steps: int, initial: int = 0, append: bool = False):
-        self.file = open(path, "a" if append else "w", buffering=1) if path is not None else None
+        self.path = path
+        try:
+            self.file = open(path, "a" if append else "w", buffering=1) if path is not None else None
+        except OSError as e:
+            self._failed(e)
         self.bar = None
         if self.file is not None and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
 
+    def _failed(self, e: OSError):
+        """A train.log write the disk refused: WriteFailed (one line); other OSErrors as they are."""
+        if disk_error(e) is None:
+            raise e
+        raise write_failed(self.path, disk_error(e), fix="free space there, or pick an --out-dir on another disk")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.file.write(text + "\n")
+        except OSError as e:
+            self._failed(e)
+
     def line(self, text: str) -> None:
         if self.file is None:
             return
-        self.file.write(text + "\n")
+        self._write(text)
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -139,7 +156,7 @@ class RunLog:
         if self.bar is None:
             self.line(text)
             return
-        self.file.write(text + "\n")
+        self._write(text)
         self.bar.update(1)
         self.bar.set_postfix_str(postfix, refresh=False)
 
@@ -147,7 +164,8 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk: the error that ended the run was already raised
+                self.file.close()
 
 
 def config_table(cfg, extra: dict) -> str:
@@ -401,6 +419,29 @@ def _host_copy(obj):
     return copy.deepcopy(obj)
 
 
+def checkpoint_bytes(trainer) -> int:
+    """A checkpoint's size before the optimizer has state: the model's tensors plus the optimizer state its step
+    will create, per param: Adam 2 fp32 moments (+ an fp32 master for a low-precision param, FusedAdamW),
+    Muon/SGD 1 momentum in the param's dtype. Exact once the state exists (a resumed run)."""
+    model = tensor_bytes(trainer.model.state_dict())
+    opt = trainer.optimizer
+    parts = [getattr(opt, "adam", None), getattr(opt, "muon", None)]
+    optimizers = [o for o in parts if o is not None] or [opt]
+    state = 0
+    for o in optimizers:
+        held = o.state_dict()["state"]
+        if held:
+            state += tensor_bytes(held)
+            continue
+        for g in o.param_groups:
+            for p in g["params"]:
+                if "betas" in g:
+                    state += 8 * p.numel() + (4 * p.numel() if p.dtype != torch.float32 else 0)
+                else:
+                    state += p.numel() * p.element_size()
+    return model + state
+
+
 class StopSignals:
     """SIGINT/SIGTERM ask for a checkpoint at the next step boundary; a second SIGINT interrupts at once."""
 
@@ -459,13 +500,43 @@ class TrainingRun:
         self.result: dict = {}
 
     def execute(self, train_files, val_file, resume_from, eval_only: bool) -> dict:
-        self.set_up(train_files, val_file, resume_from)
-        self.load_hellaswag(eval_only)
-        if eval_only:  # score the starting weights (--init-from or a checkpoint) without training
-            return self.evaluate_only()
-        self.warm_up()
-        stopped_by, signal_received = self.train()
-        return self.finish(stopped_by, signal_received)
+        try:
+            self.set_up(train_files, val_file, resume_from)
+            self.load_hellaswag(eval_only)
+            if eval_only:  # score the starting weights (--init-from or a checkpoint) without training
+                return self.evaluate_only()
+            self.check_free_space()
+            self.warm_up()
+            stopped_by, signal_received = self.train()
+            return self.finish(stopped_by, signal_received)
+        except BaseException as e:
+            self.record_failure(e)
+            raise
+
+    def record_failure(self, e: BaseException) -> None:
+        """A run that ends by an exception leaves a record that says so, never "running" (nor "max_steps" for a
+        run whose final checkpoint failed): status write_failed / out_of_memory / interrupted / crashed, unless a
+        stop already named one (diverged, bad_data), plus the error's first line. Best effort: a disk that took
+        nothing keeps the last record written."""
+        if not self.result or not self.dist.master:
+            return
+        if isinstance(e, WriteFailed):
+            status = "write_failed"
+        elif isinstance(e, torch.OutOfMemoryError):
+            status = "out_of_memory"
+        elif isinstance(e, KeyboardInterrupt):
+            status = "interrupted"
+        elif isinstance(e, TrainingStopped) and self.result.get("status") not in ("running", None):
+            status = self.result["status"]
+        else:
+            status = "crashed"
+        text = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+        self.result.update(status=status, error=f"{type(e).__name__}: {text}", leaderboard_row=None)
+        with contextlib.suppress(Exception):
+            atomic_write_json(self.result_path, self.result)
+        if status != "interrupted":
+            with contextlib.suppress(OSError):  # a finished-looking leaderboard row must not outlive the failure
+                (self.out_dir / "leaderboard.md").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------------- set up
     def set_up(self, train_files, val_file, resume_from) -> None:
@@ -555,14 +626,58 @@ class TrainingRun:
             atomic_write_json(self.result_path, self.result)
 
     def checkpoint(self, step: int) -> Path | None:
+        """Write step's checkpoint (rank 0). A disk that will not take it stops the run (WriteFailed: the path,
+        its size, the free space, the flags that need less, and where the run can continue from)."""
         path = None
         if self.dist.master:
             state = {**self.trainer.state(), "step": step, "train_time_s": self.train_time,
                      "run_config": asdict(self.cfg), "result": self.result}
-            path = save_checkpoint(self.out_dir, step, state, keep=self.cfg.keep_checkpoints)
+            fix = (f"free space there, keep fewer checkpoints (--keep-checkpoints, now {self.cfg.keep_checkpoints}), "
+                   f"or pick an --out-dir on a bigger disk")
+            try:
+                path = save_checkpoint(self.out_dir, step, state, keep=self.cfg.keep_checkpoints, fix=fix)
+            except WriteFailed as e:
+                last = latest_checkpoint(self.out_dir)
+                where = (f"then continue from step {self._step_of(last)} with --resume --out-dir {self.out_dir}"
+                         if last else "no checkpoint of this run was kept")
+                raise WriteFailed(f"{e}; the run stopped after step {step}: {where}") from None
             self.log.line(f"checkpoint {path.name} written (step {step})")
         self.dist.barrier()
         return path
+
+    @staticmethod
+    def _step_of(path: Path) -> int:
+        return int(path.stem.split("_")[1])
+
+    def check_free_space(self) -> None:
+        """Before training: the checkpoints this run will hold at once (--checkpoint-every, --keep-checkpoints, the
+        final one), at the model's and optimizer's bytes, against the out dir's free space. Refused (UserError)
+        when not even one fits; a warning with the numbers and the fix when the whole run's do not."""
+        cfg = self.cfg
+        if not self.dist.master:
+            return
+        free = free_bytes(self.out_dir)
+        if free is None:
+            return
+        one = checkpoint_bytes(self.trainer)
+        every = cfg.checkpoint_every
+        writes = (len(range(self.start_step + every, cfg.max_steps, every)) if every else 0) + int(cfg.final_checkpoint)
+        if writes == 0:
+            return
+        held = writes if cfg.keep_checkpoints <= 0 else min(writes, cfg.keep_checkpoints + 1)  # +1: before pruning
+        need = one * held
+        fix = ("free space there, keep fewer (--keep-checkpoints 1 holds at most 2 at once), write fewer "
+               "(--checkpoint-every, --no-final-checkpoint) or pick an --out-dir on a bigger disk")
+        line = (f"{held} checkpoint{'s' if held > 1 else ''} of about {human_bytes(one)} at once need about "
+                f"{human_bytes(need)}, and {self.out_dir} has {human_bytes(free)} free")
+        self.result["disk_plan"] = {"checkpoint_bytes": one, "held_at_once": held, "free_bytes": free,
+                                    "fits": need <= free}
+        if one > free:
+            raise WriteFailed(f"not even one checkpoint fits: {line}: {fix}")
+        if need > free:
+            self.log.line(f"warning: {line}: the run will stop when the disk fills; {fix}")
+        else:
+            self.log.line(f"disk: {line}")
 
     def run_hellaswag(self, step: int) -> None:
         t_hs = time.perf_counter()
@@ -707,8 +822,8 @@ class TrainingRun:
         result["timed_compiles"] = result.get("timed_compiles", 0) + n
         if n:
             result.setdefault("timed_compile_steps", []).append(step + 1)
-            self.log.line(f"warning: {n} torch.compile graph(s) compiled inside timed step {step + 1}: its time and MFU "
-                          f"include compiling (a shape or value the warm-up did not reach; see result.json "
+            self.log.line(f"warning: {n} torch.compile graph(s) compiled inside timed step {step + 1}: its time and "
+                          f"MFU include compiling (a shape or value the warm-up did not reach; see result.json "
                           f"timed_compile_steps)")
 
     def stop_on_bad_shard(self, step: int, position: dict, e: ShardError):
@@ -791,15 +906,17 @@ class TrainingRun:
         # A leaderboard row only for a finished run: an interrupted one has no final val and would read as a result.
         row = None if stopped_by else leaderboard_row(cfg, self.env, result)
         result["leaderboard_row"] = row
+        # The final checkpoint before any record says "finished": if the disk refuses it, record_failure writes
+        # status write_failed and no leaderboard row is left.
+        if not stopped_by and cfg.final_checkpoint:
+            self.checkpoint(done)  # a finished run's weights (sample.py, --init-from ckpt:, export)
+        elif not stopped_by:
+            log.line("no final checkpoint (--no-final-checkpoint): this run's weights are not kept")
         if self.dist.master:
             result["plot"] = save_plot(self.out_dir, result)
             atomic_write_json(self.result_path, result)
             if row is not None:
                 atomic_write_text(self.out_dir / "leaderboard.md", LEADERBOARD_HEADER + "\n" + row + "\n")
-        if not stopped_by and cfg.final_checkpoint:
-            self.checkpoint(done)  # a finished run's weights (sample.py, --init-from ckpt:, export)
-        elif not stopped_by:
-            log.line("no final checkpoint (--no-final-checkpoint): this run's weights are not kept")
         self.closing_lines(row, continue_hint)
         if stopped_by:
             result["exit_code"] = 128 + int(signal_received or signal.SIGTERM)

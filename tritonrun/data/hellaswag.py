@@ -50,7 +50,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tritonrun.data.tokenizer import EOT, gpt2_tokenizer  # noqa: E402
-from tritonrun.runinfo import atomic_file, temp_path_for  # noqa: E402
+from tritonrun.errors import WriteFailed  # noqa: E402
+from tritonrun.runinfo import atomic_file, make_dir, temp_path_for  # noqa: E402
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_PATH = Path("data/hellaswag/hellaswag_val.bin")
@@ -200,8 +201,9 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
 
 
 def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, "wb") as f:
+    fix = "free space there, or pass --out PATH elsewhere"
+    make_dir(path.parent, fix=fix)
+    with atomic_file(path, "wb", fix=fix) as f:
         for c in chunks:
             f.write(c)
 
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prepare(args.path, args.url, args.jsonl, args.force)
         return 0
-    except HellaSwagError as e:
+    except (HellaSwagError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

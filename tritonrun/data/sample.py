@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tritonrun.data.shards import ShardError, load_tokens, write_shard  # noqa: E402
+from tritonrun.runinfo import atomic_write_text, make_dir  # noqa: E402
 
 VAL_FRACTION = 0.1
 VAL_NAME = "sample_val_000000.bin"
@@ -127,16 +128,16 @@ def prepare_sample(cache_dir: str | os.PathLike | None = None) -> Path:
     missing, corrupt or stale (e.g. made by an older tritonrun from another Python version's topics) is rewritten
     atomically.
     """
-    out = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "sample"
-    out.mkdir(parents=True, exist_ok=True)
+    fix = "set $TRITONRUN_CACHE to a writable directory with a few MB free"
+    out = make_dir(Path(cache_dir if cache_dir is not None else default_cache_dir()) / "sample", fix=fix)
     val, train = sample_tokens()
     for name, tokens in ((VAL_NAME, val), (TRAIN_NAME, train)):
         if not _holds(out / name, tokens):
-            write_shard(out / name, tokens)
+            write_shard(out / name, tokens, fix=fix)
     readme = README.format(val=VAL_NAME, train=TRAIN_NAME, n_val=len(val), n_train=len(train))
     readme_path = out / "README.txt"
     if not readme_path.is_file() or readme_path.read_text() != readme:
-        readme_path.write_text(readme)
+        atomic_write_text(readme_path, readme, fix=fix)
     return out
 
 

@@ -36,9 +36,10 @@ class ShardError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> None:
+def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray, fix: str | None = None) -> None:
     """Write `tokens` as a shard at `path`, atomically: a temp file in the same directory is written, fsynced
-    and renamed over `path`, so `path` is either absent, the old file, or the complete new one."""
+    and renamed over `path`, so `path` is either absent, the old file, or the complete new one. A disk that will
+    not take it raises WriteFailed (its size, the free space, `fix`)."""
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
@@ -52,7 +53,8 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> 
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, body.size)
 
-    with atomic_file(path, "wb") as f:  # temp file + fsync + rename: never a partial shard under the name
+    needed = HEADER_INTS * 4 + body.nbytes
+    with atomic_file(path, "wb", needed=needed, fix=fix) as f:  # temp + fsync + rename: never a partial shard
         f.write(header.tobytes())
         f.write(body.tobytes())
 

@@ -48,13 +48,33 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if _NAME.match(p.name))
 
 
-def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int = 0) -> Path:
-    """Atomically write `state` (plus format fields) as step's checkpoint; keep the newest `keep` (0 = all)."""
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state (each storage once): a checkpoint's size less a few kB of pickle."""
+    seen: dict[tuple, int] = {}
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            seen[(o.device.type, st.data_ptr())] = st.nbytes()
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int = 0, fix: str | None = None) -> Path:
+    """Atomically write `state` (plus format fields) as step's checkpoint; keep the newest `keep` (0 = all).
+    A disk that will not take it raises WriteFailed (its size, the free space, `fix`); the older ones stay."""
     out_dir = Path(out_dir)
     path = checkpoint_path(out_dir, step)
     for stale in out_dir.glob(".ckpt_*.pt.*.tmp"):  # left by a writer killed mid-save (one writer per dir)
         stale.unlink(missing_ok=True)
-    with atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb", needed=tensor_bytes(state), fix=fix) as f:
         torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:

@@ -36,6 +36,7 @@ from tritonrun.gpt2.checkpoint import (checkpoint_model_kind, load_checkpoint, l
 from tritonrun.gpt2.config import GPTConfig
 from tritonrun.gpt2.model import GPT
 from tritonrun.gpt2.speedrun import SpeedrunGPT
+from tritonrun.runinfo import atomic_file, atomic_write_text, make_dir
 
 # Why a speedrun model cannot be exported (one line, the CLI's error): what it is, and what HF export covers.
 NOT_GPT2 = ("a speedrun model (SpeedrunGPT: RoPE, QK-norm, weightless RMSNorm, ReLU^2, untied softcapped head, "
@@ -107,17 +108,22 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_hf(model: GPT, path) -> Path:
     """Write `model` as a Hugging Face GPT-2 checkpoint directory (model.safetensors + config.json).
-    HFFormatError for a SpeedrunGPT (no GPT2LMHeadModel form)."""
-    from safetensors.torch import save_file
+    HFFormatError for a SpeedrunGPT (no GPT2LMHeadModel form). Each file is written whole or not at all; a disk
+    that will not take one raises WriteFailed (its size, the free space, the fix), config.json last, so a
+    directory with a config.json holds a complete export."""
+    from safetensors.torch import save
 
     if isinstance(model, SpeedrunGPT):
         raise HFFormatError(f"cannot export {NOT_GPT2}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HFFormatError(f"{path}: exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(path / SAFETENSORS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(hf_config_dict(model.config), indent=2) + "\n")
+    fix = "free space there, or pass --out on another disk"
+    make_dir(path, fix=fix)
+    weights = save(hf_state_dict(model), metadata={"format": "pt"})
+    with atomic_file(path / SAFETENSORS_NAME, "wb", needed=len(weights), fix=fix) as f:
+        f.write(weights)
+    atomic_write_text(path / CONFIG_NAME, json.dumps(hf_config_dict(model.config), indent=2) + "\n", fix=fix)
     return path
 
 
@@ -353,7 +359,7 @@ def main(argv=None) -> int:
             raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
         out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         sys.stderr.write(f"error: {msg}\n")
         return 2
     print(f"exported {ckpt} -> {out} (load with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}))")
