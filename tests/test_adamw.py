@@ -113,7 +113,7 @@ def test_matches_in_file_reference(small_block):
             reference_adamw_step(ref[i], grads[i], m[i], v[i], step, 3e-3, (0.8, 0.99), 1e-6,
                                  0.1 if i in DECAY else 0.0)
     for p, r in zip(params, ref):
-        assert rel_err(p, r) <= 1e-6
+        assert rel_err(p, r) <= 1e-6  # 5 steps of <= 1 rounding of p each (module docstring): measured 6.4e-8
 
 
 def test_param_without_grad_is_left_alone():
@@ -150,7 +150,7 @@ def test_masters_match_fp32_torch_and_params_are_rounded_masters(dtype):
     for i, (p, q) in enumerate(zip(index, ref_index)):
         master = state[i]["master"]
         assert master.dtype == torch.float32 and master.shape == p.shape
-        assert rel_err(master, q) <= 1e-6
+        assert rel_err(master, q) <= 1e-6  # the module docstring's 20-step bound: measured 8.5e-8
         assert torch.equal(p.detach(), master.to(dtype))  # round to nearest even, bit for bit
 
 
@@ -320,7 +320,7 @@ def test_loads_a_torch_adamw_state_dict():
     _step_n(ref, theirs, 3, start=3)
     _step_n(opt, ours, 3, start=3)
     for p, q in zip(ours, theirs):
-        assert rel_err(p, q) <= 1e-6
+        assert rel_err(p, q) <= 1e-6  # 3 steps each of the same fp32 math (module docstring): measured 3.2e-8
 
 
 # ------------------------------------------------------------------------------------------ weight decay
@@ -445,6 +445,7 @@ def test_clip_norm_matches_torch_and_clipped_steps_match(small_block):
         opt.step()
         ref.step()
     for p, q in zip(ours, theirs):
+        # m / sqrt(v) cancels the two clip coefficients' difference (eps << |g|): the 20-step bound, measured 6.6e-8
         assert rel_err(p, q) <= 1e-6
 
 

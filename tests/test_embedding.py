@@ -60,7 +60,7 @@ def test_compiled_backward_calls_the_op_not_an_atomic_scatter():
     assert "atomic_add" not in codes["ours"] and "embedding_backward" in codes["ours"]
     ww = w.clone().requires_grad_()
     loss_with(embedding)(idx, ww).backward()
-    torch.testing.assert_close(grads["ours"], ww.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["ours"], ww.grad, rtol=1e-5, atol=1e-6)  # a few ulps: measured 2.4e-7 at 4
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: the atomics are CUDA's (none on this machine)")

@@ -128,7 +128,8 @@ def test_dx_and_dresidual_are_one_tensor():
 
 
 def test_batched_noncontiguous_and_partial_use():
-    """(B, T, C) input, a non-contiguous x, and gradients flowing from only one of the two outputs."""
+    """(B, T, C) input, a non-contiguous x, and gradients flowing from only one of the two outputs. fp32 against
+    fp64, 1e-5 abs + rel: a few fp32 ulps of outputs up to ~30 (measured <= 4.4e-6, a fifth of the bound)."""
     g = torch.Generator().manual_seed(11)
     base = torch.randn(5, 23, 2 * 96, generator=g).to(DEVICE)
     x = base[..., ::2]  # (5, 23, 96), stride 2 in the last dim
@@ -165,7 +166,7 @@ def test_constant_rows_and_eps():
     x = torch.randn(7, 64, device=DEVICE) * 1e-2
     for eps in (1e-5, 1e-1):
         torch.testing.assert_close(ln.layer_norm(x, w, b, eps), F.layer_norm(x, (64,), w, b, eps),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-5, atol=1e-5)  # both fp32, other sum order: measured 4.8e-7
 
 
 def test_edge_sizes():
@@ -189,7 +190,7 @@ def test_torch_compile_matches_eager():
     eager = run(f, [x, r, w, b], [dy, ds])
     compiled = run(torch.compile(f, fullgraph=True), [x, r, w, b], [dy, ds])
     for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)  # same kernels, same inputs: measured bitwise
 
 
 def test_seam_picks_the_kernel():

@@ -37,6 +37,8 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def test_forward_matches_unfused_reference_fp64():
+    """fp64 both sides, fused ops against the textbook order: rounding only (measured 7e-16 on the logits, 2e-15 on
+    the loss), so 1e-10 / 1e-12 catch any formula difference."""
     model = tiny_model(torch.float64)
     for p in model.parameters():  # non-trivial LN/bias values so every term is exercised
         if p.dim() == 1:
@@ -56,7 +58,7 @@ def test_tiny_forward_backward():
     model = tiny_model()
     idx = torch.randint(0, 50257, (2, 64))
     loss = model(idx, idx.roll(-1, dims=1))
-    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(50257)) < 1.5
+    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(50257)) < 1.5  # init: measured ln V + 0.018
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -71,7 +73,7 @@ def test_ignore_index_skips_positions():
     keep = targets != -1
     logits = model(idx)
     expected = F.cross_entropy(logits[keep], targets[keep])
-    torch.testing.assert_close(model(idx, targets), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(idx, targets), expected, rtol=1e-12, atol=1e-12)  # fp64: measured 3.6e-15
 
 
 def test_padded_vocab_never_receives_loss_nor_is_sampled():
@@ -123,8 +125,8 @@ def test_init_statistics():
     for w, std in [(blk.attn.c_attn.weight, 0.02), (blk.mlp.c_fc.weight, 0.02),
                    (blk.attn.c_proj.weight, resid_std), (blk.mlp.c_proj.weight, resid_std),
                    (model.transformer.wte.weight[:50257], 0.02), (model.transformer.wpe.weight, 0.02)]:
-        assert abs(w.std().item() / std - 1) < 0.05
-        assert abs(w.mean().item()) < 0.1 * std
+        assert abs(w.std().item() / std - 1) < 0.05  # >= 16,384 samples: std's standard error <= 0.6 %
+        assert abs(w.mean().item()) < 0.1 * std  # the mean's <= 0.008 * std
     assert torch.all(blk.attn.c_attn.bias == 0) and torch.all(blk.ln_1.weight == 1)
     assert torch.all(blk.ln_1.bias == 0)
 
@@ -204,6 +206,7 @@ def test_triton_backend_model_matches_torch_backend():
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters()})
+    # fp32 both ways, sums reordered: measured 3.6e-7 (logits), 9.5e-7 (loss ~11), <= 1.1e-7 (grads, |g| <= 0.24)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
@@ -246,4 +249,4 @@ def test_torch_adamw_keeps_its_implementation_across_load_state_dict():
         assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups), name
         assert all(s["step"].item() == 2 for s in opt.state.values()), name
         for a, b in zip(model.parameters(), runs[torch.optim.AdamW][1].parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # fused vs foreach: measured 3.7e-9

@@ -149,6 +149,7 @@ def test_mix_with_x_is_x0():
     _, x0, lam, dy, ds = make_inputs(23, 100, torch.float32, seed=8)
     ours = run(lambda a, lm: rn.mix_rms_norm(a, a, lm, EPS), [x0, lam], [dy, ds])
     ref = run(lambda a, lm: rn.reference_mix_rms_norm(a, a, lm, EPS), upcast([x0, lam]), [dy, ds])
+    # fp32 vs fp64: dlambdas, 2300-term sums, measured 1.3e-5 at 5.1 (a fifth of the bound); the rest <= 5.3e-7
     for name, o, r in zip(["y", "s", "dx0", "dlambdas"], ours, ref):
         torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -162,7 +163,8 @@ def test_dx_and_dresidual_are_one_tensor():
 @pytest.mark.parametrize("keep", ["y", "s"])
 @pytest.mark.parametrize("op", ["add", "mix"])
 def test_partial_use(op, keep):
-    """Gradients flowing from only one of the two outputs (the final norm's s is unused)."""
+    """Gradients flowing from only one of the two outputs (the final norm's s is unused). fp32 against fp64,
+    1e-5 abs + rel: a few fp32 ulps of values up to ~120 (measured <= 1.8e-5, a ninth of the bound)."""
     x, other, lam, dy, _ = make_inputs(19, 129, torch.float32, seed=4)
     fns = {"add": (lambda a, b, lm: rn.add_rms_norm(a, b, EPS), lambda a, b, lm: rn.reference_add_rms_norm(a, b, EPS)),
            "mix": (lambda a, b, lm: rn.mix_rms_norm(a, b, lm, EPS),
@@ -180,7 +182,8 @@ def test_partial_use(op, keep):
 def test_strided_inputs():
     """(B, T, C) inputs that are not contiguous: a column slice of a wider tensor (leading dims collapse into
     one row stride: read in place, no copy), every other batch (do not collapse: copied), a strided last dim
-    (copied), and an expanded (stride-0) gradient."""
+    (copied), and an expanded (stride-0) gradient. fp32 against fp64, 1e-5 abs + rel: a few fp32 ulps of values
+    up to ~220 (measured <= 2e-5, a tenth of the bound)."""
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(5, 23, 3 * 96, generator=g).to(DEVICE)
     sliced = wide[..., 96:192]  # (5, 23, 96), row stride 288
@@ -212,7 +215,7 @@ def test_zero_rows_and_eps():
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(dx).all()
     x = torch.randn(7, 64, device=DEVICE) * 1e-3  # mean(x^2) ~ 1e-6: eps matters
-    for eps in (1e-6, 1e-1, None):
+    for eps in (1e-6, 1e-1, None):  # both fp32, other sum order: measured 4.8e-7 at |y| <= 3.4
         torch.testing.assert_close(rn.rms_norm(x, eps), F.rms_norm(x, (64,), eps=eps), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rn.add_rms_norm(x, x, eps)[0], F.rms_norm(2 * x, (64,), eps=eps),
                                    rtol=1e-5, atol=1e-6)
@@ -251,7 +254,7 @@ def test_torch_compile_matches_eager():
     eager = run(f, [x, r, lam], [dy, ds])
     compiled = run(torch.compile(f, fullgraph=True), [x, r, lam], [dy, ds])
     for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)  # same kernels, same inputs: measured bitwise
 
 
 @pytest.mark.parametrize("name,attr", [("rms_norm", "rms_norm"), ("add_rms_norm", "add_rms_norm"),
