@@ -382,6 +382,8 @@ def test_ada_markdown_writes_the_document(tmp_path):
     (["bench/train.py", "--smoke", "--micro-batches", "0,-1"], "expected positive integers"),
     (["bench/train.py", "--smoke", "--cap-gib", "inf"], "--cap-gib must be a finite number"),
     (["bench/recipes.py", "--smoke", "--out-dir", "README.md"], "is a file, not a directory"),
+    (["-m", "tritonrun.data.fineweb", "--tokenize", "--shard-tokens", "0", "--out-dir", "OUT"],
+     "--shard-tokens must be in [1, 2**31), got 0"),
     ([".ci/gpu_check.py", "OUT", "--budget", "nan"], "--budget nan"),
     ([".ci/gpu_check.py", "OUT", "--budget", "inf", "--dry-run"], "--budget inf"),
 ])

@@ -819,8 +819,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FinewebError("--train-shards is for downloading; --tokenize writes every shard of its input")
             if args.workers is not None and args.workers < 1:
                 raise FinewebError(f"--workers must be >= 1, got {args.workers}")
-            kwargs = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, workers=args.workers,
-                          txt_split=args.txt_split or "file")
+            shard_tokens = SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+            if not 1 <= shard_tokens < 2**31:  # before any file or network is touched
+                raise FinewebError(f"--shard-tokens must be in [1, 2**31), got {shard_tokens}")
+            kwargs = dict(shard_tokens=shard_tokens, workers=args.workers, txt_split=args.txt_split or "file")
             if args.source:
                 if args.subset:
                     raise FinewebError("--subset picks hub files; it cannot be combined with --source")

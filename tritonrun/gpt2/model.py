@@ -39,12 +39,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scaled_init = True
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C); with a KVCache (tritonrun/gpt2/kv_cache.py) x holds only the tokens it has not seen."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = self.ops.attention(q, k, v)
+        y = self.ops.attention(q, k, v) if cache is None else cache.attend(layer, q, k, v)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -124,23 +125,30 @@ class GPT(nn.Module):
         ]
 
     # --------------------------------------------------------------------------------- forward
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ln_f(x), (B, T, C)."""
+    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final hidden states ln_f(x), (B, T, C). With a KVCache (sample.py), idx holds the tokens after those
+        the cache has seen, at positions cache.pos onwards."""
         B, T = idx.shape
-        if T > self.config.block_size:
+        if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         ops, tr, eps = self.ops, self.transformer, self.config.ln_eps
-        pos = torch.arange(T, device=idx.device)
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            cache.begin(idx)  # refuses past block_size: the position table ends there
+            pos = cache.positions(T, idx.device)
         # residual stream; the lookups' backward stays deterministic under torch.compile (tritonrun/gpt2/embedding.py)
         x = embedding(idx, tr.wte.weight) + embedding(pos, tr.wpe.weight)
         h = tr.h
         y = ops.layer_norm(x, h[0].ln_1.weight, h[0].ln_1.bias, eps)
         for i, block in enumerate(h):
-            a = block.attn(y)
+            a = block.attn(y, cache, i)
             y, x = ops.add_layer_norm(a, x, block.ln_2.weight, block.ln_2.bias, eps)
             m = block.mlp(y)
             ln_next = h[i + 1].ln_1 if i + 1 < len(h) else tr.ln_f
             y, x = ops.add_layer_norm(m, x, ln_next.weight, ln_next.bias, eps)
+        if cache is not None:
+            cache.end(T)
         return y
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

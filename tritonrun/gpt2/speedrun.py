@@ -308,9 +308,11 @@ def speedrun_window(step: int, cfg: SpeedrunConfig) -> int:
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, kind: str = "standard") -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, base: float, kind: str = "standard",
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of position t times each pair's frequency, (seq_len, D/2) fp32 (computed in fp64; the records
-    compute them in fp32 and store bf16). kind "standard": base^(-2i/D), i < D/2 (11-10); "half": the first D/4
+    compute them in fp32 and store bf16), for positions start .. start + seq_len - 1 (the same values as the
+    full table's rows there). kind "standard": base^(-2i/D), i < D/2 (11-10); "half": the first D/4
     pairs (1/base)^(j / (D/4 - 1)), j < D/4 (torch.linspace(0, 1, D/4)), the last D/4 pairs frequency 0
     (cos 1, sin 0: not rotated) (12-17)."""
     if kind == "half":
@@ -319,7 +321,7 @@ def rope_tables(seq_len: int, head_dim: int, base: float, kind: str = "standard"
         inv_freq = torch.cat([inv_freq, torch.zeros(head_dim // 2 - n, dtype=torch.float64)])
     else:
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(start, start + seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -339,9 +341,11 @@ class CausalSelfAttention(nn.Module):
             self.lamb = nn.Parameter(torch.tensor(config.value_lamb_init))
 
     def forward(self, x: torch.Tensor, v1: torch.Tensor | None, ve: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, cu_seqlens: torch.Tensor | None, window: int | None, mask=None):
+                sin: torch.Tensor, cu_seqlens: torch.Tensor | None, window: int | None, mask=None, cache=None,
+                layer: int = 0):
         """x (B, T, C) normalized input; v1 the first block's values (11-10; None in the first block); ve this
-        block's value embedding (B, T, C) or None (12-17). Returns the attention output (B, T, C) and v1."""
+        block's value embedding (B, T, C) or None (12-17). Returns the attention output (B, T, C) and v1. With a
+        KVCache (tritonrun/gpt2/kv_cache.py: sample.py) the attention runs over the cached keys under its rule."""
         B, T, C = x.shape
         H = self.n_head
         q = self.c_q(x).view(B, T, H, C // H)
@@ -354,7 +358,9 @@ class CausalSelfAttention(nn.Module):
                 v1 = v  # the first block: the mix below is v itself
             v = (1 - self.lamb) * v + self.lamb * v1
         q, k = self.ops.qk_norm_rope(q, k, cos, sin, self.eps)  # -> (B, H, T, D)
-        if self.kind == "window":  # (B, H, T, D), document-masked sliding window, scale 1/sqrt(D)
+        if cache is not None:
+            y = cache.attend(layer, q, k, v.transpose(1, 2))
+        elif self.kind == "window":  # (B, H, T, D), document-masked sliding window, scale 1/sqrt(D)
             extra = {} if mask is None else {"mask": mask}  # the torch op's mask, built once per forward
             y = self.ops.window_attention(q, k, v.transpose(1, 2), cu_seqlens, window, **extra)
         else:  # causal, scale 1/sqrt(D)
@@ -492,14 +498,17 @@ class SpeedrunGPT(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def hidden(self, idx: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, cache=None) -> torch.Tensor:
         """Final hidden states rms_norm(x), (B, T, C). Windowed model: cu_seqlens int32 (n_docs + 1,) the document
         bounds along T shared by the batch rows (None: one document per row, [0, T]), window the attention window
         in tokens (None: config.final_window). Both are ignored by the dense model. Under torch.compile a window
         that changes is a Python int that Dynamo first specializes, then (automatic dynamic) turns into a symbol:
-        one recompile at the schedule's first change, none after."""
+        one recompile at the schedule's first change, none after. With a KVCache (sample.py), idx holds the
+        tokens after those the cache has seen; the cache's rule replaces cu_seqlens and window."""
         B, T = idx.shape
         c = self.config
+        if cache is not None:
+            return self._hidden(idx, None, None, None, *self.rope_at(cache.pos, T), cache)
         if T > c.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {c.block_size}")
         if c.attention == "window":
@@ -507,11 +516,26 @@ class SpeedrunGPT(nn.Module):
                 cu_seqlens = torch.arange(0, 2 * T, T, dtype=torch.int32, device=idx.device)  # [0, T], no host copy
             if window is None:
                 window = c.final_window
-        ops, eps, h = self.ops, c.norm_eps, self.transformer.h
+        ops = self.ops
         mask = None  # the torch attention's mask: one per forward for every layer, not one per layer
         if c.attention == "window" and ops.window_attention is torch_window_attention:
             mask = torch_window_mask(cu_seqlens, window, T, idx.device)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        return self._hidden(idx, cu_seqlens, window, mask, self.rope_cos[:T], self.rope_sin[:T])
+
+    def rope_at(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin for positions start .. start + T - 1: the tables' rows, or past block_size (a windowed
+        model sliding on in sample.py) the same formula computed for those positions."""
+        if start + T <= self.config.block_size:
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        c = self.config
+        cos, sin = rope_tables(T, c.head_dim, c.rope_base, c.rope_kind, start=start)
+        return cos.to(self.rope_cos), sin.to(self.rope_sin)
+
+    def _hidden(self, idx, cu_seqlens, window, mask, cos, sin, cache=None) -> torch.Tensor:
+        c = self.config
+        ops, eps, h = self.ops, c.norm_eps, self.transformer.h
+        if cache is not None:
+            cache.begin(idx)
         # x is the residual stream; x0 feeds every block. The lookups' backward stays deterministic under
         # torch.compile (tritonrun/gpt2/embedding.py: Inductor would lower nn.Embedding's to an atomic scatter-add).
         x = x0 = ops.rms_norm(embedding(idx, self.transformer.wte.weight), eps)
@@ -522,7 +546,8 @@ class SpeedrunGPT(nn.Module):
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
             y, x = ops.mix_rms_norm(x, x0, block.lambdas, eps)  # x = l0 x + l1 x0; y = rms_norm(x)
             if block.attn is not None:
-                a, v1 = block.attn(y, v1, None if table is None else ve[table], cos, sin, cu_seqlens, window, mask)
+                a, v1 = block.attn(y, v1, None if table is None else ve[table], cos, sin, cu_seqlens, window, mask,
+                                   cache, i)
                 y, x = ops.add_rms_norm(a, x, eps)  # x = x + attn; y = rms_norm(x) feeds the MLP
             m = block.mlp(y)
             if i + 1 < len(h):
@@ -531,6 +556,8 @@ class SpeedrunGPT(nn.Module):
                     skips.append(x)
             else:
                 y, x = ops.add_rms_norm(m, x, eps)  # the last block: its residual add and the final norm
+        if cache is not None:
+            cache.end(idx.shape[1])
         return y
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
