@@ -559,10 +559,37 @@ def drive_window_attention(rec: Recorder, case: Case) -> None:
 # ---- end of window_attention ----------------------------------------------------------------------------------
 
 
+# ---- fp8 (issue 35: the FP8 matmuls of modded-nanogpt's record #89, tritonrun/kernels/fp8.py) ----------------------
+FP8_ARCHS = ("sm_89", "sm_90")  # FP8 tensor cores: Ada and Hopper; the sm_80 / sm_86 presets never launch these
+
+
+def drive_fp8(rec: Recorder, case: Case) -> None:
+    """fp8_linear forward + backward (quantize bf16 activations, fp32 weights and bf16 output grads; the scaled
+    matmuls e4m3 x e4m3 -> bf16, e5m2 x e4m3 -> bf16 (dx) and e5m2^T x e4m3 -> fp32 (dw)) at d12's three FP8
+    products: the MLP's up (C -> 4C) and down (4C -> C) projections and the LM head (C -> 50,304), at 8,192 rows (a
+    packed micro-batch; the row count is a runtime argument, specialized only on its divisibility by 16)."""
+    import torch
+
+    from tritonrun.kernels import fp8
+
+    if case.model != "d12" or case.arch not in FP8_ARCHS:
+        return
+    table = case.arch if case.arch in fp8.MM_CONFIGS else "default"
+    C, rows = case.n_embd, 8_192
+    with rec.intercept(fp8), mock.patch.object(fp8, "_arch", lambda device: case.arch):
+        for what, (n_out, n_in) in (("MLP up", (4 * C, C)), ("MLP down", (C, 4 * C)), ("LM head", (50_304, C))):
+            with rec.variant(case, f"fp8_linear {what} ({rows} x {n_in} -> {n_out})", table):
+                x = torch.empty(rows, n_in, dtype=torch.bfloat16).requires_grad_()
+                w = torch.empty(n_out, n_in, dtype=torch.float32).requires_grad_()
+                y = fp8.fp8_linear(x, w, 1.0, 1.0, 1.0)
+                torch.autograd.grad(y, (x, w), torch.empty_like(y))
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
 DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
 DRIVERS.update(window_attention=drive_window_attention)  # issue 27
+DRIVERS.update(fp8=drive_fp8)  # issue 35
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas
@@ -610,6 +637,11 @@ def fit_problems(r: dict) -> list[str]:
         ok = ("mma.sync" in r["mma"] or (r["arch"] == "sm_90" and "wgmma" in r["mma"])) and "bf16" in r["mma"]
         if not ok:
             out.append(f"bf16 tl.dot without a bf16 tensor-core instruction (mma: {r['mma']})")
+    if any(t.startswith("f8") for t in r["dot_inputs"]):  # TTIR f8E4M3FN / f8E5M2 operands
+        ok = ("mma.sync" in r["mma"] or (r["arch"] == "sm_90" and "wgmma" in r["mma"])) and \
+            ("e4m3" in r["mma"] or "e5m2" in r["mma"])
+        if not ok:
+            out.append(f"fp8 tl.dot without an fp8 tensor-core instruction (mma: {r['mma']})")
     return out
 
 
@@ -790,7 +822,7 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
         f"Occupancy is theoretical: resident warps per SM / {lim.max_warps} (w = warps, then what limits it). "
         f"Rows merge launches that differ only in argument specialization; ranges show their spread. "
         + (f"**{len(bad)} of {len(rows)} launches do not fit.**" if bad else
-           f"All {len(rows)} launches fit: no spills, every bf16 `tl.dot` on tensor cores "
+           f"All {len(rows)} launches fit: no spills, every bf16 and fp8 `tl.dot` on tensor cores "
            "(checked by `tests/test_ada.py`)."),
         "",
         "| kernel | config | shared B | regs | spill B | tensor cores | occupancy |",
@@ -811,7 +843,7 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
 
 
 # Kernels only the speedrun model launches (issues 26-27): named in the document's opening line.
-SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention")
+SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8")
 
 
 def document(records: list[dict], archs: list[str], source: str, out: str) -> str:

@@ -52,6 +52,10 @@ three elementwise ops above:
                  dtypes: rmsnorm fp32 (the embeddings), add_rmsnorm bf16 branch + fp32 stream, mix_rmsnorm fp32
                  x, x0 and lambdas, relu2 bf16. GB/s from tritonrun/kernels/rmsnorm.py's / tritonrun/kernels/relu2.py's
                  bytes_moved.
+  fp8_linear     issue 35's FP8 linear layer (tritonrun/kernels/fp8.py: e4m3 forward, e5m2 output gradient, per-tensor
+                 scales) at d12's MLP up / down projections and LM head, 8,192 rows, bf16 x, fp32 weight. Peer:
+                 torch._scaled_mm with torch's fp8 casts; checked against the fp32 product of the same fp8 operands.
+                 TFLOPS at 2MNK forward, 4MNK backward; the run's measured bf16 matmul peak is beside it.
   qk_norm_rope   QK-norm + RoPE (tritonrun/kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
                  H = 6, D = 128, bf16 q and k as the record's separate c_q / c_k outputs, (B, T, H, D), their
                  gradients as attention returns them ((B, H, T, D) views of (B, T, H, D) memory), fp32
@@ -987,6 +991,100 @@ def attention_flops_dense(B: int, H: int, T: int, D: int, pass_: str) -> float:
 # ---- end of window_attention ----------------------------------------------------------------------------------
 
 
+# ---- fp8_linear (issue 35: record #89's FP8 matmuls, tritonrun/kernels/fp8.py) ---------------------------------
+class ScaledMmLinear(torch.autograd.Function):
+    """The torch peer: tritonrun/kernels/fp8.py's formulas on torch._scaled_mm (cuBLASLt on CUDA: row-major A,
+    column-major B), the operands quantized by torch's own casts (fp8.reference_quantize)."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_s, w_s, g_s):
+        from tritonrun.kernels.fp8 import E4M3, reference_quantize
+
+        x8, w8 = reference_quantize(x, x_s, E4M3), reference_quantize(w, w_s, E4M3)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = (x_s, w_s, g_s)
+        one = lambda v: torch.tensor(v, dtype=torch.float32, device=x.device)  # noqa: E731
+        return torch._scaled_mm(x8, w8.t(), scale_a=one(x_s), scale_b=one(w_s), out_dtype=torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from tritonrun.kernels.fp8 import E5M2, reference_quantize
+
+        x8, w8 = ctx.saved_tensors
+        x_s, w_s, g_s = ctx.scales
+        one = lambda v: torch.tensor(v, dtype=torch.float32, device=dy.device)  # noqa: E731
+        g8 = reference_quantize(dy, g_s, E5M2)
+        dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=one(g_s), scale_b=one(w_s),
+                              out_dtype=torch.bfloat16)
+        dw = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=one(g_s), scale_b=one(x_s),
+                              out_dtype=torch.float32)
+        return dx, dw, None, None, None
+
+
+class Fp8Emulated(torch.autograd.Function):
+    """The check's reference: the same fp8 operands (torch's casts), decoded and multiplied in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_s, w_s, g_s):
+        from tritonrun.kernels.fp8 import E4M3, reference_quantize
+
+        x8, w8 = reference_quantize(x, x_s, E4M3).float(), reference_quantize(w, w_s, E4M3).float()
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = (x_s, w_s, g_s)
+        return ((x8 @ w8.t()) * (x_s * w_s)).bfloat16()
+
+    @staticmethod
+    def backward(ctx, dy):
+        from tritonrun.kernels.fp8 import E5M2, reference_quantize
+
+        x8, w8 = ctx.saved_tensors
+        x_s, w_s, g_s = ctx.scales
+        g8 = reference_quantize(dy, g_s, E5M2).float()
+        return ((g8 @ w8) * (g_s * w_s)).bfloat16(), (g8.t() @ x8) * (g_s * x_s), None, None, None
+
+
+FP8_SCALES = (2 / 448, 6 / 448, 1 / 448)  # x_s, w_s, grad_s for unit-scale inputs (tests/test_fp8.py's)
+
+
+def case_fp8_linear(ctx: Ctx) -> None:
+    """y = x W^T in FP8 at d12's three FP8 products (MLP up C -> 4C, MLP down 4C -> C, LM head C -> 50,304), rows =
+    8,192 (a packed micro-batch; smoke: 64 rows of a 64-wide model). Peers: torch._scaled_mm (ScaledMmLinear). Model
+    FLOPs 2MNK forward, 4MNK backward; the bf16 matmul peak (measure_matmul_peak) is the record's bf16 yardstick."""
+    from tritonrun.kernels import fp8
+
+    dev = ctx.device
+    if not fp8.fp8_supported(dev):
+        skip(ctx, "fp8_linear", "all", "needs FP8 tensor cores (sm_89 Ada or sm_90 Hopper)")
+        return
+    measure_matmul_peak(ctx)
+    C = 64 if ctx.smoke else ctx.C
+    rows = 64 if ctx.smoke else 8 * 1024
+    for what, (n_out, n_in) in (("mlp_up", (4 * C, C)), ("mlp_down", (C, 4 * C)), ("lm_head", (50_304, C))):
+        if ctx.smoke and what == "lm_head":
+            n_out = 512
+
+        def make_set(seed, n_out=n_out, n_in=n_in):
+            g = torch.Generator(device=dev).manual_seed(seed)
+            x = torch.randn(rows, n_in, device=dev, generator=g).bfloat16().requires_grad_()
+            w = (torch.randn(n_out, n_in, device=dev, generator=g) * 0.5).requires_grad_()
+            return [x, w], [(0.1 * torch.randn(rows, n_out, device=dev, generator=g)).bfloat16()]
+
+        impls = {"triton": lambda x, w: fp8.fp8_linear(x, w, *FP8_SCALES),
+                 "torch._scaled_mm": lambda x, w: ScaledMmLinear.apply(x, w, *FP8_SCALES)}
+        probe = make_set(0)
+        why = try_peer(impls["torch._scaled_mm"], *probe)
+        del probe
+        shape = {"rows": rows, "K": n_in, "N": n_out, "what": what}
+        if why is not None:
+            del impls["torch._scaled_mm"]
+            skip(ctx, "fp8_linear", "torch._scaled_mm", why, shape)
+        flops = {"fwd": 2.0 * rows * n_in * n_out, "bwd": 4.0 * rows * n_in * n_out,
+                 "fwd+bwd": 6.0 * rows * n_in * n_out}
+        bench_impls(ctx, "fp8_linear", shape, {"x": torch.bfloat16, "weight": torch.float32}, make_set, impls, None,
+                    flops=flops, reference=lambda x, w: Fp8Emulated.apply(x, w, *FP8_SCALES), max_sets=2)
+# ---- end of fp8_linear ---------------------------------------------------------------------------------------
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
@@ -1002,6 +1100,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "mix_rmsnorm": case_mix_rmsnorm,
     "relu2": case_relu2,
     "window_attention": case_window_attention,  # issue 27: tritonrun/kernels/window_attention.py
+    "fp8_linear": case_fp8_linear,  # issue 35: tritonrun/kernels/fp8.py (record #89's FP8 matmuls)
 }
 
 
@@ -1040,7 +1139,7 @@ def speedups(results: list[dict]) -> list[dict]:
 
 
 def shape_label(shape: dict) -> str:
-    """Short text for a result's shape: rows x C, B x H x T x D, rows x C -> V, or the model."""
+    """Short text for a result's shape: rows x C, B x H x T x D, rows x C -> V, rows x K -> N, or the model."""
     if "model" in shape:
         return f"{shape['model']} {shape['tensors']}t"
     if "B" in shape:
@@ -1048,6 +1147,8 @@ def shape_label(shape: dict) -> str:
         return f"{shape['B']}x{shape['H']}x{shape['T']}x{shape['D']}{window}"
     if "V" in shape:
         return f"{shape['rows']}x{shape['C']}>{shape['V']}"
+    if "K" in shape:  # a matmul: rows x K -> N
+        return f"{shape['rows']}x{shape['K']}>{shape['N']}"
     return f"{shape['rows']}x{shape['C']}"
 
 

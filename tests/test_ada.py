@@ -40,6 +40,9 @@ EXPECTED_KERNELS = {
     # issue 27's window attention
     "window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq",
 }
+# issue 35's FP8 matmuls: launched only where FP8 tensor cores exist (sm_89, sm_90), by the d12 speedrun model
+FP8_KERNELS = {"fp8._quantize_kernel", "fp8._scaled_mm_kernel"}
+FP8_ARCHS = ("sm_89", "sm_90")
 WINDOW_KERNELS = {"window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq"}
 BF16_DOT_KERNELS = {
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
@@ -72,7 +75,7 @@ def records(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("arch", CHECKED_ARCHS)
 def test_every_launch_fits(records, arch):
     """sm_89 (RTX 40xx): shared <= 101,376 B; sm_80: <= 166,912 B; sm_90: <= 232,448 B. No spilled registers.
-    Every bf16 tl.dot lowers to bf16 mma.sync (sm_90: mma.sync or wgmma)."""
+    Every bf16 tl.dot lowers to bf16 mma.sync (sm_90: mma.sync or wgmma); fp8 dots: the test below."""
     rows = [r for r in records if r["arch"] == arch]
     assert rows, f"no {arch} records"
     limit = ada.ARCHS[arch].shared_per_block
@@ -101,9 +104,25 @@ def test_every_launch_fits(records, arch):
 def test_every_kernel_is_covered(records, arch):
     """Each kernel file's launches were all recorded, and the matmul kernels' dots were seen as bf16."""
     rows = [r for r in records if r["arch"] == arch]
-    assert {r["kernel"] for r in rows} == EXPECTED_KERNELS
+    assert {r["kernel"] for r in rows} == EXPECTED_KERNELS | (FP8_KERNELS if arch in FP8_ARCHS else set())
     assert {r["kernel"] for r in rows if "bf16" in r["dot_inputs"]} == BF16_DOT_KERNELS
-    assert all(r["dot_inputs"] == [] for r in rows if r["kernel"] not in BF16_DOT_KERNELS)
+    dots = BF16_DOT_KERNELS | {"fp8._scaled_mm_kernel"}
+    assert all(r["dot_inputs"] == [] for r in rows if r["kernel"] not in dots)
+
+
+@pytest.mark.parametrize("arch", FP8_ARCHS)
+def test_fp8_matmuls_run_on_fp8_tensor_cores(records, arch):
+    """Every FP8 product (e4m3 x e4m3 forward, e5m2 x e4m3 backward) lowers to an FP8 tensor-core instruction:
+    on Ada mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 (.e5m2.e4m3 in the backward), on Hopper wgmma with
+    the same operand types; spill-free (test_every_launch_fits)."""
+    mms = [r for r in records if r["arch"] == arch and r["kernel"] == "fp8._scaled_mm_kernel"]
+    assert len(mms) == 3, [_what(r) for r in mms]  # forward, dx, dw
+    want = ("mma.sync.aligned.m16n8k32.row.col.f32" if arch == "sm_89" else "wgmma.mma_async.sync.aligned")
+    for r in mms:
+        kinds = {"f8E4M3FN": "e4m3", "f8E5M2": "e5m2"}
+        assert r["dot_inputs"] and all(t in kinds for t in r["dot_inputs"]), _what(r)
+        assert want in r["mma"] and all(kinds[t] in r["mma"] for t in r["dot_inputs"]), (_what(r), r["mma"])
+        assert "bf16" not in r["mma"] and r["spill_bytes"] == 0
 
 
 @pytest.mark.parametrize("arch", CHECKED_ARCHS)
@@ -173,7 +192,7 @@ def test_markdown_section_from_record(records, tmp_path):
     table = [line for line in text.splitlines() if line.startswith("| `")]
     sm89 = [r for r in records if r["arch"] == "sm_89"]
     assert len(table) == len(ada.merge_specializations(sm89))
-    assert {line.split("`")[1] for line in table} == EXPECTED_KERNELS
+    assert {line.split("`")[1] for line in table} == EXPECTED_KERNELS | FP8_KERNELS
     assert "101,376 B" in text and f"All {len(sm89)} launches fit" in text
 
 
@@ -230,6 +249,9 @@ def test_fit_problems_name_each_reason():
     assert "tensor-core" in ada.fit_problems({**good, "mma": "none"})[0]
     assert "tensor-core" in ada.fit_problems({**good, "mma": "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"})[0]
     assert ada.fit_problems({**good, "dot_inputs": [], "mma": "none"}) == []  # no dot, no tensor cores needed
+    f8 = {**good, "dot_inputs": ["f8E4M3FN", "f8E5M2"], "mma": "mma.sync.aligned.m16n8k32.row.col.f32.e5m2.e4m3.f32"}
+    assert ada.fit_problems(f8) == []
+    assert "fp8 tl.dot without an fp8 tensor-core" in ada.fit_problems({**f8, "mma": "none"})[0]
 
 
 def test_short_mma():

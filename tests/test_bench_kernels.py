@@ -24,6 +24,7 @@ SPEEDRUN_OPS = ("rmsnorm", "add_rmsnorm", "mix_rmsnorm", "relu2")
 ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS + ("qk_norm_rope",)
 NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
 WINDOW_OP = "window_attention"  # issue 27: tritonrun/kernels/window_attention.py
+FP8_OP = "fp8_linear"  # issue 35: tritonrun/kernels/fp8.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -76,7 +77,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
-    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP})
+    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP})
     assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
@@ -312,6 +313,27 @@ def test_an_interrupted_run_keeps_the_ops_it_finished(tmp_path, monkeypatch):
                                                                                             "layernorm"]
     assert {r["op"] for r in rec["results"]} == {"gelu"} and all(r["check"] == "ok" for r in rec["results"])
     assert {s["op"] for s in rec["speedups"]} == {"gelu"}
+
+
+@pytest.fixture(scope="module")
+def fp8_record(smoke, tmp_path_factory):
+    """The fp8_linear rows: the smoke run's on CPU; on a GPU a quick real run of that op."""
+    return run_and_load(tmp_path_factory.mktemp("fp8"), "--op", FP8_OP)[2] if HAS_CUDA else smoke[2]
+
+
+def test_fp8_linear_rows(fp8_record):
+    """Three products (MLP up, MLP down, LM head), ours and torch._scaled_mm (or its skip reason), every pass,
+    checked against the fp32 product of the same fp8 operands, TFLOPS from 2MNK / 4MNK / 6MNK."""
+    rows = rows_of(fp8_record, FP8_OP)
+    assert {r["shape"]["what"] for r in rows} == {"mlp_up", "mlp_down", "lm_head"}
+    skipped = skipped_of(fp8_record, FP8_OP)
+    assert {r["impl"] for r in rows} | set(skipped) == {"triton", "torch._scaled_mm"}
+    for r in rows:
+        s = r["shape"]
+        mnk = s["rows"] * s["K"] * s["N"]
+        assert r["check"] == "ok" and r["flops"] == {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[r["pass"]] * mnk, r
+    assert {(r["shape"]["what"], r["pass"]) for r in rows if r["impl"] == "triton"} == \
+        {(w, p) for w in ("mlp_up", "mlp_down", "lm_head") for p in PASSES}
 
 
 @pytest.fixture(scope="module")
