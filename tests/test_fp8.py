@@ -206,3 +206,28 @@ def test_fp8_linear_fake_shapes_for_compile_and_the_memory_estimate():
         dx, dw = torch.ops.tritonrun.fp8_linear_bwd(torch.empty(6, 40, dtype=torch.bfloat16), x8, w8, 1.0, 1.0, 1.0)
     assert (y.shape, y.dtype, x8.dtype, w8.dtype) == ((6, 40), torch.bfloat16, E4M3.dtype, E4M3.dtype)
     assert (dx.shape, dx.dtype, dw.shape, dw.dtype) == ((6, 32), torch.bfloat16, (40, 32), torch.float32)
+
+
+# ------------------------------------------------------------------------------------ the FP8 peak and MFU
+def test_fp8_peaks_are_twice_bf16_where_fp8_tensor_cores_exist():
+    """The datasheets' dense FP8 figures (fp32 accumulate): RTX 4070 116.6, 4090 330.4 (2 x 165.2; the whitepaper
+    rounds to 330.3), H100 SXM 1,978 (datasheet 1,979: 2 x 989.4), H100 PCIe 1,512; none on Ampere."""
+    from tritonrun.presets import fp8_peak_tflops_for
+
+    assert fp8_peak_tflops_for("rtx4070", "NVIDIA GeForce RTX 4070") == 116.6
+    assert fp8_peak_tflops_for("rtx4070", "NVIDIA GeForce RTX 4070 SUPER") == 142.0
+    assert fp8_peak_tflops_for("rtx4090", "NVIDIA GeForce RTX 4090") == 330.4
+    assert fp8_peak_tflops_for("h100", "NVIDIA H100 80GB HBM3") == 1978.0
+    assert fp8_peak_tflops_for("h100", "NVIDIA H100 PCIe") == 1512.0
+    assert fp8_peak_tflops_for("a100", "NVIDIA A100-SXM4-40GB") is None
+    assert fp8_peak_tflops_for("rtx3090", "NVIDIA GeForce RTX 3090") is None
+
+
+def test_mixed_mfu_counts_each_matmul_at_its_own_peak():
+    from tritonrun.presets import mixed_mfu
+
+    # 58.3 TFLOP of bf16 work (1 s at peak) + 116.6 TFLOP of FP8 work (1 s at peak) in 4 s: 50 %
+    assert mixed_mfu(58.3e12, 116.6e12, 4.0, 58.3, 116.6) == pytest.approx(0.5, rel=1e-12)
+    assert mixed_mfu(58.3e12, 0.0, 2.0, 58.3, None) == pytest.approx(0.5, rel=1e-12)  # no FP8: the bf16 MFU
+    with pytest.raises(ValueError, match="without an FP8 peak"):
+        mixed_mfu(1.0, 1.0, 1.0, 71.0, None)

@@ -95,6 +95,30 @@ def peak_tflops_for(preset: str, device_name: str | None = None) -> float | None
     return PRESETS[preset].peak_tflops
 
 
+# FP8 tensor cores (e4m3 / e5m2 operands, fp32 accumulate, dense) run at twice the bf16 rate where they exist: Ada
+# (GeForce whitepaper: RTX 4070 FP8 116.6 vs BF16 58.3 TFLOPS, both with fp32 accumulate) and Hopper (H100 SXM
+# datasheet 1,979 vs 989). Ampere (sm_80, sm_86) has none.
+FP8_RATIO = {"sm_89": 2.0, "sm_90": 2.0}
+
+
+def fp8_peak_tflops_for(preset: str, device_name: str | None = None) -> float | None:
+    """The dense FP8 peak (fp32 accumulate) of `preset` on this machine's GPU: FP8_RATIO x its bf16 peak
+    (peak_tflops_for: variants included); None where the architecture has no FP8 tensor cores."""
+    ratio = FP8_RATIO.get(PRESETS[preset].arch)
+    bf16 = peak_tflops_for(preset, device_name)
+    return None if ratio is None or bf16 is None else round(ratio * bf16, 1)
+
+
+def mixed_mfu(flops_bf16: float, flops_fp8: float, seconds: float, bf16_peak: float,
+              fp8_peak: float | None) -> float:
+    """MFU with each matmul at its own precision's peak: the time the work would take at peak, (bf16 FLOPs / bf16
+    peak + FP8 FLOPs / FP8 peak), over the time it took. Equal to FLOPs / (peak x seconds) without FP8 work."""
+    if flops_fp8 and fp8_peak is None:
+        raise ValueError("FP8 FLOPs on a GPU without an FP8 peak (no FP8 tensor cores)")
+    at_peak = flops_bf16 / (bf16_peak * 1e12) + (flops_fp8 / (fp8_peak * 1e12) if flops_fp8 else 0.0)
+    return at_peak / seconds
+
+
 def preset_of_device(device_name: str) -> str | None:
     """The preset `--gpu auto` would pick for a device name (None: a laptop part, or no preset knows it)."""
     name = device_name.lower()
