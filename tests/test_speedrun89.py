@@ -1,0 +1,63 @@
+"""Record #89's schedule (tritonrun/gpt2/speedrun89.py) at the steps where something changes, by hand from the
+record's formulas (module docstring). The full per-step comparison with the record's own code (its TrainingSchedule
+and get_muon_momentum run on CPU outside the repo) found every stage, batch, document length, window, lr and momentum
+equal at every step, and the MTP / prefix weights equal once rounded to fp32 (the record keeps them as fp32
+tensors); that script is not part of the repo."""
+import pytest
+
+from tritonrun.gpt2.speedrun89 import LOG_SCHEDULE, Schedule89
+
+S = Schedule89()
+
+
+def test_stages_tokens_and_the_untie_step():
+    assert S.bounds == [(0, 423), (423, 847), (847, 1270), (1270, 1285)]  # round(1270/3) = 423, round(2540/3) = 847
+    assert S.untie_step == 847 and LOG_SCHEDULE.untie_step == 921  # 920 | 1
+    assert S.tokens() == 423 * 131_072 + 424 * 262_144 + 438 * 393_216 == 338_821_120
+    assert LOG_SCHEDULE.tokens() == 460 * 131_072 + 460 * 262_144 + 470 * 393_216 == 365_690_880
+    assert [S.batch_tokens(s) for s in (0, 422, 423, 846, 847, 1284, 5000)] == \
+        [131_072, 131_072, 262_144, 262_144, 393_216, 393_216, 393_216]
+    assert [S.max_doc_len(s) for s in (0, 422, 423)] == [896, 896, 2048]
+
+
+def test_lr_multiplier():
+    cd = int(1270 * 0.4)  # 508: the cooldown's start
+
+    def cooled(lr_mul, step):
+        t = min(1.0, (step - cd) / (1270 - cd))
+        return lr_mul * (1 - t) + 0.15 * t
+
+    assert [S.lr_multiplier(s) for s in (0, 422, 423, 507)] == [1.0, 1.0, 1.52, 1.52]
+    assert S.lr_multiplier(508) == 1.52 and S.lr_multiplier(700) == pytest.approx(cooled(1.52, 700), rel=1e-15)
+    assert S.lr_multiplier(847) == pytest.approx(cooled(1.73, 847), rel=1e-15)  # jumps with the stage
+    assert S.lr_multiplier(846) == pytest.approx(cooled(1.52, 846), rel=1e-15)
+    assert S.lr_multiplier(1270) == S.lr_multiplier(1284) == 0.15  # the extension: the floor
+
+
+def test_muon_momentum():
+    assert [S.muon_momentum(s) for s in (0, 300, 1235)] == [0.85, 0.95, 0.95]
+    assert S.muon_momentum(150) == pytest.approx(0.90, abs=1e-15)
+    assert S.muon_momentum(1236) == pytest.approx(0.95 - 0.1 / 50, abs=1e-15)  # cooldown after 1285 - 50
+    assert S.muon_momentum(1285) == pytest.approx(0.85, abs=1e-15)
+
+
+def test_loss_weights_and_windows():
+    assert S.mtp_weights(0) == (1.0, 0.5, 0.25)
+    assert S.mtp_weights(211) == pytest.approx((1.0, 0.5, 0.25 * (1 - 211 / 423)), abs=1e-15)
+    assert S.mtp_weights(423) == (1.0, 0.5) and S.mtp_weights(847) == (1.0,) and S.mtp_weights(1284) == (1.0,)
+    assert S.prefix_weight(0) == S.prefix_weight(422) == 0.25 and S.prefix_weight(847) == 0.0
+    assert S.prefix_weight(635) == pytest.approx(0.25 * (1 - (635 - 423) / 424), abs=1e-15)
+    assert all(LOG_SCHEDULE.prefix_weight(s) == 0.0 for s in (0, 500, 1000))  # the logged code has no prefix loss
+    assert [S.windows(s) for s in (0, 423, 847, 1270)] == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
+    assert S.windows(1284, final=True) == (768, 2560)
+
+
+def test_a_malformed_schedule_is_refused():
+    from dataclasses import replace
+
+    from tritonrun.gpt2.speedrun89 import STAGES
+
+    with pytest.raises(ValueError, match="sum to 1"):
+        Schedule89(stages=(replace(STAGES[0], fraction=0.5), *STAGES[1:]))
+    with pytest.raises(ValueError, match="one extension stage"):
+        Schedule89(stages=STAGES[:-1])

@@ -1,0 +1,169 @@
+"""modded-nanogpt's record #89 (2026-07-17, "MLP down projection in FP8 with efficient delayed scaling metric"):
+its training schedule, written from the record's facts; the code is ours. The model and the recipe module follow
+(issue 35); this file holds what a run's loop asks at every step.
+
+Which code is "the record". The 13 timed runs in records/track_1_short/2026-07-17_FP8DownProjection/this_pr/ embed a
+trainer built on master of 2026-06-19 (1,380 + 10 steps, a 754,560 x 192 bigram table, no DC MHA, no prefix-token
+loss). The record was merged into the repo's top-level train_gpt.py on 2026-08-01/02 on top of records #85-#88:
+that file (KellerJordan/modded-nanogpt at f411b3d3) has every technique the record table lists (DC MHA, the prefix
+loss, the 377,280 x 768 bigram table, 640.6M parameters) and is what this module follows: "[H1890]" below is
+train_gpt.py's line 1890 there. Its val loss is not measured in the repo (the 13-run mean 3.27837 is the older
+code's); LOG_SCHEDULE gives the logged runs' schedule for comparison.
+
+The schedule [H1909-2007, TrainingSchedule, TRAINING_STAGES, get_muon_momentum]:
+  stages        three of 1/3 of the scheduled steps each, then an extension; stage i covers steps
+                [round(F_i x N), round(F_{i+1} x N)) with F the cumulative fractions, N = 1,270 scheduled steps:
+                [0, 423), [423, 847), [847, 1270), extension [1270, 1285).
+  per stage     global batch 131,072 / 262,144 / 393,216 / 393,216 tokens (8 / 16 / 24 / 24 sequences of 2,048 x 8
+                GPUs), maximum document length 896 / 2,048 / 2,048 / 2,048, attention windows (short, long) in
+                128-token blocks (1, 3) / (3, 7) / (5, 11) / (6, 13), lr multiplier 1.0 / 1.52 / 1.73 (the extension's
+                is never used), multi-token-prediction weights and the prefix-token loss weight, each linear from
+                the stage's start value to its end value over the stage: t = (step - start) / (end - start).
+  lr            the stage's multiplier until cd_start = int(N x (1 - 0.60)) = 508, then lr_mul (1 - t) + 0.15 t with
+                t = min(1, (step - cd_start) / (N - cd_start)): it still jumps at stage boundaries and is 0.15 in the
+                extension.
+  momentum      Muon (NorMuon) momentum 0.85 -> 0.95 linearly over steps 0-300, 0.95, then linearly back toward
+                0.85 over the last 50 steps (step > 1,285 - 50).
+  untie         embed and LM head split at the first step of stage 2, made odd (Adam steps on odd steps): 847.
+  final window  the last validation uses a long window of 20 blocks (2,560 tokens).
+  FP8 bootstrap the MLP down projection's weight scale is not delayed for optimizer steps < 16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the schedule [H1909 TrainingStage]. fraction None: the extension."""
+    fraction: float | None  # of the scheduled steps [duration]
+    batch_tokens: int  # global tokens per step [batch_size]
+    max_doc_len: int  # documents are cut to this many tokens [train_max_seq_len]
+    windows: tuple[int, int]  # (short, long) attention windows in window_block-token blocks [window_sizes]
+    lr_mul: float  # [lr_mul]
+    mtp_start: tuple[float, ...]  # multi-token-prediction loss weights at the stage's start [mtp_weights_start]
+    mtp_end: tuple[float, ...]  # ... and at its end [mtp_weights_end]
+    prefix_start: float = 0.0  # prefix-token auxiliary loss weight [prefix_weight_start]
+    prefix_end: float = 0.0  # [prefix_weight_end]
+
+
+# [H1979-1989 TRAINING_STAGES]
+STAGES: tuple[Stage, ...] = (
+    Stage(1 / 3, 8 * 2048 * 8, 896, (1, 3), 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 0.25, 0.25),
+    Stage(1 / 3, 16 * 2048 * 8, 2048, (3, 7), 1.52, (1.0, 0.5), (1.0, 0.0), 0.25, 0.0),  # 1.52 ~ (16/8)^0.6
+    Stage(1 / 3, 24 * 2048 * 8, 2048, (5, 11), 1.73, (1.0,), (1.0,), 0.0, 0.0),  # 1.73 ~ (24/8)^0.5
+    Stage(None, 24 * 2048 * 8, 2048, (6, 13), 1.0, (1.0,), (1.0,), 0.0, 0.0),  # the extension; lr_mul unused
+)
+
+
+@dataclass(frozen=True)
+class Schedule89:
+    """Record #89's schedule; every number beside its source line in train_gpt.py (module docstring)."""
+    scheduled_steps: int = 1270  # [H1890 num_scheduled_iterations]
+    extension_steps: int = 15  # [H1891 num_extension_iterations]
+    cooldown_frac: float = 0.60  # [H1992 TrainingSchedule(..., cooldown_frac=0.60)]
+    lr_floor: float = 0.15  # [H1975 lr * (1 - t) + 0.15 * t]
+    split_embed_stage: int = 2  # [H1933 split_embed_stage=2]
+    final_long_window: int = 20  # blocks, the final validation's long window [H1933 ws_post_yarn_ext=20]
+    window_block: int = 128  # tokens per window block [H2021 block_size = 128]
+    momentum_min: float = 0.85  # [H1995 get_muon_momentum(momentum_min=0.85)]
+    momentum_max: float = 0.95  # [momentum_max=0.95]
+    momentum_warmup_steps: int = 300  # [muon_warmup_steps=300]
+    momentum_cooldown_steps: int = 50  # [muon_cooldown_steps=50]
+    fp8_bootstrap_steps: int = 16  # [H2365 quantize_mlp_fp8(bootstrap_down=(step < 16))]
+    val_every: int = 250  # [H1898 val_loss_every]
+    stages: tuple[Stage, ...] = field(default=STAGES)
+
+    def __post_init__(self) -> None:
+        if self.stages[-1].fraction is not None or any(s.fraction is None for s in self.stages[:-1]):
+            raise ValueError("stages: scheduled stages with a fraction each, then one extension stage (fraction None)")
+        for s in self.stages:
+            if len(s.mtp_start) != len(s.mtp_end):
+                raise ValueError(f"stage {s}: mtp_start and mtp_end differ in length")
+        if abs(sum(s.fraction for s in self.stages[:-1]) - 1) > 1e-9:
+            raise ValueError("the scheduled stages' fractions must sum to 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduled_steps + self.extension_steps
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each stage, the extension last [H1942-1945: round() of the cumulative fractions]."""
+        cuts, acc = [0], 0.0
+        for s in self.stages[:-2]:
+            acc += s.fraction
+            cuts.append(round(acc * self.scheduled_steps))
+        cuts += [self.scheduled_steps, self.total_steps]
+        return list(zip(cuts, cuts[1:]))
+
+    def stage(self, step: int) -> tuple[int, float]:
+        """(stage index, fraction of the way through it) at 0-based `step`; past the end: the extension, 1.0
+        [H1960 lookup]."""
+        for i, (start, end) in enumerate(self.bounds):
+            if step < end:
+                return i, (step - start) / (end - start)
+        return len(self.stages) - 1, 1.0
+
+    @property
+    def untie_step(self) -> int:
+        """The step embed and LM head split: the first of stage split_embed_stage, made odd [H1948]."""
+        return self.bounds[self.split_embed_stage][0] | 1
+
+    def lr_multiplier(self, step: int) -> float:
+        """Every group's lr factor at `step` [H1969-1976 get_lr]."""
+        i, _ = self.stage(step)
+        lr = self.stages[i].lr_mul
+        cd_start = int(self.scheduled_steps * (1 - self.cooldown_frac))
+        if step >= cd_start:
+            t = min(1.0, (step - cd_start) / (self.scheduled_steps - cd_start))
+            lr = lr * (1 - t) + self.lr_floor * t
+        return lr
+
+    def muon_momentum(self, step: int) -> float:
+        """NorMuon's momentum at `step` [H1995-2007 get_muon_momentum]."""
+        lo, hi = self.momentum_min, self.momentum_max
+        cd_start = self.total_steps - self.momentum_cooldown_steps
+        if step < self.momentum_warmup_steps:
+            return lo + step / self.momentum_warmup_steps * (hi - lo)
+        if step > cd_start:
+            return hi - (step - cd_start) / self.momentum_cooldown_steps * (hi - lo)
+        return hi
+
+    def mtp_weights(self, step: int) -> tuple[float, ...]:
+        """Multi-token-prediction loss weights (next token first) at `step` [H1952-1955]."""
+        i, t = self.stage(step)
+        s = self.stages[i]
+        return tuple(a + (b - a) * t for a, b in zip(s.mtp_start, s.mtp_end))
+
+    def prefix_weight(self, step: int) -> float:
+        """The prefix-token auxiliary loss weight at `step` [H1956-1957]."""
+        i, t = self.stage(step)
+        s = self.stages[i]
+        return s.prefix_start + (s.prefix_end - s.prefix_start) * t
+
+    def windows(self, step: int, final: bool = False) -> tuple[int, int]:
+        """(short, long) attention windows in tokens at `step`; final: the last validation's (long 20 blocks)."""
+        short, long_ = self.stages[self.stage(step)[0]].windows
+        if final:
+            long_ = self.final_long_window
+        return short * self.window_block, long_ * self.window_block
+
+    def batch_tokens(self, step: int) -> int:
+        return self.stages[self.stage(step)[0]].batch_tokens
+
+    def max_doc_len(self, step: int) -> int:
+        return self.stages[self.stage(step)[0]].max_doc_len
+
+    def tokens(self, steps: int | None = None) -> int:
+        """Training tokens of the first `steps` steps (default: the whole run): 338,821,120 for the record."""
+        n = self.total_steps if steps is None else steps
+        return sum(self.batch_tokens(s) for s in range(n))
+
+
+# The logged runs' schedule (records/track_1_short/2026-07-17_FP8DownProjection/this_pr/*.txt, the embedded code:
+# num_scheduled_iterations 1380, num_extension_iterations 10 [L1763-1764]; the same stages without the prefix-token
+# loss, which that code does not have [L1847-1857]): 365,690,880 tokens.
+LOG_SCHEDULE = Schedule89(scheduled_steps=1380, extension_steps=10,
+                          stages=tuple(Stage(s.fraction, s.batch_tokens, s.max_doc_len, s.windows, s.lr_mul,
+                                             s.mtp_start, s.mtp_end) for s in STAGES))
