@@ -585,11 +585,30 @@ def drive_fp8(rec: Recorder, case: Case) -> None:
                 torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
+def drive_bigram(rec: Recorder, case: Case) -> None:
+    """Record #89's bigram hash embedding (issue 35, tritonrun/kernels/bigram.py) forward + backward at its shape:
+    one packed sequence of 8,192 tokens, the 377,280 x 768 bf16 table and 8,192 x 768 bf16 signs (d12 only)."""
+    import torch
+
+    from tritonrun.kernels import bigram as bg
+
+    if case.model != "d12":
+        return
+    with rec.intercept(bg), mock.patch.object(bg, "_arch", lambda device: case.arch), \
+            mock.patch("torch.ops.aten.embedding_dense_backward", lambda g, idx, rows, *a: g.new_empty(rows, 768)), \
+            rec.variant(case, "bigram_embed (8,192 ids, 377,280 x 768 bf16 table)", "default"):
+        x = torch.empty(8_192, dtype=torch.long)
+        table = torch.empty(377_280, 768, dtype=torch.bfloat16).requires_grad_()
+        signs = torch.empty(8_192, 768, dtype=torch.bfloat16)
+        out = bg.bigram_embed(x, table, signs)
+        torch.autograd.grad(out, table, torch.empty_like(out))
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
 DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
 DRIVERS.update(window_attention=drive_window_attention)  # issue 27
-DRIVERS.update(fp8=drive_fp8)  # issue 35
+DRIVERS.update(fp8=drive_fp8, bigram=drive_bigram)  # issue 35
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas
@@ -843,7 +862,7 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
 
 
 # Kernels only the speedrun model launches (issues 26-27): named in the document's opening line.
-SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8")
+SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8", "bigram")
 
 
 def document(records: list[dict], archs: list[str], source: str, out: str) -> str:

@@ -56,6 +56,9 @@ three elementwise ops above:
                  scales) at d12's MLP up / down projections and LM head, 8,192 rows, bf16 x, fp32 weight. Peer:
                  torch._scaled_mm with torch's fp8 casts; checked against the fp32 product of the same fp8 operands.
                  TFLOPS at 2MNK forward, 4MNK backward; the run's measured bf16 matmul peak is beside it.
+  bigram         issue 35's bigram hash embedding (tritonrun/kernels/bigram.py: hash, lookup and sign in one pass) at
+                 one packed sequence of 8,192 tokens, the 377,280 x 768 table, 8,192 sign rows, low dtype. Peers: the
+                 torch form (int32 hash, two gathers, a product) eager and torch.compile'd. GB/s from bytes_moved.
   qk_norm_rope   QK-norm + RoPE (tritonrun/kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
                  H = 6, D = 128, bf16 q and k as the record's separate c_q / c_k outputs, (B, T, H, D), their
                  gradients as attention returns them ((B, H, T, D) views of (B, T, H, D) memory), fp32
@@ -1085,6 +1088,34 @@ def case_fp8_linear(ctx: Ctx) -> None:
 # ---- end of fp8_linear ---------------------------------------------------------------------------------------
 
 
+def case_bigram(ctx: Ctx) -> None:
+    """Record #89's bigram hash embedding (tritonrun/kernels/bigram.py): one packed sequence of 8,192 tokens (smoke:
+    257), the 377,280 x 768 table (smoke: 1,001 x 64) and 8,192 sign rows, in the training low dtype. Peers: the
+    torch form (hash in int32 torch ops, two gathers, a product), eager and torch.compile'd."""
+    from tritonrun.kernels import bigram as bg
+
+    dev, dt = ctx.device, ctx.dtype("low")
+    T, V, D, S = (257, 1_001, 64, 64) if ctx.smoke else (8_192, 377_280, ctx.C, 8_192)
+    signs = torch.randn(S, D, device=dev, generator=torch.Generator(device=dev).manual_seed(5)).sign().to(dt)
+
+    x = torch.randint(0, 50257, (T,), device=dev, generator=torch.Generator(device=dev).manual_seed(6))
+
+    def make_set(seed):  # the ids are fixed (integers: no gradient); the table rotates
+        g = torch.Generator(device=dev).manual_seed(seed)
+        table = (0.01 * torch.randn(V, D, device=dev, generator=g)).to(dt).requires_grad_()
+        return [table], [torch.randn(T, D, device=dev, generator=g).to(dt)]
+
+    def ours(table):
+        return bg.bigram_embed(x, table, signs)
+
+    def eager(table):
+        return bg.reference_bigram_embed(x, table, signs)
+
+    nbytes = {p: bg.bytes_moved(T, D, p, dtype=dt) for p in PASSES}
+    bench_impls(ctx, "bigram", {"rows": T, "C": D, "V": V}, {"table": dt}, make_set, peer_impls(ctx, ours, eager),
+                nbytes, max_sets=2)
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
@@ -1101,6 +1132,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "relu2": case_relu2,
     "window_attention": case_window_attention,  # issue 27: tritonrun/kernels/window_attention.py
     "fp8_linear": case_fp8_linear,  # issue 35: tritonrun/kernels/fp8.py (record #89's FP8 matmuls)
+    "bigram": case_bigram,  # issue 35: tritonrun/kernels/bigram.py (record #89's bigram hash embedding)
 }
 
 

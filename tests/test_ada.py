@@ -39,6 +39,8 @@ EXPECTED_KERNELS = {
     "rope._qk_norm_rope_fwd_kernel", "rope._qk_norm_rope_bwd_kernel",
     # issue 27's window attention
     "window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq",
+    # issue 35: record #89's bigram hash embedding (every architecture: no tensor cores involved)
+    "bigram._bigram_fwd_kernel", "bigram._bigram_bwd_kernel",
 }
 # issue 35's FP8 matmuls: launched only where FP8 tensor cores exist (sm_89, sm_90), by the d12 speedrun model
 FP8_KERNELS = {"fp8._quantize_kernel", "fp8._scaled_mm_kernel"}

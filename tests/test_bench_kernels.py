@@ -25,6 +25,7 @@ ELEMENTWISE = ("layernorm", "add_layernorm", "gelu") + SPEEDRUN_OPS + ("qk_norm_
 NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
 WINDOW_OP = "window_attention"  # issue 27: tritonrun/kernels/window_attention.py
 FP8_OP = "fp8_linear"  # issue 35: tritonrun/kernels/fp8.py
+BIGRAM_OP = "bigram"  # issue 35: tritonrun/kernels/bigram.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -77,7 +78,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
-    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP})
+    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP, BIGRAM_OP})
     assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
@@ -334,6 +335,20 @@ def test_fp8_linear_rows(fp8_record):
         assert r["check"] == "ok" and r["flops"] == {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[r["pass"]] * mnk, r
     assert {(r["shape"]["what"], r["pass"]) for r in rows if r["impl"] == "triton"} == \
         {(w, p) for w in ("mlp_up", "mlp_down", "lm_head") for p in PASSES}
+
+
+def test_bigram_rows(smoke):
+    """The bigram embedding's rows (the CPU smoke run; a GPU session runs --op bigram): ours and the torch form,
+    eager and compiled (or its skip), checked, GB/s from the kernel file's bytes_moved."""
+    if HAS_CUDA:
+        pytest.skip("the GPU smoke fixture runs gelu only; `bench/kernels.py --op bigram` measures it")
+    from tritonrun.kernels import bigram as bg
+
+    rows = rows_of(smoke[2], BIGRAM_OP)
+    assert {r["impl"] for r in rows} | set(skipped_of(smoke[2], BIGRAM_OP)) == {"triton", "torch", "torch.compile"}
+    for r in rows:
+        s = r["shape"]
+        assert r["bytes"] == bg.bytes_moved(s["rows"], s["C"], r["pass"], dtype=torch.float16), r
 
 
 @pytest.fixture(scope="module")
