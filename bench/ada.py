@@ -604,11 +604,36 @@ def drive_bigram(rec: Recorder, case: Case) -> None:
         torch.autograd.grad(out, table, torch.empty_like(out))
 
 
+def drive_mlp_relu2(rec: Recorder, case: Case) -> None:
+    """Record #89's fused ReLU² MLP step (issue 35, tritonrun/kernels/mlp_relu2.py) at d12: the up projection with
+    its relu^2 epilogue in bf16 and, on FP8 architectures, with e4m3 operands emitting the e4m3 post and partial
+    maxima; the backward's 2 (g W2) sqrt(post) epilogue; 8,192 rows (a packed micro-batch)."""
+    import torch
+
+    from tritonrun.kernels import mlp_relu2 as mr
+
+    if case.model != "d12":
+        return
+    table = case.arch if case.arch in mr.CONFIGS else "default"
+    C, H, rows = case.n_embd, 4 * case.n_embd, 8_192
+    with rec.intercept(mr), mock.patch.object(mr, "_arch", lambda device: case.arch):
+        with rec.variant(case, f"linear_relu2 bf16 ({rows} x {C} -> {H}) and its backward", table):
+            x, w1 = torch.empty(rows, C, dtype=torch.bfloat16), torch.empty(H, C, dtype=torch.bfloat16)
+            post, _, _ = mr.linear_relu2(x, w1.t())
+            mr.relu2_grad_matmul(torch.empty(rows, C, dtype=torch.bfloat16), torch.empty(C, H, dtype=torch.bfloat16),
+                                 post)
+        if case.arch in FP8_ARCHS:
+            with rec.variant(case, f"linear_relu2 fp8 ({rows} x {C} -> {H}, e4m3 post out)", table):
+                e4 = torch.float8_e4m3fn
+                one = torch.ones(1)
+                mr.linear_relu2(torch.empty(rows, C, dtype=e4), torch.empty(H, C, dtype=e4).t(), one, one)
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
 DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
 DRIVERS.update(window_attention=drive_window_attention)  # issue 27
-DRIVERS.update(fp8=drive_fp8, bigram=drive_bigram)  # issue 35
+DRIVERS.update(fp8=drive_fp8, bigram=drive_bigram, mlp_relu2=drive_mlp_relu2)  # issue 35
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas
@@ -862,7 +887,7 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
 
 
 # Kernels only the speedrun model launches (issues 26-27): named in the document's opening line.
-SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8", "bigram")
+SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8", "bigram", "mlp_relu2")
 
 
 def document(records: list[dict], archs: list[str], source: str, out: str) -> str:

@@ -56,6 +56,8 @@ three elementwise ops above:
                  scales) at d12's MLP up / down projections and LM head, 8,192 rows, bf16 x, fp32 weight. Peer:
                  torch._scaled_mm with torch's fp8 casts; checked against the fp32 product of the same fp8 operands.
                  TFLOPS at 2MNK forward, 4MNK backward; the run's measured bf16 matmul peak is beside it.
+  relu2_mlp      issue 35's fused ReLU^2 MLP step (tritonrun/kernels/mlp_relu2.py) in bf16 at d12, 8,192 rows, against
+                 relu(x W1^T)^2 W2^T in torch eager and compiled; TFLOPS at 4MCH forward, 8MCH backward.
   bigram         issue 35's bigram hash embedding (tritonrun/kernels/bigram.py: hash, lookup and sign in one pass) at
                  one packed sequence of 8,192 tokens, the 377,280 x 768 table, 8,192 sign rows, low dtype. Peers: the
                  torch form (int32 hash, two gathers, a product) eager and torch.compile'd. GB/s from bytes_moved.
@@ -1088,6 +1090,36 @@ def case_fp8_linear(ctx: Ctx) -> None:
 # ---- end of fp8_linear ---------------------------------------------------------------------------------------
 
 
+def case_relu2_mlp(ctx: Ctx) -> None:
+    """Record #89's ReLU^2 MLP step in bf16 (tritonrun/kernels/mlp_relu2.py: up projection fused with relu^2, only post
+    saved, the backward's 2 (g W2) sqrt(post) fused) at d12, 8,192 rows (smoke: 64 rows, 64 wide, fp32 operands: the
+    interpreter's bf16 tl.dot is wrong). Peers: relu(x W1^T)^2 W2^T in torch, eager and torch.compile'd. Model FLOPs
+    4 M C H forward (two matmuls of 2 M C H), 8 M C H backward (four)."""
+    from tritonrun.kernels import mlp_relu2 as mr
+
+    dev = ctx.device
+    C = 64 if ctx.smoke else ctx.C
+    H, M = 4 * C, 64 if ctx.smoke else 8 * 1024
+    mm = torch.float32 if ctx.smoke else torch.bfloat16
+
+    def make_set(seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        x = torch.randn(M, C, device=dev, generator=g).to(mm).requires_grad_()
+        w1 = (0.05 * torch.randn(H, C, device=dev, generator=g)).to(mm).requires_grad_()
+        w2 = (0.05 * torch.randn(C, H, device=dev, generator=g)).to(mm).requires_grad_()
+        return [x, w1, w2], [torch.randn(M, C, device=dev, generator=g).to(torch.bfloat16 if not ctx.smoke else mm)]
+
+    def ours(x, w1, w2):
+        return mr.relu2_mlp(x, w1, w2, matmul_dtype=mm)
+
+    def eager(x, w1, w2):
+        return torch.relu(x @ w1.t()).square() @ w2.t()
+
+    flops = {"fwd": 4.0 * M * C * H, "bwd": 8.0 * M * C * H, "fwd+bwd": 12.0 * M * C * H}
+    bench_impls(ctx, "relu2_mlp", {"rows": M, "K": C, "N": H}, {"x": mm, "post": torch.bfloat16}, make_set,
+                peer_impls(ctx, ours, eager), None, flops=flops, max_sets=2)
+
+
 def case_bigram(ctx: Ctx) -> None:
     """Record #89's bigram hash embedding (tritonrun/kernels/bigram.py): one packed sequence of 8,192 tokens (smoke:
     257), the 377,280 x 768 table (smoke: 1,001 x 64) and 8,192 sign rows, in the training low dtype. Peers: the
@@ -1133,6 +1165,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "window_attention": case_window_attention,  # issue 27: tritonrun/kernels/window_attention.py
     "fp8_linear": case_fp8_linear,  # issue 35: tritonrun/kernels/fp8.py (record #89's FP8 matmuls)
     "bigram": case_bigram,  # issue 35: tritonrun/kernels/bigram.py (record #89's bigram hash embedding)
+    "relu2_mlp": case_relu2_mlp,  # issue 35: tritonrun/kernels/mlp_relu2.py (record #89's fused ReLU^2 MLP step)
 }
 
 

@@ -26,6 +26,7 @@ NEW_OPS = ("adamw", "attention", "cross_entropy", "muon")
 WINDOW_OP = "window_attention"  # issue 27: tritonrun/kernels/window_attention.py
 FP8_OP = "fp8_linear"  # issue 35: tritonrun/kernels/fp8.py
 BIGRAM_OP = "bigram"  # issue 35: tritonrun/kernels/bigram.py
+MLP_OP = "relu2_mlp"  # issue 35: tritonrun/kernels/mlp_relu2.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -78,7 +79,8 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
-    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP, BIGRAM_OP})
+    every = {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP, BIGRAM_OP, MLP_OP}
+    assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else every)
     assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
     got = {(r["op"], r["pass"], r["impl"]) for r in rec["results"] if r["op"] in ELEMENTWISE}
@@ -349,6 +351,18 @@ def test_bigram_rows(smoke):
     for r in rows:
         s = r["shape"]
         assert r["bytes"] == bg.bytes_moved(s["rows"], s["C"], r["pass"], dtype=torch.float16), r
+
+
+def test_relu2_mlp_rows(smoke):
+    """The fused MLP step's rows (CPU smoke; a GPU session runs --op relu2_mlp): ours, torch, torch.compile (or its
+    skip), checked, TFLOPS from 4 / 8 / 12 M C H."""
+    if HAS_CUDA:
+        pytest.skip("the GPU smoke fixture runs gelu only; `bench/kernels.py --op relu2_mlp` measures it")
+    rows = rows_of(smoke[2], MLP_OP)
+    assert {r["impl"] for r in rows} | set(skipped_of(smoke[2], MLP_OP)) == {"triton", "torch", "torch.compile"}
+    for r in rows:
+        s = r["shape"]
+        assert r["flops"] == {"fwd": 4, "bwd": 8, "fwd+bwd": 12}[r["pass"]] * s["rows"] * s["K"] * s["N"], r
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,13 @@ def _quantize_kernel(
     v = x.to(tl.float32) / scale
     if ROUND_INPUT_DTYPE:
         v = _round_to_bf16(v)
+    code = _fp8_code(v, MBITS, BIAS, MAXV, SUB_SCALE)
+    tl.store(Q + offs, code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _fp8_code(v, MBITS: tl.constexpr, BIAS: tl.constexpr, MAXV: tl.constexpr, SUB_SCALE: tl.constexpr):
+    """The fp8 byte (int32 0..255) of fp32 v: saturated to +-MAXV, nearest even, NaN -> 0x7F (module docstring)."""
     negative = v.to(tl.int32, bitcast=True) < 0
     is_nan = v != v
     v = tl.where(v > MAXV, MAXV, tl.where(v < -MAXV, -MAXV, v))  # satfinite; NaN fails both and stays NaN
@@ -107,8 +114,7 @@ def _quantize_kernel(
     normal = ((re + BIAS) << MBITS) | ((rb >> (23 - MBITS)) & ((1 << MBITS) - 1))
     sub = (r * SUB_SCALE).to(tl.int32)  # r / min_subnormal: an exact integer < 2^MBITS
     code = tl.where(re >= 1 - BIAS, normal, sub)
-    code = tl.where(is_nan, 0x7F, code) | tl.where(negative, 0x80, 0)
-    tl.store(Q + offs, code.to(tl.uint8), mask=mask)
+    return tl.where(is_nan, 0x7F, code) | tl.where(negative, 0x80, 0)
 
 
 @triton.jit
@@ -116,8 +122,9 @@ def _scaled_mm_kernel(
     A, B, C,  # A (M, K) fp8, B (K, N) fp8, C (M, N) bf16 / fp32
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    scale,  # fp32: C = (A @ B) * scale
+    scale,  # fp32: C = (A @ B) * scale; with SCALE_PTR a pointer to the fp32 scale (no host sync)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_PTR: tl.constexpr = False,
 ):
     # FLOPs: 2 M N K on the FP8 tensor cores. Bytes: M K + K N (once per tile column / row) + M N * out size.
     pid = tl.program_id(0)
@@ -140,7 +147,7 @@ def _scaled_mm_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c = acc * scale
+    c = acc * (tl.load(scale) if SCALE_PTR else scale)
     if C.dtype.element_ty == tl.bfloat16:
         c = _round_to_bf16(c)
     c = c.to(C.dtype.element_ty)
@@ -218,8 +225,10 @@ def quantize(x: torch.Tensor, scale: float, fmt: str | Fp8Format = "e4m3") -> to
     return q.view(x.shape)
 
 
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """(a @ b) * scale for fp8 a (M, K) and b (K, N), any strides, fp32 accumulation, out_dtype (bf16 / fp32)."""
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(a @ b) * scale for fp8 a (M, K) and b (K, N), any strides, fp32 accumulation, out_dtype (bf16 / fp32). scale:
+    a float, or a one-element fp32 tensor on a's device read by the kernel (a delayed scale: no host sync)."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"fp8 scaled_mm: needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
     if a.dtype not in (E4M3.dtype, E5M2.dtype) or b.dtype not in (E4M3.dtype, E5M2.dtype):
@@ -232,9 +241,12 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.d
             return c.zero_()
         bm, bn, bk, gm, warps, stages = MM_CONFIGS.get(_arch(a.device), MM_CONFIGS["default"])
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        by_ptr = isinstance(scale, torch.Tensor)
+        if by_ptr and (scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != a.device):
+            raise ValueError("fp8 scaled_mm: a tensor scale must be one fp32 element on the operands' device")
         _scaled_mm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                c.stride(0), c.stride(1), float(scale), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=gm, num_warps=warps, num_stages=stages)
+                                c.stride(0), c.stride(1), scale if by_ptr else float(scale), BLOCK_M=bm, BLOCK_N=bn,
+                                BLOCK_K=bk, GROUP_M=gm, SCALE_PTR=by_ptr, num_warps=warps, num_stages=stages)
     return c
 
 

@@ -1,0 +1,226 @@
+"""Record #89's ReLU² MLP step: the up projection fused with relu(.)^2 (and, in FP8, with the quantization of its
+output for the down projection), the down projection in FP8 with delayed scaling, and a bf16 backward.
+
+    forward   pre  = x W1^T            bf16 x, or FP8: x8 = e4m3(x * (448 / amax|x|)), W1 in e4m3 at
+                                       s_up = amax|W1| / 448, the product dequantized by s_up * amax|x| / 448
+              post = relu(bf16(pre))^2                                        rounded to bf16; the only saved tensor
+              FP8 also: post8 = e4m3(min(post / s_act, 448)), and the largest post of each program (partial amax)
+              out  = post W2^T         bf16, or FP8: post8 @ W2_8^T with scales s_act, s_w2 (delayed, below)
+    backward  (bf16 throughout, from post and the bf16 weights)
+              dW2  = dout^T post;   dpre = 2 bf16(dout W2) sqrt(post)   (relu(pre) = sqrt(post): pre is not kept)
+              dW1  = dpre^T x;      dx = dpre W1
+
+Delayed scaling of the down projection [record #89: "MLP down projection in FP8 with efficient delayed scaling"]:
+s_act for the next forward = max(partial amax) * 1.80 / 448 (starts at 1.0); W2 is quantized after each optimizer
+step with the scale computed at the previous one (saturating), then s_w2 <- amax|W2| * 1.12 / 448; the first 16
+optimizer steps (and the start) take amax|W2| / 448 at once (Fp8MlpScales). On one GPU with gradient accumulation
+s_act moves per micro-batch (the record's 8 GPUs: per step per rank): a deviation, listed in README.
+
+The fused kernel is our tiled matmul (tritonrun/kernels/fp8.py's grouped tiles) with these epilogues; the record's
+is a persistent TMA kernel for Hopper. Rounding follows the record's kernel: pre to bf16, its square to bf16, the
+FP8 copy from the bf16 post times the fp32 inverse scale, saturating at 448, nearest even (fp8._fp8_code: the same
+bytes on CPU and GPU); the backward's 2 * bf16(acc) * sqrt(post) in fp32, rounded once to bf16.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonrun.kernels import fp8
+from tritonrun.kernels.fp8 import _fp8_code, _round_to_bf16
+
+ACT_HEADROOM, W2_HEADROOM, BOOTSTRAP_STEPS = 1.80, 1.12, 16  # [record #89 train_gpt.py H1670-1675, HK/H1424-1434]
+
+
+@triton.jit
+def _linear_relu2_kernel(
+    A, B, C, AUX, POST8, PARTIAL, DEQUANT, ACT_SCALE,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    FORWARD: tl.constexpr, USE_FP8: tl.constexpr, EMIT_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C, AUX, POST8: (M, N) contiguous. Forward: C = post; backward: C = dpre from AUX = post.
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * n_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if USE_FP8:
+        acc = acc * tl.load(DEQUANT)
+    c = _round_to_bf16(acc)  # the record's accumulator.to(bf16)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * N + rn[None, :]
+    if FORWARD:
+        r = tl.where(c > 0.0, c, 0.0)
+        post = _round_to_bf16(r * r)  # exact square of a bf16 value, rounded to bf16
+        tl.store(C + offs, post.to(tl.bfloat16), mask=mask)
+        if EMIT_FP8:
+            inv = 1.0 / tl.load(ACT_SCALE)
+            code = _fp8_code(tl.minimum(post * inv, 448.0), 3, 7, 448.0, 512.0)  # e4m3
+            tl.store(POST8 + offs, code.to(tl.uint8), mask=mask)
+            tl.store(PARTIAL + pid, tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
+    else:
+        post = tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(C + offs, _round_to_bf16(2.0 * c * tl.sqrt(post)).to(tl.bfloat16), mask=mask)
+
+
+# arch -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bf16 and fp8 operands; NOT tuned on a GPU.
+CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "sm_89": (128, 128, 64, 8, 8, 3),
+    "sm_90": (128, 128, 64, 8, 8, 4),
+    "default": (128, 128, 64, 8, 8, 3),
+    "interpreter": (64, 64, 32, 8, 1, 1),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> str:
+    if device.type != "cuda" or _interpreting():
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Float output buffers come from here (tests patch it to NaN-fill, proving each element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(a, b, forward: bool, dequant=None, act_scale=None, aux=None):
+    M, K = a.shape
+    N = b.shape[1]
+    bm, bn, bk, gm, warps, stages = CONFIGS.get(_arch(a.device), CONFIGS["default"])
+    grid = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    out = _alloc((M, N), torch.bfloat16, a.device)
+    emit = act_scale is not None
+    post8 = torch.empty((M, N), dtype=fp8.E4M3.dtype, device=a.device) if emit else out
+    partial = _alloc((grid,), torch.float32, a.device) if emit else out
+    if M and N:
+        _linear_relu2_kernel[(grid,)](
+            a, b, out, aux if aux is not None else out, post8.view(torch.uint8) if emit else out, partial,
+            dequant if dequant is not None else out, act_scale if emit else out, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), FORWARD=forward, USE_FP8=dequant is not None,
+            EMIT_FP8=emit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+    return out, (post8 if emit else None), (partial if emit else None)
+
+
+def linear_relu2(a: torch.Tensor, b: torch.Tensor, dequant: torch.Tensor | None = None,
+                 act_scale: torch.Tensor | None = None):
+    """post = relu(bf16(a @ b [* dequant]))^2 in bf16 for a (M, K), b (K, N): bf16, or fp8 with `dequant` (one fp32
+    element). With act_scale (one fp32 element) also the e4m3 post / act_scale and one partial amax of post per
+    program. Returns (post, post8 or None, partial amax or None)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"linear_relu2: needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if (dequant is not None) != (a.dtype == fp8.E4M3.dtype):
+        raise ValueError("linear_relu2: e4m3 operands take a dequant scale, bf16 (fp32 / fp16 in tests) ones none")
+    return _launch(a, b, True, dequant, act_scale)
+
+
+def relu2_grad_matmul(g: torch.Tensor, w: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """dpre = 2 bf16(g @ w) sqrt(post) in bf16, for bf16 g (M, K), w (K, N), the forward's post (M, N)."""
+    return _launch(g, w, False, aux=post.contiguous())[0]
+
+
+# ---------------------------------------------------------------------------------------- the MLP
+class Fp8MlpScales:
+    """One layer's FP8 state: the e4m3 weights and their scales (refresh() after each optimizer step) and the delayed
+    activation scale of the down projection (updated by each forward)."""
+
+    def __init__(self, device):
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        self.act_scale = one.clone()  # s_act, delayed: the next forward's [starts at 1.0]
+        self.w2_next = one.clone()  # the scale the next refresh quantizes W2 with
+        self.w2_used = one.clone()
+        self.s_up = one.clone()
+        self.w1_8 = self.w2_8 = None
+        self.refreshes = 0
+
+    @torch.no_grad()
+    def refresh(self, W1: torch.Tensor, W2: torch.Tensor) -> None:
+        """Quantize the weights for the next forwards: W1 at its current amax; W2 at the scale computed at the previous
+        refresh (saturating), then the next one = amax|W2| x 1.12 / 448; the first BOOTSTRAP_STEPS refreshes take
+        amax|W2| / 448 at once."""
+        self.s_up = (W1.abs().amax().clamp(min=1e-12) / fp8.E4M3.max).float().reshape(1)
+        self.w1_8 = fp8.quantize(W1.float(), float(self.s_up), fp8.E4M3)
+        amax2 = W2.abs().amax().clamp(min=1e-12).float().reshape(1)
+        if self.refreshes < BOOTSTRAP_STEPS:
+            self.w2_next = amax2 / fp8.E4M3.max
+        self.w2_used = self.w2_next.clone()
+        self.w2_8 = fp8.quantize(W2.float(), float(self.w2_used), fp8.E4M3)
+        self.w2_next = amax2 * W2_HEADROOM / fp8.E4M3.max
+        self.refreshes += 1
+
+
+class _ReluSquaredMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W1, W2, scales, dt):
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        w1, w2 = W1.to(dt), W2.to(dt)
+        if scales is None:
+            post, _, _ = linear_relu2(x2, w1.t())
+            out = post.to(dt) @ w2.t()
+        else:
+            amax = x2.abs().max().clamp(min=1e-12)  # bf16, as the record's normed.abs().max()
+            x8 = fp8.quantize(x2 * (448.0 / amax), 1.0, fp8.E4M3)  # bf16 product, then e4m3
+            dequant = (scales.s_up * amax / 448.0).float()
+            post, post8, partial = linear_relu2(x8, scales.w1_8.t(), dequant, scales.act_scale)
+            out = fp8.scaled_mm(post8, scales.w2_8.t(), (scales.act_scale * scales.w2_used).float(), torch.bfloat16)
+            scales.act_scale = (partial.max().clamp(min=1e-12) * (ACT_HEADROOM / 448.0)).reshape(1)
+        ctx.save_for_backward(x2, w1, w2, post)
+        ctx.dtypes = (x.dtype, W1.dtype, W2.dtype)
+        return out.to(torch.bfloat16).view(*x.shape[:-1], W2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, w1, w2, post = ctx.saved_tensors
+        g = dout.reshape(-1, w2.shape[0]).to(w2.dtype)
+        dW2 = g.t() @ post.to(g.dtype)
+        dpre = relu2_grad_matmul(g, w2, post).to(g.dtype)
+        dW1 = dpre.t() @ x2
+        dx = dpre @ w1
+        xd, w1d, w2d = ctx.dtypes
+        return dx.to(xd).view(*dout.shape[:-1], w1.shape[1]), dW1.to(w1d), dW2.to(w2d), None, None
+
+
+def relu2_mlp(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, scales: Fp8MlpScales | None = None,
+              matmul_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """relu(x W1^T)^2 W2^T (module docstring): bf16, or with `scales` the record's FP8 forward (call
+    scales.refresh(W1, W2) after each optimizer step). x (..., C), W1 (H, C), W2 (C, H); out bf16 (..., C).
+    matmul_dtype: the bf16 matmuls' operand dtype (fp32 for CPU tests: the interpreter's bf16 tl.dot is wrong)."""
+    if W1.dim() != 2 or W2.dim() != 2 or W1.shape[1] != x.shape[-1] or W2.shape[1] != W1.shape[0]:
+        raise ValueError(f"relu2_mlp: x (..., C), W1 (H, C), W2 (C, H) needed, got {tuple(x.shape)}, "
+                         f"{tuple(W1.shape)}, {tuple(W2.shape)}")
+    if scales is not None and scales.w1_8 is None:
+        raise ValueError("relu2_mlp: FP8 scales have no quantized weights yet: call scales.refresh(W1, W2) first")
+    return _ReluSquaredMLP.apply(x, W1, W2, scales, matmul_dtype)
+
+
+def reference_relu2_mlp(x, W1, W2):
+    """The bf16 step in torch: relu(bf16(x W1^T))^2 rounded to bf16, then @ W2^T."""
+    x2, w1, w2 = x.to(torch.bfloat16), W1.to(torch.bfloat16), W2.to(torch.bfloat16)
+    pre = (x2.float() @ w1.float().t()).bfloat16()
+    return (torch.relu(pre).float().square().bfloat16()).float() @ w2.float().t()
