@@ -1,7 +1,7 @@
 """tritonrun/kernels/mlp_relu2.py: record #89's fused ReLU² MLP step, bf16 and FP8 with delayed scaling, on CPU.
 
-The bf16 path runs with fp32 operands here (the interpreter's bf16 tl.dot is wrong; on a GPU the same tests run
-bf16 operands through the default matmul_dtype). The epilogues are checked bitwise on inputs whose products and sums
+The bf16 path runs with fp32 operands on CPU (the interpreter's bf16 tl.dot is wrong); a CUDA test runs it with bf16
+operands (the default matmul_dtype) under the same rule. The epilogues are checked bitwise on inputs whose products and sums
 are exact in fp32 whatever the accumulation order (small dyadic rationals): post = bf16(relu(bf16(pre))^2), the
 FP8 copy and partial maxima, dpre = bf16(2 bf16(g w) sqrt(post)). The whole MLP and its gradients follow
 REFERENCE.md's low-precision rule against fp64, and the FP8 scale bookkeeping is checked by hand."""
@@ -79,6 +79,18 @@ def test_bf16_mlp_output_and_gradients_by_the_low_precision_rule():
     floor = 1e-3  # a bf16 rounding of values ~0.1-1: where torch's own error happens to be ~0
     for name, e, t in zip(("out", "dx", "dW1", "dW2"), ours, torch_bf16):
         assert e <= 2 * t + floor, (name, e, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: the Triton interpreter's bf16 tl.dot is wrong (the fp32-operand case runs here)")
+def test_bf16_operands_on_a_gpu_by_the_low_precision_rule():
+    x, W1, W2 = (t.cuda() for t in inputs(M=1000, C=256, H=1024, seed=8))
+    dy = torch.randn(1000, 256, device="cuda")
+    ours = _errors(lambda a, b, c: m.relu2_mlp(a, b, c), x, W1, W2, dy)
+    torch_bf16 = _errors(lambda a, b, c: torch.relu(a.bfloat16() @ b.bfloat16().t()).square() @ c.bfloat16().t(),
+                         x, W1, W2, dy)
+    for name, e, t in zip(("out", "dx", "dW1", "dW2"), ours, torch_bf16):
+        assert e <= 2 * t + 1e-3, (name, e, t)
 
 
 def test_fp8_mlp_and_its_delayed_scales():
