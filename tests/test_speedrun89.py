@@ -61,3 +61,20 @@ def test_a_malformed_schedule_is_refused():
         Schedule89(stages=(replace(STAGES[0], fraction=0.5), *STAGES[1:]))
     with pytest.raises(ValueError, match="one extension stage"):
         Schedule89(stages=STAGES[:-1])
+
+
+def test_parameter_count_and_the_state_the_memory_plan_starts_from():
+    """640,605,607 parameters on one GPU (the issue's 640.6M); parameters, gradients and optimizer state stored as the
+    record stores them: 7.01 GiB; the plan's options for the tables' Adam state: bf16 moments save 1.80 GiB, host
+    memory 3.60 GiB (the issue's +1.8 / +3.6 GiB of room for activations)."""
+    from tritonrun.gpt2.speedrun89 import PARAMS, parameter_count, state_bytes
+
+    GIB = 2**30
+    assert parameter_count() == 640_605_607
+    tables = sum(n for _, n, _, _, table in PARAMS if table)
+    assert tables == 5 * 50_304 * 768 + 377_280 * 768 == 482_918_400
+    full = state_bytes()
+    assert round(full["total"] / GIB, 2) == 7.01
+    assert full["total"] - state_bytes(table_moments="bf16")["total"] == tables * 4
+    assert full["total"] - state_bytes(table_state_on_host=True)["total"] == tables * 8
+    assert round(tables * 4 / GIB, 2) == 1.80 and round(tables * 8 / GIB, 2) == 3.60

@@ -167,3 +167,46 @@ class Schedule89:
 LOG_SCHEDULE = Schedule89(scheduled_steps=1380, extension_steps=10,
                           stages=tuple(Stage(s.fraction, s.batch_tokens, s.max_doc_len, s.windows, s.lr_mul,
                                              s.mtp_start, s.mtp_end) for s in STAGES))
+
+
+# ---------------------------------------------------------------------------------------- state memory
+# Record #89's parameters as one GPU instantiates them (train_gpt.py GPT.__init__, H1216-1350: banks without the
+# 8-GPU padding of qk / vo; the MLP bank keeps its unused 12th layer), with their storage dtype and optimizer.
+# (name, elements, bytes per element, optimizer, table): tables are the lookups whose Adam state dominates.
+PARAMS: tuple[tuple[str, int, int, str, bool], ...] = (
+    ("lm_head", 768 * 50_304, 2, "adam", False),  # [H970 CastedLinearT(768, 50304), bf16]
+    ("embed", 50_304 * 768, 2, "adam", False),  # [H1228 nn.Embedding(50304, 768), bf16]
+    ("value_embeds", 5 * 50_304 * 768, 2, "adam", True),  # [H1261 (5 x 50304, 768) bf16]
+    ("bigram_embed", 377_280 * 768, 2, "adam", True),  # [H1329 nn.Embedding(50304 * 15 // 2, 768) bf16]
+    ("qk_bank", 60 * 256 * 768, 2, "normuon", False),  # [H1272 10 layers x 6 head-pair blocks of 256 x 768]
+    ("vo_bank", 20 * 768 * 768, 2, "normuon", False),  # [H1280 10 layers x (V, O)]
+    ("mlp_bank", 12 * 2 * 3072 * 768, 2, "normuon", False),  # [H1296 (12, 2, 3072, 768): layer 11 unused]
+    ("mudd", 2 * 64 * 768 + 2 * 14 * 64 + 2 * 14, 2, "adam", False),  # [H1352-1401 w1, w2, b2]
+    ("mudd_gate", 2 * 64 * 768 + 2 * 41 * 64 + 2 * 41, 2, "adam", False),  # [H1436-1484]
+    ("small_bf16", 5 * 6 * 12 + 12, 2, "adam", False),  # ve_gate_bank, smear_gate [H1264, H1326]
+    ("small_fp32", 24 + 22 + 22 + 1, 4, "adam", False),  # scalars, post / resid lambdas, gate scale [H1334-1350]
+)
+
+
+def parameter_count() -> int:
+    """640,605,607 on one GPU (the issue's 640.6M; 643,751,335 with the 8-GPU bank padding)."""
+    return sum(n for _, n, _, _, _ in PARAMS)
+
+
+def state_bytes(table_moments: str = "fp32", table_state_on_host: bool = False) -> dict[str, int]:
+    """Device bytes of parameters, gradients (the param's dtype) and optimizer state, stored as the record stores
+    them: Adam fp32 moments (8 B / element), NorMuon an fp32 momentum and a uint16 mantissa (6 B; its second moment is
+    one value per row or column, ~0.1 %). The memory plan's options for the lookup tables (value embeddings + bigram,
+    482.9M elements): "bf16" moments (4 B), or their Adam state in host memory (0 on the device)."""
+    out = {"params": 0, "grads": 0, "optimizer": 0}
+    for _, n, size, opt, table in PARAMS:
+        out["params"] += n * size
+        out["grads"] += n * size
+        if opt == "normuon":
+            out["optimizer"] += n * 6
+        elif table and table_state_on_host:
+            continue
+        else:
+            out["optimizer"] += n * (4 if table and table_moments == "bf16" else 8)
+    out["total"] = sum(out.values())
+    return out
