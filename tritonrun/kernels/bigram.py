@@ -23,12 +23,11 @@ kernels run through the Triton interpreter.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from tritonrun.kernels.target import device_arch
 
 HASH_A, HASH_B = 36313, 27191  # [record #89 train_gpt.py get_bigram_hash: rand_int_1, rand_int_2]
 
@@ -103,16 +102,7 @@ def _bigram_bwd_kernel(
 CONFIGS: dict[str, tuple[int, int, int]] = {"default": (8, 256, 4), "interpreter": (64, 1024, 1)}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def bytes_moved(n: int, D: int, pass_: str, *, dtype: torch.dtype) -> int:

@@ -30,13 +30,13 @@ the decoded values), so every kernel here runs in the CPU tests. The RTX 4070 pr
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from tritonrun.kernels.target import device_arch, interpreting
 
 
 @dataclass(frozen=True)
@@ -118,24 +118,23 @@ def _fp8_code(v, MBITS: tl.constexpr, BIAS: tl.constexpr, MAXV: tl.constexpr, SU
 
 
 @triton.jit
-def _scaled_mm_kernel(
-    A, B, C,  # A (M, K) fp8, B (K, N) fp8, C (M, N) bf16 / fp32
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    scale,  # fp32: C = (A @ B) * scale; with SCALE_PTR a pointer to the fp32 scale (no host sync)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SCALE_PTR: tl.constexpr = False,
-):
-    # FLOPs: 2 M N K on the FP8 tensor cores. Bytes: M K + K N (once per tile column / row) + M N * out size.
-    pid = tl.program_id(0)
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns (int64) of program pid's output tile, in grouped order: GROUP_M row tiles share their B
+    columns in L2."""
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * n_n  # grouped ordering: GROUP_M row tiles share their B columns in L2
+    group = GROUP_M * n_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(n_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M),
+            pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N))
+
+
+@triton.jit
+def _tile_product(A, B, rm, rn, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 sum over K of A[rm, :] @ B[:, rn] (tl.dot, fp32 accumulation; masked at the edges)."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
@@ -147,6 +146,21 @@ def _scaled_mm_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    A, B, C,  # A (M, K) fp8, B (K, N) fp8, C (M, N) bf16 / fp32
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    scale,  # fp32: C = (A @ B) * scale; with SCALE_PTR a pointer to the fp32 scale (no host sync)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_PTR: tl.constexpr = False,
+):
+    # FLOPs: 2 M N K on the FP8 tensor cores. Bytes: M K + K N (once per tile column / row) + M N * out size.
+    rm, rn = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _tile_product(A, B, rm, rn, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K)
     c = acc * (tl.load(scale) if SCALE_PTR else scale)
     if C.dtype.element_ty == tl.bfloat16:
         c = _round_to_bf16(c)
@@ -168,21 +182,12 @@ MM_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 QUANT_CONFIGS: dict[str, tuple[int, int]] = {"default": (1024, 4), "interpreter": (1 << 16, 1)}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def fp8_supported(device: torch.device) -> bool:
     """FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) or newer; the CPU interpreter emulates them."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return True
     return torch.cuda.get_device_capability(device) >= (8, 9)
 

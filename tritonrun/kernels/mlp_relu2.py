@@ -23,15 +23,13 @@ bytes on CPU and GPU); the backward's 2 * bf16(acc) * sqrt(post) in fp32, rounde
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from tritonrun.kernels import fp8
-from tritonrun.kernels.fp8 import _fp8_code, _round_to_bf16
+from tritonrun.kernels.fp8 import _fp8_code, _grouped_tile, _round_to_bf16, _tile_product
+from tritonrun.kernels.target import device_arch
 
 ACT_HEADROOM, W2_HEADROOM, BOOTSTRAP_STEPS = 1.80, 1.12, 16  # [record #89 train_gpt.py H1670-1675, HK/H1424-1434]
 
@@ -46,25 +44,8 @@ def _linear_relu2_kernel(
 ):
     # C, AUX, POST8: (M, N) contiguous. Forward: C = post; backward: C = dpre from AUX = post.
     pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * n_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    rm, rn = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _tile_product(A, B, rm, rn, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K)
     if USE_FP8:
         acc = acc * tl.load(DEQUANT)
     c = _round_to_bf16(acc)  # the record's accumulator.to(bf16)
@@ -93,16 +74,7 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,8 @@ real GPU, torch.compile tracing there) the fakes ask the device, as the launcher
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from dataclasses import dataclass
 
 
@@ -22,6 +24,23 @@ def arch_key(capability: tuple[int, int]) -> str:
     if major == 9:
         return "sm_90"
     return "sm_89"
+
+
+def interpreting() -> bool:
+    """Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1: the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device) -> str:
+    """A kernel file's config-table key for the tensors' device: "interpreter" on CPU or under the interpreter, else
+    "sm_XY" of the GPU (each file maps keys it has no entry for to its "default")."""
+    if device.type != "cuda" or interpreting():
+        return "interpreter"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
 
 
 def capability_of(arch: str) -> tuple[int, int]:
