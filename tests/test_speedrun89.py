@@ -78,3 +78,34 @@ def test_parameter_count_and_the_state_the_memory_plan_starts_from():
     assert full["total"] - state_bytes(table_moments="bf16")["total"] == tables * 4
     assert full["total"] - state_bytes(table_state_on_host=True)["total"] == tables * 8
     assert round(tables * 4 / GIB, 2) == 1.80 and round(tables * 8 / GIB, 2) == 3.60
+
+
+def test_rotary_frequencies_yarn_and_scale():
+    """Frequencies 1 .. 1/1024 on 32 adjacent pairs, 64 dims unrotated; the softmax scale 0.1 x (1 + 0.2 ln(new / old))
+    at each long-window change (384 -> 896 -> 1408 -> 1664 tokens); YaRN leaves a frequency with fewer than 1
+    rotation over the old window scaled by old / new, one with more than 32 untouched. The tables, scale and rotary()
+    were bitwise equal to the record's own Yarn (plain and paired) at every stage outside the repo."""
+    import math
+
+    import torch
+
+    from tritonrun.gpt2.speedrun89 import rotary, rotary_frequencies, rotary_tables, yarn_at, yarn_update
+
+    f = rotary_frequencies(128)
+    assert f[0] == f[1] == 1.0 and f[62] == f[63] == pytest.approx(1 / 1024) and (f[64:] == 0).all()
+    scales = [yarn_at(S, s)[1] for s in (0, 423, 847, 1270)]
+    want = [0.1]
+    for old, new in ((384, 896), (896, 1408), (1408, 1664)):
+        want.append(want[-1] * (1 + 0.2 * math.log(new / old)))
+    assert scales == pytest.approx(want, rel=1e-15)
+    g, factor = yarn_update(torch.tensor([1.0, 2 * math.pi / 384 * 0.5, 0.0]), 384, 896)
+    assert factor == pytest.approx(1 + 0.2 * math.log(896 / 384))
+    assert g[0] == 1.0  # 61 rotations over 384 tokens: untouched
+    assert g[1].item() == pytest.approx(2 * math.pi / 384 * 0.5 * 384 / 896, rel=1e-6)  # half a rotation: scaled
+    cos, sin = rotary_tables(f, 8)
+    x = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
+    x[..., 0] = 1.0
+    y = rotary(x, cos, sin)[0, :, 0]
+    t = torch.arange(8.0)
+    assert torch.equal(y[:, 0], t.cos().bfloat16()) and torch.equal(y[:, 1], (-t.sin()).bfloat16())
+    assert rotary_tables(f, 8, paired=True)[0].shape == (8, 256)

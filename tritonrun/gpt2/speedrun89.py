@@ -30,7 +30,10 @@ The schedule [H1909-2007, TrainingSchedule, TRAINING_STAGES, get_muon_momentum]:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -210,3 +213,63 @@ def state_bytes(table_moments: str = "fp32", table_state_on_host: bool = False) 
             out["optimizer"] += n * (4 if table and table_moments == "bf16" else 8)
     out["total"] = sum(out.values())
     return out
+
+
+# ---------------------------------------------------------------------------------------- rotary + YaRN
+# [H988-1055 Yarn]: half-truncated RoPE on adjacent pairs, softmax scale 0.1, YaRN at each long-window change.
+ROPE_BASE = 1024.0  # frequencies (1/1024)^linspace(0, 1, D/4) [H1006]
+ATTN_SCALE = 0.1  # the softmax scale (not 1/sqrt(D)) [H1035]
+YARN_ALPHA, YARN_BETA = 1, 32  # [H1037 apply(alpha=1, beta=32)]
+
+
+def rotary_frequencies(head_dim: int) -> torch.Tensor:
+    """(D,) fp32 angular frequency of each dimension: D/4 values from 1 down to 1/1024, each for a pair of adjacent
+    dimensions, then D/2 zeros (those dimensions are not rotated) [H1006-1009]."""
+    f = (1 / ROPE_BASE) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+    return torch.cat([f.repeat_interleave(2), f.new_zeros(head_dim // 2)])
+
+
+def yarn_update(freq: torch.Tensor, old_window: int, new_window: int) -> tuple[torch.Tensor, float]:
+    """YaRN when the long window grows from old_window to new_window tokens: each frequency moves toward
+    freq x old / new as its rotations over the old window grow past YARN_ALPHA, fully past YARN_BETA; the softmax
+    scale is multiplied by 1 + 0.2 ln(new / old). Returns (new frequencies, scale factor) [H1037-1055]."""
+    rotations = old_window * freq / (2 * torch.pi)
+    ratio = old_window / new_window
+    w = torch.clamp((rotations - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA), 0, 1)
+    return freq * (ratio + w * (1 - ratio)), 0.2 * math.log(new_window / old_window) + 1
+
+
+def yarn_at(schedule: Schedule89, step: int, head_dim: int = 128) -> tuple[torch.Tensor, float]:
+    """(frequencies, softmax scale) the model attends with at `step`: every long-window change of the stages up to
+    `step`'s, applied in order [H2111-2116 advance_schedule] (0.1 -> 0.1169 -> 0.1275 -> 0.1318 at d12)."""
+    freq, scale = rotary_frequencies(head_dim), ATTN_SCALE
+    long_ = schedule.stages[0].windows[1]
+    for i in range(1, schedule.stage(step)[0] + 1):
+        new = schedule.stages[i].windows[1]
+        if new != long_:
+            freq, factor = yarn_update(freq, long_ * schedule.window_block, new * schedule.window_block)
+            scale *= factor
+            long_ = new
+    return freq, scale
+
+
+def rotary_tables(freq: torch.Tensor, positions: int, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (positions, D) cos and signed sin for rotary(); paired (the paired-head layers: two heads share a position
+    pair): (positions, 2D), the first D at position 2t, the second at 2t + 1 [H1010-1033]."""
+    t = torch.arange(positions, dtype=torch.float32)
+    if paired:
+        a, b = torch.outer(2 * t, freq), torch.outer(2 * t + 1, freq)
+        cos, sin = torch.cat((a.cos(), b.cos()), dim=-1), torch.cat((a.sin(), b.sin()), dim=-1)
+    else:
+        theta = torch.outer(t, freq)
+        cos, sin = theta.cos(), theta.sin()
+    cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    sin[..., 1::2] *= -1
+    return cos, sin
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) rotated on adjacent pairs (2j, 2j+1): cos x + sin' swap(x), tables (>= T, D) [H996-1003]."""
+    T = x.size(-3)
+    swapped = x.view(*x.shape[:-1], x.shape[-1] // 2, 2).flip(-1).view(x.shape)
+    return cos[None, :T, None, :] * x + sin[None, :T, None, :] * swapped
