@@ -109,3 +109,45 @@ def test_rotary_frequencies_yarn_and_scale():
     t = torch.arange(8.0)
     assert torch.equal(y[:, 0], t.cos().bfloat16()) and torch.equal(y[:, 1], (-t.sin()).bfloat16())
     assert rotary_tables(f, 8, paired=True)[0].shape == (8, 256)
+
+
+def test_the_heads_loss_by_hand():
+    """One row by hand (V = 5): the rescaled logits, the MTP terms that exist, the prefix term; the gradient equals
+    autograd of the summed loss (with u rounded to bf16 as a constant cast) wherever every future target exists,
+    and on the last rows carries the kernel's normalizer over all K weights."""
+    import math
+
+    import torch
+
+    from tritonrun.gpt2.speedrun89 import mtp_loss_reference
+
+    g = torch.Generator().manual_seed(0)
+    N, V = 6, 5
+    logits = torch.randn(N, V, generator=g) * 4
+    targets = torch.tensor([1, 4, 0, 2, 2, 3])
+    prefix = torch.tensor([-1, 3, 0, -1, 1, -1])
+    w, p = (1.0, 0.5, 0.25), 0.25
+    losses, dl = mtp_loss_reference(logits, targets, w, prefix, p)
+    u = [[float(torch.tensor(1 / (1 + math.exp(-(x + 5) / 7.5))).bfloat16()) for x in row] for row in logits.tolist()]
+    z = [[23 * v for v in row] for row in u]
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in z]
+    want1 = sum(wk * (lse[1] - z[1][targets[1 + k]]) for k, wk in enumerate(w)) + p * (lse[1] - z[1][3])
+    want5 = 1.0 * (lse[5] - z[5][3])  # the last row: only its own next token; no prefix
+    assert losses[1].item() == pytest.approx(want1, rel=1e-5) and losses[5].item() == pytest.approx(want5, rel=1e-5)
+    # autograd of the same loss through z = 23 sigmoid((l + 5) / 7.5) (u's bf16 rounding as a straight-through cast)
+    l = logits.clone().requires_grad_()
+    s = torch.sigmoid((l + 5) / 7.5)
+    zz = 23 * (s + (s.bfloat16().float() - s).detach())
+    lse_t = torch.logsumexp(zz, 1)
+    total = 0
+    for i in range(N):
+        for k, wk in enumerate(w):
+            if i + k < N:
+                total = total + wk * (lse_t[i] - zz[i, targets[i + k]])
+        if prefix[i] >= 0:
+            total = total + p * (lse_t[i] - zz[i, prefix[i]])
+    total.backward()
+    sb = s.detach().bfloat16().float()
+    autograd = l.grad * (sb * (1 - sb)) / (s.detach() * (1 - s.detach()))  # the record's u (1 - u) uses bf16 u
+    assert torch.allclose(dl[:4], autograd[:4], rtol=1e-4, atol=1e-6)  # fp32 softmax vs autograd's: a few ulps
+    assert not torch.allclose(dl[5], autograd[5], rtol=1e-3)  # S_w counts w_1 + w_2 there; the loss does not

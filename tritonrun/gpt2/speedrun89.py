@@ -273,3 +273,47 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     T = x.size(-3)
     swapped = x.view(*x.shape[:-1], x.shape[-1] // 2, 2).flip(-1).view(x.shape)
     return cos[None, :T, None, :] * x + sin[None, :T, None, :] * swapped
+
+
+# ------------------------------------------------------------------------- the head's loss (the reference)
+# [H1683-1692; the fused kernel HK914-1180 FusedSoftcappedCrossEntropy]: logits z = 23 sigmoid((l + 5) / 7.5), bounded
+# in (0, 23) and asymmetric ("asymmetric logit rescale and softcap"), over all 50,304 columns of the LM head.
+LOGIT_A, LOGIT_B, LOGIT_C = 23.0, 5.0, 7.5
+
+
+def mtp_loss_reference(logits: torch.Tensor, targets: torch.Tensor, mtp_weights, prefix_targets: torch.Tensor,
+                       prefix_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token losses (N,), d(sum of losses)/d logits (N, V)) of record #89's training head, the fused kernel's
+    math in fp32 (the contract our fused head must meet; it adds grad_scale and the e5m2 rounding of the gradient):
+
+        u = bf16(sigmoid((l + 5) / 7.5)),  z = 23 u,  lse = log sum_v exp z_v          (all V columns)
+        loss_i = sum_k w_k (lse_i - z_i[t_{i+k}])   over k with i + k < N (multi-token prediction: the same logits
+                 + p (lse_i - z_i[prefix_i])        predict the next K tokens)  when prefix_i >= 0 (prefix loss)
+        dz_i   = S_w softmax(z_i) - sum of the weights whose target is that column,
+                 S_w = sum of ALL K weights (+ p when prefix_i >= 0): the kernel counts a future target past the
+                 sequence's end in the normalizer though not in the loss (its last K - 1 rows; kept as it is)
+        dl     = dz * (23 / 7.5) u (1 - u)
+    """
+    N, V = logits.shape
+    w = [float(x) for x in mtp_weights]
+    u = torch.sigmoid((logits.float() + LOGIT_B) / LOGIT_C).bfloat16().float()
+    z = LOGIT_A * u
+    lse = torch.logsumexp(z, dim=1)
+    rows = torch.arange(N, device=logits.device)
+    losses = torch.zeros(N, dtype=torch.float32, device=logits.device)
+    hit = torch.zeros(N, V, dtype=torch.float32, device=logits.device)
+    for k, wk in enumerate(w):
+        idx = rows + k
+        ok = idx < N
+        t = torch.where(ok, targets[idx.clamp(max=N - 1)], -1)
+        ok = ok & (t >= 0) & (t < V)
+        tc = t.clamp(min=0)
+        losses += torch.where(ok, wk * (lse - z[rows, tc]), 0.0)
+        hit[rows[ok], tc[ok]] += wk
+    p_ok = (prefix_targets >= 0) & (prefix_targets < V)
+    pc = prefix_targets.clamp(min=0, max=V - 1)
+    losses += torch.where(p_ok, prefix_weight * (lse - z[rows, pc]), 0.0)
+    hit[rows[p_ok], pc[p_ok]] += prefix_weight
+    s_w = sum(w) + torch.where(p_ok, prefix_weight, 0.0)
+    dz = s_w[:, None] * torch.softmax(z, dim=1) - hit
+    return losses, dz * (LOGIT_A / LOGIT_C) * u * (1 - u)
