@@ -135,8 +135,8 @@ def test_the_heads_loss_by_hand():
     want5 = 1.0 * (lse[5] - z[5][3])  # the last row: only its own next token; no prefix
     assert losses[1].item() == pytest.approx(want1, rel=1e-5) and losses[5].item() == pytest.approx(want5, rel=1e-5)
     # autograd of the same loss through z = 23 sigmoid((l + 5) / 7.5) (u's bf16 rounding as a straight-through cast)
-    l = logits.clone().requires_grad_()
-    s = torch.sigmoid((l + 5) / 7.5)
+    raw = logits.clone().requires_grad_()
+    s = torch.sigmoid((raw + 5) / 7.5)
     zz = 23 * (s + (s.bfloat16().float() - s).detach())
     lse_t = torch.logsumexp(zz, 1)
     total = 0
@@ -148,6 +148,6 @@ def test_the_heads_loss_by_hand():
             total = total + p * (lse_t[i] - zz[i, prefix[i]])
     total.backward()
     sb = s.detach().bfloat16().float()
-    autograd = l.grad * (sb * (1 - sb)) / (s.detach() * (1 - s.detach()))  # the record's u (1 - u) uses bf16 u
+    autograd = raw.grad * (sb * (1 - sb)) / (s.detach() * (1 - s.detach()))  # the record's u (1 - u) uses bf16 u
     assert torch.allclose(dl[:4], autograd[:4], rtol=1e-4, atol=1e-6)  # fp32 softmax vs autograd's: a few ulps
     assert not torch.allclose(dl[5], autograd[5], rtol=1e-3)  # S_w counts w_1 + w_2 there; the loss does not
