@@ -79,3 +79,13 @@ def test_not_enough_documents_anywhere_is_one_error(tmp_path):
     ld = DocPackLoader(files, tokens=12, max_doc_len=3, doc_slots=4)
     with pytest.raises(ValueError, match="no shard holds enough documents"):
         ld.next_batch()
+
+
+def test_cuda_staging_holds_a_batch_of_one_token_documents(tmp_path):
+    """The worst case for the bounds: every document one or two tokens (more documents than doc_slots, so the bounds
+    grow to the next power of two): ids + bounds fit the pinned staging buffer a CUDA loader allocates."""
+    files = make(tmp_path, ([E] + [E, 1] * 3 + [E, 2, 2, 2]) * 40)
+    ld = DocPackLoader(files, tokens=14, max_doc_len=4, doc_slots=4)
+    for _ in range(5):
+        x, _, cu = ld.next_batch()
+        assert cu.numel() > 5 and x.numel() + 1 + cu.numel() <= DocPackLoader._staging(14, 4)

@@ -128,3 +128,14 @@ def test_bad_input():
         m.relu2_mlp(x, W1.t(), W2)
     with pytest.raises(ValueError, match="e4m3 operands take a dequant scale"):
         m.linear_relu2(x, W1.t(), torch.ones(1))
+
+
+def test_no_rows():
+    """An empty batch gives an empty output on both paths (the FP8 one has no amax to take: its scales stay)."""
+    x, W1, W2 = inputs()
+    sc = m.Fp8MlpScales("cpu")
+    sc.refresh(W1, W2)
+    before = sc.act_scale.clone()
+    assert m.relu2_mlp(x[:0].bfloat16(), W1, W2, sc).shape == (0, W2.shape[0])
+    assert torch.equal(sc.act_scale, before)
+    assert m.relu2_mlp(x[:0], W1, W2, matmul_dtype=torch.float32).shape == (0, W2.shape[0])

@@ -654,15 +654,16 @@ class TrainingRun:
         final one), at the model's and optimizer's bytes, against the out dir's free space. Refused (UserError)
         when not even one fits; a warning with the numbers and the fix when the whole run's do not."""
         cfg = self.cfg
-        if not self.dist.master:
-            return
-        free = free_bytes(self.out_dir)
-        if free is None:
-            return
-        one = checkpoint_bytes(self.trainer)
         every = cfg.checkpoint_every
-        writes = (len(range(self.start_step + every, cfg.max_steps, every)) if every else 0) + int(cfg.final_checkpoint)
-        if writes == 0:
+        # checkpoints land on the multiples of --checkpoint-every after the start, before the last step
+        writes = (len(range((self.start_step // every + 1) * every, cfg.max_steps, every)) if every else 0) \
+            + int(cfg.final_checkpoint)
+        free = free_bytes(self.out_dir) if self.dist.master and writes else None
+        one = checkpoint_bytes(self.trainer) if free is not None else 0
+        refuse = self.dist.any(free is not None and one > free)  # every rank stops, not only the one that writes
+        if refuse and not self.dist.master:
+            raise TrainingStopped("rank 0 refused to start: the out dir cannot hold one checkpoint (see its line)")
+        if free is None:
             return
         held = writes if cfg.keep_checkpoints <= 0 else min(writes, cfg.keep_checkpoints + 1)  # +1: before pruning
         need = one * held

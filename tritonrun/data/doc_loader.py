@@ -45,23 +45,25 @@ class DocPackLoader(_ShardStream):
         self._starts: dict[int, np.ndarray] = {}
         self.skipped_tokens = self.read_tokens = 0
         super().__init__(files, world_size * (tokens + 1), "world_size x (tokens + 1)",
-                         "use fewer tokens per micro-batch", self._staging(tokens), device, rank, world_size,
-                         vocab_size)
+                         "use fewer tokens per micro-batch", self._staging(tokens, doc_slots), device, rank,
+                         world_size, vocab_size)
 
     @staticmethod
-    def _staging(tokens: int) -> int:
-        """int32 host staging for one batch: tokens + 1 ids and up to tokens + 2 bounds (one-token documents)."""
-        return 2 * tokens + 3
+    def _staging(tokens: int, doc_slots: int) -> int:
+        """int32 host staging for one batch: tokens + 1 ids and the padded bounds: doc_slots + 1, or past that the
+        next power of two above the documents (pad_bounds), of which a batch holds at most tokens + 1."""
+        return tokens + 1 + max(doc_slots, 1 << tokens.bit_length()) + 1
 
     def set_batch(self, tokens: int, max_doc_len: int) -> None:
         """A stage change: tokens per micro-batch and the maximum document length from the next batch on."""
         if tokens < 1 or max_doc_len < 1:
             raise ValueError(f"tokens and max_doc_len must be positive, got {tokens} and {max_doc_len}")
-        if self._pinned and self._staging(tokens) > self._pinned[0].numel():
+        if self._pinned and self._staging(tokens, self.doc_slots) > self._pinned[0].numel():
             for event in self._copied:
                 if event is not None:
                     event.synchronize()
-            self._pinned = [torch.empty(self._staging(tokens), dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            size = self._staging(tokens, self.doc_slots)
+            self._pinned = [torch.empty(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
             self._copied = [None, None]
         self.tokens, self.max_doc_len = tokens, max_doc_len
 

@@ -18,7 +18,8 @@ fp32 accumulate against 58.3 bf16). `torch._scaled_mm` (cuBLASLt) is the torch p
              bits, then (|v| + M) - M with M = 1.5 * 2^(quantum's exponent + 23), which rounds |v| to a multiple
              of the quantum, ties to even) and the code is assembled from the bits: the Triton interpreter's own
              fp32 -> fp8 conversion is wrong (it truncates, wraps past the max and maps NaN to 384; exact values
-             convert right), so this path gives the same bytes on CPU and GPU and the CPU tests prove it.
+             convert right), so this path gives the same bytes on CPU and GPU and the CPU tests prove it (the
+             division is tl.div_rn, correctly rounded on both: a GPU's plain `/` is approximate).
   matmul     C = (A8 @ B8) * scale, fp32 accumulation in tl.dot (e4m3 x e4m3, or e5m2 x e4m3 in the backward:
              Ada's mma.sync m16n8k32 takes both), tiles over (M, N) with grouped ordering, any strides (the
              backward's transposes are free), output bf16 (rounded to nearest even from the bits, as in the
@@ -91,7 +92,7 @@ def _quantize_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0)
-    v = x.to(tl.float32) / scale
+    v = tl.div_rn(x.to(tl.float32), scale)  # IEEE division: a GPU's `/` is approximate (2 ulp), the CPU's exact
     if ROUND_INPUT_DTYPE:
         v = _round_to_bf16(v)
     code = _fp8_code(v, MBITS, BIAS, MAXV, SUB_SCALE)

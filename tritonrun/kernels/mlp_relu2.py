@@ -19,7 +19,9 @@ s_act moves per micro-batch (the record's 8 GPUs: per step per rank): a deviatio
 The fused kernel is our tiled matmul (tritonrun/kernels/fp8.py's grouped tiles) with these epilogues; the record's
 is a persistent TMA kernel for Hopper. Rounding follows the record's kernel: pre to bf16, its square to bf16, the
 FP8 copy from the bf16 post times the fp32 inverse scale, saturating at 448, nearest even (fp8._fp8_code: the same
-bytes on CPU and GPU); the backward's 2 * bf16(acc) * sqrt(post) in fp32, rounded once to bf16.
+bytes on CPU and GPU); the backward's 2 * bf16(acc) * sqrt(post) in fp32, rounded once to bf16. The inverse scale
+and the square root are correctly rounded (tl.div_rn, tl.sqrt_rn) where the record's kernel uses the GPU's fast
+approximations: a deviation of at most an ulp there, for the same bytes on CPU and GPU.
 """
 from __future__ import annotations
 
@@ -56,13 +58,13 @@ def _linear_relu2_kernel(
         post = _round_to_bf16(r * r)  # exact square of a bf16 value, rounded to bf16
         tl.store(C + offs, post.to(tl.bfloat16), mask=mask)
         if EMIT_FP8:
-            inv = 1.0 / tl.load(ACT_SCALE)
+            inv = tl.div_rn(1.0, tl.load(ACT_SCALE))  # correctly rounded on CPU and GPU alike
             code = _fp8_code(tl.minimum(post * inv, 448.0), 3, 7, 448.0, 512.0)  # e4m3
             tl.store(POST8 + offs, code.to(tl.uint8), mask=mask)
             tl.store(PARTIAL + pid, tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
     else:
         post = tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(C + offs, _round_to_bf16(2.0 * c * tl.sqrt(post)).to(tl.bfloat16), mask=mask)
+        tl.store(C + offs, _round_to_bf16(2.0 * c * tl.sqrt_rn(post)).to(tl.bfloat16), mask=mask)  # IEEE sqrt
 
 
 # arch -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bf16 and fp8 operands; NOT tuned on a GPU.
@@ -155,6 +157,9 @@ class _ReluSquaredMLP(torch.autograd.Function):
         if scales is None:
             post, _, _ = linear_relu2(x2, w1.t())
             out = post.to(dt) @ w2.t()
+        elif x2.shape[0] == 0:  # no rows: nothing to quantize or scale (the scales stay as they are)
+            post = x2.new_empty((0, W1.shape[0]), dtype=torch.bfloat16)
+            out = x2.new_empty((0, W2.shape[0]))
         else:
             amax = x2.abs().max().clamp(min=1e-12)  # bf16, as the record's normed.abs().max()
             x8 = fp8.quantize(x2 * (448.0 / amax), 1.0, fp8.E4M3)  # bf16 product, then e4m3

@@ -129,13 +129,13 @@ class NorMuon(_KeepsStateDtypes, torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            mu = torch.tensor(group["momentum"], dtype=torch.float32)
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                mu = torch.tensor(group["momentum"], dtype=torch.float32, device=p.device)
                 state = self._state(p)
                 rows, cols = p.shape[-2:]
-                g = p.grad.float()
+                g = p.grad.to(torch.float32, copy=True)  # the momentum steps below run in place: keep p.grad
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - mu)
                 u = g.lerp_(buf, mu)
