@@ -65,6 +65,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GRACE = 15  # seconds between a step's SIGINT and its SIGKILL (records are written in that window)
+
+
+def _default_sigint() -> None:
+    """In a step's child before exec: SIGINT back to its default. A check started with SIGINT ignored (nohup, a
+    background job of a non-interactive shell) would pass SIG_IGN on, and a step could then neither trap it (bash)
+    nor turn it into KeyboardInterrupt (Python): its deadline would end in SIGKILL with its records unwritten."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 MAX_LOG_BYTES = 3 * 2**19  # per step in check.log (1.5 MiB): head + tail beyond it (a returned file: < 16 MiB)
 OUT_FILES = ("check.log", "check.json", "main-torch.json", "main-triton.json", "train.json", "memory.json",
              "kernels.json")
@@ -190,7 +197,8 @@ class Runner:
         interrupted = False
         with open(path, "wb") as out:
             self.child = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+                                          stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=_default_sigint)
             try:
                 rc = self.child.wait(timeout=slot)
             except subprocess.TimeoutExpired:
