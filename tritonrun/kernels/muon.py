@@ -126,27 +126,34 @@ def muon_momentum_at(step: int, warmup_steps: int = 500, start: float = 0.85, en
 
 # ------------------------------------------------------------------------------------------ Newton-Schulz
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "quintic", eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  dtype: torch.dtype = torch.bfloat16, norm_in_dtype: bool = False) -> torch.Tensor:
     """Orthogonalize G (rows, cols) or a stack of same-shape matrices (batch, rows, cols): ≈ U·Vᵀ of each, in `dtype`.
 
     The norm ‖G‖_F·safety + eps is taken per matrix in fp32 (float64 for dtype=float64) and X is rounded to `dtype`
     once, after the division; the matmuls then run in `dtype` (bf16 by default, fp32 accumulation). Tall matrices
     are iterated transposed (the Gram matrix is the small side's) and transposed back.
+    norm_in_dtype: record #89's order instead (tritonrun/kernels/normuon.py): G rounded to `dtype` first, norm and
+    division in `dtype`, and a tall X iterated as it is, its Gram matrix XᵀX on the right (X ← a·X + X·B).
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz takes a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     triples, safety = ns_coefficients(coefficients, steps)
     tall = G.size(-2) > G.size(-1)
-    X = G.mT if tall else G
-    norm_dtype = torch.promote_types(dtype, torch.float32)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    X = (X / (norm * safety + eps)).to(dtype).contiguous()
+    if norm_in_dtype:
+        X = G.to(dtype)
+        X = (X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)).contiguous()
+    else:
+        X = G.mT if tall else G
+        norm_dtype = torch.promote_types(dtype, torch.float32)
+        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+        X = (X / (norm * safety + eps)).to(dtype).contiguous()
+    right = norm_in_dtype and tall  # the small Gram matrix on the right of an untransposed tall X
     addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
     for a, b, c in triples:
-        A = X @ X.mT
+        A = X.mT @ X if right else X @ X.mT
         B = addmm(A, A, A, beta=b, alpha=c)  # b·A + c·A·A
-        X = addmm(X, B, X, beta=a, alpha=1.0)  # a·X + B·X
-    return X.mT if tall else X
+        X = addmm(X, X, B, beta=a) if right else addmm(X, B, X, beta=a, alpha=1.0)  # a·X + X·B | a·X + B·X
+    return X.mT if tall and not norm_in_dtype else X
 
 
 # ------------------------------------------------------------------------------------------ optimizer

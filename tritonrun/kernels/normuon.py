@@ -30,23 +30,16 @@ from __future__ import annotations
 
 import torch
 
-from tritonrun.kernels.muon import POLAR_EXPRESS
+from tritonrun.kernels.muon import newton_schulz
 
-PE_SAFETY, PE_EPS = 1 + 2e-2, 1e-6  # [train_gpt.py polar_express: X / (X.norm() * (1 + 2e-2) + 1e-6)]
+PE_EPS = 1e-6  # [train_gpt.py polar_express: X / (X.norm() * (1 + 2e-2) + 1e-6); 1.02 is muon.SAFETY's]
 
 
 def polar_express(u: torch.Tensor) -> torch.Tensor:
-    """bf16 orthogonalization of u (..., rows, cols), the record's order of operations (module docstring)."""
-    X = u.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * PE_SAFETY + PE_EPS)
-    X = X.contiguous()
-    tall = X.size(-2) > X.size(-1)
-    addmm = torch.baddbmm if X.ndim > 2 else torch.addmm
-    for a, b, c in POLAR_EXPRESS:
-        A = X.mT @ X if tall else X @ X.mT
-        B = addmm(A, A, A, beta=b, alpha=c)  # b A + c A A
-        X = addmm(X, X, B, beta=a) if tall else addmm(X, B, X, beta=a)  # a X + X B  |  a X + B X
-    return X
+    """bf16 orthogonalization of u (..., rows, cols), the record's order of operations (module docstring):
+    tritonrun/kernels/muon.newton_schulz with Polar Express's 5 triples, normalized in bf16, tall matrices iterated
+    with their Gram matrix on the right."""
+    return newton_schulz(u, 5, "polar_express", eps=PE_EPS, dtype=torch.bfloat16, norm_in_dtype=True)
 
 
 def normuon_normalize(v: torch.Tensor, second: torch.Tensor, beta2: float, red_dim: int) -> torch.Tensor:
