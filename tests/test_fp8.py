@@ -102,6 +102,16 @@ def test_quantize_of_bf16_rounds_the_quotient_to_bf16_first():
     assert not torch.equal(got, emulate((x.float() / s).double(), E4M3))  # the first rounding matters here
 
 
+def test_a_tensor_scale_gives_the_same_bytes_as_a_float():
+    """A scale computed on the device (the MLP's amax scales) is read by the kernel: no host sync, same bytes."""
+    x = torch.randn(300, generator=torch.Generator().manual_seed(4)) * 50
+    s = torch.tensor([0.0371])
+    for fmt in ("e4m3", "e5m2"):
+        assert torch.equal(fp8.quantize(x, s, fmt).view(torch.uint8), fp8.quantize(x, 0.0371, fmt).view(torch.uint8))
+    with pytest.raises(ValueError, match="one fp32 element"):
+        fp8.quantize(x, torch.tensor([1.0, 2.0]))
+
+
 def test_quantize_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         fp8.quantize(torch.ones(3), 0.0)

@@ -78,7 +78,7 @@ def _round_to_bf16(v):
 def _quantize_kernel(
     X,  # (n,) fp32 / bf16 / fp16, contiguous
     Q,  # (n,) uint8: the fp8 codes (the caller's float8 tensor viewed as bytes)
-    scale,  # fp32 scalar: v = x / scale
+    scale,  # fp32 scalar: v = x / scale; with SCALE_PTR a pointer to the fp32 scale (no host sync)
     n,
     MBITS: tl.constexpr,
     BIAS: tl.constexpr,
@@ -86,13 +86,14 @@ def _quantize_kernel(
     SUB_SCALE: tl.constexpr,  # 1 / the smallest subnormal, 2^(BIAS - 1 + MBITS)
     ROUND_INPUT_DTYPE: tl.constexpr,  # x / scale rounded to bf16 first (torch's x.div(s) on a bf16 x)
     BLOCK: tl.constexpr,
+    SCALE_PTR: tl.constexpr = False,
 ):
     # Bytes: n * (size + 1). About 20 integer / fp32 ops per element: memory-bound on any GPU.
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0)
-    v = tl.div_rn(x.to(tl.float32), scale)  # IEEE division: a GPU's `/` is approximate (2 ulp), the CPU's exact
+    v = tl.div_rn(x.to(tl.float32), tl.load(scale) if SCALE_PTR else scale)  # IEEE division: a GPU's `/` is approximate (2 ulp), the CPU's exact
     if ROUND_INPUT_DTYPE:
         v = _round_to_bf16(v)
     code = _fp8_code(v, MBITS, BIAS, MAXV, SUB_SCALE)
@@ -213,21 +214,33 @@ def _format(fmt: str | Fp8Format) -> Fp8Format:
     return FORMATS[fmt]
 
 
-def quantize(x: torch.Tensor, scale: float, fmt: str | Fp8Format = "e4m3") -> torch.Tensor:
+def _scale_arg(scale: float | torch.Tensor, device: torch.device, who: str) -> tuple[object, bool]:
+    """A kernel's scale argument and whether it is a pointer: a finite float > 0 by value, or a one-element fp32
+    tensor on `device` that the kernel reads (a scale computed on the device: no host sync; its value unchecked)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != device:
+            raise ValueError(f"fp8 {who}: a tensor scale must be one fp32 element on the operands' device")
+        return scale, True
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"fp8 {who}: the scale must be a finite number > 0, got {scale}")
+    return float(scale), False
+
+
+def quantize(x: torch.Tensor, scale: float | torch.Tensor, fmt: str | Fp8Format = "e4m3") -> torch.Tensor:
     """fp8(x / scale) of x's shape, in the format's torch dtype: saturating, round to nearest even, NaN kept.
-    For a bf16 x, x / scale is rounded to bf16 first, as torch's x.div(scale) is."""
+    For a bf16 x, x / scale is rounded to bf16 first, as torch's x.div(scale) is. scale: as _scale_arg."""
     f = _format(fmt)
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"fp8 quantize: needs fp32 or bf16, got {x.dtype}")
-    if not (scale > 0 and scale < float("inf")):
-        raise ValueError(f"fp8 quantize: the scale must be a finite number > 0, got {scale}")
+    arg, by_ptr = _scale_arg(scale, x.device, "quantize")
     x1 = x.contiguous().view(-1)
     q = _alloc(x1.shape, f.dtype, x.device)
     if x1.numel():
         block, warps = QUANT_CONFIGS.get(_arch(x.device), QUANT_CONFIGS["default"])
         _quantize_kernel[(triton.cdiv(x1.numel(), block),)](
-            x1, q.view(torch.uint8), float(scale), x1.numel(), MBITS=f.mbits, BIAS=f.bias, MAXV=f.max,
-            SUB_SCALE=1.0 / f.min_subnormal, ROUND_INPUT_DTYPE=x.dtype == torch.bfloat16, BLOCK=block, num_warps=warps)
+            x1, q.view(torch.uint8), arg, x1.numel(), MBITS=f.mbits, BIAS=f.bias, MAXV=f.max,
+            SUB_SCALE=1.0 / f.min_subnormal, ROUND_INPUT_DTYPE=x.dtype == torch.bfloat16, BLOCK=block,
+            SCALE_PTR=by_ptr, num_warps=warps)
     return q.view(x.shape)
 
 
@@ -241,17 +254,15 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor,
         raise ValueError(f"fp8 scaled_mm: needs float8 operands, got {a.dtype} and {b.dtype}")
     M, K = a.shape
     N = b.shape[1]
+    arg, by_ptr = _scale_arg(scale, a.device, "scaled_mm")
     c = _alloc((M, N), out_dtype, a.device)
     if M and N:
         if K == 0:
             return c.zero_()
         bm, bn, bk, gm, warps, stages = MM_CONFIGS.get(_arch(a.device), MM_CONFIGS["default"])
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        by_ptr = isinstance(scale, torch.Tensor)
-        if by_ptr and (scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != a.device):
-            raise ValueError("fp8 scaled_mm: a tensor scale must be one fp32 element on the operands' device")
         _scaled_mm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                c.stride(0), c.stride(1), scale if by_ptr else float(scale), BLOCK_M=bm, BLOCK_N=bn,
+                                c.stride(0), c.stride(1), arg, BLOCK_M=bm, BLOCK_N=bn,
                                 BLOCK_K=bk, GROUP_M=gm, SCALE_PTR=by_ptr, num_warps=warps, num_stages=stages)
     return c
 
