@@ -93,7 +93,8 @@ def _quantize_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0)
-    v = tl.div_rn(x.to(tl.float32), tl.load(scale) if SCALE_PTR else scale)  # IEEE division: a GPU's `/` is approximate (2 ulp), the CPU's exact
+    # IEEE division: a GPU's `/` is approximate (2 ulp), the CPU's exact
+    v = tl.div_rn(x.to(tl.float32), tl.load(scale) if SCALE_PTR else scale)
     if ROUND_INPUT_DTYPE:
         v = _round_to_bf16(v)
     code = _fp8_code(v, MBITS, BIAS, MAXV, SUB_SCALE)
