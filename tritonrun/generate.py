@@ -25,9 +25,11 @@ import codecs
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tritonrun.data.loader import doc_bounds
 from tritonrun.data.tokenizer import EOT
 from tritonrun.gpt2.kv_cache import KVCache
 
@@ -136,9 +138,8 @@ def generate_uncached(model, prompt: list[int], max_new_tokens: int, temperature
     ctx, new = list(prompt), []
     for _ in range(max_new_tokens):
         idx = torch.tensor([ctx], dtype=torch.long, device=device)
-        if windowed:
-            starts = [0] + [t for t in range(1, len(ctx)) if ctx[t] == EOT] + [len(ctx)]
-            cu = torch.tensor(starts, dtype=torch.int32, device=device)
+        if windowed:  # the packed loader's document bounds: a document starts at each end-of-text token
+            cu = torch.from_numpy(doc_bounds(np.asarray(ctx))).to(device)
             y = model.hidden(idx, cu, model.config.final_window)
         else:
             y = model.hidden(idx)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import platform
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -151,8 +153,6 @@ def disk_error(e: BaseException | None) -> OSError | None:
 def reports_write_failures(main):
     """Decorate a CLI's main(argv) -> int: a WriteFailed from anywhere in it (a record, a cache, an export) is
     printed as its one `error:` line, exit code 2, instead of a traceback."""
-    import functools
-    import sys
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):

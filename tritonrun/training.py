@@ -43,7 +43,8 @@ import torch
 
 from tritonrun.data.shards import ShardError
 from tritonrun.errors import InitError, TrainingStopped, WriteFailed  # noqa: F401  (InitError: what build_model raises)
-from tritonrun.gpt2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tensor_bytes
+from tritonrun.gpt2.checkpoint import (checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       tensor_bytes)
 from tritonrun.gpt2.ops import configure_flex, get_ops, load_triton_op, parse_op_list, torch_window_attention
 from tritonrun.kernels import tune
 from tritonrun.presets import mfu_peak_info
@@ -133,9 +134,10 @@ class RunLog:
 
     def _failed(self, e: OSError):
         """A train.log write the disk refused: WriteFailed (one line); other OSErrors as they are."""
-        if disk_error(e) is None:
+        disk = disk_error(e)
+        if disk is None:
             raise e
-        raise write_failed(self.path, disk_error(e), fix="free space there, or pick an --out-dir on another disk")
+        raise write_failed(self.path, disk, fix="free space there, or pick an --out-dir on another disk")
 
     def _write(self, text: str) -> None:
         try:
@@ -638,16 +640,12 @@ class TrainingRun:
                 path = save_checkpoint(self.out_dir, step, state, keep=self.cfg.keep_checkpoints, fix=fix)
             except WriteFailed as e:
                 last = latest_checkpoint(self.out_dir)
-                where = (f"then continue from step {self._step_of(last)} with --resume --out-dir {self.out_dir}"
+                where = (f"then continue from step {checkpoint_step(last)} with --resume --out-dir {self.out_dir}"
                          if last else "no checkpoint of this run was kept")
                 raise WriteFailed(f"{e}; the run stopped after step {step}: {where}") from None
             self.log.line(f"checkpoint {path.name} written (step {step})")
         self.dist.barrier()
         return path
-
-    @staticmethod
-    def _step_of(path: Path) -> int:
-        return int(path.stem.split("_")[1])
 
     def check_free_space(self) -> None:
         """Before training: the checkpoints this run will hold at once (--checkpoint-every, --keep-checkpoints, the

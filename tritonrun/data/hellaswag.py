@@ -50,8 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tritonrun.data.tokenizer import EOT, gpt2_tokenizer  # noqa: E402
-from tritonrun.errors import WriteFailed  # noqa: E402
-from tritonrun.runinfo import atomic_file, make_dir, temp_path_for  # noqa: E402
+from tritonrun.runinfo import atomic_file, make_dir, reports_write_failures, temp_path_for  # noqa: E402
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_PATH = Path("data/hellaswag/hellaswag_val.bin")
@@ -468,6 +467,7 @@ def run_eval(args) -> dict:
     return record
 
 
+@reports_write_failures  # a tokenized file the disk refuses: one line, as every CLI's
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prepare(args.path, args.url, args.jsonl, args.force)
         return 0
-    except (HellaSwagError, WriteFailed) as e:
+    except HellaSwagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

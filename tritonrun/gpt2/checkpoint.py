@@ -40,6 +40,14 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:08d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file's name records (ckpt_<step:08d>.pt)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint file name (ckpt_<step>.pt)")
+    return int(m.group(1))
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints in out_dir, oldest first (temp files are never matched)."""
     out_dir = Path(out_dir)
