@@ -54,7 +54,7 @@ three elementwise ops above:
                  bytes_moved.
   fp8_linear     issue 35's FP8 linear layer (tritonrun/kernels/fp8.py: e4m3 forward, e5m2 output gradient, per-tensor
                  scales) at d12's MLP up / down projections and LM head, 8,192 rows, bf16 x, fp32 weight. Peer:
-                 torch._scaled_mm with torch's fp8 casts; checked against the fp32 product of the same fp8 operands.
+                 torch._scaled_mm with torch's fp8 casts; checked against the fp64 product of the same fp8 operands.
                  TFLOPS at 2MNK forward, 4MNK backward; the run's measured bf16 matmul peak is beside it.
   relu2_mlp      issue 35's fused ReLU^2 MLP step (tritonrun/kernels/mlp_relu2.py) in bf16 at d12, 8,192 rows, against
                  relu(x W1^T)^2 W2^T in torch eager and compiled; TFLOPS at 4MCH forward, 8MCH backward.
@@ -1027,25 +1027,24 @@ class ScaledMmLinear(torch.autograd.Function):
 
 
 class Fp8Emulated(torch.autograd.Function):
-    """The check's reference: the same fp8 operands (torch's casts), decoded and multiplied in fp32."""
+    """The check's reference: tritonrun/kernels/fp8.py's reference_fp8_linear (torch's fp8 casts, fp64 products) as
+    an autograd function."""
 
     @staticmethod
     def forward(ctx, x, w, x_s, w_s, g_s):
-        from tritonrun.kernels.fp8 import E4M3, reference_quantize
+        from tritonrun.kernels.fp8 import reference_fp8_linear
 
-        x8, w8 = reference_quantize(x, x_s, E4M3).float(), reference_quantize(w, w_s, E4M3).float()
-        ctx.save_for_backward(x8, w8)
+        ctx.save_for_backward(x, w)
         ctx.scales = (x_s, w_s, g_s)
-        return ((x8 @ w8.t()) * (x_s * w_s)).bfloat16()
+        return reference_fp8_linear(x, w, x_s, w_s, g_s)
 
     @staticmethod
     def backward(ctx, dy):
-        from tritonrun.kernels.fp8 import E5M2, reference_quantize
+        from tritonrun.kernels.fp8 import reference_fp8_linear
 
-        x8, w8 = ctx.saved_tensors
-        x_s, w_s, g_s = ctx.scales
-        g8 = reference_quantize(dy, g_s, E5M2).float()
-        return ((g8 @ w8) * (g_s * w_s)).bfloat16(), (g8.t() @ x8) * (g_s * x_s), None, None, None
+        x, w = ctx.saved_tensors
+        _, dx, dw = reference_fp8_linear(x, w, *ctx.scales, dy)
+        return dx, dw, None, None, None
 
 
 FP8_SCALES = (2 / 448, 6 / 448, 1 / 448)  # x_s, w_s, grad_s for unit-scale inputs (tests/test_fp8.py's)

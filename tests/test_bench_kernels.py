@@ -326,7 +326,7 @@ def fp8_record(smoke, tmp_path_factory):
 
 def test_fp8_linear_rows(fp8_record):
     """Three products (MLP up, MLP down, LM head), ours and torch._scaled_mm (or its skip reason), every pass,
-    checked against the fp32 product of the same fp8 operands, TFLOPS from 2MNK / 4MNK / 6MNK."""
+    checked against the fp64 product of the same fp8 operands, TFLOPS from 2MNK / 4MNK / 6MNK."""
     rows = rows_of(fp8_record, FP8_OP)
     assert {r["shape"]["what"] for r in rows} == {"mlp_up", "mlp_down", "lm_head"}
     skipped = skipped_of(fp8_record, FP8_OP)
@@ -339,30 +339,29 @@ def test_fp8_linear_rows(fp8_record):
         {(w, p) for w in ("mlp_up", "mlp_down", "lm_head") for p in PASSES}
 
 
-def test_bigram_rows(smoke):
-    """The bigram embedding's rows (the CPU smoke run; a GPU session runs --op bigram): ours and the torch form,
-    eager and compiled (or its skip), checked, GB/s from the kernel file's bytes_moved."""
-    if HAS_CUDA:
-        pytest.skip("the GPU smoke fixture runs gelu only; `bench/kernels.py --op bigram` measures it")
+def _bigram_bytes(r):
     from tritonrun.kernels import bigram as bg
 
-    rows = rows_of(smoke[2], BIGRAM_OP)
-    assert {r["impl"] for r in rows} | set(skipped_of(smoke[2], BIGRAM_OP)) == {"triton", "torch", "torch.compile"}
-    for r in rows:
-        s = r["shape"]
-        assert r["bytes"] == bg.bytes_moved(s["rows"], s["C"], r["pass"], dtype=torch.float16), r
+    s = r["shape"]
+    return r["bytes"] == bg.bytes_moved(s["rows"], s["C"], r["pass"], dtype=torch.float16)
 
 
-def test_relu2_mlp_rows(smoke):
-    """The fused MLP step's rows (CPU smoke; a GPU session runs --op relu2_mlp): ours, torch, torch.compile (or its
-    skip), checked, TFLOPS from 4 / 8 / 12 M C H."""
+def _mlp_flops(r):
+    s = r["shape"]
+    return r["flops"] == {"fwd": 4, "bwd": 8, "fwd+bwd": 12}[r["pass"]] * s["rows"] * s["K"] * s["N"]
+
+
+@pytest.mark.parametrize("op,figure", [(BIGRAM_OP, _bigram_bytes), (MLP_OP, _mlp_flops)], ids=[BIGRAM_OP, MLP_OP])
+def test_issue_35_op_rows(smoke, op, figure):
+    """The bigram embedding's and the fused MLP step's rows (the CPU smoke run; a GPU session runs --op bigram /
+    --op relu2_mlp): ours, torch and torch.compile (or its skip), checked; GB/s from bigram.bytes_moved, TFLOPS of
+    the MLP from 4 / 8 / 12 M C H."""
     if HAS_CUDA:
-        pytest.skip("the GPU smoke fixture runs gelu only; `bench/kernels.py --op relu2_mlp` measures it")
-    rows = rows_of(smoke[2], MLP_OP)
-    assert {r["impl"] for r in rows} | set(skipped_of(smoke[2], MLP_OP)) == {"triton", "torch", "torch.compile"}
+        pytest.skip(f"the GPU smoke fixture runs gelu only; `bench/kernels.py --op {op}` measures it")
+    rows = rows_of(smoke[2], op)
+    assert {r["impl"] for r in rows} | set(skipped_of(smoke[2], op)) == {"triton", "torch", "torch.compile"}
     for r in rows:
-        s = r["shape"]
-        assert r["flops"] == {"fwd": 4, "bwd": 8, "fwd+bwd": 12}[r["pass"]] * s["rows"] * s["K"] * s["N"], r
+        assert figure(r), r
 
 
 @pytest.fixture(scope="module")
