@@ -42,7 +42,7 @@ class DocPackLoader(_ShardStream):
             raise ValueError(f"tokens, max_doc_len and doc_slots must be positive, got {tokens}, {max_doc_len}, "
                              f"{doc_slots}")
         self.tokens, self.max_doc_len, self.doc_slots = tokens, max_doc_len, doc_slots
-        self._starts: dict[int, np.ndarray] = {}
+        self._starts: tuple[int, np.ndarray] | None = None  # (shard, its document starts): the open shard's index
         self.skipped_tokens = self.read_tokens = 0
         super().__init__(files, world_size * (tokens + 1), "world_size x (tokens + 1)",
                          "use fewer tokens per micro-batch", self._staging(tokens, doc_slots), device, rank,
@@ -68,9 +68,9 @@ class DocPackLoader(_ShardStream):
         self.tokens, self.max_doc_len = tokens, max_doc_len
 
     def _doc_starts(self) -> np.ndarray:
-        if self.shard not in self._starts:
-            self._starts = {self.shard: np.flatnonzero(np.asarray(self._tokens) == EOT)}  # one shard's index kept
-        return self._starts[self.shard]
+        if self._starts is None or self._starts[0] != self.shard:
+            self._starts = (self.shard, np.flatnonzero(np.asarray(self._tokens) == EOT))
+        return self._starts[1]
 
     def _runs(self) -> tuple[list[list[tuple[int, int]]], int] | None:
         """Every rank's (start, end) documents of this micro-batch from the current position, and the index of the
