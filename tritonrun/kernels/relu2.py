@@ -27,12 +27,12 @@ torch.compile traces through; on CPU tensors the kernels run through the Triton 
 """
 from __future__ import annotations
 
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from tritonrun.kernels.target import device_arch, interpreting
 
 # ------------------------------------------------------------------------------------------ kernels
 
@@ -85,16 +85,8 @@ CONFIGS: dict[str, tuple[int, int]] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_interpreting = interpreting
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def get_config(device: torch.device) -> tuple[int, int]:

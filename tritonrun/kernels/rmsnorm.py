@@ -63,14 +63,13 @@ tensors they run through the Triton interpreter (TRITON_INTERPRET=1, set before 
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from tritonrun.kernels.target import device_arch, interpreting
 from tritonrun.kernels.target import planned as planned_target
 
 MAX_C = 8192  # one row lives in registers: BLOCK_N = next_power_of_2(C) <= 8192
@@ -265,16 +264,8 @@ CONFIGS: dict[str, list[tuple[int, RMSConfig]]] = {
 DL_BLOCK_P = 256  # partial pairs per step of the lambdas' second pass
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_interpreting = interpreting
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def get_config(C: int, device: torch.device, op: str = "rms_norm") -> tuple[int, RMSConfig]:

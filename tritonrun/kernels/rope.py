@@ -63,13 +63,13 @@ torch.compile traces through them. On CPU tensors they run through the Triton in
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from tritonrun.kernels.target import device_arch, interpreting
 
 MAX_D = 512  # one head vector lives in one program's registers (two (BLOCK_T, D/2) halves)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -238,16 +238,8 @@ CONFIGS: dict[str, list[tuple[int, RopeConfig]]] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+_interpreting = interpreting
+_arch = device_arch  # the config-table key of a device (bench/ada.py patches it per file)
 
 
 def get_config(D: int, device: torch.device) -> tuple[int, RopeConfig, str]:
