@@ -28,6 +28,14 @@ Signatures (the contract a kernel must match; the speedrun ops are issue 26's CO
         fp32. Per head vector: rms_norm over D, then rotary on halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
         y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos; in the input dtype, returned as (B, H, T, D)
         (the kernel writes them contiguous in that order; the torch op returns transposed views).
+  Record #89's (RECORD89_OPS; window_attention there takes scale=, the record's 0.1-based softmax scale):
+  bigram_embed(x, table, signs) -> (..., D)       the bigram hash embedding with the sign trick, x (T,) or (B, T)
+        token ids (tritonrun/kernels/bigram.py)
+  relu2_mlp(x, W1, W2, scales=None) -> y          relu(x W1^T)^2 W2^T, W1 (H, C), W2 (C, H); scales: the FP8 state
+        (tritonrun/kernels/mlp_relu2.Fp8MlpScales, Triton only); bf16 x: pre and post rounded to bf16
+  mtp_head(h, weight, targets, mtp_weights, prefix_targets, prefix_weight) -> (N,) per-token losses of the
+        training head: logits h @ weight (weight (C, V), all V columns), 23 sigmoid((l + 5) / 7.5), multi-token
+        prediction over the next len(mtp_weights) targets and the prefix-token term (speedrun89.mtp_loss_reference)
 
 GPT2_OPS, SPEEDRUN_OPS (the 2024-12-17 windowed model) and SPEEDRUN_DENSE_OPS (2024-11-10) name the ops each model
 calls: the other ops' placement does not matter to a run.
@@ -123,7 +131,7 @@ def configure_flex(device: torch.device, shrink: int = 0) -> dict | None:
 
 
 def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           window: int, mask=None) -> torch.Tensor:
+                           window: int, mask=None, scale: float | None = None) -> torch.Tensor:
     """Document-masked sliding-window attention in plain torch, under `mask` = torch_window_mask(cu_seqlens, window,
     T) (built here when not given; the model passes one per forward): FlexAttention with its BlockMask under
     torch.compile on CUDA, else SDPA with the dense boolean mask (tests, CPU runs, GPU runs of a few thousand
@@ -133,8 +141,8 @@ def torch_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=mask, kernel_options=_flex_options)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, kernel_options=_flex_options)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def torch_layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -195,6 +203,45 @@ def torch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     return rotate(q), rotate(k)
 
 
+BIGRAM_HASH = (36313, 27191)  # record #89's get_bigram_hash multipliers (tritonrun/kernels/bigram.py)
+
+
+def bigram_indices(x: torch.Tensor, rows: int, sign_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Record #89's bigram hash rows h and sign rows s of token ids x (T,) or (B, T), int32 like the record's
+    get_bigram_hash, row by row (tritonrun/kernels/bigram.py's docstring has the formulas and their quirks)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.int32)
+    mod = rows - 1
+    h = x2.clone()
+    h[:, 0] = mod
+    h[:, 1:] = torch.bitwise_xor(BIGRAM_HASH[0] * h[:, 1:], BIGRAM_HASH[1] * h[:, :-1]) % mod  # reads h[:, 0] at t = 1
+    s = torch.zeros_like(x2)
+    s[:, 1:] = (x2[:, :-1] ^ x2[:, 1:]) % sign_rows
+    return h.view(x.shape), s.view(x.shape)
+
+
+def torch_bigram_embed(x: torch.Tensor, table: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """table[h] * signs[s] (bigram_indices): the bigram hash embedding with the sign trick, (..., D)."""
+    h, s = bigram_indices(x, table.shape[0], signs.shape[0])
+    return table[h.long()] * signs[s.long()].to(table.dtype)
+
+
+def torch_relu2_mlp(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, scales=None) -> torch.Tensor:
+    """relu(x W1^T)^2 W2^T in x's dtype (bf16: pre and post rounded to bf16, as the record's kernel); W1 (H, C),
+    W2 (C, H). `scales` (the FP8 state) is the Triton op's: the torch op has no FP8 path."""
+    if scales is not None:
+        raise ValueError("the torch relu2_mlp has no FP8 path: run --fp8 off or the triton backend")
+    return F.linear(F.relu(F.linear(x, W1)).square(), W2)
+
+
+def torch_mtp_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                   prefix_targets: torch.Tensor, prefix_weight: torch.Tensor) -> torch.Tensor:
+    """Record #89's training head in torch: per-token losses of the sigmoid-rescaled logits h @ weight with
+    multi-token prediction and the prefix-token term (tritonrun/gpt2/speedrun89.mtp_loss_reference), weight (C, V)."""
+    from tritonrun.gpt2.speedrun89 import mtp_head_torch
+
+    return mtp_head_torch(h, weight, targets, mtp_weights, prefix_targets, prefix_weight)
+
+
 class TorchAdamW(torch.optim.AdamW):
     """torch.optim.AdamW that keeps the implementation it was built with (fused / foreach) across load_state_dict.
 
@@ -234,6 +281,9 @@ TORCH_OPS: dict[str, Callable] = {
     "mix_rms_norm": torch_mix_rms_norm,
     "relu2": torch_relu2,
     "qk_norm_rope": torch_qk_norm_rope,
+    "bigram_embed": torch_bigram_embed,
+    "relu2_mlp": torch_relu2_mlp,
+    "mtp_head": torch_mtp_head,
 }
 
 # Where each op's Triton kernel lives: (module, attribute). A missing module means "not landed yet".
@@ -250,6 +300,9 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
     "mix_rms_norm": ("tritonrun.kernels.rmsnorm", "mix_rms_norm"),
     "relu2": ("tritonrun.kernels.relu2", "relu2"),
     "qk_norm_rope": ("tritonrun.kernels.rope", "qk_norm_rope"),
+    "bigram_embed": ("tritonrun.kernels.bigram", "bigram_embed"),
+    "relu2_mlp": ("tritonrun.kernels.mlp_relu2", "mlp_op"),
+    "mtp_head": ("tritonrun.kernels.mtp_head", "mtp_head_loss"),
 }
 
 # The ops each model calls (tritonrun/gpt2/model.py, tritonrun/gpt2/speedrun.py). The speedrun recipe's Adam groups may
@@ -257,6 +310,7 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
 GPT2_OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "linear_cross_entropy", "optimizer")
 SPEEDRUN_OPS = ("window_attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
                 "linear_cross_entropy", "optimizer")
+RECORD89_OPS = ("window_attention", "bigram_embed", "relu2_mlp", "mtp_head")
 SPEEDRUN_DENSE_OPS = ("attention", "rms_norm", "add_rms_norm", "mix_rms_norm", "relu2", "qk_norm_rope",
                       "linear_cross_entropy", "optimizer")
 
@@ -278,6 +332,9 @@ class Ops:
     mix_rms_norm: Callable
     relu2: Callable
     qk_norm_rope: Callable
+    bigram_embed: Callable
+    relu2_mlp: Callable
+    mtp_head: Callable
     placement: dict[str, str] = field(default_factory=dict)  # op -> "triton" | "torch" | "torch (why)"
 
     def describe(self, names: Iterable[str] | None = None) -> str:

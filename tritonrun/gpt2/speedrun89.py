@@ -281,6 +281,41 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 LOGIT_A, LOGIT_B, LOGIT_C = 23.0, 5.0, 7.5
 
 
+def mtp_target_matrix(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) int64: row i's multi-token-prediction targets targets[i], ..., targets[i + k - 1], -1 past the end."""
+    n = targets.shape[0]
+    idx = torch.arange(n, device=targets.device)[:, None] + torch.arange(k, device=targets.device)[None, :]
+    return torch.where(idx < n, targets[idx.clamp(max=n - 1)], -1)
+
+
+def mtp_rows(logits: torch.Tensor, target_matrix: torch.Tensor, mtp_weights: torch.Tensor,
+             prefix_targets: torch.Tensor, prefix_weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """mtp_loss_reference on a block of rows, their targets given as mtp_target_matrix's rows (so blocks of a long
+    sequence can be taken one at a time): (losses, d(sum of losses)/d logits), fp32."""
+    N, V = logits.shape
+    w = torch.as_tensor(mtp_weights, dtype=torch.float32, device=logits.device)
+    p = torch.as_tensor(prefix_weight, dtype=torch.float32, device=logits.device)
+    u = torch.sigmoid((logits.float() + LOGIT_B) / LOGIT_C).bfloat16().float()
+    z = LOGIT_A * u
+    lse = torch.logsumexp(z, dim=1)
+    rows = torch.arange(N, device=logits.device)
+    losses = torch.zeros(N, dtype=torch.float32, device=logits.device)
+    hit = torch.zeros(N, V, dtype=torch.float32, device=logits.device)
+    for k in range(target_matrix.shape[1]):
+        t = target_matrix[:, k]
+        ok = (t >= 0) & (t < V)
+        tc = t.clamp(min=0, max=V - 1)
+        losses += torch.where(ok, w[k] * (lse - z[rows, tc]), 0.0)
+        hit[rows[ok], tc[ok]] += w[k]
+    p_ok = (prefix_targets >= 0) & (prefix_targets < V)
+    pc = prefix_targets.clamp(min=0, max=V - 1)
+    losses += torch.where(p_ok, p * (lse - z[rows, pc]), 0.0)
+    hit[rows[p_ok], pc[p_ok]] += p
+    s_w = w.sum() + torch.where(p_ok, p, 0.0)
+    dz = s_w[:, None] * torch.softmax(z, dim=1) - hit
+    return losses, dz * (LOGIT_A / LOGIT_C) * u * (1 - u)
+
+
 def mtp_loss_reference(logits: torch.Tensor, targets: torch.Tensor, mtp_weights, prefix_targets: torch.Tensor,
                        prefix_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token losses (N,), d(sum of losses)/d logits (N, V)) of record #89's training head, the fused kernel's
@@ -294,26 +329,43 @@ def mtp_loss_reference(logits: torch.Tensor, targets: torch.Tensor, mtp_weights,
                  sequence's end in the normalizer though not in the loss (its last K - 1 rows; kept as it is)
         dl     = dz * (23 / 7.5) u (1 - u)
     """
-    N, V = logits.shape
-    w = [float(x) for x in mtp_weights]
-    u = torch.sigmoid((logits.float() + LOGIT_B) / LOGIT_C).bfloat16().float()
-    z = LOGIT_A * u
-    lse = torch.logsumexp(z, dim=1)
-    rows = torch.arange(N, device=logits.device)
-    losses = torch.zeros(N, dtype=torch.float32, device=logits.device)
-    hit = torch.zeros(N, V, dtype=torch.float32, device=logits.device)
-    for k, wk in enumerate(w):
-        idx = rows + k
-        ok = idx < N
-        t = torch.where(ok, targets[idx.clamp(max=N - 1)], -1)
-        ok = ok & (t >= 0) & (t < V)
-        tc = t.clamp(min=0)
-        losses += torch.where(ok, wk * (lse - z[rows, tc]), 0.0)
-        hit[rows[ok], tc[ok]] += wk
-    p_ok = (prefix_targets >= 0) & (prefix_targets < V)
-    pc = prefix_targets.clamp(min=0, max=V - 1)
-    losses += torch.where(p_ok, prefix_weight * (lse - z[rows, pc]), 0.0)
-    hit[rows[p_ok], pc[p_ok]] += prefix_weight
-    s_w = sum(w) + torch.where(p_ok, prefix_weight, 0.0)
-    dz = s_w[:, None] * torch.softmax(z, dim=1) - hit
-    return losses, dz * (LOGIT_A / LOGIT_C) * u * (1 - u)
+    w = torch.tensor([float(x) for x in mtp_weights], dtype=torch.float32)
+    return mtp_rows(logits, mtp_target_matrix(targets, len(w)), w, prefix_targets, prefix_weight)
+
+
+HEAD_CHUNK_ROWS = 1024  # mtp_head_torch's rows per block: 1,024 x 50,304 fp32 logits = 206 MB per temporary
+
+
+class _MtpHeadTorch(torch.autograd.Function):
+    """The training head in torch, block by block of rows (the logits recomputed in the backward, never all held):
+    forward losses from mtp_rows; backward dl = g_i * mtp_rows' gradient (the record's kernel gradient, its
+    normalizer included), dh = dl W^T, dW = h^T dl, the matmuls in h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, mtp_weights, prefix_targets, prefix_weight):
+        tm = mtp_target_matrix(targets, mtp_weights.numel())
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for a in range(0, h.shape[0], HEAD_CHUNK_ROWS):
+            b = a + HEAD_CHUNK_ROWS
+            losses[a:b] = mtp_rows(h[a:b] @ weight, tm[a:b], mtp_weights, prefix_targets[a:b], prefix_weight)[0]
+        ctx.save_for_backward(h, weight, tm, mtp_weights, prefix_targets, torch.as_tensor(prefix_weight))
+        return losses
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, tm, w, prefix, p = ctx.saved_tensors
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for a in range(0, h.shape[0], HEAD_CHUNK_ROWS):
+            b = a + HEAD_CHUNK_ROWS
+            dl = (mtp_rows(h[a:b] @ weight, tm[a:b], w, prefix[a:b], p)[1] * g[a:b, None].float()).to(h.dtype)
+            dh[a:b] = dl @ weight.t()
+            dw += (h[a:b].t() @ dl).float()
+        return dh, dw.to(weight.dtype), None, None, None, None
+
+
+def mtp_head_torch(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                   prefix_targets: torch.Tensor, prefix_weight) -> torch.Tensor:
+    """Per-token losses (N,) of the training head for h (N, C), weight (C, V) (the ops seam's torch mtp_head)."""
+    w = torch.as_tensor(mtp_weights, dtype=torch.float32, device=h.device)
+    return _MtpHeadTorch.apply(h, weight, targets, w, prefix_targets, prefix_weight)

@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonrun.gpt2.ops import BIGRAM_HASH, bigram_indices, torch_bigram_embed
 from tritonrun.kernels.target import device_arch
 
-HASH_A, HASH_B = 36313, 27191  # [record #89 train_gpt.py get_bigram_hash: rand_int_1, rand_int_2]
+HASH_A, HASH_B = BIGRAM_HASH  # [record #89 train_gpt.py get_bigram_hash: rand_int_1, rand_int_2]
 
 
 @triton.jit
@@ -200,18 +201,6 @@ def bigram_embed(x: torch.Tensor, table: torch.Tensor, signs: torch.Tensor) -> t
 # ------------------------------------------------------------------------- plain-PyTorch reference
 
 
-def reference_bigram_indices(x: torch.Tensor, rows: int, sign_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, s) per the module docstring, in torch int32 like the record's get_bigram_hash, row by row."""
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.int32)
-    mod = rows - 1
-    h = x2.clone()
-    h[:, 0] = mod
-    h[:, 1:] = torch.bitwise_xor(HASH_A * h[:, 1:], HASH_B * h[:, :-1]) % mod  # reads h[:, 0] = mod at t = 1
-    s = torch.zeros_like(x2)
-    s[:, 1:] = (x2[:, :-1] ^ x2[:, 1:]) % sign_rows
-    return h.view(x.shape), s.view(x.shape)
-
-
-def reference_bigram_embed(x: torch.Tensor, table: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    h, s = reference_bigram_indices(x, table.shape[0], signs.shape[0])
-    return table[h.long()] * signs[s.long()].to(table.dtype)
+# The torch op of the seam is the reference: tritonrun/gpt2/ops.py (imports no triton).
+reference_bigram_indices = bigram_indices
+reference_bigram_embed = torch_bigram_embed

@@ -41,7 +41,7 @@ def _linear_relu2_kernel(
     A, B, C, AUX, POST8, PARTIAL, DEQUANT, ACT_SCALE,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    FORWARD: tl.constexpr, USE_FP8: tl.constexpr, EMIT_FP8: tl.constexpr,
+    FORWARD: tl.constexpr, USE_FP8: tl.constexpr, EMIT_FP8: tl.constexpr, ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # C, AUX, POST8: (M, N) contiguous. Forward: C = post; backward: C = dpre from AUX = post.
@@ -50,13 +50,14 @@ def _linear_relu2_kernel(
     acc = _tile_product(A, B, rm, rn, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K)
     if USE_FP8:
         acc = acc * tl.load(DEQUANT)
-    c = _round_to_bf16(acc)  # the record's accumulator.to(bf16)
+    # ROUND: the record's bf16 roundings; else (fp32 operands, exact=True: CPU model tests) none, fp32 out
+    c = _round_to_bf16(acc) if ROUND else acc  # the record's accumulator.to(bf16)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None] * N + rn[None, :]
     if FORWARD:
         r = tl.where(c > 0.0, c, 0.0)
-        post = _round_to_bf16(r * r)  # exact square of a bf16 value, rounded to bf16
-        tl.store(C + offs, post.to(tl.bfloat16), mask=mask)
+        post = _round_to_bf16(r * r) if ROUND else r * r  # exact square of a bf16 value, rounded to bf16
+        tl.store(C + offs, post.to(C.dtype.element_ty), mask=mask)
         if EMIT_FP8:
             inv = tl.div_rn(1.0, tl.load(ACT_SCALE))  # correctly rounded on CPU and GPU alike
             code = _fp8_code(tl.minimum(post * inv, 448.0), 3, 7, 448.0, 512.0)  # e4m3
@@ -64,7 +65,8 @@ def _linear_relu2_kernel(
             tl.store(PARTIAL + pid, tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
     else:
         post = tl.load(AUX + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(C + offs, _round_to_bf16(2.0 * c * tl.sqrt_rn(post)).to(tl.bfloat16), mask=mask)  # IEEE sqrt
+        d = 2.0 * c * tl.sqrt_rn(post)  # IEEE sqrt
+        tl.store(C + offs, (_round_to_bf16(d) if ROUND else d).to(C.dtype.element_ty), mask=mask)
 
 
 # arch -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bf16 and fp8 operands; NOT tuned on a GPU.
@@ -72,7 +74,7 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "sm_89": (128, 128, 64, 8, 8, 3),
     "sm_90": (128, 128, 64, 8, 8, 4),
     "default": (128, 128, 64, 8, 8, 3),
-    "interpreter": (64, 64, 32, 8, 1, 1),
+    "interpreter": (64, 128, 128, 8, 1, 1),  # large tiles: fewer interpreted programs and dots
 }
 
 
@@ -84,12 +86,14 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(a, b, forward: bool, dequant=None, act_scale=None, aux=None):
+def _launch(a, b, forward: bool, dequant=None, act_scale=None, aux=None, exact: bool = False):
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk, gm, warps, stages = CONFIGS.get(_arch(a.device), CONFIGS["default"])
     grid = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    out = _alloc((M, N), torch.bfloat16, a.device)
+    if exact and (a.dtype != torch.float32 or act_scale is not None):
+        raise ValueError("linear_relu2: exact=True (no bf16 rounding, fp32 out) takes fp32 operands and no FP8")
+    out = _alloc((M, N), torch.float32 if exact else torch.bfloat16, a.device)
     emit = act_scale is not None
     post8 = torch.empty((M, N), dtype=fp8.E4M3.dtype, device=a.device) if emit else out
     partial = _alloc((grid,), torch.float32, a.device) if emit else out
@@ -98,25 +102,27 @@ def _launch(a, b, forward: bool, dequant=None, act_scale=None, aux=None):
             a, b, out, aux if aux is not None else out, post8.view(torch.uint8) if emit else out, partial,
             dequant if dequant is not None else out, act_scale if emit else out, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), FORWARD=forward, USE_FP8=dequant is not None,
-            EMIT_FP8=emit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+            EMIT_FP8=emit, ROUND=not exact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps,
+            num_stages=stages)
     return out, (post8 if emit else None), (partial if emit else None)
 
 
 def linear_relu2(a: torch.Tensor, b: torch.Tensor, dequant: torch.Tensor | None = None,
-                 act_scale: torch.Tensor | None = None):
+                 act_scale: torch.Tensor | None = None, exact: bool = False):
     """post = relu(bf16(a @ b [* dequant]))^2 in bf16 for a (M, K), b (K, N): bf16, or fp8 with `dequant` (one fp32
     element). With act_scale (one fp32 element) also the e4m3 post / act_scale and one partial amax of post per
-    program. Returns (post, post8 or None, partial amax or None)."""
+    program. Returns (post, post8 or None, partial amax or None). exact (fp32 a, b): no rounding, fp32 post."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"linear_relu2: needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
     if (dequant is not None) != (a.dtype == fp8.E4M3.dtype):
         raise ValueError("linear_relu2: e4m3 operands take a dequant scale, bf16 (fp32 / fp16 in tests) ones none")
-    return _launch(a, b, True, dequant, act_scale)
+    return _launch(a, b, True, dequant, act_scale, exact=exact)
 
 
-def relu2_grad_matmul(g: torch.Tensor, w: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    """dpre = 2 bf16(g @ w) sqrt(post) in bf16, for bf16 g (M, K), w (K, N), the forward's post (M, N)."""
-    return _launch(g, w, False, aux=post.contiguous())[0]
+def relu2_grad_matmul(g: torch.Tensor, w: torch.Tensor, post: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """dpre = 2 bf16(g @ w) sqrt(post) in bf16, for bf16 g (M, K), w (K, N), the forward's post (M, N); exact (fp32
+    g, w): 2 (g @ w) sqrt(post) in fp32, no rounding."""
+    return _launch(g, w, False, aux=post.contiguous(), exact=exact)[0]
 
 
 # ---------------------------------------------------------------------------------------- the MLP
@@ -151,11 +157,11 @@ class Fp8MlpScales:
 
 class _ReluSquaredMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W1, W2, scales, dt):
+    def forward(ctx, x, W1, W2, scales, dt, exact):
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         w1, w2 = W1.to(dt), W2.to(dt)
         if scales is None:
-            post, _, _ = linear_relu2(x2, w1.t())
+            post, _, _ = linear_relu2(x2, w1.t(), exact=exact)
             out = post.to(dt) @ w2.t()
         elif x2.shape[0] == 0:  # no rows: nothing to quantize or scale (the scales stay as they are)
             post = x2.new_empty((0, W1.shape[0]), dtype=torch.bfloat16)
@@ -168,32 +174,43 @@ class _ReluSquaredMLP(torch.autograd.Function):
             out = fp8.scaled_mm(post8, scales.w2_8.t(), (scales.act_scale * scales.w2_used).float(), torch.bfloat16)
             scales.act_scale = (partial.max().clamp(min=1e-12) * (ACT_HEADROOM / 448.0)).reshape(1)
         ctx.save_for_backward(x2, w1, w2, post)
-        ctx.dtypes = (x.dtype, W1.dtype, W2.dtype)
-        return out.to(torch.bfloat16).view(*x.shape[:-1], W2.shape[0])
+        ctx.dtypes, ctx.exact = (x.dtype, W1.dtype, W2.dtype), exact
+        return out.to(torch.float32 if exact else torch.bfloat16).view(*x.shape[:-1], W2.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
         x2, w1, w2, post = ctx.saved_tensors
         g = dout.reshape(-1, w2.shape[0]).to(w2.dtype)
         dW2 = g.t() @ post.to(g.dtype)
-        dpre = relu2_grad_matmul(g, w2, post).to(g.dtype)
+        dpre = relu2_grad_matmul(g, w2, post, exact=ctx.exact).to(g.dtype)
         dW1 = dpre.t() @ x2
         dx = dpre @ w1
         xd, w1d, w2d = ctx.dtypes
-        return dx.to(xd).view(*dout.shape[:-1], w1.shape[1]), dW1.to(w1d), dW2.to(w2d), None, None
+        return dx.to(xd).view(*dout.shape[:-1], w1.shape[1]), dW1.to(w1d), dW2.to(w2d), None, None, None
 
 
 def relu2_mlp(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, scales: Fp8MlpScales | None = None,
-              matmul_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              matmul_dtype: torch.dtype = torch.bfloat16, exact: bool = False) -> torch.Tensor:
     """relu(x W1^T)^2 W2^T (module docstring): bf16, or with `scales` the record's FP8 forward (call
     scales.refresh(W1, W2) after each optimizer step). x (..., C), W1 (H, C), W2 (C, H); out bf16 (..., C).
-    matmul_dtype: the bf16 matmuls' operand dtype (fp32 for CPU tests: the interpreter's bf16 tl.dot is wrong)."""
+    matmul_dtype: the bf16 matmuls' operand dtype (fp32 for CPU tests: the interpreter's bf16 tl.dot is wrong).
+    exact (with matmul_dtype fp32, no FP8): the same math without the bf16 roundings, fp32 out (an fp32 model)."""
     if W1.dim() != 2 or W2.dim() != 2 or W1.shape[1] != x.shape[-1] or W2.shape[1] != W1.shape[0]:
         raise ValueError(f"relu2_mlp: x (..., C), W1 (H, C), W2 (C, H) needed, got {tuple(x.shape)}, "
                          f"{tuple(W1.shape)}, {tuple(W2.shape)}")
     if scales is not None and scales.w1_8 is None:
         raise ValueError("relu2_mlp: FP8 scales have no quantized weights yet: call scales.refresh(W1, W2) first")
-    return _ReluSquaredMLP.apply(x, W1, W2, scales, matmul_dtype)
+    if exact and (matmul_dtype != torch.float32 or scales is not None):
+        raise ValueError("relu2_mlp: exact=True runs fp32 matmuls without FP8 (matmul_dtype=torch.float32, no scales)")
+    return _ReluSquaredMLP.apply(x, W1, W2, scales, matmul_dtype, exact)
+
+
+def mlp_op(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, scales: Fp8MlpScales | None = None) -> torch.Tensor:
+    """The ops seam's relu2_mlp (tritonrun/gpt2/ops.py): x's dtype decides. bf16 (training): the record's step, out
+    bf16; fp32 (CPU tests, the interpreter): the same kernels in fp32 without the bf16 roundings, out fp32."""
+    if x.dtype == torch.float32:
+        return relu2_mlp(x, W1, W2, scales, matmul_dtype=torch.float32, exact=scales is None)
+    return relu2_mlp(x, W1, W2, scales)
 
 
 def reference_relu2_mlp(x, W1, W2):
