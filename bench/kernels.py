@@ -61,6 +61,11 @@ three elementwise ops above:
   bigram         issue 35's bigram hash embedding (tritonrun/kernels/bigram.py: hash, lookup and sign in one pass) at
                  one packed sequence of 8,192 tokens, the 377,280 x 768 table, 8,192 sign rows, low dtype. Peers: the
                  torch form (int32 hash, two gathers, a product) eager and torch.compile'd. GB/s from bytes_moved.
+  mtp_head       record #89's fused LM head loss (tritonrun/kernels/mtp_head.py: K = 3 multi-token prediction + prefix
+                 loss over 23 sigmoid((l + 5) / 7.5) logits, the record's (C, V) head) at 16,384 and 49,152 rows
+                 (--quick: 16,384), C = 768, V = 50,304, bf16. Peers: mtp_head_reference (materialized logits) eager and
+                 torch.compile'd, checked against it in fp32 over 2,048-row chunks; TFLOPS at 2NVC forward, 4NVC
+                 backward, and peak extra memory, as cross_entropy.
   qk_norm_rope   QK-norm + RoPE (tritonrun/kernels/rope.py) at the d12 speedrun's attention input: B = 8, T = 1024,
                  H = 6, D = 128, bf16 q and k as the record's separate c_q / c_k outputs, (B, T, H, D), their
                  gradients as attention returns them ((B, H, T, D) views of (B, T, H, D) memory), fp32
@@ -1147,6 +1152,55 @@ def case_bigram(ctx: Ctx) -> None:
                 nbytes, max_sets=2)
 
 
+# ---- mtp_head (record #89's LM head loss, tritonrun/kernels/mtp_head.py) ----------------------------------------
+MTP_WEIGHTS, MTP_PREFIX_WEIGHT = (1.0, 0.5, 0.25), 0.25  # record #89's first stage at its start (speedrun89.STAGES)
+
+
+def case_mtp_head(ctx: Ctx) -> None:
+    """Record #89's LM head loss (tritonrun/kernels/mtp_head.py: K = 3 multi-token prediction and the prefix loss over
+    23 sigmoid((l + 5) / 7.5) logits, stage 1's weights) at the record's rows per GPU: 16,384 (stage 1; --quick) and
+    49,152 (stage 3), C = 768, V = 50,304, bf16 h and W (C, V) (smoke: 64 rows, C 64, V 256). Peers: mtp_head_reference
+    (materialized logits) eager and torch.compile'd; every implementation is checked against it in fp32 over row
+    chunks of 2,048 (recomputed in the backward: it fits a 12 GB card). Model FLOPs 2NVC forward, 4NVC backward
+    (mtp_flops(executed=False)); peak extra memory."""
+    from tritonrun.kernels import mtp_head as mh
+
+    dev, dt = ctx.device, ctx.dtype("low")
+    C, V = (64, 256) if ctx.smoke else (ctx.C, 50_304)
+    rows = [64] if ctx.smoke else ([16 * 1024] if ctx.quick else [16 * 1024, 48 * 1024])
+    measure_matmul_peak(ctx)
+    for N in rows:
+        g = torch.Generator(device=dev).manual_seed(8)
+        targets = torch.randint(0, V, (N,), device=dev, generator=g)
+        prefix = torch.randint(0, V, (N,), device=dev, generator=g)
+        prefix = torch.where(torch.rand(N, device=dev, generator=g) < 0.5, prefix, -1)  # half the rows: no prefix
+        mtp = torch.tensor(MTP_WEIGHTS, device=dev)  # device tensors, as training passes them
+        p = torch.tensor(MTP_PREFIX_WEIGHT, device=dev)
+
+        def make_set(seed, N=N):
+            g = torch.Generator(device=dev).manual_seed(seed)
+            h = torch.randn(N, C, device=dev, generator=g).to(dt).requires_grad_()
+            w = (0.02 * torch.randn(C, V, device=dev, generator=g)).to(dt).requires_grad_()
+            return [h, w], [torch.ones(N, device=dev)]  # loss.sum(): the training loop's constant g
+
+        def ours(h, w, targets=targets, prefix=prefix, mtp=mtp, p=p):
+            return mh.mtp_head_loss(h, w, targets, mtp, prefix, p)
+
+        def eager(h, w, targets=targets, prefix=prefix):
+            return mh.mtp_head_reference(h, w, targets, MTP_WEIGHTS, prefix, MTP_PREFIX_WEIGHT)
+
+        def reference(h, w, targets=targets, prefix=prefix, N=N):
+            return mh.mtp_head_reference(h, w, targets, MTP_WEIGHTS, prefix, MTP_PREFIX_WEIGHT,
+                                         compute_dtype=torch.float32, chunk_rows=min(2048, N))
+
+        flops = {q: mh.mtp_flops(N, V, C, part=q.replace("+", "_"), executed=False) for q in PASSES}
+        # One input set: h + W already exceed any L2, and the eager peer's retained graph holds ~8 fp32 N x V tensors
+        bench_impls(ctx, "mtp_head", {"rows": N, "C": C, "V": V, "K": len(MTP_WEIGHTS)}, {"h": dt, "weight": dt},
+                    make_set, peer_impls(ctx, ours, eager), None, flops=flops, reference=reference, memory=True,
+                    max_sets=1)
+# ---- end of mtp_head -------------------------------------------------------------------------------------------
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "layernorm": case_layernorm,
     "add_layernorm": case_add_layernorm,
@@ -1165,6 +1219,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "fp8_linear": case_fp8_linear,  # issue 35: tritonrun/kernels/fp8.py (record #89's FP8 matmuls)
     "bigram": case_bigram,  # issue 35: tritonrun/kernels/bigram.py (record #89's bigram hash embedding)
     "relu2_mlp": case_relu2_mlp,  # issue 35: tritonrun/kernels/mlp_relu2.py (record #89's fused ReLU^2 MLP step)
+    "mtp_head": case_mtp_head,  # tritonrun/kernels/mtp_head.py (record #89's fused LM head loss)
 }
 
 
@@ -1400,6 +1455,8 @@ def make_record(run: Run, done: list[str]) -> dict:
                           "cross_entropy": "tritonrun/kernels/cross_entropy.py "
                                            "lce_flops(N, vocab_size, C, executed=False): "
                                            "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
+                          "mtp_head": "tritonrun/kernels/mtp_head.py mtp_flops(N, V, C, executed=False): "
+                                      "fwd 2NVC, bwd 4NVC (model FLOPs of the materialized op)",
                           "muon": "tritonrun/kernels/muon.py newton_schulz_flops(rows, cols, 5) "
                                   "summed over the matrices: "
                                   "Newton-Schulz matmuls only, 5·(4m²n + 2m³) each",
