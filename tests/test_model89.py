@@ -154,3 +154,16 @@ def test_config_refusals(change, match):
     base = dict(vocab_size=300, head_dim=16, n_embd=96, bigram_rows=97)
     with pytest.raises(ValueError, match=match):
         Record89Config(**{**base, **change})
+
+
+def test_d12_memory_plan_on_a_12_gb_card():
+    """tritonrun.memory.record89_estimate (FakeTensorMode, no GPU) with the record's storage on the rtx4070 preset:
+    parameters bf16 (640.6M x 2 B), NorMuon + Adam state, and a packed micro-batch of 4,096 tokens fit the 11 GiB
+    budget; 8,192 do not (activations grow ~0.39 GiB per 1,024 tokens in eager mode)."""
+    from tritonrun.memory import GIB, record89_estimate
+
+    small = record89_estimate("rtx4070", 4096)
+    assert small["fits"] and small["peak_reserved_estimate_bytes"] <= 11 * GIB
+    assert abs(small["split_gib"]["parameters"] - 640_605_607 * 2 / GIB) < 0.02  # + the sign table and buffers
+    big = record89_estimate("rtx4070", 8192)
+    assert not big["fits"] and big["split_gib"]["activations"] > 1.8 * small["split_gib"]["activations"]

@@ -115,3 +115,24 @@ def test_resume_is_bitwise():
 def test_refuses_what_is_not_a_matrix():
     with pytest.raises(ValueError, match="bf16/fp32 matrices or stacks"):
         NorMuon([torch.zeros(5, requires_grad=True)])
+
+
+def test_adam_chunks_give_the_same_bits(monkeypatch):
+    """Tensors above ADAM_CHUNK elements are updated chunk by chunk (bounded temporaries): the same bits as one
+    update of the whole tensor (the update is elementwise)."""
+    import tritonrun.kernels.normuon as nm
+
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(37, 29, generator=g)
+    grads = [torch.randn(37, 29, generator=g) for _ in range(3)]
+    out = []
+    for chunk in (1 << 24, 100):
+        monkeypatch.setattr(nm, "ADAM_CHUNK", chunk)
+        p = p0.clone().requires_grad_()
+        opt = nm.CautiousAdam([p], lr=0.1, weight_decay=0.5, wd_mul=1.0)
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+        out.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -571,3 +571,66 @@ def derived_micro_batch(preset: str, recipe: str, model: str, backend: str, torc
     found = fit_preset(preset, recipe, model, seq_len or RUN_DEFAULTS["seq_len"], RUN_DEFAULTS["total_batch_tokens"],
                        backend, torch_ops, memory_gib=memory_gib)
     return found and found["micro_batch"]
+
+
+# ------------------------------------------------------------------------------------------ record #89
+def record89_estimate(preset: str, seq_len: int, model: str = "d12", backend: str = "triton",
+                      memory_gib: float | None = None) -> dict:
+    """Peak memory of record #89's training steps (tritonrun/gpt2/model89.py + recipes/record89_optim.py) at one
+    packed micro-batch of `seq_len` tokens, under FakeTensorMode as estimate() does: parameters, gradients and
+    optimizer state stored as the record stores them (bf16 parameters, fp32 Adam moments, NorMuon fp32 momentum and
+    uint16 mantissa), the extension stage's windows (the largest training ones). Three steps run: an odd one creates
+    every optimizer state, then the measured even step (NorMuon only; Adam's gradients stay, as the record keeps them
+    for the next step) and odd step (both optimizers). Each step runs one micro-batch: further ones add into the same
+    gradients. The recipe module (issue 35) wires this into bench/memory.py; until then it is called directly."""
+    from tritonrun.gpt2 import speedrun89 as s89
+    from tritonrun.gpt2.model89 import RECORD89_MODELS, Record89GPT, step_inputs
+    from tritonrun.gpt2.ops import get_ops
+    from tritonrun.recipes.record89_optim import Record89Optimizer
+
+    t0 = time.perf_counter()
+    target = GPUS[preset]
+    memory = PRESETS[preset].memory_gib if memory_gib is None else memory_gib
+    budget = int(memory * GIB) - BUDGET_MARGIN
+    ops = packed_ops(get_ops(backend, "cuda"))
+    schedule = s89.Schedule89()
+    config = RECORD89_MODELS[model]
+    ledger = Ledger(granularity=CUDA_BLOCK)
+    with planning_for(target), TrackingFakeMode(ledger):
+        net = Record89GPT(config, ops)
+        ledger.mark("parameters", list(net.parameters()) + list(net.buffers()))
+        optimizer = Record89Optimizer(net, untie_step=schedule.untie_step)
+        inputs = step_inputs(schedule, schedule.total_steps - 1, seq_len, config.head_dim, "cpu")
+        cu = torch.tensor([0, seq_len], dtype=torch.int32)
+
+        def step(s: int) -> None:
+            ids = torch.randint(0, config.vocab_size, (seq_len,))
+            targets = torch.randint(0, config.vocab_size, (seq_len,))
+            ledger.phase = "batch"
+            ledger.mark("activations", [ids, targets, cu])
+            ledger.phase = "forward"
+            loss = net(ids, targets, cu, inputs).sum() / 8
+            ledger.mark_live("activations", ("forward",))
+            ledger.phase = "backward"
+            loss.backward()
+            del loss
+            ledger.phase = "optimizer"
+            ledger.mark("grads", [p.grad for p in net.parameters() if p.grad is not None])
+            optimizer.set_step(s, 1.0, schedule.momentum_max)
+            optimizer.step()
+            ledger.mark("optimizer_state", optimizer_tensors(optimizer.adam) + optimizer_tensors(optimizer.normuon))
+            optimizer.zero_grad()
+
+        step(1)
+        ledger.reset_peak()
+        step(2)
+        step(3)
+    peak = ledger.peak_bytes
+    reserved = math.ceil(peak * (1 + FRAGMENTATION))
+    split = ledger.split()
+    return {"recipe": "record89", "preset": preset, "model": model, "backend": backend, "seq_len": seq_len,
+            "peak_bytes": peak, "peak_gib": round(peak / GIB, 3), "peak_reserved_estimate_bytes": reserved,
+            "peak_reserved_estimate_gib": round(reserved / GIB, 3), "budget_bytes": budget,
+            "fits": reserved <= budget, "split_gib": {k: round(v / GIB, 3) for k, v in split.items()},
+            "peak_phase": ledger.peak_phase, "peak_op": ledger.peak_op, "ops": ops.placement,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 from tritonrun.kernels import fp8
@@ -97,7 +98,7 @@ def _launch(a, b, forward: bool, dequant=None, act_scale=None, aux=None, exact: 
     emit = act_scale is not None
     post8 = torch.empty((M, N), dtype=fp8.E4M3.dtype, device=a.device) if emit else out
     partial = _alloc((grid,), torch.float32, a.device) if emit else out
-    if M and N:
+    if M and N and not is_fake(a):  # under FakeTensorMode (a memory estimate): the buffers, no launch
         _linear_relu2_kernel[(grid,)](
             a, b, out, aux if aux is not None else out, post8.view(torch.uint8) if emit else out, partial,
             dequant if dequant is not None else out, act_scale if emit else out, M, N, K,

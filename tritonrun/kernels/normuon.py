@@ -177,9 +177,24 @@ class CautiousAdam(_KeepsStateDtypes, torch.optim.Optimizer):
                 step_size = torch.tensor(lr * ((1 - b2 ** t) ** 0.5 / (1 - b1 ** t)))
                 eff_wd = torch.tensor(lr * lr * group["weight_decay"] * group["wd_mul"])
                 m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = m.div(v.sqrt().add_(group["eps"])).mul_(step_size)
-                update.addcmul_(p, (update * p) > 0, value=eff_wd)
-                p.add_(other=update, alpha=-1.0)
+                if p.numel() <= ADAM_CHUNK or not (p.is_contiguous() and g.is_contiguous()):
+                    _adam_update_(p, g, m, v, b1, b2, group["eps"], step_size, eff_wd)
+                    continue
+                flat = [t.view(-1) for t in (p, g, m, v)]
+                for a in range(0, p.numel(), ADAM_CHUNK):  # elementwise: the same bits, 1/n of the temporaries
+                    _adam_update_(*(t[a:a + ADAM_CHUNK] for t in flat), b1, b2, group["eps"], step_size, eff_wd)
         return loss
+
+
+# Adam's temporaries (the update, sqrt(v), the caution mask: ~3 fp32 copies of the tensor) for a 290M-element table
+# would be 3.2 GiB at once: tensors larger than this many elements are updated chunk by chunk (64 MiB of fp32).
+ADAM_CHUNK = 1 << 24
+
+
+def _adam_update_(p, g, m, v, b1, b2, eps, step_size, eff_wd) -> None:
+    """One cautious Adam update of p in place (the record's order of operations; CautiousAdam.step)."""
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    update = m.div(v.sqrt().add_(eps)).mul_(step_size)
+    update.addcmul_(p, (update * p) > 0, value=eff_wd)
+    p.add_(other=update, alpha=-1.0)
