@@ -1,6 +1,8 @@
 """Small pieces several test files share."""
 import importlib.util
 import os
+import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +24,39 @@ def load_script(relpath: str, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def shared_across_workers(request, name: str, compute):
+    """`compute(directory)` run once per pytest session, its (picklable) result shared by every xdist worker.
+
+    Under pytest-xdist a module- or session-scoped fixture is built once per worker that runs one of its tests;
+    for the expensive ones (a cold compile of every kernel, a bench smoke run) that doubles the cost on two cores.
+    Here the first worker to ask computes while holding a lock in the directory all workers of the session share
+    (the parent of their base temp dirs); the others wait on the lock, then load the pickled result. `directory`
+    is a fresh folder that lives as long as the session's temp dir, so files the result names (a record, a plot)
+    are there for every worker: treat them as read-only. If `compute` raises (or skips), nothing is stored and the
+    next worker that asks computes again: each reports the error itself. Without xdist (-n 0) it simply computes.
+    `request` is the calling fixture's; `name` must be unique per computation in the session."""
+    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker (what xdist's worker_id fixture checks)
+        return compute(tmp_path_factory.mktemp(name))
+    from filelock import FileLock  # torch's own dependency (and huggingface-hub's): always installed with them
+
+    root = tmp_path_factory.getbasetemp().parent  # <session basetemp>, parent of each worker's popen-gwN
+    result = root / f"shared-{name}.pickle"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if result.exists():
+            return pickle.loads(result.read_bytes())
+        directory = root / f"shared-{name}"
+        shutil.rmtree(directory, ignore_errors=True)  # what an earlier worker's failed attempt left
+        directory.mkdir()
+        value = compute(directory)
+        partial = result.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(value))
+        partial.replace(result)
+        return value
+
+
 INTERPRETER_PROBLEM = interpreter_problem()
 # Tests that run the Triton backend on CPU in a subprocess (--gpu cpu), also on CUDA machines. Without CUDA
 # conftest already stops the whole session with the fix when the interpreter cannot run.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import load_script
+from tests.helpers import load_script, shared_across_workers
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "ada.py"
@@ -61,14 +61,20 @@ def _what(r: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> list[dict]:
+def records(request) -> list[dict]:
     for arch in CHECKED_ARCHS:
         path, _ = ada.ptxas_info(ada.ARCHS[arch].cc)
         if path is None:
             pytest.skip(f"no ptxas for {arch}: triton.backends.nvidia.compiler.get_ptxas("
                         f"{ada.ARCHS[arch].cc}) finds no binary (triton/backends/nvidia/bin/ptxas*), so registers "
                         "and spills cannot be counted")
-    out = tmp_path_factory.mktemp("ada") / "ada.json"
+    return shared_across_workers(request, "ada", compile_every_kernel)
+
+
+def compile_every_kernel(directory: Path) -> list[dict]:
+    """The records of one `bench/ada.py --arch sm_89,sm_80,sm_90 --json` run: the expensive part of `records`,
+    done once per session however many xdist workers run this module's tests."""
+    out = directory / "ada.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", ",".join(CHECKED_ARCHS), "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -248,7 +254,8 @@ def test_fit_problems_name_each_reason():
             "spill_stores": 0, "spill_loads": 0, "registers": 100, "dot_inputs": ["bf16"],
             "mma": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
     assert ada.fit_problems(good) == []
-    assert ada.fit_problems({**good, "arch": "sm_90", "mma": "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"}) == []
+    hopper = {**good, "arch": "sm_90", "mma": "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"}
+    assert ada.fit_problems(hopper) == []
     assert "shared memory" in ada.fit_problems({**good, "shared_bytes": 101_377})[0]
     assert "spills" in ada.fit_problems({**good, "spill_bytes": 8, "spill_stores": 4, "spill_loads": 4})[0]
     assert "tensor-core" in ada.fit_problems({**good, "mma": "none"})[0]
@@ -276,7 +283,8 @@ def test_dense_attention_is_checked_at_every_head_dim_the_recipes_use(records, a
 def test_launches_without_register_headroom_are_flagged():
     """A row at 250+ registers per thread is marked in the generated page, with what it means."""
     row = {"arch": "sm_89", "kernel": "attention._attn_fwd", "config": "BLOCK_M=128", "fits": True,
-           "shared_bytes": 1024, "registers": 254, "spill_bytes": 0, "mma": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+           "shared_bytes": 1024, "registers": 254, "spill_bytes": 0,
+           "mma": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
            "occupancy": 0.25, "warps_per_sm": 12, "blocks_per_sm": 3, "limiter": "registers", "num_warps": 4,
            "used_by": ["rtx4070/d12: x"],
            "triton": "3", "ptxas": "12", "commit": "0" * 40}

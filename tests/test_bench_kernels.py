@@ -1,11 +1,13 @@
 """bench/kernels.py: refuses without a GPU (one line, exit 2); the --allow-cpu smoke run exercises every
 case, peer, record field and the plot, says it is not a timing, and never writes into bench/results.
 
-The smoke run happens once per module (a fixture) and every test reads its record: on CPU it covers all
-cases, the elementwise ops and adamw / attention / cross_entropy / muon, in one subprocess."""
+The smoke run happens once per session (a fixture, shared by the xdist workers through
+tests.helpers.shared_across_workers) and every test reads its record: on CPU it covers all cases, the elementwise
+ops and adamw / attention / cross_entropy / muon, in one subprocess."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import load_script
+from tests.helpers import load_script, shared_across_workers
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "kernels.py"
@@ -47,21 +49,24 @@ def run_and_load(out_dir: Path, *extra):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(request):
     """(proc, record path, record, results in bench/results before the run) of one smoke run with --plot."""
-    before = sorted(p.name for p in (REPO / "bench" / "results").glob("*"))
-    extra = ["--plot"] + (["--op", "gelu"] if HAS_CUDA else [])  # a real (quick) GPU run: keep it to one op
-    return (*run_and_load(tmp_path_factory.mktemp("smoke"), *extra), before)
+    def run(out_dir):
+        before = sorted(p.name for p in (REPO / "bench" / "results").glob("*"))
+        extra = ["--plot"] + (["--op", "gelu"] if HAS_CUDA else [])  # a real (quick) GPU run: keep it to one op
+        return (*run_and_load(out_dir, *extra), before)
+
+    return shared_across_workers(request, "smoke", run)
 
 
 @pytest.fixture(scope="module")
-def new_ops_record(smoke, tmp_path_factory):
+def new_ops_record(smoke, request):
     """The record holding adamw / attention / cross_entropy / muon rows: the smoke run's on CPU; on a GPU a quick
     real run of those three ops."""
     if not HAS_CUDA:
         return smoke[2]
     args = [a for op in NEW_OPS for a in ("--op", op)]
-    return run_and_load(tmp_path_factory.mktemp("new_ops"), *args)[2]
+    return shared_across_workers(request, "new_ops", lambda out_dir: run_and_load(out_dir, *args)[2])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU refusal; this machine has a CUDA GPU")
@@ -73,7 +78,7 @@ def test_refuses_without_gpu_in_one_line():
     assert len(lines) == 1 and lines[0].startswith("error:") and "--allow-cpu" in lines[0], proc.stderr
 
 
-def test_smoke_run_writes_a_marked_record_and_plot(smoke):
+def test_smoke_run_writes_a_marked_record_and_plot(smoke, tmp_path):
     proc, path, rec, before = smoke
     assert path.with_suffix(".png").exists()
     assert rec["smoke"] is (not HAS_CUDA)
@@ -96,10 +101,12 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke):
     if not HAS_CUDA:
         assert proc.stdout.count("NOT A TIMING") >= 2 and "kernels-smoke-" in path.name
         assert sorted(p.name for p in (REPO / "bench" / "results").glob("*")) == before
-        # plotting existing records needs no GPU and runs nothing
-        png = path.with_suffix(".png")
-        png.unlink()
-        proc = bench("--plot", str(path))
+        # plotting existing records needs no GPU and runs nothing (a copy: the smoke run's files are shared)
+        copy = tmp_path / path.name
+        shutil.copy(path, copy)
+        png = copy.with_suffix(".png")
+        assert not png.exists()
+        proc = bench("--plot", str(copy))
         assert proc.returncode == 0 and png.exists(), proc.stderr
 
 
@@ -319,9 +326,11 @@ def test_an_interrupted_run_keeps_the_ops_it_finished(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def fp8_record(smoke, tmp_path_factory):
+def fp8_record(smoke, request):
     """The fp8_linear rows: the smoke run's on CPU; on a GPU a quick real run of that op."""
-    return run_and_load(tmp_path_factory.mktemp("fp8"), "--op", FP8_OP)[2] if HAS_CUDA else smoke[2]
+    if not HAS_CUDA:
+        return smoke[2]
+    return shared_across_workers(request, "fp8", lambda out_dir: run_and_load(out_dir, "--op", FP8_OP)[2])
 
 
 def test_fp8_linear_rows(fp8_record):
@@ -365,9 +374,10 @@ def test_issue_35_op_rows(smoke, op, figure):
 
 
 @pytest.fixture(scope="module")
-def window_record(tmp_path_factory):
+def window_record(request):
     """A run of the window_attention case alone: the smoke run's shapes on CPU, the --quick ones on a GPU."""
-    return run_and_load(tmp_path_factory.mktemp("window"), "--op", WINDOW_OP)[2]
+    return shared_across_workers(request, "window",
+                                 lambda out_dir: run_and_load(out_dir, "--op", WINDOW_OP)[2])
 
 
 def test_window_attention_rows(window_record):
