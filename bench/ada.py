@@ -629,11 +629,36 @@ def drive_mlp_relu2(rec: Recorder, case: Case) -> None:
                 mr.linear_relu2(torch.empty(rows, C, dtype=e4), torch.empty(H, C, dtype=e4).t(), one, one)
 
 
+def drive_mtp_head(rec: Recorder, case: Case) -> None:
+    """Record #89's fused LM head loss (issue 35, tritonrun/kernels/mtp_head.py) at d12: 4,096 rows (a packed
+    micro-batch of the 12 GB plan), the transposed 768 x 50,304 bf16 head, K = 3, 2, 1 multi-token-prediction targets
+    (a constexpr: one kernel set per stage) with the prefix term; forward, dh and dW."""
+    import torch
+
+    from tritonrun.kernels import cross_entropy as ce
+    from tritonrun.kernels import mtp_head as mh
+    from tritonrun.kernels.target import arch_key, capability_of
+
+    if case.model != "d12":
+        return
+    table = arch_key(capability_of(case.arch))
+    with rec.intercept(mh), mock.patch.object(mh, "_check", lambda *a: None), \
+            mock.patch.object(mh, "_arch", lambda device: table), \
+            mock.patch.object(ce, "_sm_count", lambda device: case.sms):
+        for k in (3, 2, 1):
+            with rec.variant(case, f"MTP head K={k} + prefix, 4,096 rows, 768 x 50,304 bf16", table):
+                h = torch.empty(4_096, 768, dtype=torch.bfloat16).requires_grad_()
+                w = torch.empty(768, 50_304, dtype=torch.bfloat16).requires_grad_()
+                t = torch.zeros(4_096, dtype=torch.long)
+                losses = mh.mtp_head_loss(h, w, t, torch.ones(k), t, torch.tensor(0.25))
+                torch.autograd.grad(losses, (h, w), torch.empty_like(losses))
+
+
 DRIVERS = {"attention": drive_attention, "layernorm": drive_layernorm, "gelu": drive_gelu,
            "cross_entropy": drive_cross_entropy, "adamw": drive_adamw}
 DRIVERS.update(rmsnorm=drive_rmsnorm, relu2=drive_relu2, rope=drive_rope)  # issue 26's speedrun ops
 DRIVERS.update(window_attention=drive_window_attention)  # issue 27
-DRIVERS.update(fp8=drive_fp8, bigram=drive_bigram, mlp_relu2=drive_mlp_relu2)  # issue 35
+DRIVERS.update(fp8=drive_fp8, bigram=drive_bigram, mlp_relu2=drive_mlp_relu2, mtp_head=drive_mtp_head)  # issue 35
 
 
 # ----------------------------------------------------------------------------------- compile + ptxas
@@ -887,7 +912,7 @@ def markdown(records: list[dict], arch: str = "sm_89", source: str | None = None
 
 
 # Kernels only the speedrun model launches (issues 26-27): named in the document's opening line.
-SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8", "bigram", "mlp_relu2")
+SPEEDRUN_KERNELS = ("rmsnorm", "relu2", "rope", "window_attention", "fp8", "bigram", "mlp_relu2", "mtp_head")
 
 
 def document(records: list[dict], archs: list[str], source: str, out: str) -> str:

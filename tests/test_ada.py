@@ -43,6 +43,8 @@ EXPECTED_KERNELS = {
     "bigram._bigram_fwd_kernel", "bigram._bigram_bwd_kernel",
     # issue 35: record #89's fused ReLU^2 MLP step (bf16 everywhere; its FP8 variant on sm_89 / sm_90)
     "mlp_relu2._linear_relu2_kernel",
+    # issue 35: record #89's fused LM head loss (multi-token prediction + prefix term)
+    "mtp_head._mtp_fwd_kernel", "mtp_head._mtp_bwd_dh_kernel", "mtp_head._mtp_bwd_dw_kernel",
 }
 # issue 35's FP8 matmuls: launched only where FP8 tensor cores exist (sm_89, sm_90), by the d12 speedrun model
 FP8_KERNELS = {"fp8._quantize_kernel", "fp8._scaled_mm_kernel"}
@@ -50,6 +52,7 @@ FP8_ARCHS = ("sm_89", "sm_90")
 WINDOW_KERNELS = {"window_attention._wattn_fwd", "window_attention._wattn_bwd_dkdv", "window_attention._wattn_bwd_dq"}
 BF16_DOT_KERNELS = {
     "mlp_relu2._linear_relu2_kernel",
+    "mtp_head._mtp_fwd_kernel", "mtp_head._mtp_bwd_dh_kernel", "mtp_head._mtp_bwd_dw_kernel",
     "attention._attn_fwd", "attention._attn_bwd_dkdv", "attention._attn_bwd_dq",
     "cross_entropy._lce_fwd_kernel", "cross_entropy._lce_bwd_dh_kernel", "cross_entropy._lce_bwd_dw_kernel",
     *WINDOW_KERNELS,

@@ -29,6 +29,7 @@ WINDOW_OP = "window_attention"  # issue 27: tritonrun/kernels/window_attention.p
 FP8_OP = "fp8_linear"  # issue 35: tritonrun/kernels/fp8.py
 BIGRAM_OP = "bigram"  # issue 35: tritonrun/kernels/bigram.py
 MLP_OP = "relu2_mlp"  # issue 35: tritonrun/kernels/mlp_relu2.py
+HEAD_OP = "mtp_head"  # issue 35: tritonrun/kernels/mtp_head.py
 SDPA = ("sdpa.flash", "sdpa.cudnn", "sdpa.efficient")
 OPTIONAL_CE_PEERS = {"liger": ("liger_kernel", "pip install liger-kernel"),
                      "cut-cross-entropy": ("cut_cross_entropy", "pip install cut-cross-entropy")}
@@ -84,7 +85,7 @@ def test_smoke_run_writes_a_marked_record_and_plot(smoke, tmp_path):
     assert rec["smoke"] is (not HAS_CUDA)
     assert {"commit", "torch", "triton", "device"} <= set(rec["env"])
     assert rec["autotune"] == {}  # nothing is tuned in the interpreter (CPU) or for gelu (the GPU's case here)
-    every = {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP, BIGRAM_OP, MLP_OP}
+    every = {*ELEMENTWISE, *NEW_OPS, WINDOW_OP, FP8_OP, BIGRAM_OP, MLP_OP, HEAD_OP}
     assert set(rec["args"]["op"]) == ({"gelu"} if HAS_CUDA else every)
     assert rec["complete"] is True and rec["ops_done"] == rec["args"]["op"]
     ops = {"gelu"} if HAS_CUDA else set(ELEMENTWISE)
