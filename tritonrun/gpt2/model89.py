@@ -313,7 +313,7 @@ class Record89GPT(nn.Module):
         p_attn, p_mlp = self.post_lambdas[:, 0].bfloat16(), self.post_lambdas[:, 1].bfloat16()
         qk = self.qk_bank.view(L - 1, -1, C)
         vo = self.vo_bank.view(L - 1, 2 * C, C)
-        attn_w = torch.cat([qk, vo], dim=1)  # (L - 1, 6C... ) rows: Q, K, V, O
+        attn_w = torch.cat([qk, vo], dim=1)  # (L - 1, 4C, C): rows Q, K (head-pair blocks), V, O [H1523-1525]
 
         x = F.embedding(ids, self.embed)
         bigram = ops.bigram_embed(ids, self.bigram_embed, self.bigram_sign_table)  # (T, C)
