@@ -391,12 +391,12 @@ FIGURES = [
     Figure("Tests", "3", "config", "CU of tests/test_speedrun_window_model.py: 3 documents",
            value=lambda: len(json.loads(re.search(r"^CU = (\[[\d, ]+\])", (REPO / "tests/test_speedrun_window_model.py")
                                             .read_text(), re.M).group(1))) - 1),
-    Figure("Tests", "1,348", "measured", "the suite's size, measured 2026-12-07 (no record: labelled)",
-           label="measured 2026-12-07 on the 2-core development machine, `.ci/run` in a fresh clone at commit e0a6e49"),
-    Figure("Tests", "19m00s", "measured", "the suite's wall time, measured 2026-12-07 (no record: labelled)",
-           label="measured 2026-12-07 on the 2-core development machine, `.ci/run` in a fresh clone at commit e0a6e49"),
-    Figure("Tests", "19", "derived", "19m00s in minutes, rounded", value=lambda: 19 + 0 / 60,
-           label="about 19 minutes (measured"),
+    Figure("Tests", "1,387", "measured", "the suite's size, measured 2026-12-07 (no record: labelled)",
+           label="measured 2026-12-07 on the 2-core development machine, `.ci/run` in a fresh clone at commit 9537763"),
+    Figure("Tests", "16m14s", "measured", "the suite's wall time, measured 2026-12-07 (no record: labelled)",
+           label="measured 2026-12-07 on the 2-core development machine, `.ci/run` in a fresh clone at commit 9537763"),
+    Figure("Tests", "16", "derived", "16m14s in minutes, rounded", value=lambda: 16 + 14 / 60,
+           label="about 16 minutes (measured"),
     # ---- Status
     Figure("Status", "17x", "derived", "16,777,216 / 969,600", value=lambda: window_flops("dense") /
            window_flops("fwd"), label="derived, not measured: 16,777,216 / 969,600"),
