@@ -96,8 +96,8 @@ def test_bf16_operands_on_a_gpu_by_the_low_precision_rule():
 def test_fp8_mlp_and_its_delayed_scales():
     """The FP8 forward (x at its own amax, W1 at s_up, post8 at the delayed s_act, W2 at s_w2) against the fp64 MLP:
     the first call runs at s_act = 1.0 (the record's start) and sets s_act = max(post) x 1.80 / 448 exactly; both
-    calls within the FP8 bound. W2's scale: amax / 448 for the first 16 refreshes, then the previous
-    refresh's amax x 1.12 / 448."""
+    calls within the FP8 bound. W2's scale: amax / 448 at the start and after each of the first 16 optimizer
+    steps (17 refreshes, the record's bootstrap_down=(step < 16)), then the previous refresh's amax x 1.12 / 448."""
     x, W1, W2 = inputs(seed=6)
     sc = m.Fp8MlpScales("cpu")
     sc.refresh(W1, W2)
@@ -113,10 +113,10 @@ def test_fp8_mlp_and_its_delayed_scales():
     # four e4m3 roundings (x, W1, post, W2), each <= 2^-4 relative, ~2^-4 / sqrt(3) rms: ~7 % in quadrature
     # (measured ~6 % at both scales: post's values sit in e4m3's normal range either way)
     assert max(err) < 0.10, err
-    for _ in range(15):
-        sc.refresh(W1, W2 * 1.5)  # refreshes 2..16: still bootstrapping
+    for _ in range(16):
+        sc.refresh(W1, W2 * 1.5)  # refreshes 2..17 (after optimizer steps 0..15): still bootstrapping
     assert sc.w2_used.item() == pytest.approx(1.5 * W2.abs().max().item() / 448, rel=1e-6)
-    sc.refresh(W1, W2 * 2.0)  # 17th: the 16th's amax x 1.12 / 448, not this one's
+    sc.refresh(W1, W2 * 2.0)  # 18th (after step 16): the 17th's amax x 1.12 / 448, not this one's
     assert sc.w2_used.item() == pytest.approx(1.5 * W2.abs().max().item() * 1.12 / 448, rel=1e-6)
 
 

@@ -143,12 +143,14 @@ class Fp8MlpScales:
     @torch.no_grad()
     def refresh(self, W1: torch.Tensor, W2: torch.Tensor) -> None:
         """Quantize the weights for the next forwards: W1 at its current amax; W2 at the scale computed at the previous
-        refresh (saturating), then the next one = amax|W2| x 1.12 / 448; the first BOOTSTRAP_STEPS refreshes take
-        amax|W2| / 448 at once."""
+        refresh (saturating), then the next one = amax|W2| x 1.12 / 448. The first refresh (the start) and those
+        after the first BOOTSTRAP_STEPS optimizer steps take amax|W2| / 448 at once: the record calls
+        quantize_mlp_fp8(bootstrap_down=True) at the start and bootstrap_down=(step < 16) after step `step`
+        [H2300, H2365], 17 bootstrapped refreshes in all."""
         self.s_up = (W1.abs().amax().clamp(min=1e-12) / fp8.E4M3.max).float().reshape(1)
         self.w1_8 = fp8.quantize(W1.float(), self.s_up, fp8.E4M3)  # read on the device: no host sync
         amax2 = W2.abs().amax().clamp(min=1e-12).float().reshape(1)
-        if self.refreshes < BOOTSTRAP_STEPS:
+        if self.refreshes <= BOOTSTRAP_STEPS:  # refresh r follows optimizer step r - 1 (r = 0: the start)
             self.w2_next = amax2 / fp8.E4M3.max
         self.w2_used = self.w2_next.clone()
         self.w2_8 = fp8.quantize(W2.float(), self.w2_used, fp8.E4M3)
