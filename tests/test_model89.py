@@ -167,3 +167,33 @@ def test_d12_memory_plan_on_a_12_gb_card():
     assert abs(small["split_gib"]["parameters"] - 640_605_607 * 2 / GIB) < 0.02  # + the sign table and buffers
     big = record89_estimate("rtx4070", 8192)
     assert not big["fits"] and big["split_gib"]["activations"] > 1.8 * small["split_gib"]["activations"]
+
+
+def test_fp8_mlp_model(one_torch_thread):
+    """fp8=True: training forwards run every MLP through the record's FP8 step after refresh_fp8(). Each MLP output
+    carries the FP8 step's ~6 % error (tests/test_mlp_relu2.py); near init the MLPs' share of the residual stream is
+    small, so against the torch backend's exact MLP the per-token losses move by 1.2e-4 relative at most (1e-3
+    allowed) and every gradient keeps a cosine similarity >= 0.994 with the exact one (0.98 allowed). Every layer's
+    delayed activation scale moves off its start value 1.0; eval mode ignores FP8 (the record evaluates in bf16).
+    Without a refresh, training forwards are refused; the torch backend refuses fp8."""
+    torch.manual_seed(0)
+    ref = _perturbed(Record89GPT(TINY, get_ops("torch")))
+    f8 = Record89GPT(TINY, get_ops("triton"), fp8=True)
+    f8.load_state_dict(ref.state_dict())
+    f8.prefix_table.copy_(ref.prefix_table)
+    ids, targets, cu = _batch(48, TINY.vocab_size)
+    si = step_inputs(s89.Schedule89(), 5, 48, TINY.head_dim, "cpu")
+    with pytest.raises(RuntimeError, match="call refresh_fp8"):
+        f8(ids, targets, cu, si)
+    f8.refresh_fp8()
+    la, ga = _run(ref, ids, targets, cu, si)
+    lb, gb = _run(f8, ids, targets, cu, si)
+    assert ((lb - la).abs() / la).max() < 1e-3
+    for name in ga:
+        assert torch.nn.functional.cosine_similarity(ga[name].flatten(), gb[name].flatten(), dim=0) >= 0.98, name
+    assert all(s.act_scale.item() != 1.0 for s in f8.fp8_scales)
+    ref.eval(), f8.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(f8(ids, targets, cu, si), ref(ids, targets, cu, si), rtol=0, atol=2e-4 * 10)
+    with pytest.raises(ValueError, match="use --backend triton"):
+        Record89GPT(TINY, get_ops("torch"), fp8=True)

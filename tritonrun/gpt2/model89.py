@@ -22,6 +22,12 @@ Topology (d12: 11 layers, 6 heads of 128, width 768; the gate layouts are fixed 
               loss: ops.mtp_head (sigmoid-rescaled logits, multi-token prediction, prefix-token term) [H1677-1692];
               eval: plain cross-entropy of 23 sigmoid((l + 5) / 7.5).
 
+FP8 (fp8=True, the Triton backend): in training forwards each MLP runs the record's FP8 step (tritonrun/kernels/
+mlp_relu2.py: x and W1 in e4m3 at their amax, the down projection at the delayed activation scale and W2's delayed
+scale); refresh_fp8() re-quantizes the weights at the start and after every optimizer step. Eval runs bf16, as the
+record. The record's LM head also runs in FP8 (e4m3 in, e5m2 gradient); ours stays bf16 (the fused head,
+tritonrun/kernels/mtp_head.py, has no FP8 path): a deviation.
+
 Storage as the record's (bf16 except the fp32 scalars / lambdas / gate scale) with dtype="bfloat16"; dtype="float32"
 keeps every parameter fp32 (CPU tests, the check against the record's own code at fp32). Banks are single-GPU:
 qk_bank 60 head-pair blocks, vo_bank 20 matrices (the record pads both to a multiple of the world size); mlp_bank keeps
@@ -167,13 +173,19 @@ def dc_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.T
 class Record89GPT(nn.Module):
     """Record #89's GPT (module docstring). forward(ids, targets, cu_seqlens, step_cfg) -> per-token losses."""
 
-    def __init__(self, config: Record89Config, ops=None):
+    def __init__(self, config: Record89Config, ops=None, fp8: bool = False):
         super().__init__()
         if ops is None:
             from tritonrun.gpt2.ops import get_ops
 
             ops = get_ops("torch")
+        if fp8 and not ops.placement.get("relu2_mlp", "torch").startswith("triton"):
+            raise ValueError("FP8 MLP matmuls run in the Triton relu2_mlp kernel: use --backend triton (and no "
+                             "--torch-ops relu2_mlp), or --fp8 off")
         self.config, self.ops = config, ops
+        # FP8 MLP (training forwards only, as the record): one Fp8MlpScales per layer, made by refresh_fp8()
+        self.fp8 = fp8
+        self.fp8_scales: list | None = None
         c = config
         C, Vp, D, L = c.n_embd, c.padded_vocab, c.head_dim, c.n_layer
         dt = c.torch_dtype
@@ -246,6 +258,19 @@ class Record89GPT(nn.Module):
         g[1, 29:35] = 1.0 / 0.1
         self.mudd_gate_b2.copy_(g)
 
+    @torch.no_grad()
+    def refresh_fp8(self) -> None:
+        """Re-quantize every layer's MLP weights for FP8 (tritonrun/kernels/mlp_relu2.Fp8MlpScales.refresh): at the
+        start and after every optimizer step, as the record's quantize_mlp_fp8 [H2300, H2365]. No-op without fp8."""
+        if not self.fp8:
+            return
+        from tritonrun.kernels.mlp_relu2 import Fp8MlpScales
+
+        if self.fp8_scales is None:
+            self.fp8_scales = [Fp8MlpScales(self.mlp_bank.device) for _ in range(self.config.n_layer)]
+        for i, scales in enumerate(self.fp8_scales):
+            scales.refresh(self.mlp_bank[2 * i], self.mlp_bank[2 * i + 1].t())
+
     # ------------------------------------------------------------------------------------------- sizes
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -303,6 +328,9 @@ class Record89GPT(nn.Module):
         (int32, padded with T allowed); windows = (short, long) in tokens; rope = {"plain": (cos, sin), "paired":
         (cos, sin)} tables (speedrun89.rotary_tables) of >= T (2T paired) positions; scale the softmax scale."""
         c, ops = self.config, self.ops
+        if self.fp8 and self.training and self.fp8_scales is None:
+            raise RuntimeError("Record89GPT(fp8=True): call refresh_fp8() after building (and after each optimizer "
+                               "step) before training forwards")
         L, H, D, C, Vp = c.n_layer, c.n_head, c.head_dim, c.n_embd, c.padded_vocab
         T = ids.shape[0]
         short, long_ = windows
@@ -356,7 +384,8 @@ class Record89GPT(nn.Module):
                     x = r_attn[i] * x + p_attn[i] * a + x0 * gates.x0[i]
                     if i != 0:
                         x = x + bigram * gates.bigram[i]
-            m = ops.relu2_mlp(_norm(x), self.mlp_bank[2 * i], self.mlp_bank[2 * i + 1].t())
+            scales = self.fp8_scales[i] if self.fp8 and self.training else None  # eval runs bf16 [H1498]
+            m = ops.relu2_mlp(_norm(x), self.mlp_bank[2 * i], self.mlp_bank[2 * i + 1].t(), scales)
             x = mu[12] * x + mu[13] * m if mu is not None else r_mlp[i] * x + p_mlp[i] * m
             if i in CACHE_LAYERS:
                 cache[i] = x
