@@ -136,3 +136,23 @@ def test_adam_chunks_give_the_same_bits(monkeypatch):
         out.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_polar_express_splits_the_update_above_1024_rows():
+    """Matrices with more than 1,024 rows (the MLP bank at d12: 3,072 x 768) take the record's split step, X·B
+    rounded to bf16 and then a·X added; smaller ones one fused baddbmm. The two differ in the last bits (the reason
+    the split is kept), and the split form is exactly that product-then-add."""
+    import tritonrun.kernels.normuon as nm
+    from tritonrun.kernels.muon import newton_schulz
+
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 1040, 64, generator=g)
+    split = nm.polar_express(u)
+    fused = newton_schulz(u, 5, "polar_express", eps=nm.PE_EPS, dtype=torch.bfloat16, norm_in_dtype=True)
+    assert not torch.equal(split, fused)
+    by_hand = newton_schulz(u, 5, "polar_express", eps=nm.PE_EPS, dtype=torch.bfloat16, norm_in_dtype=True,
+                            split_above=1039)
+    assert torch.equal(split, by_hand)
+    small = torch.randn(2, 1024, 64, generator=g)
+    assert torch.equal(nm.polar_express(small), newton_schulz(small, 5, "polar_express", eps=nm.PE_EPS,
+                                                              dtype=torch.bfloat16, norm_in_dtype=True))

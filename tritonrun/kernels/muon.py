@@ -126,7 +126,8 @@ def muon_momentum_at(step: int, warmup_steps: int = 500, start: float = 0.85, en
 
 # ------------------------------------------------------------------------------------------ Newton-Schulz
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "quintic", eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16, norm_in_dtype: bool = False) -> torch.Tensor:
+                  dtype: torch.dtype = torch.bfloat16, norm_in_dtype: bool = False, split_above: int | None = None
+                  ) -> torch.Tensor:
     """Orthogonalize G (rows, cols) or a stack of same-shape matrices (batch, rows, cols): ≈ U·Vᵀ of each, in `dtype`.
 
     The norm ‖G‖_F·safety + eps is taken per matrix in fp32 (float64 for dtype=float64) and X is rounded to `dtype`
@@ -134,6 +135,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
     are iterated transposed (the Gram matrix is the small side's) and transposed back.
     norm_in_dtype: record #89's order instead (tritonrun/kernels/normuon.py): G rounded to `dtype` first, norm and
     division in `dtype`, and a tall X iterated as it is, its Gram matrix XᵀX on the right (X ← a·X + X·B).
+    split_above: for matrices with more rows than this, the update is the product rounded to `dtype`, then a·X added
+    (record #89's split_baddbmm for its MLP matrices: two roundings where baddbmm has one).
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz takes a matrix or a stack of matrices, got shape {tuple(G.shape)}")
@@ -149,10 +152,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
         X = (X / (norm * safety + eps)).to(dtype).contiguous()
     right = norm_in_dtype and tall  # the small Gram matrix on the right of an untransposed tall X
     addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
+    split = split_above is not None and G.size(-2) > split_above
     for a, b, c in triples:
         A = X.mT @ X if right else X @ X.mT
         B = addmm(A, A, A, beta=b, alpha=c)  # b·A + c·A·A
-        X = addmm(X, X, B, beta=a) if right else addmm(X, B, X, beta=a, alpha=1.0)  # a·X + X·B | a·X + B·X
+        if split:
+            X = (X @ B if right else B @ X).add_(X, alpha=a)
+        else:
+            X = addmm(X, X, B, beta=a) if right else addmm(X, B, X, beta=a, alpha=1.0)  # a·X + X·B | a·X + B·X
     return X.mT if tall and not norm_in_dtype else X
 
 

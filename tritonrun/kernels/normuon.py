@@ -35,11 +35,16 @@ from tritonrun.kernels.muon import newton_schulz
 PE_EPS = 1e-6  # [train_gpt.py polar_express: X / (X.norm() * (1 + 2e-2) + 1e-6); 1.02 is muon.SAFETY's]
 
 
+SPLIT_ABOVE = 1024  # rows above which the record splits each step's a·X + X·B in two [H881 is_large_matrix]
+
+
 def polar_express(u: torch.Tensor) -> torch.Tensor:
     """bf16 orthogonalization of u (..., rows, cols), the record's order of operations (module docstring):
     tritonrun/kernels/muon.newton_schulz with Polar Express's 5 triples, normalized in bf16, tall matrices iterated
-    with their Gram matrix on the right."""
-    return newton_schulz(u, 5, "polar_express", eps=PE_EPS, dtype=torch.bfloat16, norm_in_dtype=True)
+    with their Gram matrix on the right; above SPLIT_ABOVE rows (the MLP bank) the product is rounded before a·X is
+    added, as the record."""
+    return newton_schulz(u, 5, "polar_express", eps=PE_EPS, dtype=torch.bfloat16, norm_in_dtype=True,
+                         split_above=SPLIT_ABOVE)
 
 
 def normuon_normalize(v: torch.Tensor, second: torch.Tensor, beta2: float, red_dim: int) -> torch.Tensor:
