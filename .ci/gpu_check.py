@@ -7,8 +7,8 @@ this order, within a fixed time (a lent GPU's lease):
   2. kernel-tests   the GPU tests of every kernel, model and loader, generated from the test files: pytest
                     --gpu-tests (tests/conftest.py: only the tests a CPU run skips for want of CUDA, and every
                     bf16 case; not the benches' tests nor this check's own); --dry-run lists the files
-  3. main-torch     the main job's default path, a few steps: train_speedrun.py --gpu rtx4070 --compile on
-                    --data sample (the packed --recipe speedrun, torch backend: FlexAttention), its packed length
+  3. main-torch     the main job's default path, a few steps: train_speedrun.py --gpu rtx4070 on --data sample
+                    (the default --recipe record89, torch backend, eager as its defaults say), its packed length
                     sized for the 12 GB card and the allocator capped there: tok/s, peak reserved memory against
                     the estimate it was sized by, timed_compiles; no final checkpoint (GBs to write)
   4. main-triton    the same with --backend triton
@@ -140,7 +140,7 @@ STEPS = [
     Step("kernel-tests", 150, 60, True, ("torch", "triton", "pytest"),
          "the GPU tests of every kernel, model and loader (pytest --gpu-tests)"),
     Step("main-torch", 200, 120, True, MAIN_NEEDS,
-         "train_speedrun.py --gpu rtx4070 --compile (the default recipe and backend), 6 steps on --data sample"),
+         "train_speedrun.py --gpu rtx4070 (the default recipe and backend), 6 steps on --data sample"),
     Step("main-triton", 150, 90, True, MAIN_NEEDS, "the same with --backend triton"),
     Step("train-mb8", 270, 120, False, ("torch", "triton", "numpy"),
          "bench/train.py mb 8: triton, triton+compile vs torch+compile; cap check"),
@@ -310,8 +310,10 @@ def commands(name: str, py: str, scratch: Path, probe: dict) -> list[str]:
         # addopts cleared: pyproject's `-n auto` needs pytest-xdist, which the lent image may lack
         return [py, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider", *xdist, *GPU_TESTS]
     if name in ("main-torch", "main-triton"):
-        argv = [py, "train_speedrun.py", "--gpu", "rtx4070", "--compile", "--data", "sample",
-                "--total-batch-tokens", "65536", "--max-steps", "6", "--val-every", "1000", "--val-tokens", "16384",
+        # 49,152 tokens a step: whole packed sequences of any power-of-two length up to 16,384 under every recipe
+        # (record89's stages take a third, two thirds and all of it)
+        argv = [py, "train_speedrun.py", "--gpu", "rtx4070", "--data", "sample",
+                "--total-batch-tokens", "49152", "--max-steps", "6", "--val-every", "1000", "--val-tokens", "16384",
                 "--checkpoint-every", "0", "--no-final-checkpoint", "--hellaswag-every", "0",
                 "--out-dir", str(scratch / name)]
         if name == "main-triton":

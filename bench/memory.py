@@ -7,13 +7,15 @@ in tritonrun/memory.py (what runs, how it is tracked, the fit rule: its docstrin
     python bench/memory.py --gpu rtx4070 --micro-batch 16,8 --max --record  # bench/results/memory-rtx4070-<date>.json
     python bench/memory.py --gpu rtx4070 --recipe speedrun --max --record   # memory-speedrun-packed-rtx4070-<date>.json
     python bench/memory.py --gpu rtx4070 --recipe speedrun-dense --max --record  # memory-speedrun-dense-rtx4070-...
+    python bench/memory.py --gpu rtx4070 --recipe record89 --max --record   # memory-record89-rtx4070-<date>.json
 
 --max: the largest micro-batch dividing total_batch_tokens / T whose estimate fits the budget (the estimate grows
 with the micro-batch; the search checks that it does); under a packed recipe the largest power-of-two --seq-len.
 Without --micro-batch (dense) or --seq-len (packed) it searches as --max does: the size train_speedrun.py derives
 at startup (tritonrun.memory.fit_preset, the same search). --record writes bench/results/memory-<preset>-<date>.json
-(gpt2), memory-speedrun-packed-... (speedrun) or memory-speedrun-dense-... (speedrun-dense); tests hold the
-derivation to these records.
+(gpt2), memory-speedrun-packed-... (speedrun), memory-speedrun-dense-... (speedrun-dense) or memory-record89-...
+(record89: its own step, tritonrun.memory.record89_estimate, over its 393,216-token batch); tests hold the derivation
+to these records.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", required=True, choices=gpus, help="preset whose shapes and memory budget to use")
     p.add_argument("--recipe", choices=RECIPES,
                    help="gpt2 (GPT-2 + AdamW, grad clip), speedrun (packed 2024-12-17 SpeedrunGPT + Adam and Muon, "
-                        "no clip) or speedrun-dense (2024-11-10); default: train_speedrun.py's on a GPU (speedrun)")
+                        "no clip), speedrun-dense (2024-11-10) or record89 (2026-07-17: NorMuon + cautious Adam, bf16 "
+                        "storage); default: train_speedrun.py's on a GPU (record89)")
     p.add_argument("--backend", choices=["torch", "triton", "both"], default="both",
                    help="ops to estimate (default both: triton first, then torch)")
     p.add_argument("--micro-batch", metavar="N[,N...]", help="micro-batch(es) to estimate (default: search the largest "
@@ -95,7 +98,7 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
 
     preset = PRESETS[args.gpu]
     recipe = args.recipe or DEFAULT_RECIPE[preset.device]
-    total = RUN_DEFAULTS["total_batch_tokens"]
+    total = get_recipe(recipe).defaults(on_gpu=True).get("total_batch_tokens", RUN_DEFAULTS["total_batch_tokens"])
     sizes = get_recipe(recipe).sizes()
     model = args.model or RUN_DEFAULTS["model"]
     if model not in sizes:
@@ -111,6 +114,10 @@ def resolve(args) -> tuple[Setup, list[str], list[int]]:
                         f"size it with --seq-len (or --max to search it)")
     if seq_len <= 0 or seq_len > sizes[model].block_size:
         raise UserError(f"--seq-len {seq_len}: must be in 1..{sizes[model].block_size} for {recipe} {model}")
+    lengths = get_recipe(recipe).packed_lengths(total, sizes[model].block_size)
+    if packed and args.seq_len and seq_len not in lengths:
+        raise UserError(f"--seq-len {seq_len} is not a packed length of --recipe {recipe} over its {total}-token "
+                        f"batch: pick one of {', '.join(map(str, lengths))}")
     if total % seq_len:
         raise UserError(f"--seq-len {seq_len} does not divide the total batch of {total} tokens: pick a power of two")
     if args.seq_len is not None and args.seq_len <= 0:
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
         return 2
     budget = setup.budget_bytes
     print(f"memory estimate: recipe {setup.recipe}, preset {setup.preset} ({setup.target.arch}, "
-          f"{setup.target.sm_count} SMs), model {setup.model}, T={setup.seq_len}, bf16 autocast, eager; budget "
+          f"{setup.target.sm_count} SMs), model {setup.model}, T={setup.seq_len}, "
+          f"{'bf16 autocast' if get_recipe(setup.recipe).autocast else 'bf16 storage (no autocast)'}, eager; budget "
           f"{budget / GIB:.2f} GiB reserved "
           f"({'--budget-gib' if setup.budget_gib is not None else f'card {setup.memory_gib:g} GiB - 1'}), "
           f"+{FRAGMENTATION:.0%} fragmentation, context "
@@ -205,14 +213,15 @@ def main(argv=None) -> int:
                                    "context_allowance_bytes", "budget_bytes", "fits", "split_bytes")},
         "method": ("FakeTensorMode (fake CPU tensors, CPU bf16 autocast), real model and optimizer, warm-up step "
                    "then one measured step; ledger of live tensor storages rounded to 512 B"),
-        "step": (packed_step if setup.packed
+        "step": (primary["step"] if "step" in primary else packed_step if setup.packed
                  else "forward + backward per micro-batch, grad clip 1.0, AdamW step, zero_grad"
                  if recipe_parts(setup.recipe, setup.model)[3]
                  else "forward + backward per micro-batch, no grad clip, Adam step (wte, lm_head, scalars) then "
                       "Muon step (fp32 momentum = optimizer_state; bf16 Newton-Schulz batched by shape = "
                       "temporaries), zero_grad"),
         "packed": setup.packed,
-        "mode": "eager", "dtype": "bf16 autocast", "model": setup.model, "seq_len": primary["seq_len"],
+        "mode": "eager", "dtype": primary.get("dtype", "bf16 autocast"), "model": setup.model,
+        "seq_len": primary["seq_len"],
         "total_batch_tokens": setup.total_batch_tokens,
         "gpu": {"name": setup.target.name, "arch": setup.target.arch, "sm_count": setup.target.sm_count,
                 "memory_gib": setup.memory_gib},

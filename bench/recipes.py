@@ -50,9 +50,10 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from tritonrun.runinfo import atomic_write_json, env_info, record_dir, record_stem, reports_write_failures  # noqa: E402
 
-# train_speedrun.RECIPES, gpt2 first (the baseline the others are compared with), then in the records' order;
-# spelled out here so that a bad flag gets its error line without torch's import time (tests/test_bench_recipes.py
-# checks the two agree).
+# train_speedrun.RECIPES that come in the A/B's shared shapes (mini), gpt2 first (the baseline the others are compared
+# with), then in the records' order; spelled out here so that a bad flag gets its error line without torch's import
+# time (tests/test_bench_recipes.py checks the two agree). record89's model keeps the record's fixed topology (tiny and
+# d12 only): its own CPU learning check is tests/test_recipe89.py.
 RECIPES = ("gpt2", "speedrun-dense", "speedrun")
 
 

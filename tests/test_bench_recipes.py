@@ -51,10 +51,13 @@ def test_smoke_record_has_every_curve_at_equal_tokens(tmp_path):
 
 
 def test_recipes_named_as_the_trainer_names_them():
+    """The A/B trains every recipe at one shape (default mini): it holds the trainer's recipes that have it (record89's
+    model has the record's fixed topology, tiny and d12 only)."""
     mod = load_script("bench/recipes.py", "bench_recipes_names")
     from tritonrun.train import RECIPES
 
-    assert sorted(mod.RECIPES) == sorted(RECIPES) and mod.RECIPES[0] == "gpt2"
+    assert sorted(mod.RECIPES) == sorted(n for n, r in RECIPES.items() if "mini" in r.sizes())
+    assert mod.RECIPES[0] == "gpt2"
 
 
 @pytest.mark.parametrize("tried, expected", [

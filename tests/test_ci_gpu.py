@@ -149,9 +149,9 @@ def test_dry_run_prints_the_plan_anywhere(tmp_path):
                     "autotune-tests"]
     deadlines = [int(ln.split("deadline +")[1].split()[0]) for ln in proc.stdout.splitlines() if "deadline +" in ln]
     assert deadlines == sorted(deadlines) and deadlines[-1] <= 540 and len(deadlines) >= 4  # the required four run
-    assert ("main-torch: python train_speedrun.py --gpu rtx4070 --compile --data sample --total-batch-tokens 65536 "
+    assert ("main-torch: python train_speedrun.py --gpu rtx4070 --data sample --total-batch-tokens 49152 "
             "--max-steps 6") in proc.stdout and "--no-final-checkpoint" in proc.stdout
-    assert "main-triton: python train_speedrun.py --gpu rtx4070 --backend triton --compile" in proc.stdout
+    assert "main-triton: python train_speedrun.py --gpu rtx4070 --backend triton --data sample" in proc.stdout
     files = next(ln for ln in proc.stdout.splitlines() if ln.startswith("kernel-tests' files ("))
     for op in KERNEL_OPS:
         assert f"tests/test_{op}.py (" in files, op
@@ -207,7 +207,7 @@ def test_budgeted_check_runs_the_steps_in_order_and_leaves_few_files(tmp_path):
     lines = calls.read_text().splitlines()
     scratch = tmp_path / "scratch"
     memory = (REPO / "bench" / "memory.py").is_file()
-    main = ("--compile --data sample --total-batch-tokens 65536 --max-steps 6 --val-every 1000 --val-tokens 16384 "
+    main = ("--data sample --total-batch-tokens 49152 --max-steps 6 --val-every 1000 --val-tokens 16384 "
             "--checkpoint-every 0 --no-final-checkpoint --hellaswag-every 0")
     want = [".ci/gpu_probe.py",
             "-m pytest -o addopts= -q -rs -p no:cacheprovider -n 4 --gpu-tests tests "

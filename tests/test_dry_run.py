@@ -11,7 +11,8 @@ from tritonrun import train as train_speedrun
 from tritonrun.recipes import RECIPES
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-RECORD_PREFIX = {"gpt2": "memory-", "speedrun-dense": "memory-speedrun-dense-", "speedrun": "memory-speedrun-packed-"}
+RECORD_PREFIX = {"gpt2": "memory-", "speedrun-dense": "memory-speedrun-dense-", "speedrun": "memory-speedrun-packed-",
+                 "record89": "memory-record89-"}
 
 
 def recorded_pick(recipe: str, backend: str, preset: str = "rtx4070") -> int:
@@ -100,11 +101,12 @@ def test_readme_batch_table_is_the_memory_records_picks():
 
             packed = RECIPES["speedrun"].defaults(on_gpu=False)["seq_len"]
             dense = f"{SMOKE_DEFAULTS['micro_batch']} × {SMOKE_DEFAULTS['seq_len']}"
-            assert cells[1:] == [f"{packed}", dense, dense], cells
+            packed89 = RECIPES["record89"].defaults(on_gpu=False)["seq_len"]
+            assert cells[1:] == [f"{packed}", dense, dense, f"{packed89}"], cells
             checked.add("cpu")
             continue
         for preset in (p.strip() for p in cells[0].split(",")):
-            for recipe, cell in zip(("speedrun", "gpt2", "speedrun-dense"), cells[1:]):
+            for recipe, cell in zip(("speedrun", "gpt2", "speedrun-dense", "record89"), cells[1:], strict=True):
                 torch_head, fused = (int(v.split("×")[0].replace(",", "")) for v in cell.split("/"))
                 assert (torch_head, fused) == (recorded_pick(recipe, "torch", preset),
                                                recorded_pick(recipe, "triton", preset)), (preset, recipe, cell)

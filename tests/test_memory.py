@@ -571,8 +571,8 @@ def test_micro_batch_is_derived_for_the_backend_that_runs(monkeypatch):
     dense = resolve_config(["--gpu", "rtx4070", "--recipe", "speedrun-dense", "--out-dir", "unused"])[0]
     assert dense.micro_batch == derived("speedrun-dense", "torch")["micro_batch"] < torch_head
     default = resolve_config(["--gpu", "rtx4070", "--out-dir", "unused"])[0]  # the GPU default recipe: packed
-    assert (default.recipe, default.micro_batch, default.seq_len) == \
-        ("speedrun", 1, derived("speedrun", "torch")["seq_len"])
+    picked = fit_preset("rtx4070", "record89", "d12", 1024, 393_216, "torch")["seq_len"]  # its own batch
+    assert (default.recipe, default.micro_batch, default.seq_len, default.fp8) == ("record89", 1, picked, "off")
 
 
 def test_presets_describe_hardware_only():

@@ -37,7 +37,7 @@ def _batch(T: int, V: int, seed: int = 1):
 
 def _run(model, ids, targets, cu, si):
     model.zero_grad(set_to_none=True)
-    losses = model(ids, targets, cu, si)
+    losses = model(ids, targets, cu, si, reduction="none")
     losses.sum().backward()
     return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -81,7 +81,7 @@ def test_every_parameter_learns_and_eval_is_plain_cross_entropy(one_torch_thread
     assert not dead, dead
     model.eval()
     with torch.no_grad():
-        losses = model(ids, targets, cu, si)
+        losses = model(ids, targets, cu, si, reduction="none")
         h = model.hidden(ids, cu, si.windows, si.rope, si.scale)
         z = 23 * torch.sigmoid((h @ model.lm_head + 5) / 7.5)
         want = torch.logsumexp(z, dim=1) - z[torch.arange(64), targets]
@@ -160,12 +160,15 @@ def test_d12_memory_plan_on_a_12_gb_card():
     """tritonrun.memory.record89_estimate (FakeTensorMode, no GPU) with the record's storage on the rtx4070 preset:
     parameters bf16 (640.6M x 2 B), NorMuon + Adam state, and a packed micro-batch of 4,096 tokens fit the 11 GiB
     budget; 8,192 do not (activations grow ~0.39 GiB per 1,024 tokens in eager mode)."""
-    from tritonrun.memory import GIB, record89_estimate
+    from tritonrun.memory import GIB, GPUS, Setup, record89_estimate
 
-    small = record89_estimate("rtx4070", 4096)
+    def at(T):
+        return record89_estimate(Setup("rtx4070", "d12", T, 393_216, 12, GPUS["rtx4070"], recipe="record89"))
+
+    small = at(4096)
     assert small["fits"] and small["peak_reserved_estimate_bytes"] <= 11 * GIB
     assert abs(small["split_gib"]["parameters"] - 640_605_607 * 2 / GIB) < 0.02  # + the sign table and buffers
-    big = record89_estimate("rtx4070", 8192)
+    big = at(8192)
     assert not big["fits"] and big["split_gib"]["activations"] > 1.8 * small["split_gib"]["activations"]
 
 
@@ -194,6 +197,7 @@ def test_fp8_mlp_model(one_torch_thread):
     assert all(s.act_scale.item() != 1.0 for s in f8.fp8_scales)
     ref.eval(), f8.eval()
     with torch.no_grad():
-        torch.testing.assert_close(f8(ids, targets, cu, si), ref(ids, targets, cu, si), rtol=0, atol=2e-4 * 10)
+        torch.testing.assert_close(f8(ids, targets, cu, si, reduction="none"),
+                                   ref(ids, targets, cu, si, reduction="none"), rtol=0, atol=2e-4 * 10)
     with pytest.raises(ValueError, match="use --backend triton"):
         Record89GPT(TINY, get_ops("torch"), fp8=True)

@@ -201,6 +201,15 @@ def config_values() -> frozenset[float]:
     things += [VARIANT_PEAK_TFLOPS, RUN_DEFAULTS, SMOKE_DEFAULTS,
                {"fragmentation": memory.FRAGMENTATION, "budget_margin_bytes": memory.BUDGET_MARGIN,
                 "context_allowance_bytes": memory.CONTEXT_ALLOWANCE}]
+    from tritonrun.gpt2 import speedrun89 as s89
+    from tritonrun.recipes import record89_optim as o89
+
+    # record #89's schedule, optimizer tables and head constants (its recipe's numbers live beside their source lines)
+    plan = s89.Schedule89()
+    facts = {"untie_step": plan.untie_step, "tokens": plan.tokens(), "logged_steps": s89.LOG_SCHEDULE.total_steps,
+             "parameters": s89.parameter_count(), "logit": [s89.LOGIT_A, s89.LOGIT_B, s89.LOGIT_C]}
+    things += [dataclasses.asdict(plan), facts, o89.ADAM_DEFAULTS, o89.NORMUON_DEFAULTS, o89.ADAM_TABLE,
+               o89.MLP_CPROJ_LR_MUL]
     for recipe in RECIPES.values():
         things += [recipe.defaults(on_gpu=True), recipe.defaults(on_gpu=False), recipe.tokens_to_target,
                    recipe.tokens_source]
@@ -272,6 +281,39 @@ def newton_schulz() -> dict[str, float]:
     saved = 5 * sum(m * m * n + m**3 for m, n in mats)
     step = RUN_DEFAULTS["total_batch_tokens"] * models()["speedrun-dense"].flops_per_token(1024)
     return {"share": 100 * cost / step, "saved_fraction": 100 * saved / cost, "saving": 100 * saved / step}
+
+
+# The recipe table's batches on rtx4070 with --backend triton (the memory records' picks: Presets' table)
+RTX4070_RUNS = {"gpt2": 1024, "speedrun-dense": 1024, "speedrun": 8192, "record89": 4096}
+
+
+@lru_cache(maxsize=None)
+def recipe_flops(name: str) -> int:
+    """The recipe's flops_per_token (Recipe.flops_per_token) for its GPU run on rtx4070 (--backend triton; record89
+    with --fp8 on), the d12 model on the meta device."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tritonrun.recipes import get_recipe
+
+    recipe = get_recipe(name)
+    defaults = recipe.defaults(on_gpu=True)
+    cfg = SimpleNamespace(gpu="rtx4070", fp8="on", max_steps=defaults["max_steps"], seq_len=RTX4070_RUNS[name],
+                          warmup_steps=defaults.get("warmup_steps", 0), lr=1.0)
+    with torch.device("meta"):
+        model = models()[name] if name in models() else recipe.model_for(recipe.sizes()["d12"])
+    if recipe.fp8:
+        model.fp8 = True  # what --fp8 on builds (the flag needs the Triton kernels; the FLOPs only read it)
+    return recipe.flops_per_token(model, cfg)
+
+
+def projected_hours(name: str) -> float:
+    from tritonrun.presets import PRESETS
+    from tritonrun.recipes import get_recipe
+
+    peak = PRESETS["rtx4070"].peak_tflops * 1e12
+    return get_recipe(name).tokens_to_target * recipe_flops(name) / (peak * 0.45) / 3600
 
 
 def _in_file(path: str, pattern: str) -> Callable[[], bool]:
@@ -375,6 +417,17 @@ FIGURES = [
            value=lambda: sum(r["wall_s"] for runs in _record(_named("Recipes", r"recipes-cpu-[\d-]+\.json(?=`\s+\()"))
                              ["sweep"].values() for r in runs) / 60,
            label="derived: the sum of its runs' `wall_s`"),
+        # ---- Recipes: the side-by-side table (FLOPs per token computed, the 4070 time a labelled projection)
+    *(Figure("Recipes", text, "computed", f"{name}'s flops_per_token as run on rtx4070 (--backend triton)",
+             value=(lambda name=name: recipe_flops(name)), near=f"| `{name}` |")
+      for name, text in (("gpt2", "803.3M"), ("speedrun-dense", "797.8M"), ("speedrun", "814.3M"),
+                         ("record89", "683.5M"))),
+    *(Figure("Recipes", text, "projection", f"{name}: tokens_to_target x FLOPs per token / (58.3e12 x 0.45) in h",
+             value=(lambda name=name: projected_hours(name)), near=f"| `{name}` |",
+             label="tokens to 3.28 × FLOPs per token / (58.3 TFLOPS × 0.45)")
+      for name, text in (("gpt2", "76.5"), ("speedrun-dense", "13.3"), ("speedrun", "6.7"), ("record89", "2.6"))),
+    Figure("Recipes", "0.45", "formula", "the assumed MFU of the recipe table's projection",
+           found=lambda: "the 0.45 an assumed MFU" in README.read_text()),
     # ---- Ada fit (its launch counts are the records' row counts: check_prose_figures)
     Figure("Ada fit", "250", "config", "bench/ada.py REGISTER_HEADROOM",
            found=_in_file("bench/ada.py", r"REGISTER_HEADROOM = 250\b")),

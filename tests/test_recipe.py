@@ -142,7 +142,7 @@ def test_recipe_defaults_by_preset():
     cpu, _ = train_speedrun.resolve_config(["--gpu", "cpu", "--out-dir", "x"])
     assert cpu.recipe == "gpt2" and (cpu.lr, cpu.weight_decay) == (2e-3, 0.1)  # the smoke preset is unchanged
     gpu_default = train_speedrun.DEFAULT_RECIPE["cuda"]
-    assert gpu_default == "speedrun" and train_speedrun.DEFAULT_RECIPE["cpu"] == "gpt2"
+    assert gpu_default == "record89" and train_speedrun.DEFAULT_RECIPE["cpu"] == "gpt2"
     # every recipe's defaults, over the run defaults, give every run field but the out dir and the derived batch
     for name, recipe in RECIPES.items():
         for device in ("cuda", "cpu"):

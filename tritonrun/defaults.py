@@ -11,7 +11,7 @@ from tritonrun.data.fineweb import DEFAULT_OUT_DIR  # the default --data: where 
 from tritonrun.data.hellaswag import DEFAULT_PATH as HELLASWAG_PATH
 
 # --recipe left out: the newest replicated record on a GPU; llm.c's GPT-2 on a CPU (its smoke run is the cheapest)
-DEFAULT_RECIPE = {"cuda": "speedrun", "cpu": "gpt2"}
+DEFAULT_RECIPE = {"cuda": "record89", "cpu": "gpt2"}
 
 RUN_DEFAULTS = {
     "model": "d12",
@@ -31,6 +31,7 @@ RUN_DEFAULTS = {
     "hellaswag_path": str(HELLASWAG_PATH),  # written by `python -m tritonrun.data.hellaswag`
     "torch_ops": "",  # under --backend triton, these ops (comma list, tritonrun/gpt2/ops.py names) stay torch
     "muon_coefficients": "quintic",
+    "fp8": "auto",  # FP8 matmuls where the recipe has them (record89): on with --backend triton on sm_89 / sm_90
     "doc_aligned": False,  # packed recipes: contiguous chunks (the 2024-12-17 record's data order); True: BosAlign  # speedrun recipes: Newton-Schulz coefficients (the records', polar_express)
 }
 

@@ -371,13 +371,16 @@ class Setup:
 
     def seq_lens(self, block_size: int) -> list[int]:
         """The packed recipe's --max candidates: powers of two from 128 to the context dividing the total batch."""
-        return [t for t in (2 ** k for k in range(7, 21)) if t <= block_size and self.total_batch_tokens % t == 0]
+        return get_recipe(self.recipe).packed_lengths(self.total_batch_tokens, block_size)
 
 
 def estimate(setup: Setup, backend: str, micro_batch: int) -> dict:
     """One fake training step of `setup` with `backend` at `micro_batch`; the record entry (see --json)."""
     from tritonrun.gpt2.ops import get_ops
 
+    step = get_recipe(setup.recipe).memory_step
+    if step != "generic":
+        return ESTIMATORS[step](setup, backend)
     t0 = time.perf_counter()
     ledger = Ledger(granularity=CUDA_BLOCK)
     build_model, build_opt, config, grad_clip = recipe_parts(setup.recipe, setup.model)
@@ -574,27 +577,26 @@ def derived_micro_batch(preset: str, recipe: str, model: str, backend: str, torc
 
 
 # ------------------------------------------------------------------------------------------ record #89
-def record89_estimate(preset: str, seq_len: int, model: str = "d12", backend: str = "triton",
-                      memory_gib: float | None = None) -> dict:
+def record89_estimate(setup: Setup, backend: str = "triton") -> dict:
     """Peak memory of record #89's training steps (tritonrun/gpt2/model89.py + recipes/record89_optim.py) at one
-    packed micro-batch of `seq_len` tokens, under FakeTensorMode as estimate() does: parameters, gradients and
-    optimizer state stored as the record stores them (bf16 parameters, fp32 Adam moments, NorMuon fp32 momentum and
-    uint16 mantissa), the extension stage's windows (the largest training ones). Three steps run: an odd one creates
-    every optimizer state, then the measured even step (NorMuon only; Adam's gradients stay, as the record keeps them
-    for the next step) and odd step (both optimizers). Each step runs one micro-batch: further ones add into the same
-    gradients. The recipe module (issue 35) wires this into bench/memory.py; until then it is called directly."""
+    packed micro-batch of setup.seq_len tokens, under FakeTensorMode as estimate() does, in estimate()'s record:
+    parameters, gradients and optimizer state stored as the record stores them (bf16 parameters, fp32 Adam moments,
+    NorMuon fp32 momentum and uint16 mantissa), the extension stage's windows (the largest training ones). Three
+    steps run: an odd one creates every optimizer state, then the measured even step (NorMuon only; Adam's gradients
+    stay, as the record keeps them for the next step) and odd step (both optimizers). Each step runs one
+    micro-batch: further ones add into the same gradients. The MLPs run bf16: --fp8 adds the e4m3 weight copies
+    (11 x 2 x 3,072 x 768 bytes = 52 MB at d12) and a transient e4m3 activation (T x 3,072 bytes), not counted.
+    estimate() comes here for a recipe whose memory_step is "record89" (recipes/modded_nanogpt_2026_07_17.py)."""
     from tritonrun.gpt2 import speedrun89 as s89
     from tritonrun.gpt2.model89 import RECORD89_MODELS, Record89GPT, step_inputs
-    from tritonrun.gpt2.ops import get_ops
+    from tritonrun.gpt2.ops import get_ops, parse_op_list
     from tritonrun.recipes.record89_optim import Record89Optimizer
 
     t0 = time.perf_counter()
-    target = GPUS[preset]
-    memory = PRESETS[preset].memory_gib if memory_gib is None else memory_gib
-    budget = int(memory * GIB) - BUDGET_MARGIN
-    ops = packed_ops(get_ops(backend, "cuda"))
+    seq_len, target, budget = setup.seq_len, setup.target, setup.budget_bytes
+    ops = packed_ops(get_ops(backend, "cuda", parse_op_list(setup.torch_ops) if backend == "triton" else ()))
     schedule = s89.Schedule89()
-    config = RECORD89_MODELS[model]
+    config = RECORD89_MODELS[setup.model]
     ledger = Ledger(granularity=CUDA_BLOCK)
     with planning_for(target), TrackingFakeMode(ledger):
         net = Record89GPT(config, ops)
@@ -609,7 +611,7 @@ def record89_estimate(preset: str, seq_len: int, model: str = "d12", backend: st
             ledger.phase = "batch"
             ledger.mark("activations", [ids, targets, cu])
             ledger.phase = "forward"
-            loss = net(ids, targets, cu, inputs).sum() / 8
+            loss = net(ids, targets, cu, inputs, reduction="none").sum() / 8
             ledger.mark_live("activations", ("forward",))
             ledger.phase = "backward"
             loss.backward()
@@ -625,12 +627,26 @@ def record89_estimate(preset: str, seq_len: int, model: str = "d12", backend: st
         ledger.reset_peak()
         step(2)
         step(3)
+        after_step = ledger.live_bytes
+
     peak = ledger.peak_bytes
     reserved = math.ceil(peak * (1 + FRAGMENTATION))
     split = ledger.split()
-    return {"recipe": "record89", "preset": preset, "model": model, "backend": backend, "seq_len": seq_len,
+    grad_accum = max(1, setup.total_batch_tokens // seq_len)
+    return {"recipe": setup.recipe, "preset": setup.preset, "backend": backend, "micro_batch": 1, "seq_len": seq_len,
+            "model": setup.model, "grad_accum": grad_accum, "micro_batches_simulated": 1,
             "peak_bytes": peak, "peak_gib": round(peak / GIB, 3), "peak_reserved_estimate_bytes": reserved,
-            "peak_reserved_estimate_gib": round(reserved / GIB, 3), "budget_bytes": budget,
-            "fits": reserved <= budget, "split_gib": {k: round(v / GIB, 3) for k, v in split.items()},
-            "peak_phase": ledger.peak_phase, "peak_op": ledger.peak_op, "ops": ops.placement,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "peak_reserved_estimate_gib": round(reserved / GIB, 3), "context_allowance_bytes": CONTEXT_ALLOWANCE,
+            "budget_bytes": budget, "fits": reserved <= budget, "split_bytes": split,
+            "split_gib": {k: round(v / GIB, 3) for k, v in split.items()},
+            "peak_phase": ledger.peak_phase, "peak_op": ledger.peak_op, "resident_after_step_bytes": after_step,
+            "allocations": ledger.allocations, "ops": ops.placement, "seconds": round(time.perf_counter() - t0, 2),
+            "dtype": "the record's storage: bf16 parameters, fp32 scalars (no autocast)",
+            "step": ("record #89's: one packed sequence of seq_len tokens per micro-batch at the extension's windows, "
+                     "forward + backward of the summed MTP / prefix loss / 8, NorMuon on the banks (fp32 momentum and "
+                     "uint16 mantissa = optimizer_state), cautious Adam on odd steps (its gradients kept over the even "
+                     "step), zero_grad; steps 2 and 3 measured after step 1 created every state")}
+
+
+# recipes whose step estimate() cannot build from model_for and the generic optimizers: Recipe.memory_step names them
+ESTIMATORS = {"record89": record89_estimate}

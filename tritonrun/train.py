@@ -1,10 +1,18 @@
-"""Train a GPT on FineWeb to val loss <= 3.28 as fast as possible, under one of three recipes.
+"""Train a GPT on FineWeb to val loss <= 3.28 as fast as possible, under one of four recipes.
 
-    python train_speedrun.py --gpu rtx4070                              # the main job (--recipe speedrun)
+    python train_speedrun.py --gpu rtx4070                              # the main job (--recipe record89)
     python train_speedrun.py --gpu rtx4070 --recipe gpt2                # llm.c's GPT-2 124M recipe
     python train_speedrun.py --gpu cpu --model tiny --data sample       # CPU smoke run, no download
 
-Recipes (--recipe; GPU presets default to speedrun, the cpu preset to gpt2):
+Recipes (--recipe; GPU presets default to record89, the cpu preset to gpt2):
+  record89  modded-nanogpt's 2026-07-17 record #89 (tritonrun/recipes/modded_nanogpt_2026_07_17.py: 1,285 steps,
+            338.8M tokens): Record89GPT (11 layers, bigram hash and value embeddings, MUDD, DC MHA, paired heads, XSA,
+            long-short windows with YaRN, multi-token prediction and a prefix-token loss), NorMuon + cautious Adam
+            (Adam on odd steps; embed / head untied at 2/3), three stages of 1/3, 2/3 and all of
+            --total-batch-tokens (393,216) with growing windows and document lengths, each packed micro-batch whole
+            documents from their start. --fp8 (auto: on with --backend triton on sm_89 / sm_90) runs the MLPs'
+            forward matmuls in FP8. --lr is a multiplier; --final-lr-frac the cooldown's floor (0.15); the record's
+            per-group betas and decay are fixed (--beta1/--beta2/--weight-decay/--grad-clip/--warmup-steps refused).
   gpt2      GPT-2 (tritonrun/gpt2/model.py) with llm.c's recipe: AdamW (--lr peak, --beta1/--beta2, --weight-decay on
             2-D weights), --warmup-steps linear warmup, cosine to --lr x --final-lr-frac at --max-steps, --grad-clip.
   speedrun  modded-nanogpt's 2024-12-17 record (tritonrun/gpt2/speedrun.py, 0.78B tokens to 3.28): each micro-batch is
@@ -98,6 +106,7 @@ class Config:
     muon_coefficients: str
     final_checkpoint: bool
     doc_aligned: bool
+    fp8: str  # "on" / "off" once resolved ("auto" as a flag or default)
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -144,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speedrun: start every packed training sequence at a document start, skipping the rest of "
                         "the document a sequence cuts (the 2025-07-12 record's rule); default off: contiguous chunks, "
                         "as the 2024-12-17 record reads them. The log says what fraction it skips")
+    p.add_argument("--fp8", choices=["auto", "on", "off"],
+                   help="record89: the MLPs' forward matmuls in FP8 (the record's scaling rule, Triton kernels); "
+                        "default auto: on with --backend triton on sm_89 / sm_90, off elsewhere; off: the same recipe "
+                        "in bf16")
     p.add_argument("--muon-coefficients", choices=MUON_COEFFICIENTS,
                    help="speedrun: Muon's Newton-Schulz coefficients (default quintic, the record's)")
     p.add_argument("--data", help=f"'sample' (built-in corpus) or a dir of llm.c shards (default {DEFAULT_OUT_DIR})")
@@ -185,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Fields that change the math of a run: a resumed run may not change them (it would not be the same run).
 # The rest (hardware, batching split, logging, target) may differ on resume.
-RUN_DEFINING = ("model", "recipe", "muon_coefficients", "doc_aligned", "total_batch_tokens", "seq_len", "lr",
+RUN_DEFINING = ("model", "recipe", "muon_coefficients", "doc_aligned", "fp8", "total_batch_tokens", "seq_len", "lr",
                 "final_lr_frac",
                 "warmup_steps", "max_steps",
                 "weight_decay", "grad_clip", "beta1", "beta2", "data", "seed", "dtype", "init_from")
@@ -228,6 +241,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, dict | N
             raise UserError(f"--torch-ops {merged['torch_ops']} applies to --backend triton (under --backend torch "
                             f"every op is torch already): add --backend triton, or drop --torch-ops")
         merged["torch_ops"] = ""  # a resumed triton run switched to --backend torch: nothing left to keep
+    merged["fp8"] = resolve_fp8(merged, recipe, explicit)
     for name, why in recipe.refused.items():
         if name in explicit:
             takers = [r.name for r in RECIPES.values() if name not in r.refused]
@@ -253,6 +267,26 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, dict | N
     cfg = Config(**{f.name: merged[f.name] for f in fields(Config)})
     validate(cfg, dry_run=dry_run)
     return cfg, resume_path, sizing
+
+
+def resolve_fp8(merged: dict, recipe, explicit: dict) -> str:
+    """--fp8 as the run takes it: "on" or "off". auto: on for a recipe with FP8 matmuls under --backend triton (its
+    relu2_mlp kernel) on a preset with FP8 tensor cores (sm_89, sm_90), else off. --fp8 on for a recipe without FP8
+    matmuls is refused."""
+    from tritonrun.presets import FP8_RATIO
+
+    asked = merged.get("fp8", "auto")
+    if not recipe.fp8:
+        if explicit.get("fp8") == "on":
+            takers = [r.name for r in RECIPES.values() if r.fp8]
+            raise UserError(f"--fp8 on does not apply to --recipe {recipe.name} (its record has no FP8 matmuls): drop "
+                            f"it, or use --recipe {' or '.join(takers)}")
+        return "off"
+    if asked != "auto":
+        return asked
+    triton_mlp = merged["backend"] == "triton" and "relu2_mlp" not in parse_op_list(merged["torch_ops"])
+    on = merged["device"] == "cuda" and triton_mlp and PRESETS[merged["gpu"]].arch in FP8_RATIO
+    return "on" if on else "off"
 
 
 def size_batch(merged: dict, recipe) -> dict | None:
@@ -536,7 +570,7 @@ def plan_text(cfg: Config, resume_path: Path | None, sizing: dict | None = None)
              f"{'compiled' if cfg.compile else 'eager'}, {cfg.dtype}",
              f"batch: {cfg.micro_batch} x {cfg.seq_len} tokens per micro-batch"
              f"{' (one packed sequence)' if recipe.packed else ''} x {cfg.grad_accum} micro-batches = "
-             f"{cfg.total_batch_tokens:,} tokens per step, {cfg.max_steps} steps"]
+             f"{cfg.total_batch_tokens:,} tokens per step{recipe.batch_note(cfg)}, {cfg.max_steps} steps"]
     if sizing is not None:
         lines.append(f"memory: {sizing['text']}")
     elif preset.memory_gib:

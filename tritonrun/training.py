@@ -271,11 +271,24 @@ class Trainer:
         self.last_schedule: dict = {}  # what the last step's schedule set (lr, and the recipe's others)
         self.grad_accum = cfg.total_batch_tokens // (B * T * W)  # micro-batches per rank per step
         self.val_steps = cfg.val_tokens // (B * T * W)  # per rank
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.dtype == "bf16" and self.recipe.autocast else contextlib.nullcontext())
         self.flops_per_token = self.recipe.flops_per_token(self.model, cfg)
         self.op_names = self.recipe.op_names  # the ops this model calls
         self.tried_paths: set[str] = set()  # window attention's fallbacks so far (fall_back_window_attention)
+        self._cumulative = [0]  # tokens_through's memo
+
+    def step_tokens(self, step: int) -> int:
+        """Training tokens of 0-based `step`, all ranks: total_batch_tokens, or a staged recipe's stage batch."""
+        cfg = self.cfg
+        return (self.schedule.micro_batches(step, self.grad_accum) * cfg.micro_batch * cfg.seq_len
+                * self.dist.world_size)
+
+    def tokens_through(self, steps: int) -> int:
+        """Training tokens of the first `steps` steps."""
+        while len(self._cumulative) <= steps:
+            self._cumulative.append(self._cumulative[-1] + self.step_tokens(len(self._cumulative) - 1))
+        return self._cumulative[steps]
 
     def _inputs(self, loader, window: int | None) -> tuple:
         """The model's arguments for the next micro-batch: (x, y), or a packed recipe's (x, y, cu_seqlens, window)."""
@@ -289,13 +302,17 @@ class Trainer:
         # The windowed model's window for this step: a Python int (under --compile one recompile at its first
         # change, then a symbolic int: see SpeedrunGPT.hidden).
         window = self.schedule.window(step)
-        for micro in range(self.grad_accum):
+        # A staged recipe's batch: its micro-batches this step, the loader told the stage, the record's gradient scale
+        n = self.schedule.micro_batches(step, self.grad_accum)
+        self.schedule.begin_step(step, self.train_loader)
+        scale = self.schedule.grad_scale(step, n * cfg.micro_batch * cfg.seq_len * self.dist.world_size)
+        for micro in range(n):
             args = self._inputs(self.train_loader, window)
             if self.ddp is not None:  # all-reduce grads only on the last micro-batch
-                self.ddp.require_backward_grad_sync = micro == self.grad_accum - 1
+                self.ddp.require_backward_grad_sync = micro == n - 1
             with self.autocast:
-                loss = self.forward(*args) / self.grad_accum
-            loss.backward()
+                loss = self.forward(*args) / n
+            (loss if scale == 1.0 else loss * scale).backward()
             loss_sum += loss.detach()
         self.dist.all_mean(loss_sum)
         if cfg.grad_clip > 0 and hasattr(self.optimizer, "clip_grad_norm_"):
@@ -303,7 +320,8 @@ class Trainer:
         elif cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
+                                                         if p.grad is not None]))
         self.last_schedule = self.schedule.apply(self.optimizer, step)  # every group's lr (and the recipe's others)
         loss_v, norm_v = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync for both
         applied = math.isfinite(loss_v) and math.isfinite(norm_v)
@@ -597,13 +615,15 @@ class TrainingRun:
         per_step = cfg.total_batch_tokens // cfg.seq_len
         survey = loader.survey(min(512, per_step * max(1, cfg.max_steps - self.start_step)))
         pct = 100 * survey["fraction_skipped"]
-        how = "each at a document start (--doc-aligned)" if cfg.doc_aligned else "contiguous chunks"
+        how = survey.get("layout") or ("each at a document start (--doc-aligned)" if cfg.doc_aligned
+                                       else "contiguous chunks")
         self.log.line(f"data: {survey['sequences']} packed sequences of {cfg.seq_len} tokens, {how}: "
                       f"{pct:.1f} % of the tokens passed over are skipped ({survey['tokens_skipped']:,} of "
                       f"{survey['tokens_read'] + survey['tokens_skipped']:,})")
         if survey["fraction_skipped"] > 0.10:
-            fix = ("drop --doc-aligned (contiguous chunks, the 2024-12-17 record's order) or raise --seq-len"
-                   if cfg.doc_aligned else "use longer shards (their tails are skipped) or a shorter --seq-len")
+            fix = survey.get("fix") or ("drop --doc-aligned (contiguous chunks, the 2024-12-17 record's order) or "
+                                        "raise --seq-len" if cfg.doc_aligned
+                                        else "use longer shards (their tails are skipped) or a shorter --seq-len")
             self.log.line(f"warning: the run would skip {pct:.0f} % of the training tokens it passes over "
                           f"(documents longer than --seq-len are cut and their rest skipped): {fix}")
         return survey
@@ -688,7 +708,7 @@ class TrainingRun:
     def validate(self, step: int) -> float:
         """Val loss after `step` steps (outside the clock), recorded and logged."""
         val = self.trainer.evaluate(step)
-        self.result["val"].append({"step": step, "tokens": step * self.cfg.total_batch_tokens, "loss": val})
+        self.result["val"].append({"step": step, "tokens": self.trainer.tokens_through(step), "loss": val})
         self.result["final_val_loss"] = val
         return val
 
@@ -793,7 +813,7 @@ class TrainingRun:
         dt = time.perf_counter() - t0
         self.count_timed_compiles(step, dynamo_compiles() - compiles)
         self.train_time += dt
-        tok_s = cfg.total_batch_tokens / dt
+        tok_s = trainer.step_tokens(step) / dt
         mfu = (tok_s * trainer.flops_per_token / (cfg.peak_tflops * 1e12 * self.dist.world_size) if cfg.peak_tflops
                else None)
         mem, reserved = peak_memory_gib(trainer.device), peak_reserved_gib(trainer.device)
@@ -808,7 +828,7 @@ class TrainingRun:
                       f"{dt * 1e3:.1f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s} | mem {mem:.2f} GiB"
                       + ("" if reserved is None else f" (reserved {reserved:.2f})"),
                       postfix=f"loss {loss:.4f} {tok_s:,.0f} tok/s MFU {mfu_s}")
-        result.update(steps_done=step + 1, tokens_seen=(step + 1) * cfg.total_batch_tokens,
+        result.update(steps_done=step + 1, tokens_seen=trainer.tokens_through(step + 1),
                       train_time_s=self.train_time, peak_mem_gib=mem, peak_reserved_gib=reserved)
         if reserved is not None:
             result["memory_fit"] = memory_fit(reserved, cfg.memory_gib, self.total_gib)

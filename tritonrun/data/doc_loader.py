@@ -92,7 +92,9 @@ class DocPackLoader(_ShardStream):
             runs.append(run)
         return runs, idx
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _advance(self) -> list[tuple[int, int]]:
+        """Move past the next micro-batch (every rank's documents), counting what is read and skipped; this rank's
+        (start, end) documents."""
         tries = 0
         while (found := self._runs()) is None:
             tries += 1
@@ -109,7 +111,10 @@ class DocPackLoader(_ShardStream):
         self.read_tokens += span
         self.skipped_tokens += span - self.world_size * (self.tokens + 1)
         self.offset = nxt
-        run = runs[self.rank]
+        return runs[self.rank]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        run = self._advance()
         buf = np.concatenate([np.asarray(self._tokens[a:b]) for a, b in run])
         lengths = np.array([b - a for a, b in run], dtype=np.int64)
         lengths[-1] -= 1  # the last token is only a target
@@ -120,6 +125,25 @@ class DocPackLoader(_ShardStream):
         else:
             xy, cu = torch.from_numpy(buf.astype(np.int64)), torch.from_numpy(bounds)
         return xy[:-1].view(1, -1), xy[1:].view(1, -1), cu
+
+    def survey(self, batches: int) -> dict:
+        """What the next `batches` micro-batches (of every rank) read and skip, walked from the current position without
+        delivering anything (position and counters restored): {"sequences", "tokens_read", "tokens_skipped",
+        "fraction_skipped"}, the trainer's data line. Skipped: document tails past max_doc_len, cut remainders, shard
+        tails."""
+        state, counters = self.state_dict(), (self.skipped_tokens, self.read_tokens)
+        try:
+            for _ in range(batches):
+                self._advance()
+            skipped, read = self.skipped_tokens - counters[0], self.read_tokens - counters[1]
+        finally:
+            self.load_state_dict(state)
+            self.skipped_tokens, self.read_tokens = counters
+        return {"sequences": batches, "tokens_read": read - skipped, "tokens_skipped": skipped,
+                "fraction_skipped": skipped / read if read else 0.0,
+                "layout": f"whole documents from their start, each cut to {self.max_doc_len} tokens",
+                "fix": "this is the record's document rule (documents cut to the stage's maximum length); shards "
+                       "of shorter documents skip less"}
 
     def skipped_fraction(self) -> float:
         """Share of the tokens read past that no batch used (0.0 before any batch)."""

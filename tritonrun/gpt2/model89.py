@@ -82,6 +82,13 @@ class Record89Config:
             raise ValueError(f"head_dim must be a multiple of 4 (half-truncated RoPE pairs), got {self.head_dim}")
 
     @property
+    def block_size(self) -> int:
+        """The longest packed sequence a run may give it (--seq-len): 2^16. Nothing in the model is sized by it (the
+        rotary tables are built for the run's length); the record's sequences are 16,384-49,152 tokens per GPU in
+        training, 262,144 in validation."""
+        return 65536
+
+    @property
     def padded_vocab(self) -> int:
         return -(-self.vocab_size // 128) * 128
 
@@ -271,9 +278,59 @@ class Record89GPT(nn.Module):
         for i, scales in enumerate(self.fp8_scales):
             scales.refresh(self.mlp_bank[2 * i], self.mlp_bank[2 * i + 1].t())
 
+    def fp8_state_dict(self) -> list[dict] | None:
+        """Every layer's FP8 scales (Fp8MlpScales.state_dict), None before the first refresh or without fp8: a
+        checkpoint carries them so that a resumed run quantizes as the straight one."""
+        return None if self.fp8_scales is None else [s.state_dict() for s in self.fp8_scales]
+
+    def load_fp8_state_dict(self, state: list[dict] | None) -> None:
+        """Restore fp8_state_dict() over the current weights (None: nothing to restore)."""
+        if not self.fp8 or state is None:
+            return
+        from tritonrun.kernels.mlp_relu2 import Fp8MlpScales
+
+        self.fp8_scales = [Fp8MlpScales(self.mlp_bank.device) for _ in range(self.config.n_layer)]
+        for i, (scales, s) in enumerate(zip(self.fp8_scales, state)):
+            scales.load_state_dict(s, self.mlp_bank[2 * i], self.mlp_bank[2 * i + 1].t())
+
     # ------------------------------------------------------------------------------------------- sizes
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def padding_parameters(self) -> int:
+        """Parameters in padded vocabulary rows: lm_head's columns, embed's and the five value tables' rows."""
+        c = self.config
+        return 7 * (c.padded_vocab - c.vocab_size) * c.n_embd
+
+    def num_parameters(self, include_padding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_padding else n - self.padding_parameters()
+
+    def flops_per_token(self, seq_len: int, windows: tuple[int, int], fp8_ratio: float = 1.0) -> int:
+        """Training FLOPs per token for MFU, in bf16-peak units: 6 M + attention, as SpeedrunGPT.flops_per_token
+        counts them. M = the matrices every token multiplies through: the 10 attention layers' Q, K, V, O (4 C^2),
+        the 11 MLPs' (8 C^2), the MUDD and gate networks (4 x (64 C + 64 lanes)), the LM head over its vocab_size
+        real columns; the lookups (embed, value tables, bigram table) and elementwise work are not counted.
+        Attention: 12 H D per (query, key) pair, the pairs a T-token document allows at the layer's window (short on
+        8 layers, long on layers 3 and 10; a paired-head layer attends a doubled sequence of half the heads: the
+        same count); DC MHA's 112-key correction on layer 10 is left out (< 1 % of the step).
+        fp8_ratio (the FP8 peak over the bf16 peak, 2 on sm_89 / sm_90) with FP8 MLPs: the MLPs' two forward
+        matmuls run at the FP8 rate, so they count 1 / fp8_ratio of their FLOPs (the MFU then weighs each matmul
+        at its own precision's peak: presets.mixed_mfu)."""
+        c = self.config
+        C, L = c.n_embd, c.n_layer
+        mlp = L * 8 * C * C
+        matmul = (L - 1) * 4 * C * C + mlp + 4 * MUDD_DIM * C + MUDD_DIM * (14 + 5 + PRE_LANES + POST_LANES) \
+            + c.vocab_size * C
+        flops = 6 * matmul
+        if self.fp8 and fp8_ratio != 1.0:
+            flops -= round(2 * mlp * (1 - 1 / fp8_ratio))
+        attn = 0
+        for i in range(L):
+            if i == NO_ATTENTION_LAYER:
+                continue
+            w = min(windows[1] if i in LONG_LAYERS else windows[0], seq_len) + 1  # FA3 (w, 0): w + 1 keys
+            w = min(w, seq_len)
+            pairs = w * (w + 1) // 2 + (seq_len - w) * w
+            attn += 12 * C * pairs / seq_len
+        return flops + round(attn)
 
     # ------------------------------------------------------------------------------------------- forward
     def _mudd(self, x, j: int, n: int):
@@ -394,16 +451,23 @@ class Record89GPT(nn.Module):
             + mu[4] * cache[3]
         return _norm(x)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor, step: StepInputs
-                ) -> torch.Tensor:
-        """Per-token losses (T,) of one packed sequence: the training head (step.mtp_weights, step.prefix_weight)
-        in training mode, plain cross-entropy of the rescaled logits in eval mode [H1683-1692]."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor, step: StepInputs,
+                reduction: str = "mean") -> torch.Tensor:
+        """The loss of one packed sequence (ids, targets: (T,) or the loaders' (1, T)): the training head
+        (step.mtp_weights, step.prefix_weight) in training mode, plain cross-entropy of the rescaled logits in eval
+        mode [H1683-1692]; reduction "mean" (the trainer's; the record sums, the recipe's grad_scale makes up the
+        difference) or "none" (per-token, (T,))."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        ids, targets = ids.reshape(-1), targets.reshape(-1)
         h = self.hidden(ids, cu_seqlens, step.windows, step.rope, step.scale)
         if self.training:
             prefix = self.prefix_table[targets]
-            return self.ops.mtp_head(h, self.lm_head, targets, step.mtp_weights, prefix, step.prefix_weight)
-        logits = s89.LOGIT_A * torch.sigmoid((h @ self.lm_head.type_as(h) + s89.LOGIT_B) / s89.LOGIT_C)
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+            losses = self.ops.mtp_head(h, self.lm_head, targets, step.mtp_weights, prefix, step.prefix_weight)
+        else:
+            logits = s89.LOGIT_A * torch.sigmoid((h @ self.lm_head.type_as(h) + s89.LOGIT_B) / s89.LOGIT_C)
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        return losses if reduction == "none" else losses.mean()
 
 
 @dataclass

@@ -306,11 +306,13 @@ def mtp_rows(logits: torch.Tensor, target_matrix: torch.Tensor, mtp_weights: tor
         ok = (t >= 0) & (t < V)
         tc = t.clamp(min=0, max=V - 1)
         losses += torch.where(ok, w[k] * (lse - z[rows, tc]), 0.0)
-        hit[rows[ok], tc[ok]] += w[k]
+        # index_put_ (rows are distinct: no accumulation order) rather than a boolean mask: no data-dependent
+        # shape, so FakeTensorMode (the memory estimate) can trace it
+        hit.index_put_((rows, tc), torch.where(ok, w[k], 0.0), accumulate=True)
     p_ok = (prefix_targets >= 0) & (prefix_targets < V)
     pc = prefix_targets.clamp(min=0, max=V - 1)
     losses += torch.where(p_ok, p * (lse - z[rows, pc]), 0.0)
-    hit[rows[p_ok], pc[p_ok]] += p
+    hit.index_put_((rows, pc), torch.where(p_ok, p, 0.0), accumulate=True)
     s_w = w.sum() + torch.where(p_ok, p, 0.0)
     dz = s_w[:, None] * torch.softmax(z, dim=1) - hit
     return losses, dz * (LOGIT_A / LOGIT_C) * u * (1 - u)

@@ -157,6 +157,23 @@ class Fp8MlpScales:
         self.w2_next = amax2 * W2_HEADROOM / fp8.E4M3.max
         self.refreshes += 1
 
+    def state_dict(self) -> dict:
+        """What the next forwards depend on beyond the weights: the delayed scales and the refresh count (the
+        quantized weights follow from the weights and w2_used: load_state_dict re-quantizes them)."""
+        return {"act_scale": self.act_scale.clone(), "w2_next": self.w2_next.clone(),
+                "w2_used": self.w2_used.clone(), "refreshes": self.refreshes}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, W1: torch.Tensor, W2: torch.Tensor) -> None:
+        """Restore state_dict()'s scales and re-quantize the current weights W1, W2 as the last refresh did."""
+        dev = self.act_scale.device
+        self.act_scale, self.w2_next, self.w2_used = (state[k].to(dev).clone()
+                                                      for k in ("act_scale", "w2_next", "w2_used"))
+        self.refreshes = int(state["refreshes"])
+        self.s_up = (W1.abs().amax().clamp(min=1e-12) / fp8.E4M3.max).float().reshape(1)
+        self.w1_8 = fp8.quantize(W1.float(), self.s_up, fp8.E4M3)
+        self.w2_8 = fp8.quantize(W2.float(), self.w2_used, fp8.E4M3)
+
 
 class _ReluSquaredMLP(torch.autograd.Function):
     @staticmethod

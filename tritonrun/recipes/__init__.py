@@ -4,14 +4,15 @@
   gpt2            llm.c's GPT-2 124M                                   recipes/gpt2.py
   speedrun        modded-nanogpt 2024-12-17 (#17), packed, windowed     recipes/modded_nanogpt_2024_12_17.py
   speedrun-dense  modded-nanogpt 2024-11-10 (#11), dense T = 1024       recipes/modded_nanogpt_2024_11_10.py
+  record89        modded-nanogpt 2026-07-17 (#89), staged, FP8 MLPs      recipes/modded_nanogpt_2026_07_17.py
 """
 from __future__ import annotations
 
-from tritonrun.recipes import gpt2, modded_nanogpt_2024_11_10, modded_nanogpt_2024_12_17
+from tritonrun.recipes import gpt2, modded_nanogpt_2024_11_10, modded_nanogpt_2024_12_17, modded_nanogpt_2026_07_17
 from tritonrun.recipes.base import Recipe, Schedule
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (gpt2.RECIPE, modded_nanogpt_2024_12_17.RECIPE,
-                                                  modded_nanogpt_2024_11_10.RECIPE)}
+                                                  modded_nanogpt_2024_11_10.RECIPE, modded_nanogpt_2026_07_17.RECIPE)}
 
 
 def get_recipe(name: str) -> Recipe:

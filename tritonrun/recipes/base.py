@@ -19,6 +19,10 @@ run asks them:
   flops_per_token(...)    the MFU basis of a run of it
   op_names                the ops-seam entries its model calls (the ops table of the log)
   model_kind, hf_export   the "model_kind" its checkpoints carry, and whether HF export takes them
+  autocast, fp8           --dtype bf16 as torch.autocast (or the model's own casts); whether --fp8 applies
+  memory_step             which training step tritonrun.memory estimates for it: "generic" (estimate()'s, built
+                          from model_for and the optimizers) or a recipe's own (memory.ESTIMATORS)
+  packed_lengths(...)     a packed recipe's --seq-len candidates for the memory fit
   lr_is_multiplier        --lr: an absolute peak, or a multiplier on every group's base lr
   softcapped_head         its torch LM head softcaps fp32 logits (more memory per micro-batch: presets)
   warmup_fraction         its lr warmup as a fraction of the run; tokens_to_target (+ source): the published
@@ -40,6 +44,21 @@ class Schedule:
     def window(self, step: int) -> int | None:
         return None
 
+    def micro_batches(self, step: int, default: int) -> int:
+        """Micro-batches per rank at 0-based `step` (default: the run's total_batch_tokens / (micro-batch x seq_len x
+        ranks)); a recipe whose batch grows in stages returns the stage's."""
+        return default
+
+    def grad_scale(self, step: int, tokens: int) -> float:
+        """The factor on the mean loss the backward takes for a step of `tokens` tokens (all ranks): 1.0 (the
+        gradient of the mean); a recipe whose record sums its losses returns what makes the gradients the record's.
+        The logged loss stays the mean."""
+        return 1.0
+
+    def begin_step(self, step: int, train_loader) -> None:
+        """Before `step`'s first micro-batch: what the data loader must know of the step (a stage's maximum document
+        length)."""
+
     def warmup_steps(self, start: int, n: int, end: int) -> list[int]:
         """The 0-based steps the untimed warm-up runs for a run at `start` with `n` warm-up steps and `end` steps in
         all: start .. start + n - 1, and, where the schedule hands the model a window, one step at the first window
@@ -47,15 +66,19 @@ class Schedule:
         once (the window then becomes a symbolic int) and the largest may cross a guard: both happen here, not
         in the clock."""
         steps = list(range(start, start + n))
-        if not steps or self.window(start) is None:
+        if not steps or self.window_key(start) is None:
             return steps
-        seen = {self.window(s) for s in steps}
-        later = next((s for s in range(steps[-1] + 1, end) if self.window(s) not in seen), None)
+        seen = {self.window_key(s) for s in steps}
+        later = next((s for s in range(steps[-1] + 1, end) if self.window_key(s) not in seen), None)
         for s in (later, end - 1):
-            if s is not None and s > steps[-1] and self.window(s) not in seen:
+            if s is not None and s > steps[-1] and self.window_key(s) not in seen:
                 steps.append(s)
-                seen.add(self.window(s))
+                seen.add(self.window_key(s))
         return steps
+
+    def window_key(self, step: int):
+        """What of window(step) tells the warm-up two steps apart (hashable): the window itself by default."""
+        return self.window(step)
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,9 @@ class Recipe:
     hf_export: bool = False
     init_sources: tuple[str, ...] = ("ckpt",)  # --init-from schemes whose weights it trains
     ddp_broadcast_buffers: bool = True  # DDP re-broadcasts the model's buffers each forward
+    autocast: bool = True  # --dtype bf16 runs the forward under torch.autocast (False: the model casts itself)
+    fp8: bool = False  # --fp8 applies (the record runs matmuls in FP8)
+    memory_step: str = "generic"  # which of tritonrun.memory's step estimates measures it (ESTIMATORS)
     op_names: tuple[str, ...] = ()
     # its torch LM head applies a softcap (fp32 logits through tanh): a dense micro-batch of it takes more memory
     softcapped_head: bool = False
@@ -132,6 +158,15 @@ class Recipe:
 
     def flops_per_token(self, model, cfg) -> int:
         return model.flops_per_token(cfg.seq_len)
+
+    def packed_lengths(self, total_batch_tokens: int, block_size: int) -> list[int]:
+        """A packed recipe's --seq-len candidates for the memory fit: powers of two from 128 to the context that
+        divide --total-batch-tokens."""
+        return [t for t in (2 ** k for k in range(7, 21)) if t <= block_size and total_batch_tokens % t == 0]
+
+    def batch_note(self, cfg) -> str:
+        """What the dry run's batch line adds for this recipe (a staged batch: the stages'); "" for none."""
+        return ""
 
     def describe_optimizer(self, optimizer, world_size: int) -> str | None:
         """An extra line for the log's ops table, for what runs outside the ops seam (None: nothing)."""

@@ -12,6 +12,8 @@ What the record's class adds over the two update rules, kept here:
             lm_head's Adam moments (transposed) and step count, and the two train apart from then on [H657-694].
   lr        every group's lr = its base lr x the schedule's multiplier; NorMuon's momentum the schedule's
             [H2137-2143].
+  FP8       after every step the model re-quantizes its MLP weights (Record89GPT.refresh_fp8, the record's
+            quantize_mlp_fp8 after step_optimizers [H2365]); the FP8 scales travel in state_dict (checkpoints).
 What it leaves out (8 GPUs only): reduce-scatter / all-gather layouts, sparse bigram gradient exchange, the bank
 padding to a multiple of the world size, the scatter and work orders (they order communication, not math).
 """
@@ -52,6 +54,7 @@ class Record89Optimizer:
     after a NorMuon-only step. `lr_scale` multiplies every base lr (--lr as a multiplier; 1 = the record's)."""
 
     def __init__(self, model, untie_step: int, lr_scale: float = 1.0):
+        self.model = model
         named = dict(model.named_parameters())
         unknown = set(named) - set(ADAM_TABLE) - set(NORMUON_PARAMS)
         if unknown:
@@ -108,6 +111,8 @@ class Record89Optimizer:
                 self.embed.copy_(self.lm_head.t())
         if self.step_index == self.untie_step and not self.split:
             self.untie()
+        if getattr(self.model, "fp8", False):
+            self.model.refresh_fp8()
 
     @torch.no_grad()
     def untie(self) -> None:
@@ -125,10 +130,13 @@ class Record89Optimizer:
             self.adam.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
+        fp8 = getattr(self.model, "fp8_state_dict", lambda: None)()
         return {"adam": self.adam.state_dict(), "normuon": self.normuon.state_dict(), "split": self.split,
-                "adam_ran": self._adam_ran}
+                "adam_ran": self._adam_ran, "fp8": fp8}
 
     def load_state_dict(self, state: dict) -> None:
         self.adam.load_state_dict(state["adam"])
         self.normuon.load_state_dict(state["normuon"])
         self.split, self._adam_ran = bool(state["split"]), bool(state["adam_ran"])
+        if state.get("fp8") is not None:
+            self.model.load_fp8_state_dict(state["fp8"])

@@ -1,0 +1,165 @@
+"""--recipe record89 (modded-nanogpt record #89, tritonrun/recipes/modded_nanogpt_2026_07_17.py) on CPU: the tiny
+model trains through the CLI on the built-in corpus and a resumed run is bitwise the straight one (through an Adam
+step, a stage change and the untie); the schedule's stage batches, gradient scale, step inputs and final window; the
+record's gradient (sum of token losses / 8) from the trainer's mean; --fp8 resolution and the one-line refusals;
+the FP8 scales' state round trip; the memory fit on the 12 GB preset."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from tritonrun import train as train_speedrun
+from tritonrun.gpt2 import speedrun89 as s89
+from tritonrun.gpt2.model89 import Record89Config, Record89GPT
+from tritonrun.recipes import get_recipe
+from tritonrun.recipes.modded_nanogpt_2026_07_17 import FINAL_BATCH, Record89Schedule, scaled_schedule
+from tests.test_train_cli import assert_user_error, run_cli
+
+RECIPE = ["--recipe", "record89", "--gpu", "cpu", "--model", "tiny", "--data", "sample"]
+# 4 steps: stages [0, 1), [1, 3), [3, 4) of 1, 2 and 3 packed sequences of 256 tokens; Adam on steps 1 and 3; the
+# untie after step 3 (odd, the first of the third stage); windows 128/384, 384/896, 640/1408 tokens.
+SMALL = [*RECIPE, "--seq-len", "256", "--total-batch-tokens", "768", "--val-tokens", "512", "--max-steps", "4",
+         "--timing-warmup-steps", "0"]
+
+
+def result(out) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def test_tiny_run_trains_and_resumes_bitwise(tmp_path):
+    """A 4-step CLI run learns (val falls from ln V; the training loss is the MTP-weighted sum, ~2 ln V at the start)
+    and its staged batches are counted in its tokens; a run resumed from its step-2 checkpoint repeats steps 3-4
+    bitwise (losses, grad norms, val), the Adam step, the stage change and the untie included."""
+    straight = tmp_path / "straight"
+    proc = run_cli(*SMALL, "--val-every", "2", "--checkpoint-every", "2", "--keep-checkpoints", "0",
+                   "--no-final-checkpoint", "--out-dir", straight)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    a = result(straight)
+    assert a["recipe"] == "record89" and a["status"] == "max_steps"
+    assert a["tokens_seen"] == (1 + 2 + 2 + 3) * 256  # the stages' micro-batches
+    assert [s["stage"] for s in a["steps"]] == [0, 1, 1, 2]
+    assert [s["adam_step"] for s in a["steps"]] == [False, True, False, True]
+    weights = (1.0 + 0.5 + 0.25) + 0.25  # stage 0's MTP weights + the prefix weight at step 0
+    assert abs(a["train_losses"][0] - weights * math.log(50304)) < 1.0, a["train_losses"]
+    vals = [v["loss"] for v in a["val"]]
+    assert vals[0] < math.log(50304) - 1.0 and vals[-1] < vals[0], vals
+    assert "data: " in (straight / "train.log").read_text()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000002.pt", resumed / "ckpt_00000002.pt")
+    proc = run_cli("--resume", "--out-dir", resumed, "--no-final-checkpoint")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    b = result(resumed)
+    assert b["resumed_from"] and len(b["train_losses"]) == 4
+    assert b["train_losses"] == a["train_losses"]
+    assert [s["grad_norm"] for s in b["steps"]] == [s["grad_norm"] for s in a["steps"]]
+    assert [v["loss"] for v in b["val"]] == [v["loss"] for v in a["val"]]
+
+
+def test_schedule_hooks():
+    """The record's run length gives its own schedule; a short run scales it. The stage batches are 1/3, 2/3, 3/3 of
+    the trainer's micro-batches; the backward scale makes mean x tokens / 8 (the record's sum / 8); a step at or past
+    the end gets the final long window (20 blocks) with the last stage's rotary tables."""
+    assert scaled_schedule(1285) == s89.Schedule89()
+    short = scaled_schedule(30)
+    assert short.total_steps == 30 and short.untie_step % 2 == 1 and short.untie_step < 30
+    sched = Record89Schedule(s89.Schedule89(), 4096, 128, "cpu", 1285)
+    assert [sched.micro_batches(s, 96) for s in (0, 423, 847, 1284)] == [32, 64, 96, 96]
+    assert 96 * 4096 == FINAL_BATCH
+    assert sched.grad_scale(0, 131_072) == 16_384.0
+    last, final = sched.window(1284), sched.window(1285)
+    assert last.windows == (6 * 128, 13 * 128) and final.windows == (6 * 128, 20 * 128)
+    assert final.scale == last.scale and torch.equal(final.rope["plain"][0], last.rope["plain"][0])
+    assert sched.window(5).rope["plain"][0] is sched.window(6).rope["plain"][0]  # cached per stage
+    torch.testing.assert_close(sched.window(5).mtp_weights, torch.tensor(s89.Schedule89().mtp_weights(5)))
+
+
+def test_trainer_gradient_is_the_records_sum_over_8():
+    """What Trainer.train_step backpropagates (each micro-batch's mean loss / n x grad_scale) is the gradient of the
+    sum of all token losses / 8, the record's, over micro-batches of different documents."""
+    torch.manual_seed(0)
+    config = Record89Config(vocab_size=300, head_dim=64, n_embd=384, bigram_rows=97, dtype="float32")
+    model = Record89GPT(config)
+    with torch.no_grad():
+        model.mlp_bank[1::2].normal_(0, 0.02)
+    sched = Record89Schedule(scaled_schedule(12), 32, 64, "cpu", 12)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 300, (1, 32), generator=g), torch.randint(0, 300, (1, 32), generator=g),
+                torch.tensor([0, 11, 32], dtype=torch.int32)) for _ in range(2)]
+    si = sched.window(0)
+    scale = sched.grad_scale(0, 2 * 32)
+    for x, y, cu in batches:
+        (model(x, y, cu, si) / 2 * scale).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (sum(model(x, y, cu, si, reduction="none").sum() for x, y, cu in batches) / 8).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-7 * p.grad.abs().max().item(), msg=n)
+
+
+def _cfg(*args):
+    cfg, _ = train_speedrun.resolve_config(["--recipe", "record89", "--out-dir", "x", "--dry-run", *args])
+    return cfg
+
+
+def test_fp8_resolution():
+    """auto: on with --backend triton on an sm_89 / sm_90 preset, off on torch, on sm_86, on the CPU."""
+    gpu = ["--seq-len", "4096"]  # given: no memory sizing
+    assert _cfg("--gpu", "rtx4070", "--backend", "triton", *gpu).fp8 == "on"
+    assert _cfg("--gpu", "h100", "--backend", "triton", *gpu).fp8 == "on"
+    assert _cfg("--gpu", "rtx4070", "--backend", "torch", *gpu).fp8 == "off"
+    assert _cfg("--gpu", "rtx4070", "--backend", "triton", "--torch-ops", "relu2_mlp", *gpu).fp8 == "off"
+    assert _cfg("--gpu", "rtx3090", "--backend", "triton", *gpu).fp8 == "off"
+    assert _cfg("--gpu", "rtx4070", "--backend", "triton", "--fp8", "off", *gpu).fp8 == "off"
+    assert _cfg("--gpu", "cpu", "--model", "tiny").fp8 == "off"
+    other, _ = train_speedrun.resolve_config(["--recipe", "speedrun", "--gpu", "cpu", "--out-dir", "x"])
+    assert other.fp8 == "off"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--fp8", "on"], ["--fp8 on runs the MLPs in the Triton relu2_mlp kernel", "--backend triton"]),
+    (["--beta1", "0.8"], ["--beta1 does not apply to --recipe record89", "ADAM_TABLE"]),
+    (["--micro-batch", "2"], ["--micro-batch does not apply to --recipe record89", "--seq-len"]),
+    (["--total-batch-tokens", "1000"], ["not a multiple of 3 x --seq-len 256", "make it 768"]),
+    (["--max-steps", "3"], ["--max-steps 3 is too short", "at least 4"]),
+    (["--recipe", "speedrun", "--fp8", "on"], ["--fp8 on does not apply to --recipe speedrun", "record89"]),
+])
+def test_refusals_are_one_line(args, needles, tmp_path):
+    proc = run_cli(*RECIPE, *args, "--out-dir", tmp_path / "out")
+    assert_user_error(proc, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_scales_state_round_trip():
+    """Fp8MlpScales.state_dict / load_state_dict (what a checkpoint carries): a restored copy quantizes the same weights
+    to the same bytes with the same delayed scales."""
+    from tritonrun.kernels.mlp_relu2 import Fp8MlpScales
+
+    g = torch.Generator().manual_seed(0)
+    W1, W2 = torch.randn(96, 32, generator=g), torch.randn(32, 96, generator=g)
+    a = Fp8MlpScales("cpu")
+    for _ in range(3):
+        a.refresh(W1, W2)
+        W2 = W2 * 1.3
+    a.act_scale = torch.tensor([0.0123])
+    b = Fp8MlpScales("cpu")
+    b.load_state_dict(a.state_dict(), W1, W2 / 1.3)
+    assert b.refreshes == a.refreshes == 3
+    for name in ("act_scale", "w2_next", "w2_used", "s_up"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.w1_8.view(torch.uint8), b.w1_8.view(torch.uint8))
+    assert torch.equal(a.w2_8.view(torch.uint8), b.w2_8.view(torch.uint8))
+
+
+def test_rtx4070_fits_at_the_packed_length_it_derives(tmp_path):
+    """The memory fit (tritonrun.memory.fit: the recipe's own estimate, its lengths dividing a stage-1 batch) picks
+    4,096 tokens on the 12 GB preset with the Triton backend, within the 11 GiB budget; 8,192 does not fit."""
+    from tritonrun.memory import fit_preset
+
+    found = fit_preset("rtx4070", "record89", "d12", 4096, FINAL_BATCH, "triton", cache_dir=tmp_path)
+    assert found["seq_len"] == 4096 and found["reserved_gib"] <= 11.0, found
+    assert dict(map(tuple, found["tried"]))[8192] is False
+    assert get_recipe("record89").packed_lengths(FINAL_BATCH, 65536)[-1] == 65536  # a third: 131,072 = 2 x 65,536
