@@ -419,11 +419,11 @@ FIGURES = [
            label="derived: the sum of its runs' `wall_s`"),
         # ---- Recipes: the side-by-side table (FLOPs per token computed, the 4070 time a labelled projection)
     *(Figure("Recipes", text, "computed", f"{name}'s flops_per_token as run on rtx4070 (--backend triton)",
-             value=(lambda name=name: recipe_flops(name)), near=f"| `{name}` |")
+             value=(lambda name=name: recipe_flops(name)), near=f"| {name} |")
       for name, text in (("gpt2", "803.3M"), ("speedrun-dense", "797.8M"), ("speedrun", "814.3M"),
                          ("record89", "683.5M"))),
     *(Figure("Recipes", text, "projection", f"{name}: tokens_to_target x FLOPs per token / (58.3e12 x 0.45) in h",
-             value=(lambda name=name: projected_hours(name)), near=f"| `{name}` |",
+             value=(lambda name=name: projected_hours(name)), near=f"| {name} |",
              label="tokens to 3.28 × FLOPs per token / (58.3 TFLOPS × 0.45)")
       for name, text in (("gpt2", "76.5"), ("speedrun-dense", "13.3"), ("speedrun", "6.7"), ("record89", "2.6"))),
     Figure("Recipes", "0.45", "formula", "the assumed MFU of the recipe table's projection",

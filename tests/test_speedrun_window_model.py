@@ -400,7 +400,8 @@ def test_eager_torch_window_attention_refuses_a_huge_dense_mask_on_a_gpu(tmp_pat
     with pytest.raises(ValueError, match="add --compile .* or --backend triton"):
         torch_window_mask(torch.tensor([0, T], dtype=torch.int32), 128, T, torch.device("cuda"))
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--gpu", "h100", "--no-compile", "--dry-run"]) == 2
+    assert train.main(["--gpu", "h100", "--recipe", "speedrun", "--no-compile", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dense 32768 x 32768 mask" in err[0] and "--compile" in err[0], err
-    assert train.main(["--gpu", "h100", "--no-compile", "--backend", "triton", "--dry-run"]) == 0  # the kernel
+    assert train.main(["--gpu", "h100", "--recipe", "speedrun", "--no-compile", "--backend", "triton",
+                       "--dry-run"]) == 0  # the kernel

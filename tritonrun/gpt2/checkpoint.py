@@ -28,6 +28,9 @@ from tritonrun.runinfo import atomic_file
 FORMAT = "tritonrun.checkpoint"
 VERSION = 1
 MODEL_KINDS = ("gpt2", "speedrun", "speedrun-dense")  # the checkpoint's "model_kind"; absent = "gpt2"
+# kinds the trainer writes whose models only train (--resume, --init-from ckpt:): their forward takes the training
+# schedule's inputs, which sampling, HellaSwag and export do not build
+TRAIN_ONLY_KINDS = ("record89",)
 SPEEDRUN_KINDS = ("speedrun", "speedrun-dense")
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -152,6 +155,10 @@ def build_model_from_config(kind: str, config: dict, ops=None) -> GPT | Speedrun
     """A freshly initialized model of `kind` ("gpt2" or "speedrun") from its config dict (a checkpoint's
     model_config, a JSON round trip of it included), its ops from gpt2.ops.get_ops (None: torch). ValueError
     with one line for an unknown kind or a config that does not fit the kind's dataclass."""
+    if kind in TRAIN_ONLY_KINDS:
+        raise ValueError(f"a {kind} model: sampling, HellaSwag and export do not take it yet (its forward needs the "
+                         f"training schedule's windows and rotary tables); it trains on with --resume or --init-from "
+                         f"ckpt:")
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
     speedrun = kind in SPEEDRUN_KINDS

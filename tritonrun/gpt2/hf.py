@@ -355,8 +355,12 @@ def main(argv=None) -> int:
                                 f"or add --force to overwrite it")
         ckpt = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt)
-        if checkpoint_model_kind(state) != "gpt2":  # only GPT2LMHeadModel's shape exports; before any weights load
-            raise HFFormatError(f"{ckpt}: {NOT_GPT2}")
+        kind = checkpoint_model_kind(state)
+        if kind != "gpt2":  # only GPT2LMHeadModel's shape exports; before any weights load
+            what = NOT_GPT2 if kind.startswith("speedrun") else (
+                f"a {kind} model (--recipe {kind}), not a GPT2LMHeadModel: Hugging Face export covers the gpt2 "
+                f"recipe only (--recipe gpt2)")
+            raise HFFormatError(f"{ckpt}: {what}")
         out = save_hf(model_from_checkpoint(state, ckpt), args.out)
     except (ValueError, OSError) as e:  # CheckpointError / HFFormatError are ValueErrors
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)

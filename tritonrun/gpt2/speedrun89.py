@@ -371,3 +371,47 @@ def mtp_head_torch(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """Per-token losses (N,) of the training head for h (N, C), weight (C, V) (the ops seam's torch mtp_head)."""
     w = torch.as_tensor(mtp_weights, dtype=torch.float32, device=h.device)
     return _MtpHeadTorch.apply(h, weight, targets, w, prefix_targets, prefix_weight)
+
+
+# The record's FP8 LM head (training only) [H1225 CastedLinearT(..., x_s=100/448, w_s=1.6/448,
+# grad_s=grad_scale * 0.75/448); its FusedSoftcappedCrossEntropy and mm_t ops]: h and the weight in e4m3 at fixed
+# scales, the logits the scaled matmul's bf16, the logits' gradient in e5m2.
+FP8_HEAD_X_S, FP8_HEAD_W_S, FP8_HEAD_GRAD_S = 100 / 448, 1.6 / 448, 0.75 / 448
+
+
+class _MtpHeadFp8Reference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, mtp_weights, prefix_targets, prefix_weight):
+        from tritonrun.kernels.fp8 import E4M3, reference_quantize
+
+        x8 = reference_quantize(h.float(), FP8_HEAD_X_S, E4M3).float()
+        w8 = reference_quantize(weight.float(), FP8_HEAD_W_S, E4M3).float()
+        logits = ((x8 @ w8) * (FP8_HEAD_X_S * FP8_HEAD_W_S)).bfloat16()
+        losses, dl = mtp_rows(logits, mtp_target_matrix(targets, mtp_weights.numel()), mtp_weights, prefix_targets,
+                              prefix_weight)
+        ctx.save_for_backward(x8, w8, dl)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return losses
+
+    @staticmethod
+    def backward(ctx, g):
+        from tritonrun.kernels.fp8 import E5M2, reference_quantize
+
+        x8, w8, dl = ctx.saved_tensors
+        scale = g.float().abs().max().clamp(min=1e-30) * FP8_HEAD_GRAD_S  # the record's grad_scale x 0.75 / 448
+        g8 = reference_quantize(dl * g.float()[:, None], scale, E5M2).float()
+        dh = ((g8 @ w8.t()) * (scale * FP8_HEAD_W_S)).bfloat16()
+        dw = (x8.t() @ g8) * (FP8_HEAD_X_S * scale)
+        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None, None, None
+
+
+def mtp_head_fp8_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                           prefix_targets: torch.Tensor, prefix_weight) -> torch.Tensor:
+    """The record's training head with its FP8 rule, in torch (fp64-free emulation through torch's fp8 casts; all rows
+    at once: small shapes): h (N, C) and weight (C, V) to e4m3 at FP8_HEAD_X_S / FP8_HEAD_W_S, logits = the bf16 of
+    their scaled product, losses and gradient as mtp_rows; backward: the gradient to e5m2 at the record's scale
+    (0.75 / 448 x the loss scale), dh in bf16, dW in fp32, from the quantized operands. Ours runs the head in bf16
+    (a deviation: bench/record89_head.py compares the two in training); this is the contract an FP8 head would meet."""
+    w = torch.as_tensor(mtp_weights, dtype=torch.float32, device=h.device)
+    return _MtpHeadFp8Reference.apply(h, weight, targets, w, prefix_targets, prefix_weight)
+

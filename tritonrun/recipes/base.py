@@ -150,6 +150,23 @@ class Recipe:
         """The run's model: model_for(sizes()[cfg.model]), or the weights of --init-from."""
         raise NotImplementedError
 
+    def own_checkpoint(self, init_from: str) -> dict:
+        """The checkpoint --init-from ckpt:PATH names; InitError (one line) when it cannot be read or another recipe
+        wrote it."""
+        from tritonrun.errors import InitError
+        from tritonrun.gpt2.checkpoint import (CheckpointError, checkpoint_model_kind, load_checkpoint,
+                                               resolve_checkpoint)
+
+        path = init_from.partition(":")[2]
+        try:
+            ckpt = load_checkpoint(resolve_checkpoint(path))
+        except CheckpointError as e:
+            raise InitError(str(e)) from None
+        kind = checkpoint_model_kind(ckpt)
+        if kind != self.model_kind:
+            raise InitError(f"{path}: a {kind} checkpoint, not a {self.name} one: use --recipe {kind}")
+        return ckpt
+
     def build_optimizer(self, model, ops, cfg):
         raise NotImplementedError
 

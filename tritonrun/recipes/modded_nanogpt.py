@@ -158,21 +158,11 @@ class SpeedrunRecipe(Recipe):
     def build_model(self, cfg, ops):
         """SpeedrunGPT of sizes()[cfg.model], or the model of --init-from ckpt:PATH (a checkpoint of this recipe;
         its weights loaded)."""
-        from tritonrun.gpt2.checkpoint import (CheckpointError, checkpoint_model_kind, load_checkpoint,
-                                               resolve_checkpoint)
-        from tritonrun.errors import InitError
         from tritonrun.gpt2.speedrun import SpeedrunConfig
 
         if not cfg.init_from:
             return self.model_for(self.sizes()[cfg.model], ops)
-        path = cfg.init_from.partition(":")[2]
-        try:
-            ckpt = load_checkpoint(resolve_checkpoint(path))
-        except CheckpointError as e:
-            raise InitError(str(e)) from None
-        kind = checkpoint_model_kind(ckpt)
-        if kind != self.model_kind:
-            raise InitError(f"{path}: a {kind} checkpoint, not a {self.name} one: use --recipe {kind}")
+        ckpt = self.own_checkpoint(cfg.init_from)
         model = self.model_for(SpeedrunConfig.from_dict(ckpt["model_config"]), ops)
         model.load_state_dict(ckpt["model"])
         return model

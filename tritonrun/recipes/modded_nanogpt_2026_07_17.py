@@ -167,8 +167,11 @@ class Record20260717(Recipe):
         if cfg.init_from and not cfg.init_from.startswith("ckpt:"):
             raise ValueError(f"--init-from {cfg.init_from}: --recipe {self.name} starts from ckpt:PATH of a "
                              f"{self.name} run, or from scratch")
-        from tritonrun.gpt2.ops import parse_op_list
+        from tritonrun.gpt2.ops import DENSE_WINDOW_MASK_MAX_T, dense_window_refusal, parse_op_list
 
+        torch_attention = cfg.backend == "torch" or "window_attention" in parse_op_list(cfg.torch_ops)
+        if cfg.device == "cuda" and torch_attention and not cfg.compile and cfg.seq_len > DENSE_WINDOW_MASK_MAX_T:
+            raise ValueError(dense_window_refusal(cfg.seq_len))
         if cfg.fp8 == "on":
             if cfg.backend != "triton" or "relu2_mlp" in parse_op_list(cfg.torch_ops):
                 raise ValueError("--fp8 on runs the MLPs in the Triton relu2_mlp kernel: add --backend triton (and "
@@ -205,22 +208,12 @@ class Record20260717(Recipe):
         import torch
 
         from tritonrun.data.tokenizer import prefix_table
-        from tritonrun.errors import InitError
-        from tritonrun.gpt2.checkpoint import (CheckpointError, checkpoint_model_kind, load_checkpoint,
-                                               resolve_checkpoint)
         from tritonrun.gpt2.model89 import Record89Config
 
         if not cfg.init_from:
             model = self.model_for(self.model_config(cfg), ops, fp8=fp8_enabled(cfg))
         else:
-            path = cfg.init_from.partition(":")[2]
-            try:
-                ckpt = load_checkpoint(resolve_checkpoint(path))
-            except CheckpointError as e:
-                raise InitError(str(e)) from None
-            kind = checkpoint_model_kind(ckpt)
-            if kind != self.model_kind:
-                raise InitError(f"{path}: a {kind} checkpoint, not a {self.name} one: use --recipe {kind}")
+            ckpt = self.own_checkpoint(cfg.init_from)
             model = self.model_for(Record89Config.from_dict(ckpt["model_config"]), ops, fp8=fp8_enabled(cfg))
             model.load_state_dict(ckpt["model"])
         model.prefix_table.copy_(torch.from_numpy(prefix_table(model.config.padded_vocab)))
@@ -267,10 +260,14 @@ class Record20260717(Recipe):
         return round(total / tokens)
 
     def packed_lengths(self, total_batch_tokens: int, block_size: int) -> list[int]:
-        """Powers of two from 128 to the context that divide the first stage's batch (a third of
-        --total-batch-tokens): every stage is then whole micro-batches."""
+        """Powers of two from 128 to 16,384 that divide the first stage's batch (a third of --total-batch-tokens):
+        every stage is then whole micro-batches. 16,384 is the record's own sequence per GPU in its first stage, and
+        the longest the eager torch window attention takes (its dense mask; this recipe runs eager by default)."""
+        from tritonrun.gpt2.ops import DENSE_WINDOW_MASK_MAX_T
+
         third = total_batch_tokens // STAGE_BATCH_DIVISOR
-        return [t for t in (2 ** k for k in range(7, 21)) if t <= block_size and third % t == 0
+        top = min(block_size, DENSE_WINDOW_MASK_MAX_T)
+        return [t for t in (2 ** k for k in range(7, 21)) if t <= top and third % t == 0
                 and total_batch_tokens % STAGE_BATCH_DIVISOR == 0]
 
     def batch_note(self, cfg) -> str:
