@@ -442,10 +442,11 @@ def _host_copy(obj):
 def checkpoint_bytes(trainer) -> int:
     """A checkpoint's size before the optimizer has state: the model's tensors plus the optimizer state its step
     will create, per param: Adam 2 fp32 moments (+ an fp32 master for a low-precision param, FusedAdamW),
-    Muon/SGD 1 momentum in the param's dtype. Exact once the state exists (a resumed run)."""
+    Muon/SGD/NorMuon 1 momentum in the param's dtype (NorMuon's fp32 momentum, mantissa and second moment are more:
+    an estimate below the truth until the state exists). Exact once the state exists (a resumed run)."""
     model = tensor_bytes(trainer.model.state_dict())
     opt = trainer.optimizer
-    parts = [getattr(opt, "adam", None), getattr(opt, "muon", None)]
+    parts = [getattr(opt, name, None) for name in ("adam", "muon", "normuon")]
     optimizers = [o for o in parts if o is not None] or [opt]
     state = 0
     for o in optimizers:
