@@ -194,10 +194,11 @@ def config_values() -> frozenset[float]:
     constants."""
     from tritonrun import memory
     from tritonrun.defaults import RUN_DEFAULTS, SMOKE_DEFAULTS
-    from tritonrun.presets import PRESETS, VARIANT_PEAK_TFLOPS
+    from tritonrun.presets import PRESETS, VARIANT_PEAK_TFLOPS, fp8_peak_tflops_for
     from tritonrun.recipes import RECIPES
 
     things: list = [dataclasses.asdict(p) for p in PRESETS.values()]
+    things += [{name: fp8_peak_tflops_for(name) for name, p in PRESETS.items() if p.arch}]  # None: no FP8
     things += [VARIANT_PEAK_TFLOPS, RUN_DEFAULTS, SMOKE_DEFAULTS,
                {"fragmentation": memory.FRAGMENTATION, "budget_margin_bytes": memory.BUDGET_MARGIN,
                 "context_allowance_bytes": memory.CONTEXT_ALLOWANCE}]
@@ -571,12 +572,16 @@ def check_tables(text: str) -> list[str]:
             problems.append(f"Memory: {preset} {torch_mb} / {triton_mb} != its record's picks")
 
     presets = secs["Presets"]
-    for cells in _table(presets, "| preset | memory | peak bf16 TFLOPS (MFU) |"):
+    from tritonrun.presets import fp8_peak_tflops_for
+
+    for cells in _table(presets, "| preset | memory | peak bf16 TFLOPS (MFU) | peak FP8 TFLOPS |"):
         p = PRESETS[cells[0]]
-        want = ([f"{p.memory_gib:g} GiB", f"{p.peak_tflops:g}", f"{p.arch}, {p.sm_count} SMs"] if p.arch else
-                ["—", "—", "—"]) + [p.dtype, p.backend, "yes" if p.compile else "no"]
+        fp8 = fp8_peak_tflops_for(cells[0]) if p.arch else None
+        want = ([f"{p.memory_gib:g} GiB", f"{p.peak_tflops:g}", "—" if fp8 is None else f"{fp8:,g}",
+                 f"{p.arch}, {p.sm_count} SMs"] if p.arch else ["—", "—", "—", "—"]) + \
+            [p.dtype, p.backend, "yes" if p.compile else "no"]
         got = [cells[1], cells[2].rstrip("0").rstrip(".") if "." in cells[2] else cells[2], cells[3], cells[4],
-               cells[5].rstrip("*"), cells[6]]
+               cells[5], cells[6].rstrip("*"), cells[7]]
         if got != want:
             problems.append(f"Presets table: {cells} != PRESETS[{cells[0]!r}] {want}")
 
