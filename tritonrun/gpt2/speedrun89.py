@@ -380,29 +380,28 @@ FP8_HEAD_X_S, FP8_HEAD_W_S, FP8_HEAD_GRAD_S = 100 / 448, 1.6 / 448, 0.75 / 448
 
 
 class _MtpHeadFp8Reference(torch.autograd.Function):
+    """mtp_rows on the logits of kernels/fp8.reference_fp8_linear (the head's FP8 rule, its forward and backward)."""
+
     @staticmethod
     def forward(ctx, h, weight, targets, mtp_weights, prefix_targets, prefix_weight):
-        from tritonrun.kernels.fp8 import E4M3, reference_quantize
+        from tritonrun.kernels.fp8 import reference_fp8_linear
 
-        x8 = reference_quantize(h.float(), FP8_HEAD_X_S, E4M3).float()
-        w8 = reference_quantize(weight.float(), FP8_HEAD_W_S, E4M3).float()
-        logits = ((x8 @ w8) * (FP8_HEAD_X_S * FP8_HEAD_W_S)).bfloat16()
+        w = weight.t().float()  # (V, C): reference_fp8_linear's (out, in)
+        logits = reference_fp8_linear(h.float(), w, FP8_HEAD_X_S, FP8_HEAD_W_S, 1.0)
         losses, dl = mtp_rows(logits, mtp_target_matrix(targets, mtp_weights.numel()), mtp_weights, prefix_targets,
                               prefix_weight)
-        ctx.save_for_backward(x8, w8, dl)
+        ctx.save_for_backward(h, w, dl)
         ctx.dtypes = (h.dtype, weight.dtype)
         return losses
 
     @staticmethod
     def backward(ctx, g):
-        from tritonrun.kernels.fp8 import E5M2, reference_quantize
+        from tritonrun.kernels.fp8 import reference_fp8_linear
 
-        x8, w8, dl = ctx.saved_tensors
-        scale = g.float().abs().max().clamp(min=1e-30) * FP8_HEAD_GRAD_S  # the record's grad_scale x 0.75 / 448
-        g8 = reference_quantize(dl * g.float()[:, None], scale, E5M2).float()
-        dh = ((g8 @ w8.t()) * (scale * FP8_HEAD_W_S)).bfloat16()
-        dw = (x8.t() @ g8) * (FP8_HEAD_X_S * scale)
-        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None, None, None
+        h, w, dl = ctx.saved_tensors
+        scale = float(g.float().abs().max().clamp(min=1e-30)) * FP8_HEAD_GRAD_S  # the record's grad_scale x 0.75 / 448
+        _, dh, dw = reference_fp8_linear(h.float(), w, FP8_HEAD_X_S, FP8_HEAD_W_S, scale, dy=dl * g.float()[:, None])
+        return dh.to(ctx.dtypes[0]), dw.t().to(ctx.dtypes[1]), None, None, None, None
 
 
 def mtp_head_fp8_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
